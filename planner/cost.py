@@ -1,0 +1,144 @@
+"""Cost model: latency of one batch on one document shard, QPS, GPU-hours.
+
+A batch on a shard costs ``overhead + memory + compute``: bytes read from each
+tier divided by that tier's achievable bandwidth, plus arithmetic at a
+fraction of peak (no overlap is assumed: a conservative bound). Shards run in
+parallel; their top-k lists are merged over NVLink inside a host and over the
+network across hosts, which adds to latency but not to a shard's busy time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from sterling.planner.inventory import IndexModelConfig
+from sterling.planner.types import (
+    CostEstimate,
+    DeviceKind,
+    MemoryTier,
+    Placement,
+    Topology,
+)
+
+__all__ = [
+    "MEMORY_EFFICIENCY",
+    "COMPUTE_EFFICIENCY",
+    "GPU_BATCH_OVERHEAD_S",
+    "CPU_BATCH_OVERHEAD_S",
+    "INTRA_HOST_HOP_S",
+    "NETWORK_HOP_S",
+    "TARGET_UTILIZATION",
+    "P99_OVER_SERVICE",
+    "RESULT_BYTES_PER_ITEM",
+    "tier_bandwidth",
+    "batch_compute_ops",
+    "estimate_cost",
+]
+
+# Achievable fraction of peak bandwidth for streaming reads. Assumption, in
+# line with STREAM-style measurements (typically 80-90% of peak).
+MEMORY_EFFICIENCY: float = 0.8
+# Achieved fraction of peak arithmetic for the int8 scan / GEMMs. Assumption:
+# SilverTorch's scan uses dp4a on CUDA cores, well below tensor-core peak.
+COMPUTE_EFFICIENCY: float = 0.3
+# Fixed cost per batch: ~20 kernel launches and one host sync. Assumption.
+GPU_BATCH_OVERHEAD_S: float = 200e-6  # seconds
+CPU_BATCH_OVERHEAD_S: float = 50e-6  # seconds, Python + dispatch. Assumption.
+# One collective step between GPUs of a host (NCCL small-message latency). Assumption.
+INTRA_HOST_HOP_S: float = 20e-6  # seconds
+# One gRPC round trip router <-> shard on a datacenter network. Assumption.
+NETWORK_HOP_S: float = 500e-6  # seconds
+# Replicas are sized so each runs at most at this utilization (queueing headroom).
+TARGET_UTILIZATION: float = 0.7
+# p99 / service time: batch formation (≤ one service time) plus M/D/1 queueing at
+# 70% utilization. Assumption; replace with measured tails from `sterling bench`.
+P99_OVER_SERVICE: float = 3.0
+# One merged candidate: fp32 score + int64 id.
+RESULT_BYTES_PER_ITEM: int = 12
+
+
+def tier_bandwidth(topo: Topology, tier: MemoryTier) -> float:
+    """Peak bytes/s one device reads from ``tier``."""
+    dev = topo.device
+    host_share = topo.host_dram_bw / topo.gpus_per_host
+    if tier is MemoryTier.SRAM:
+        return dev.sram_bw
+    if tier is MemoryTier.HBM:
+        return dev.hbm_bw
+    if tier is MemoryTier.DRAM:
+        if dev.kind is DeviceKind.CPU:
+            return host_share
+        return min(dev.host_link_bw, host_share)
+    return topo.remote_bw
+
+
+def batch_compute_ops(cfg: IndexModelConfig, shard_fraction: float) -> dict[str, float]:
+    """Arithmetic per batch on one shard, by precision: int8 ops and fp FLOPs."""
+    b = cfg.batch
+    nlist = cfg.resolved_nlist
+    scanned = cfg.n_cap * shard_fraction * cfg.nprobe / nlist  # items per query on this shard
+    scan = 2.0 * b * scanned * cfg.dim
+    k0 = min(cfg.k0, cfg.items)
+    return {
+        "int8": scan if cfg.code_bits <= 8 else 0.0,
+        "fp16": (0.0 if cfg.code_bits <= 8 else scan)
+        + 2.0 * b * cfg.tower_params
+        + 2.0 * b * k0 * cfg.overarch_params
+        + 2.0 * b * k0 * cfg.resolved_cache_dim,  # re-score K0 with cached embeddings
+        "fp32": 2.0 * b * nlist * cfg.dim,  # query x centroids
+    }
+
+
+def estimate_cost(
+    *,
+    topo: Topology,
+    cfg: IndexModelConfig,
+    placements: Iterable[Placement],
+    shard_fraction: float,
+    num_shards: int,
+    replicas: int = 1,
+) -> CostEstimate:
+    """Latency and throughput of one batch on the shard described by ``placements``."""
+    b = cfg.batch
+    dev = topo.device
+    per_tier: dict[str, float] = {t.value: 0.0 for t in MemoryTier}
+    for p in placements:
+        per_tier[p.tier.value] += p.bytes_per_query * b
+    memory_s = 0.0
+    for t in MemoryTier:
+        if per_tier[t.value]:
+            memory_s += per_tier[t.value] / (tier_bandwidth(topo, t) * MEMORY_EFFICIENCY)
+    ops = batch_compute_ops(cfg, shard_fraction)
+    compute_s = (
+        ops["int8"] / (dev.int8_ops * COMPUTE_EFFICIENCY)
+        + ops["fp16"] / (dev.fp16_flops * COMPUTE_EFFICIENCY)
+        + ops["fp32"] / (dev.fp32_flops * COMPUTE_EFFICIENCY)
+    )
+    overhead = GPU_BATCH_OVERHEAD_S if dev.kind is DeviceKind.GPU else CPU_BATCH_OVERHEAD_S
+    merge_s = 0.0
+    if num_shards > 1:
+        merge_bytes = num_shards * b * min(cfg.k, cfg.items) * RESULT_BYTES_PER_ITEM
+        if num_shards <= topo.gpus_per_host:
+            merge_s = INTRA_HOST_HOP_S + merge_bytes / topo.intra_host_bw
+        else:
+            merge_s = INTRA_HOST_HOP_S + NETWORK_HOP_S + merge_bytes / topo.inter_host_bw
+    busy_s = overhead + memory_s + compute_s
+    latency_s = busy_s + merge_s
+    qps_replica = b / busy_s * TARGET_UTILIZATION
+    gpus = num_shards * replicas
+    qps_total = qps_replica * replicas
+    return CostEstimate(
+        batch=b,
+        memory_s=memory_s,
+        compute_s=compute_s,
+        merge_s=merge_s,
+        bytes_per_tier=per_tier,
+        latency_ms=latency_s * 1e3,
+        p99_ms=latency_s * 1e3 * P99_OVER_SERVICE,
+        qps_per_replica=qps_replica,
+        qps_total=qps_total,
+        gpus=gpus,
+        gpu_hours_per_hour=float(gpus),
+        gpu_hours_per_million_queries=(gpus / (qps_total * 3600.0) * 1e6) if qps_total else math.inf,
+    )

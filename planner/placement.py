@@ -1,0 +1,559 @@
+"""Placement: scale up, then out, then document-shard, then replicate.
+
+The order (SilverTorch §5.3, and the issue):
+
+1. **Scale up.** On one device, fill the fastest tier first by bytes touched
+   per query per byte stored (``TensorSpec.density``): centroids and small
+   hot tensors into SRAM where they fit, the scan path (codes, scales, Bloom,
+   alive) into HBM, the cold tail (tensors read only for the K0 survivors:
+   ids, exact attributes, embedding cache) into whatever HBM is left, then
+   host DRAM over PCIe / NVLink-C2C, then remote DRAM. Dense towers,
+   OverArch and centroids are replicated on every device.
+2. **Scale out.** When the scan path does not fit one device, or the p99
+   target is missed, or a few more shards on the same host serve the QPS
+   target with fewer GPUs, split the catalog over the host's GPUs.
+3. **Document-shard** across hosts when one host's GPUs are not enough.
+4. **Replicate** the whole shard set until the QPS target is met.
+
+Shards are contiguous ranges of whole IVF lists; with only a config the lists
+are assumed equal-sized (the cluster code balances real lists by bytes).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sterling.planner import errors
+from sterling.planner.cost import estimate_cost
+from sterling.planner.inventory import IndexModelConfig, inventory_from_config
+from sterling.planner.types import (
+    TIER_ORDER,
+    AccessPattern,
+    CostEstimate,
+    Decision,
+    DeviceAssignment,
+    DeviceKind,
+    DevicePlan,
+    MemoryTier,
+    Placement,
+    Plan,
+    ShardSpec,
+    SparseTablePlacement,
+    Storage,
+    TensorRole,
+    TensorSpec,
+    Topology,
+    ceil_div,
+)
+
+__all__ = ["PlanTargets", "place_on_device", "plan", "fmt_bytes"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PlanTargets:
+    """Service-level targets. ``qps=None`` plans one replica; ``p99_ms=None``
+    ignores latency. ``allow_scan_spill`` lets the scan path live in host DRAM
+    (UVM-style) instead of forcing more GPUs."""
+
+    qps: float | None = None
+    p99_ms: float | None = 100.0
+    allow_scan_spill: bool = False
+
+    def __post_init__(self) -> None:
+        if self.qps is not None and self.qps <= 0:
+            raise errors.InvalidPlanConfigError(f"qps ({self.qps}) must be > 0")
+        if self.p99_ms is not None and self.p99_ms <= 0:
+            raise errors.InvalidPlanConfigError(f"p99_ms ({self.p99_ms}) must be > 0")
+
+
+def fmt_bytes(n: float) -> str:
+    """Decimal units, as the datasheets: 74.5 GB, 12.8 MB."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _allowed_tiers(spec: TensorSpec, kind: DeviceKind, allow_scan_spill: bool) -> tuple[MemoryTier, ...]:
+    if kind is DeviceKind.CPU:
+        if spec.access is AccessPattern.GATHERED:
+            return (MemoryTier.DRAM, MemoryTier.REMOTE)
+        return (MemoryTier.DRAM,)
+    if spec.role is TensorRole.REPLICATED:
+        return (MemoryTier.SRAM, MemoryTier.HBM)
+    if spec.scan_path and not allow_scan_spill:
+        return (MemoryTier.SRAM, MemoryTier.HBM)
+    return TIER_ORDER
+
+
+def _shard_spec(spec: TensorSpec, fraction: float) -> TensorSpec:
+    """The part of ``spec`` one shard holds (``fraction`` of the catalog)."""
+    if spec.role is not TensorRole.SHARDED or fraction == 1.0:
+        return spec
+    nbytes = int(math.ceil(spec.nbytes * fraction))
+    if spec.access is AccessPattern.PROBED and spec.name != "list_offsets":
+        bpq = spec.bytes_per_query * fraction
+    else:
+        bpq = spec.bytes_per_query  # each shard still gathers its own K0 survivors
+    return TensorSpec(
+        name=spec.name, nbytes=nbytes, bytes_per_query=bpq, access=spec.access,
+        role=spec.role, scan_path=spec.scan_path, shape=spec.shape, dtype=spec.dtype,
+    )
+
+
+def place_on_device(
+    specs: Sequence[TensorSpec],
+    capacity: Storage,
+    *,
+    kind: DeviceKind,
+    allow_scan_spill: bool = False,
+) -> tuple[tuple[Placement, ...], dict[str, int]]:
+    """Greedy fractional knapsack by density over the tiers, fastest first.
+
+    Sharded tensors may split across tiers (uniform access: any slice of the
+    lists is as hot as any other); replicated weights are placed whole.
+    Returns the placements and, per tensor, the bytes that fit nowhere.
+    """
+    free = {t: capacity.get(t) for t in TIER_ORDER}
+    placements: list[Placement] = []
+    overflow: dict[str, int] = {}
+    order = sorted(
+        (s for s in specs if s.role is not TensorRole.SPARSE),
+        key=lambda s: (-s.density, s.name),
+    )
+    for spec in order:
+        left = spec.nbytes
+        tiers = _allowed_tiers(spec, kind, allow_scan_spill)
+        splittable = spec.role is TensorRole.SHARDED
+        for tier in tiers:
+            if left == 0:
+                break
+            if splittable:
+                take = min(left, free[tier])
+            else:
+                take = left if left <= free[tier] else 0
+            if take <= 0:
+                continue
+            placements.append(Placement(
+                name=spec.name, tier=tier, nbytes=take,
+                bytes_per_query=spec.bytes_per_query * take / spec.nbytes if spec.nbytes else 0.0,
+            ))
+            free[tier] -= take
+            left -= take
+        if left:
+            overflow[spec.name] = left
+    return tuple(placements), overflow
+
+
+def _storage_of(placements: Sequence[Placement]) -> Storage:
+    total = Storage()
+    for p in placements:
+        total = total + Storage.of(p.tier, p.nbytes)
+    return total
+
+
+@dataclass(frozen=True, slots=True)
+class _Eval:
+    num_shards: int
+    placements: tuple[Placement, ...]
+    overflow: dict[str, int]
+    cost: CostEstimate
+
+
+def _list_ranges(nlist: int, num_shards: int) -> list[tuple[int, int]]:
+    return [(s * nlist // num_shards, (s + 1) * nlist // num_shards) for s in range(num_shards)]
+
+
+class _Planner:
+    def __init__(
+        self,
+        cfg: IndexModelConfig,
+        topo: Topology,
+        targets: PlanTargets,
+        inventory: tuple[TensorSpec, ...],
+    ) -> None:
+        self.cfg = cfg
+        self.topo = topo
+        self.targets = targets
+        self.inventory = inventory
+        self.nlist = cfg.resolved_nlist
+        self.capacity = topo.capacity_per_device()
+        self._cache: dict[tuple[int, int], _Eval] = {}
+
+    def evaluate(self, num_shards: int, lists: int | None = None, replicas: int = 1) -> _Eval:
+        """Placement and cost for the largest shard when split ``num_shards`` ways."""
+        if lists is None:
+            lists = ceil_div(self.nlist, num_shards)
+        key = (num_shards, lists)
+        if replicas == 1 and key in self._cache:
+            return self._cache[key]
+        fraction = lists / self.nlist
+        specs = [_shard_spec(s, fraction) for s in self.inventory]
+        placements, overflow = place_on_device(
+            specs, self._capacity_for(specs, num_shards), kind=self.topo.device.kind,
+            allow_scan_spill=self.targets.allow_scan_spill,
+        )
+        cost = estimate_cost(
+            topo=self.topo, cfg=self.cfg, placements=placements,
+            shard_fraction=fraction, num_shards=num_shards, replicas=replicas,
+        )
+        ev = _Eval(num_shards, placements, overflow, cost)
+        if replicas == 1:
+            self._cache[key] = ev
+        return ev
+
+    def _capacity_for(self, specs: Sequence[TensorSpec], num_shards: int) -> Storage:
+        """Per-device capacity left for the index: sparse user tables (planned later by
+        TorchRec, one rank per shard) get HBM before the index's cold tail, never
+        before the scan path and the replicated weights."""
+        sparse = sum(s.nbytes for s in specs if s.role is TensorRole.SPARSE)
+        if not sparse or self.topo.device.kind is DeviceKind.CPU:
+            return self.capacity
+        must = sum(
+            s.nbytes for s in specs
+            if s.role is TensorRole.REPLICATED or (s.role is TensorRole.SHARDED and s.scan_path)
+        )
+        device = self.capacity.sram + self.capacity.hbm
+        reserve = max(0, min(ceil_div(sparse, num_shards), device - must))
+        return self.capacity - Storage(hbm=reserve)
+
+    def device_bytes(self, *, replicated: bool, scan: bool) -> int:
+        kind = self.topo.device.kind
+        total = 0
+        for s in self.inventory:
+            if s.role is TensorRole.REPLICATED and replicated:
+                total += s.nbytes
+            elif s.role is TensorRole.SHARDED and scan and (s.scan_path or kind is DeviceKind.CPU):
+                if kind is DeviceKind.CPU and s.access is AccessPattern.GATHERED:
+                    continue
+                total += s.nbytes
+        return total
+
+    def meets_latency(self, ev: _Eval) -> bool:
+        return self.targets.p99_ms is None or ev.cost.p99_ms <= self.targets.p99_ms
+
+    def hosts_for(self, num_shards: int, replicas: int) -> int:
+        g = self.topo.gpus_per_host
+        if num_shards <= g:
+            return ceil_div(replicas, g // num_shards)
+        return ceil_div(num_shards * replicas, g)
+
+
+def _device_capacity_bytes(topo: Topology) -> int:
+    cap = topo.capacity_per_device()
+    if topo.device.kind is DeviceKind.CPU:
+        return cap.dram
+    return cap.sram + cap.hbm
+
+
+def plan(
+    cfg: IndexModelConfig,
+    topo: Topology,
+    targets: PlanTargets | None = None,
+    *,
+    inventory: tuple[TensorSpec, ...] | None = None,
+    plan_sparse: bool = True,
+) -> Plan:
+    """Plan a deployment of ``cfg`` on at most ``topo.hosts`` hosts.
+
+    Pure: no devices, no process group. Raises ``InfeasiblePlanError`` with the
+    numbers and numbered remedies when nothing fits.
+
+    Example:
+        >>> from sterling.planner import IndexModelConfig, make_topology, plan
+        >>> p = plan(IndexModelConfig(items=100_000_000, dim=128), make_topology("h100-80g"))
+        >>> p.num_shards, p.replicas
+        (1, 1)
+    """
+    targets = targets or PlanTargets()
+    inventory = inventory if inventory is not None else inventory_from_config(cfg)
+    pl = _Planner(cfg, topo, targets, inventory)
+    g = topo.gpus_per_host
+    world = topo.world_size
+    nlist = pl.nlist
+    dev = topo.device
+    unit = "GPU" if dev.kind is DeviceKind.GPU else "process"
+    mem_name = "HBM" if dev.kind is DeviceKind.GPU else "host DRAM"
+    decisions: list[Decision] = []
+
+    replicated = pl.device_bytes(replicated=True, scan=False)
+    on_device = pl.device_bytes(replicated=False, scan=True)
+    cap = _device_capacity_bytes(topo)
+    usable_note = f"{fmt_bytes(cap)} usable"
+    if replicated >= cap:
+        raise errors.InfeasiblePlanError(
+            f"replicated weights (towers, OverArch, centroids: {fmt_bytes(replicated)}) do not "
+            f"fit one {dev.name} ({usable_note})",
+            reason="memory", needed=replicated, available=cap,
+            remedies=[
+                "use a device with more memory (--gpu h200-141g)",
+                f"fewer IVF lists (--nlist; centroids take {fmt_bytes(cfg.resolved_nlist * cfg.dim * 4)})",
+                "smaller towers / OverArch (--tower-params, --overarch-params)",
+            ],
+        )
+    # (a) scale up: does one device hold it?
+    s_mem = max(1, ceil_div(on_device, cap - replicated))
+    ev1 = pl.evaluate(1)
+    if not ev1.overflow:
+        tiers = _tier_summary(ev1.placements)
+        decisions.append(Decision(
+            step="up",
+            message=f"scale up: one {dev.name} holds the model ({tiers})",
+        ))
+    else:
+        names = _scan_names(inventory)
+        decisions.append(Decision(
+            step="up",
+            message=(
+                f"scale up: {names} need {fmt_bytes(on_device + replicated)} on one {unit} "
+                f"> {usable_note} in {mem_name} (best single-{unit} layout: "
+                f"{_tier_summary(ev1.placements)})"
+            ),
+        ))
+    # (b, c) smallest shard count that fits memory and meets latency
+    s = max(1, s_mem if ev1.overflow else 1)
+    s_limit = min(world, nlist)
+    last_fail = "memory"
+    chosen: _Eval | None = None
+    while s <= s_limit:
+        ev = pl.evaluate(s)
+        if ev.overflow:
+            last_fail = "memory"
+        elif not pl.meets_latency(ev):
+            last_fail = "latency"
+        else:
+            chosen = ev
+            break
+        # jump ahead by memory bound when overflowing, else step
+        s += 1
+    if chosen is None:
+        raise _infeasible(pl, last_fail, s_limit, on_device, replicated, cap)
+    s_min = chosen.num_shards
+    if s_min > 1:
+        reason = (
+            f"{_scan_names(inventory)} exceed 1 {unit} {mem_name} "
+            f"({fmt_bytes(on_device + replicated)} > {usable_note})"
+            if ev1.overflow
+            else f"1 shard predicts p99 {ev1.cost.p99_ms:.1f} ms > {targets.p99_ms:g} ms target"
+        )
+        decisions.append(Decision(
+            step="out",
+            message=f"{reason} → scale out to {min(s_min, g)} {unit}s",
+        ))
+    # QPS: more shards per replica (on the host, or until the cold tail fits HBM)
+    # may serve the target with fewer GPUs than more replicas of the smallest layout.
+    best = chosen
+    best_r = _replicas_for(targets.qps, chosen.cost.qps_per_replica)
+    if targets.qps is not None:
+        upper = max(s_min, min(g, s_limit))
+        if _off_device(chosen.placements):
+            s_hbm = s_min
+            while s_hbm < s_limit and _off_device(pl.evaluate(s_hbm).placements):
+                s_hbm += 1
+            upper = max(upper, s_hbm)
+        for s2 in range(s_min + 1, upper + 1):
+            ev = pl.evaluate(s2)
+            if ev.overflow or not pl.meets_latency(ev):
+                continue
+            r2 = _replicas_for(targets.qps, ev.cost.qps_per_replica)
+            if s2 * r2 < best.num_shards * best_r:
+                best, best_r = ev, r2
+        if best.num_shards != s_min:
+            r1 = _replicas_for(targets.qps, chosen.cost.qps_per_replica)
+            spill = _off_device(chosen.placements)
+            why = (
+                f" (cold tail {fmt_bytes(spill)} in host DRAM caps a replica at "
+                f"{chosen.cost.qps_per_replica:,.0f} QPS)"
+                if spill and not _off_device(best.placements)
+                else ""
+            )
+            decisions.append(Decision(
+                step="out",
+                message=(
+                    f"{s_min} shard(s) per replica need {s_min * r1} {unit}s for "
+                    f"{targets.qps:,.0f} QPS{why}; {best.num_shards} shards need "
+                    f"{best.num_shards * best_r} → scale out to {min(best.num_shards, g)} {unit}s"
+                ),
+            ))
+    num_shards = best.num_shards
+    replicas = best_r
+    if num_shards > g:
+        hpr = ceil_div(num_shards, g)
+        decisions.append(Decision(
+            step="shard",
+            message=(
+                f"{num_shards} shards > {g} {unit}s per host → document-shard across {hpr} hosts "
+                f"per replica (~{nlist // num_shards} IVF lists, "
+                f"{fmt_bytes(_storage_of(best.placements).total)} per shard)"
+            ),
+        ))
+    hosts_used = pl.hosts_for(num_shards, replicas)
+    if replicas > 1:
+        decisions.append(Decision(
+            step="replicate",
+            message=(
+                f"one replica serves {best.cost.qps_per_replica:,.0f} QPS < {targets.qps:,.0f} target "
+                f"→ {replicas} replicas ({num_shards * replicas} {unit}s on {hosts_used} hosts)"
+            ),
+        ))
+    if hosts_used > topo.hosts:
+        need = hosts_used
+        raise errors.InfeasiblePlanError(
+            f"{targets.qps:,.0f} QPS needs {replicas} replicas × {num_shards} shards = "
+            f"{num_shards * replicas} {unit}s on {need} hosts > --max-hosts {topo.hosts}",
+            reason="qps", needed=need, available=topo.hosts,
+            remedies=[
+                f"more hosts (--max-hosts {need})",
+                f"lower QPS target (one host set serves ~{best.cost.qps_per_replica * (topo.hosts * g // num_shards):,.0f})",
+                f"smaller K0 (--k0 {max(1, cfg.k0 // 2)}) or fewer probes (--nprobe {max(1, cfg.nprobe // 2)})",
+                "fewer bits per code (--bits 4)",
+            ],
+        )
+    ranges = _list_ranges(nlist, num_shards)
+    shards: list[ShardSpec] = []
+    devices: list[DevicePlan] = []
+    for i, (a, b) in enumerate(ranges):
+        frac = (b - a) / nlist
+        shards.append(ShardSpec(
+            shard=i, list_start=a, list_end=b, fraction=frac, items=round(cfg.items * frac),
+        ))
+        ev = pl.evaluate(num_shards, lists=b - a)
+        devices.append(DevicePlan(shard=i, storage=_storage_of(ev.placements), placements=ev.placements))
+    assignments = _assign(num_shards, replicas, g)
+    final = pl.evaluate(num_shards, replicas=replicas)
+    sparse_tables: tuple[SparseTablePlacement, ...] = ()
+    sparse_stats: tuple[str, ...] = ()
+    sparse_specs = [t for t in inventory if t.role is TensorRole.SPARSE]
+    if sparse_specs and plan_sparse:
+        from sterling.planner.torchrec_bridge import plan_sparse_tables
+
+        result = plan_sparse_tables(
+            cfg.sparse_tables, topo=topo, devices=devices, batch=cfg.batch,
+        )
+        sparse_tables, sparse_stats = result.tables, result.stats
+        devices = list(result.devices)
+        decisions.append(Decision(step="sparse", message=result.summary))
+    targets_d: dict[str, float] = {}
+    if targets.qps is not None:
+        targets_d["qps"] = float(targets.qps)
+    if targets.p99_ms is not None:
+        targets_d["p99_ms"] = float(targets.p99_ms)
+    targets_d["max_hosts"] = float(topo.hosts)
+    return Plan(
+        items=cfg.items,
+        dim=cfg.dim,
+        nlist=nlist,
+        nprobe=cfg.nprobe,
+        k0=cfg.k0,
+        batch=cfg.batch,
+        code_bits=cfg.code_bits,
+        topology=topo,
+        num_shards=num_shards,
+        replicas=replicas,
+        hosts_used=hosts_used,
+        shards=tuple(shards),
+        assignments=tuple(assignments),
+        devices=tuple(devices),
+        inventory=inventory,
+        decisions=tuple(decisions),
+        cost=final.cost,
+        sparse_tables=sparse_tables,
+        sparse_stats=sparse_stats,
+        targets=targets_d,
+    )
+
+
+def _replicas_for(qps: float | None, qps_per_replica: float) -> int:
+    if qps is None:
+        return 1
+    return max(1, math.ceil(qps / qps_per_replica))
+
+
+def _assign(num_shards: int, replicas: int, g: int) -> list[DeviceAssignment]:
+    out = []
+    if num_shards <= g:
+        per_host = g // num_shards
+        for r in range(replicas):
+            host, slot = divmod(r, per_host)
+            for s in range(num_shards):
+                out.append(DeviceAssignment(shard=s, replica=r, host=host, gpu=slot * num_shards + s))
+    else:
+        for r in range(replicas):
+            for s in range(num_shards):
+                host, gpu = divmod(r * num_shards + s, g)
+                out.append(DeviceAssignment(shard=s, replica=r, host=host, gpu=gpu))
+    return out
+
+
+def _off_device(placements: Sequence[Placement]) -> int:
+    """Bytes a GPU shard keeps in host or remote DRAM."""
+    return sum(p.nbytes for p in placements if p.tier in (MemoryTier.DRAM, MemoryTier.REMOTE))
+
+
+def _scan_names(inventory: Sequence[TensorSpec]) -> str:
+    names = [s.name for s in sorted(inventory, key=lambda s: -s.nbytes) if s.scan_path][:3]
+    return "+".join(names) if names else "index"
+
+
+def _tier_summary(placements: Sequence[Placement]) -> str:
+    by_tier: dict[MemoryTier, list[str]] = {}
+    sizes: dict[MemoryTier, int] = {}
+    for p in placements:
+        by_tier.setdefault(p.tier, []).append(p.name)
+        sizes[p.tier] = sizes.get(p.tier, 0) + p.nbytes
+    parts = []
+    for t in TIER_ORDER:
+        if t in by_tier:
+            names = ", ".join(dict.fromkeys(by_tier[t]))
+            parts.append(f"{t.value}: {names} = {fmt_bytes(sizes[t])}")
+    return "; ".join(parts)
+
+
+def _infeasible(
+    pl: _Planner, reason: str, s_limit: int, on_device: int, replicated: int, cap: int
+) -> errors.InfeasiblePlanError:
+    cfg, topo = pl.cfg, pl.topo
+    g = topo.gpus_per_host
+    per_shard = cap - replicated
+    shards_needed = ceil_div(on_device, per_shard)
+    hosts_needed = ceil_div(shards_needed, g)
+    if reason == "memory" and s_limit == pl.nlist and shards_needed <= topo.world_size:
+        return errors.InfeasiblePlanError(
+            f"{shards_needed} shards are needed but the index has only {pl.nlist} IVF lists "
+            "(shards are whole lists)",
+            reason="nlist", needed=shards_needed, available=pl.nlist,
+            remedies=[f"more IVF lists (--nlist {shards_needed * 4})"],
+        )
+    if reason == "memory":
+        smaller_dim = max(8, cfg.dim // 2)
+        return errors.InfeasiblePlanError(
+            f"the index needs {fmt_bytes(on_device)} of device memory plus "
+            f"{fmt_bytes(replicated)} replicated per device: {shards_needed} {topo.device.name} "
+            f"({hosts_needed} hosts × {g}) but --max-hosts allows {topo.hosts} "
+            f"({topo.world_size} devices, {fmt_bytes(topo.world_size * per_shard)} for the index)",
+            reason="memory", needed=on_device, available=topo.world_size * per_shard,
+            remedies=[
+                f"more hosts (--max-hosts {hosts_needed})",
+                f"lower dim (--dim {smaller_dim} halves the codes)",
+                "fewer bits per code (--bits 4 halves the codes)"
+                if cfg.code_bits > 4 else "a device with more memory (--gpu h200-141g)",
+                f"smaller K0 (--k0 {max(1, cfg.k0 // 2)}) and fewer attributes per item shrink "
+                "the cold tail",
+                "let the scan path spill to host DRAM (--allow-spill), slower",
+            ],
+        )
+    ev = pl.evaluate(s_limit)
+    return errors.InfeasiblePlanError(
+        f"even {s_limit} shards predict p99 {ev.cost.p99_ms:.1f} ms > "
+        f"{pl.targets.p99_ms:g} ms target",
+        reason="latency", needed=ev.cost.p99_ms, available=pl.targets.p99_ms or 0.0,
+        remedies=[
+            f"fewer probes (--nprobe {max(1, cfg.nprobe // 2)})",
+            f"smaller K0 (--k0 {max(1, cfg.k0 // 2)})",
+            f"smaller batches (--batch {max(1, cfg.batch // 2)})",
+            f"more hosts (--max-hosts {topo.hosts * 2})",
+            "a looser latency target (--p99-ms)",
+        ],
+    )
