@@ -246,23 +246,27 @@ def inventory_from_header(
 ) -> tuple[IndexModelConfig, tuple[TensorSpec, ...]]:
     """Inventory of a saved artifact, from ``sterling.model.artifact.read_header``.
 
-    Item-index tensors are named ``index.<buffer>`` (DESIGN.md §3); everything
+    Item-index tensors are named ``<buffer>`` in an ``item_index`` artifact and
+    ``index.<buffer>`` in a model artifact (DESIGN.md §3); everything
     else (``tower.*`` …) is treated as replicated weights read once per batch.
     Returns the config the header describes (for the cost model) and the specs.
     """
-    tensors = list(header.get("tensors", []))
+    # An ``item_index`` artifact names its buffers bare; a model artifact prefixes them.
+    prefix = "" if header.get("kind") == "item_index" else "index."
+    tensors = [
+        {**t, "name": "index." + t["name"]} if prefix == "" else t
+        for t in header.get("tensors", [])
+    ]
     by_name = {t["name"]: t for t in tensors}
     codes = by_name.get("index.codes")
     if codes is None:
         raise errors.InvalidPlanConfigError("artifact has no index.codes tensor; is it a Sterling index?")
     n_cap, dim = int(codes["shape"][0]), int(codes["shape"][1])
-    meta = header.get("meta", {}) or {}
     cent = by_name.get("index.centroids")
-    nlist = int(cent["shape"][0]) if cent else int(meta.get("nlist", default_nlist(n_cap)))
-    items = int(meta.get("items", meta.get("ntotal", n_cap)) or n_cap)
-    items = max(1, min(items, n_cap)) if items else n_cap
+    nlist = int(cent["shape"][0]) if cent else default_nlist(n_cap)
+    items = n_cap  # slots, including any per-list slack
     cfg = IndexModelConfig(
-        items=max(1, items), dim=dim, nlist=min(nlist, max(1, items)),
+        items=items, dim=dim, nlist=min(nlist, items),
         nprobe=min(nprobe, nlist), k0=k0, batch=batch, tower_params=0, attrs_per_item=0,
         cache_dim=0,
     )

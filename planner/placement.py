@@ -123,17 +123,29 @@ def place_on_device(
         (s for s in specs if s.role is not TensorRole.SPARSE),
         key=lambda s: (-s.density, s.name),
     )
+    # Tensors that may only live in the device tiers (scan path, weights) keep their
+    # room: a denser cold-tail tensor never takes the bytes they will need.
+    device_tiers = (
+        (MemoryTier.DRAM,) if kind is DeviceKind.CPU else (MemoryTier.SRAM, MemoryTier.HBM)
+    )
+
+    def device_only(spec: TensorSpec) -> bool:
+        return all(t in device_tiers for t in _allowed_tiers(spec, kind, allow_scan_spill))
+
+    must_left = sum(s.nbytes for s in order if device_only(s))
     for spec in order:
         left = spec.nbytes
+        must = device_only(spec)
         tiers = _allowed_tiers(spec, kind, allow_scan_spill)
         splittable = spec.role is TensorRole.SHARDED
         for tier in tiers:
             if left == 0:
                 break
-            if splittable:
-                take = min(left, free[tier])
-            else:
-                take = left if left <= free[tier] else 0
+            room = free[tier]
+            if not must and tier in device_tiers:
+                spare = sum(free[t] for t in device_tiers) - must_left
+                room = max(0, min(room, spare))
+            take = min(left, room) if splittable else (left if left <= room else 0)
             if take <= 0:
                 continue
             placements.append(Placement(
@@ -142,6 +154,8 @@ def place_on_device(
             ))
             free[tier] -= take
             left -= take
+        if must:
+            must_left -= spec.nbytes
         if left:
             overflow[spec.name] = left
     return tuple(placements), overflow
@@ -215,8 +229,7 @@ class _Planner:
             s.nbytes for s in specs
             if s.role is TensorRole.REPLICATED or (s.role is TensorRole.SHARDED and s.scan_path)
         )
-        device = self.capacity.sram + self.capacity.hbm
-        reserve = max(0, min(ceil_div(sparse, num_shards), device - must))
+        reserve = max(0, min(ceil_div(sparse, num_shards), self.capacity.hbm - must))
         return self.capacity - Storage(hbm=reserve)
 
     def device_bytes(self, *, replicated: bool, scan: bool) -> int:

@@ -167,3 +167,26 @@ def test_planning_1b_x_256_on_256_hosts_takes_under_2_seconds():
     elapsed = time.perf_counter() - t0
     assert p.gpus <= 256 * 8
     assert elapsed < 2.0
+
+
+def test_denser_cold_tail_never_takes_the_scan_paths_hbm():
+    from sterling.planner import (
+        AccessPattern,
+        DeviceKind,
+        Storage,
+        TensorRole,
+        TensorSpec,
+        place_on_device,
+    )
+
+    codes = TensorSpec(name="codes", nbytes=60, bytes_per_query=1.0, access=AccessPattern.PROBED,
+                       role=TensorRole.SHARDED, scan_path=True)
+    ids = TensorSpec(name="ids", nbytes=60, bytes_per_query=30.0, access=AccessPattern.GATHERED,
+                     role=TensorRole.SHARDED)
+    placements, overflow = place_on_device(
+        [codes, ids], Storage(hbm=100, dram=1000), kind=DeviceKind.GPU,
+    )
+    got = {(p.name, p.tier): p.nbytes for p in placements}
+    assert overflow == {}
+    assert got == {("codes", MemoryTier.HBM): 60, ("ids", MemoryTier.HBM): 40,
+                   ("ids", MemoryTier.DRAM): 20}
