@@ -218,7 +218,8 @@ def inventory_from_config(cfg: IndexModelConfig) -> tuple[TensorSpec, ...]:
     if cfg.resolved_cache_dim:
         cdim = cfg.resolved_cache_dim
         row = cdim * cfg.cache_bits / 8
-        gathered("embedding_cache", int(n * row), row, (n, cdim), f"{cfg.cache_bits}bit")
+        cdtype = {8: "int8", 16: "float16", 32: "float32"}.get(cfg.cache_bits, f"{cfg.cache_bits}bit")
+        gathered("embedding_cache", int(n * row), row, (n, cdim), cdtype)
     if cfg.tower_params:
         weights("tower", cfg.tower_params * 4, (cfg.tower_params,), "float32")
     if cfg.overarch_params:

@@ -377,17 +377,18 @@ def plan(
             r1 = _replicas_for(targets.qps, chosen.cost.qps_per_replica)
             spill = _off_device(chosen.placements)
             why = (
-                f" (cold tail {fmt_bytes(spill)} in host DRAM caps a replica at "
-                f"{chosen.cost.qps_per_replica:,.0f} QPS)"
+                f" (cold tail {fmt_bytes(spill)} read from host DRAM)"
                 if spill and not _off_device(best.placements)
                 else ""
             )
             decisions.append(Decision(
                 step="out",
                 message=(
-                    f"{s_min} shard(s) per replica need {s_min * r1} {unit}s for "
-                    f"{targets.qps:,.0f} QPS{why}; {best.num_shards} shards need "
-                    f"{best.num_shards * best_r} → scale out to {min(best.num_shards, g)} {unit}s"
+                    f"{s_min} shard(s) serve {chosen.cost.qps_per_replica:,.0f} QPS per replica"
+                    f"{why}: {r1} replicas = {s_min * r1} {unit}s for {targets.qps:,.0f} QPS; "
+                    f"{best.num_shards} shards serve {best.cost.qps_per_replica:,.0f}: "
+                    f"{best.num_shards * best_r} {unit}s → scale out to "
+                    f"{min(best.num_shards, g)} {unit}s"
                 ),
             ))
     num_shards = best.num_shards
