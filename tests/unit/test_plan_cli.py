@@ -75,3 +75,18 @@ def test_infeasible_plan_exits_2_with_remedies(capsys):
 
 def test_missing_size_is_a_clean_error():
     assert cli.main(["plan", "--dim", "64"]) == 2
+
+
+def test_model_artifact_inventory_matches_its_header(tmp_path):
+    pytest.importorskip("sterling.model.artifact", reason="model artifact format not built yet")
+    from sterling.model.artifact import read_header
+
+    from .test_planner_rss import _write_index  # tests/unit is a package
+
+    path, out = tmp_path / "index.st", tmp_path / "plan.json"
+    _write_index(path, 20_000, 64)
+    assert cli.main(["plan", "--model", str(path), "--gpu", "cpu", "--out", str(out), "--quiet"]) == 0
+    p = load_plan(out)
+    header = read_header(path)
+    assert (p.items, p.dim, p.nlist) == (20_000, 64, 64)
+    assert p.devices[0].storage.dram == sum(t["nbytes"] for t in header["tensors"])
