@@ -80,6 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import yaml
     from rich.console import Console
+
     from sterling.planner import errors
     from sterling.planner.devices import make_topology
     from sterling.planner.inventory import (

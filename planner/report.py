@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
+
 from sterling.planner.placement import fmt_bytes
 from sterling.planner.types import TIER_ORDER, Plan
 

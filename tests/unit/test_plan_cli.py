@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+
 from sterling.launch import cli
 from sterling.launch.plan_cmd import parse_count
 from sterling.planner.io import load_plan

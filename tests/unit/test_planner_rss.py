@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import pytest
+
 from sterling.planner import IndexModelConfig, make_topology, plan
 
 artifact = pytest.importorskip(

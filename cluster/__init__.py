@@ -1,0 +1,1 @@
+"""sterling.cluster — see DESIGN.md §1."""

@@ -1,0 +1,87 @@
+"""`sterling query`: search a model artifact from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "query",
+        help="search a model artifact (top-k ids and scores)",
+        description="Search a model artifact. The query is a vector file (--vector) or an item's "
+        "own embedding (--like ID).",
+    )
+    p.add_argument("--model", required=True, help="artifact written by `sterling build`")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--nprobe", type=int, help="lists probed (default nlist/8)")
+    p.add_argument("--where", default=None, help='filter, e.g. "lang:en AND NOT policy:blocked"')
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--vector", help=".npy [D] or [B, D], or .json list(s) of floats")
+    g.add_argument("--like", type=int, help="use the stored embedding of this item id as the query")
+    p.add_argument("--approx", action="store_true", help="skip the exact filter re-check (exact=False)")
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    p.set_defaults(func=run)
+
+
+def _load_vector(path: str):
+    import numpy as np
+    import torch
+
+    from sterling.model.errors import InvalidInputError
+
+    p = Path(path)
+    if not p.exists():
+        raise InvalidInputError(f"vector file {p} does not exist")
+    if p.suffix == ".npy":
+        return torch.from_numpy(np.load(p).astype("float32"))
+    if p.suffix == ".json":
+        return torch.tensor(json.loads(p.read_text()), dtype=torch.float32)
+    raise InvalidInputError(f"vector file {p}: use .npy or .json")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from sterling.model import RetrievalModel
+    from sterling.model.errors import InvalidInputError
+
+    model = RetrievalModel.load(args.model)
+    index = model.index
+    if args.like is not None:
+        pos = (index.item_ids == args.like).nonzero()
+        if pos.numel() == 0:
+            raise InvalidInputError(f"item id {args.like} is not in {args.model}")
+        p = int(pos[0])
+        xq = index.codes[p].float() * index.scales[p]
+    else:
+        xq = _load_vector(args.vector)
+    out = model(query=xq, k=args.k, nprobe=args.nprobe, where=args.where, exact=not args.approx)
+    if args.json:
+        for ids, scores in zip(out.ids.tolist(), out.scores.tolist()):
+            hits = [{"id": i, "score": s} for i, s in zip(ids, scores) if i >= 0]
+            print(json.dumps({"version": out.version, "results": hits}))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    for q in range(out.ids.shape[0]):
+        table = Table(title=f"query {q} (model version {out.version})")
+        table.add_column("rank", justify="right")
+        table.add_column("id", justify="right")
+        table.add_column("score", justify="right")
+        table.add_column("attributes")
+        for r, (i, s) in enumerate(zip(out.ids[q].tolist(), out.scores[q].tolist())):
+            if i < 0:
+                break
+            slot = int((index.item_ids == i).nonzero()[0])
+            a, b = int(index.attr_offsets[slot]), int(index.attr_offsets[slot + 1])
+            terms = " ".join(index.vocab[t] for t in index.attr_ids[a:b].tolist())
+            table.add_row(str(r + 1), str(i), f"{s:.4f}", terms)
+        Console().print(table)
+    _ = torch
+    return 0

@@ -1,0 +1,90 @@
+"""Typed errors. Every message names the bad value and the fix.
+
+Tests assert the type, never the text. ``SterlingError`` is the root so that
+the CLI and the gRPC layer can map any of them to a clean failure.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SterlingError",
+    "InvalidInputError",
+    "DimensionMismatchError",
+    "NonFiniteError",
+    "DuplicateIdError",
+    "EmptyCatalogError",
+    "InvalidAttributeError",
+    "FilterError",
+    "FilterSyntaxError",
+    "FilterTooLargeError",
+    "ArtifactError",
+    "CorruptArtifactError",
+    "ForeignArtifactError",
+    "UnsupportedVersionError",
+]
+
+
+class SterlingError(Exception):
+    """Root of every error Sterling raises on purpose."""
+
+
+class InvalidInputError(SterlingError, ValueError):
+    """A caller-supplied value is out of range or malformed."""
+
+
+class DimensionMismatchError(InvalidInputError):
+    """Vectors whose last dimension differs from the index's."""
+
+
+class NonFiniteError(InvalidInputError):
+    """NaN or inf in embeddings or queries."""
+
+
+class DuplicateIdError(InvalidInputError):
+    """The same external id given to two items (or a negative id)."""
+
+
+class EmptyCatalogError(InvalidInputError):
+    """A build was asked for with zero items."""
+
+
+class InvalidAttributeError(InvalidInputError):
+    """An item attribute that is not of the form ``feature:value``."""
+
+
+class FilterError(InvalidInputError):
+    """A filter expression that cannot be evaluated."""
+
+
+class FilterSyntaxError(FilterError):
+    """A malformed filter expression; ``position`` is the 0-based character offset."""
+
+    def __init__(self, message: str, *, expression: str, position: int) -> None:
+        pointer = " " * position + "^"
+        super().__init__(
+            f"{message} at position {position} in filter expression:\n  {expression}\n  {pointer}\n"
+            "Filters are terms `feature:value` joined by AND, OR, NOT and parentheses, "
+            'e.g. "lang:en AND (country:US OR country:CA) AND NOT policy:blocked".'
+        )
+        self.expression = expression
+        self.position = position
+
+
+class FilterTooLargeError(FilterError):
+    """More terms in one expression than the configured limit."""
+
+
+class ArtifactError(SterlingError):
+    """A model artifact that cannot be written or read."""
+
+
+class CorruptArtifactError(ArtifactError):
+    """Checksum or size mismatch: the file was damaged after it was written."""
+
+
+class ForeignArtifactError(ArtifactError):
+    """The file is not a Sterling artifact at all."""
+
+
+class UnsupportedVersionError(ArtifactError):
+    """An artifact written by a newer, incompatible format version."""

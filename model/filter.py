@@ -1,0 +1,306 @@
+"""The filter language and its compilation into tensor programs.
+
+Grammar (keywords case-insensitive; a term always contains ``:``)::
+
+    expr  := or
+    or    := and ( "OR" and )*
+    and   := unary ( "AND" unary )*
+    unary := "NOT" unary | "(" expr ")" | term
+    term  := feature ":" value        value: bare (no space, parens, quote)
+                                      or "double quoted" with \\" and \\\\ escapes
+
+An empty expression matches every item. A term whose feature, or whose
+``feature:value``, never occurs in the catalog matches nothing (so
+``NOT unknown:x`` matches everything); this is exact, not an error, because
+catalogs gain features over time and a filter must not break when it names
+one a shard has not seen yet.
+
+Each request's expression is parsed once and compiled into a postfix program
+over a batch-wide list of distinct terms (``CompiledFilters``); the scan
+evaluates programs on Bloom words and the verifier on exact attribute ids.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+from sterling.kernels.filter_eval import OP_AND, OP_FALSE, OP_NOT, OP_OR, OP_TERM, OP_TRUE
+from sterling.model.errors import FilterSyntaxError, FilterTooLargeError
+
+__all__ = [
+    "Term",
+    "Not",
+    "And",
+    "Or",
+    "Node",
+    "parse_filter",
+    "CompiledFilters",
+    "compile_filters",
+    "DEFAULT_MAX_TERMS",
+]
+
+DEFAULT_MAX_TERMS = 256
+_FEATURE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Term:
+    feature: str
+    value: str
+
+    @property
+    def text(self) -> str:
+        return f"{self.feature}:{self.value}"
+
+
+@dataclass(frozen=True, slots=True)
+class Not:
+    child: Node
+
+
+@dataclass(frozen=True, slots=True)
+class And:
+    children: tuple[Node, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Or:
+    children: tuple[Node, ...]
+
+
+Node = Union[Term, Not, And, Or]  # noqa: UP007 (used at runtime in isinstance-free code)
+
+_KEYWORDS = {"AND", "OR", "NOT"}
+
+
+@dataclass(frozen=True, slots=True)
+class _Tok:
+    kind: str  # "(", ")", "AND", "OR", "NOT", "TERM", "END"
+    pos: int
+    term: Term | None = None
+
+
+def _tokenize(expr: str) -> list[_Tok]:
+    toks: list[_Tok] = []
+    i, n = 0, len(expr)
+    while i < n:
+        c = expr[i]
+        if c.isspace():
+            i += 1
+            continue
+        if c in "()":
+            toks.append(_Tok(c, i))
+            i += 1
+            continue
+        start = i
+        while i < n and not expr[i].isspace() and expr[i] not in '()"':
+            i += 1
+        word = expr[start:i]
+        if i < n and expr[i] == '"':
+            if not word.endswith(":"):
+                raise FilterSyntaxError(
+                    "a quoted value must follow `feature:`", expression=expr, position=i
+                )
+            j, buf = i + 1, []
+            while j < n and expr[j] != '"':
+                if expr[j] == "\\" and j + 1 < n:
+                    j += 1
+                buf.append(expr[j])
+                j += 1
+            if j >= n:
+                raise FilterSyntaxError("unterminated quoted value", expression=expr, position=i)
+            value = "".join(buf)
+            i = j + 1
+            toks.append(_Tok("TERM", start, _make_term(word[:-1], value, expr, start)))
+            continue
+        if word.upper() in _KEYWORDS and ":" not in word:
+            toks.append(_Tok(word.upper(), start))
+            continue
+        if ":" not in word:
+            raise FilterSyntaxError(
+                f"expected a term `feature:value` or AND/OR/NOT, found {word!r}",
+                expression=expr,
+                position=start,
+            )
+        feature, value = word.split(":", 1)
+        toks.append(_Tok("TERM", start, _make_term(feature, value, expr, start)))
+    toks.append(_Tok("END", n))
+    return toks
+
+
+def _make_term(feature: str, value: str, expr: str, pos: int) -> Term:
+    if not _FEATURE_RE.match(feature):
+        raise FilterSyntaxError(
+            f"bad feature name {feature!r} (letters, digits, _ . - ; not starting with a digit)",
+            expression=expr,
+            position=pos,
+        )
+    if value == "":
+        raise FilterSyntaxError(f"empty value for feature {feature!r}", expression=expr, position=pos)
+    return Term(feature, value)
+
+
+class _Parser:
+    def __init__(self, expr: str, max_terms: int) -> None:
+        self.expr = expr
+        self.toks = _tokenize(expr)
+        self.i = 0
+        self.max_terms = max_terms
+        self.n_terms = 0
+
+    def peek(self) -> _Tok:
+        return self.toks[self.i]
+
+    def take(self) -> _Tok:
+        tok = self.toks[self.i]
+        self.i += 1
+        return tok
+
+    def fail(self, msg: str, tok: _Tok) -> FilterSyntaxError:
+        return FilterSyntaxError(msg, expression=self.expr, position=tok.pos)
+
+    def parse(self) -> Node:
+        node = self.parse_or()
+        tok = self.peek()
+        if tok.kind != "END":
+            what = "unbalanced ')'" if tok.kind == ")" else f"unexpected {tok.kind if tok.kind != 'TERM' else 'term'}"
+            raise self.fail(f"{what}; expected AND, OR or the end", tok)
+        return node
+
+    def parse_or(self) -> Node:
+        parts = [self.parse_and()]
+        while self.peek().kind == "OR":
+            self.take()
+            parts.append(self.parse_and())
+        return parts[0] if len(parts) == 1 else Or(tuple(parts))
+
+    def parse_and(self) -> Node:
+        parts = [self.parse_unary()]
+        while self.peek().kind == "AND":
+            self.take()
+            parts.append(self.parse_unary())
+        return parts[0] if len(parts) == 1 else And(tuple(parts))
+
+    def parse_unary(self) -> Node:
+        tok = self.take()
+        if tok.kind == "NOT":
+            return Not(self.parse_unary())
+        if tok.kind == "(":
+            node = self.parse_or()
+            close = self.take()
+            if close.kind != ")":
+                raise self.fail("missing ')' to close the '(' opened at position " f"{tok.pos}", close)
+            return node
+        if tok.kind == "TERM":
+            self.n_terms += 1
+            if self.n_terms > self.max_terms:
+                raise FilterTooLargeError(
+                    f"filter has more than {self.max_terms} terms (the configured limit); "
+                    "split the request, or raise IndexConfig.max_filter_terms"
+                )
+            assert tok.term is not None
+            return tok.term
+        if tok.kind == "END":
+            raise self.fail("expression ends early; expected a term, NOT or '('", tok)
+        raise self.fail(f"unexpected {tok.kind!r}; expected a term, NOT or '('", tok)
+
+
+def parse_filter(expr: str | None, *, max_terms: int = DEFAULT_MAX_TERMS) -> Node | None:
+    """Parse a filter expression; ``None`` for an empty one (match all)."""
+    if expr is None or expr.strip() == "":
+        return None
+    return _Parser(expr, max_terms).parse()
+
+
+@dataclass(slots=True)
+class CompiledFilters:
+    """A batch's filters as tensors and postfix programs.
+
+    Attributes:
+        programs: P postfix programs over the term list (see kernels.filter_eval).
+        term_words: [T, W] int64 Bloom words of each term.
+        term_vocab: [T] int64 exact vocabulary id of each term.
+        query_program: [B] int64 program per query, −1 = unfiltered.
+    """
+
+    programs: list[list[tuple[int, int]]]
+    term_words: torch.Tensor
+    term_vocab: torch.Tensor
+    query_program: torch.Tensor
+
+    @property
+    def any(self) -> bool:
+        return bool((self.query_program >= 0).any())
+
+
+def compile_filters(
+    where: str | list[str | None] | None,
+    batch: int,
+    *,
+    vocab_index: dict[str, int],
+    term_words_fn,
+    max_terms: int = DEFAULT_MAX_TERMS,
+) -> CompiledFilters:
+    """Compile one expression (for every query) or one per query.
+
+    ``term_words_fn(list[str]) -> [T, W] int64`` hashes terms into Bloom words.
+    Terms absent from ``vocab_index`` compile to constant false (exact).
+    """
+    if where is None or isinstance(where, str):
+        exprs: list[str | None] = [where] * batch
+    else:
+        exprs = list(where)
+        if len(exprs) != batch:
+            from sterling.model.errors import InvalidInputError
+
+            raise InvalidInputError(
+                f"`where` has {len(exprs)} expressions for {batch} queries; "
+                "pass one string for all queries or one per query"
+            )
+    distinct: dict[str, int] = {}
+    programs: list[list[tuple[int, int]]] = []
+    terms: dict[str, int] = {}
+    query_program = torch.full((batch,), -1, dtype=torch.int64)
+    for q, expr in enumerate(exprs):
+        if expr is None or expr.strip() == "":
+            continue
+        if expr not in distinct:
+            node = parse_filter(expr, max_terms=max_terms)
+            if node is None:
+                continue
+            program: list[tuple[int, int]] = []
+            _emit(node, program, terms, vocab_index)
+            distinct[expr] = len(programs)
+            programs.append(program)
+        query_program[q] = distinct[expr]
+    names = list(terms)
+    term_words = term_words_fn(names)
+    term_vocab = torch.tensor([vocab_index[t] for t in names], dtype=torch.int64)
+    return CompiledFilters(programs, term_words, term_vocab, query_program)
+
+
+def _emit(node: Node, out: list[tuple[int, int]], terms: dict[str, int], vocab: dict[str, int]) -> None:
+    if isinstance(node, Term):
+        if node.text not in vocab:
+            out.append((OP_FALSE, 0))
+            return
+        t = terms.setdefault(node.text, len(terms))
+        out.append((OP_TERM, t))
+    elif isinstance(node, Not):
+        _emit(node.child, out, terms, vocab)
+        out.append((OP_NOT, 0))
+    else:
+        op = OP_AND if isinstance(node, And) else OP_OR
+        _emit(node.children[0], out, terms, vocab)
+        for child in node.children[1:]:
+            _emit(child, out, terms, vocab)
+            out.append((op, 0))
+
+
+# OP_TRUE is part of the program vocabulary for kernels and later passes
+# (e.g. constant folding); the parser itself never needs to emit it.
+_ = OP_TRUE

@@ -1,0 +1,408 @@
+"""``ItemIndex``: the catalog as an ``nn.Module`` of registered buffers.
+
+Every tensor of the index is a buffer (DESIGN §3), so ``state_dict``, device
+moves and the artifact all see the whole index. Search is probe-then-filter:
+pick ``nprobe`` lists per query, Bloom-test the request's filter only on the
+items of those lists while scanning them, keep a partial top-k per list,
+merge, then re-check the survivors against the exact attribute store.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sterling.kernels import (
+    bloom_term_hits,
+    eval_programs,
+    exact_term_hits,
+    ivf_topk,
+    probe_lists,
+)
+from sterling.kernels.bits import unpack_bits_range
+from sterling.kernels.filter_eval import OP_NOT
+from sterling.kernels.ivf import order_results
+from sterling.model import bloom as bloom_mod
+from sterling.model.artifact import read_artifact, write_artifact
+from sterling.model.config import IndexConfig, Metric
+from sterling.model.errors import (
+    ArtifactError,
+    DimensionMismatchError,
+    InvalidInputError,
+    NonFiniteError,
+)
+from sterling.model.filter import CompiledFilters, compile_filters
+
+__all__ = ["ItemIndex", "prepare_queries"]
+
+_BUFFERS = (
+    "centroids",
+    "list_offsets",
+    "codes",
+    "scales",
+    "item_ids",
+    "bloom",
+    "attr_ids",
+    "attr_offsets",
+    "alive",
+    "version",
+)
+# Candidate entries one search chunk may hold (bounds memory at any k).
+_CHUNK_BUDGET = 1 << 23
+
+
+def prepare_queries(xq, dim: int, metric: Metric) -> torch.Tensor:
+    """Validate and convert queries to fp32 [B, D] (normalised for cosine)."""
+    if isinstance(xq, np.ndarray):
+        xq = torch.from_numpy(xq)
+    if not isinstance(xq, torch.Tensor):
+        try:
+            xq = torch.as_tensor(xq, dtype=torch.float32)
+        except (TypeError, ValueError) as e:
+            raise InvalidInputError(f"queries must be a float array [B, {dim}], got {type(xq).__name__}") from e
+    if xq.ndim == 1:
+        xq = xq[None, :]
+    if xq.ndim != 2:
+        raise DimensionMismatchError(f"queries must be [B, {dim}], got shape {tuple(xq.shape)}")
+    if xq.shape[1] != dim:
+        raise DimensionMismatchError(
+            f"queries have dimension {xq.shape[1]} but the index was built with dimension {dim}; "
+            "encode queries with the same model as the items"
+        )
+    if not xq.is_floating_point():
+        raise InvalidInputError(f"queries must be floating point, got {xq.dtype}")
+    xq = xq.float()
+    finite = torch.isfinite(xq).all(dim=1)
+    if not bool(finite.all()):
+        bad = int((~finite).nonzero()[0])
+        raise NonFiniteError(f"query row {bad} contains NaN or inf; replace or drop it before searching")
+    if Metric(metric) is Metric.COSINE:
+        xq = F.normalize(xq, dim=1)
+    return xq
+
+
+class ItemIndex(nn.Module):
+    """IVF int8 item index with Bloom eligibility and an exact attribute store.
+
+    Build with ``sterling.model.build_index``; do not call the constructor
+    with hand-made tensors unless you know the layout (DESIGN §3).
+
+    Example:
+        >>> index = build_index(xb, attributes=attrs, config=IndexConfig(nlist=256))
+        >>> scores, ids = index.search(xq, k=10, nprobe=32, where="lang:en AND NOT policy:blocked")
+    """
+
+    centroids: torch.Tensor  # [nlist, D] fp32, unit norm
+    list_offsets: torch.Tensor  # [nlist + 1] int64
+    codes: torch.Tensor  # [N_cap, D] int8
+    scales: torch.Tensor  # [N_cap] fp32
+    item_ids: torch.Tensor  # [N_cap] int64, −1 = empty slot
+    bloom: torch.Tensor  # [N_cap, W] int64 item-major Bloom words
+    attr_ids: torch.Tensor  # [nnz] int32
+    attr_offsets: torch.Tensor  # [N_cap + 1] int64
+    alive: torch.Tensor  # [ceil(N_cap / 8)] uint8 bitmask
+    version: torch.Tensor  # [] int64
+
+    def __init__(
+        self,
+        *,
+        config: IndexConfig,
+        vocab: list[str],
+        bloom_spec: bloom_mod.BloomSpec,
+        tensors: dict[str, torch.Tensor],
+    ) -> None:
+        super().__init__()
+        missing = [b for b in _BUFFERS if b not in tensors]
+        if missing:
+            raise ArtifactError(f"index tensors missing: {missing}")
+        for name in _BUFFERS:
+            self.register_buffer(name, tensors[name])
+        self.config = config
+        self.vocab = list(vocab)
+        self.vocab_index = {t: i for i, t in enumerate(self.vocab)}
+        self.bloom_spec = bloom_spec
+
+    # ---------------------------------------------------------------- shape
+    @property
+    def dim(self) -> int:
+        return int(self.codes.shape[1])
+
+    @property
+    def nlist(self) -> int:
+        return int(self.centroids.shape[0])
+
+    @property
+    def capacity(self) -> int:
+        return int(self.codes.shape[0])
+
+    @property
+    def num_items(self) -> int:
+        return int((self.item_ids >= 0).sum())
+
+    @property
+    def metric(self) -> Metric:
+        return Metric(self.config.metric)
+
+    def default_nprobe(self) -> int:
+        return self.config.nprobe or max(1, self.nlist // 8)
+
+    # --------------------------------------------------------------- search
+    def compile_filters(self, where, batch: int) -> CompiledFilters:
+        return compile_filters(
+            where,
+            batch,
+            vocab_index=self.vocab_index,
+            term_words_fn=lambda terms: bloom_mod.term_words(terms, self.bloom_spec),
+            max_terms=self.config.max_filter_terms,
+        )
+
+    def _check_k_nprobe(self, k, nprobe) -> tuple[int, int]:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise InvalidInputError(f"k ({k!r}) must be an integer ≥ 1")
+        if nprobe is None:
+            nprobe = self.default_nprobe()
+        if isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or not 1 <= nprobe <= self.nlist:
+            raise InvalidInputError(
+                f"nprobe ({nprobe!r}) must be an integer in 1..nlist ({self.nlist}); "
+                f"nlist/8 = {max(1, self.nlist // 8)} is a good start"
+            )
+        return int(k), int(nprobe)
+
+    @torch.no_grad()
+    def search(
+        self,
+        xq,
+        k: int = 10,
+        nprobe: int | None = None,
+        where: str | list[str | None] | None = None,
+        exact: bool = True,
+        adaptive: bool | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k items per query, Faiss-like.
+
+        Args:
+            xq: [B, D] (or [D]) float queries.
+            k: results per query. More than the probed lists hold is fine:
+                the rest is padded.
+            nprobe: lists probed per query, 1..nlist (default nlist // 8).
+            where: filter expression for every query, or one per query
+                (``None``/"" = no filter). See ``sterling.model.filter``.
+            exact: re-check survivors against the exact attributes, so no
+                ineligible item is returned. With ``exact=False`` monotone
+                expressions (AND/OR) are answered from the Bloom pass alone
+                (rare false positives possible); expressions with NOT are
+                always checked exactly.
+            adaptive: widen the probe for selective filters (default:
+                ``config.adaptive_filter``). A document shard must pass
+                ``False`` when its answer has to merge into exactly the
+                answer of a fixed-``nprobe`` search.
+        Returns:
+            (scores [B, k] fp32, ids [B, k] int64); missing results are
+            −inf / −1. Within equal scores, lower index position first.
+        """
+        xq = prepare_queries(xq, self.dim, self.metric)
+        k, nprobe = self._check_k_nprobe(k, nprobe)
+        B = xq.shape[0]
+        filters = self.compile_filters(where, B)
+        avg = max(1, self.capacity // max(self.nlist, 1))
+        per_query = nprobe * min(k + 16, avg)
+        step = max(1, min(B, _CHUNK_BUDGET // max(per_query, 1)))
+        out_s = torch.empty(B, k)
+        out_p = torch.empty(B, k, dtype=torch.int64)
+        for s in range(0, B, step):
+            rows = slice(s, s + step)
+            out_s[rows], out_p[rows] = self._search_chunk(
+                xq[rows], k, nprobe, filters, filters.query_program[rows], exact,
+                self.config.adaptive_filter if adaptive is None else adaptive,
+            )
+        ids = torch.where(out_p >= 0, self.item_ids[out_p.clamp(min=0)], torch.full_like(out_p, -1))
+        return out_s, ids
+
+    def _eligible_fn(self, filters: CompiledFilters, qprog: torch.Tensor, seen: torch.Tensor | None = None):
+        """Bloom pass over one list block, for the queries scanning it.
+
+        ``seen`` [b, 2] (optional) accumulates, per query, the live items
+        scanned and how many of them passed the Bloom pass.
+        """
+
+        def eligible(rows: torch.Tensor, start: int, end: int) -> torch.Tensor | None:
+            progs = qprog[rows]
+            if bool((progs < 0).all()):
+                return None
+            hits = bloom_term_hits(self.bloom[start:end], filters.term_words)
+            elig = eval_programs(hits, filters.programs, bloom=True)  # [P, n]
+            elig = torch.cat([torch.ones(1, end - start, dtype=torch.bool), elig])[progs + 1]
+            if seen is not None:
+                live = unpack_bits_range(self.alive, start, end)
+                seen[rows, 0] += int(live.sum())
+                seen[rows, 1] += (elig & live).sum(1)
+            return elig
+
+        return eligible
+
+    def verify(self, positions: torch.Tensor, qprog: torch.Tensor, filters: CompiledFilters) -> torch.Tensor:
+        """Exact filter check: positions [b, K] with program per row [b] → bool [b, K].
+
+        Unfiltered rows pass every valid position; −1 positions never pass.
+        """
+        b, K = positions.shape
+        flat = positions.reshape(-1)
+        fprog = qprog.repeat_interleave(K)
+        ok = flat >= 0
+        need = (ok & (fprog >= 0)).nonzero().squeeze(1)
+        if need.numel():
+            hits = exact_term_hits(self.attr_ids, self.attr_offsets, flat[need], filters.term_vocab)
+            ev = eval_programs(hits, filters.programs, bloom=False)  # [P, M]
+            ok[need] = ev[fprog[need], torch.arange(need.numel())]
+        return ok.reshape(b, K)
+
+    def _search_chunk(self, xq, k, nprobe, filters, qprog, exact, adaptive):
+        """Search one chunk of queries.
+
+        Filtered queries adapt to their filter's selectivity f, measured as
+        the Bloom-eligible fraction of the items their first scan touched:
+        finding the eligible top-k needs about nprobe / f lists. A query
+        that needs more than it scanned is rescanned with that many lists;
+        one that would need more than half of all lists skips IVF and scores
+        its exactly verified eligible set directly (pre-filtering). Turn
+        this off with ``adaptive=False``.
+        """
+        probe = probe_lists(xq, self.centroids, nprobe)
+        filtered = qprog >= 0
+        if not bool(filtered.any()):
+            return ivf_topk(xq, probe, k=k, eligible=None, **self._scan_args())
+        has_not = torch.tensor([any(op == OP_NOT for op, _ in p) for p in filters.programs] + [False])
+        must_verify = filtered & (exact | has_not[qprog])
+        # per query: live items scanned, Bloom survivors, candidates checked, passed
+        seen = torch.zeros(xq.shape[0], 4, dtype=torch.int64)
+        seen[:, 2:] = 1
+        out_s, out_p = self._scan_verified(xq, probe, k, filters, qprog, must_verify, seen)
+        if not adaptive:
+            return out_s, out_p
+        precision = seen[:, 3].double() / seen[:, 2].double()
+        frac = seen[:, 1].double() / seen[:, 0].clamp(min=1).double() * precision
+        need = torch.where(filtered, nprobe / frac.clamp(min=1e-12), torch.zeros_like(frac))
+        brute = filtered & (need >= 0.5 * self.nlist)
+        widen = filtered & ~brute & (need > 1.25 * nprobe)
+        if bool(widen.any()):
+            rows = widen.nonzero().squeeze(1)
+            # bucket by powers of two so each rescan is one batch
+            wide = torch.clamp(nprobe * 2 ** torch.ceil(torch.log2(need[rows] / nprobe)), max=self.nlist).long()
+            for w in wide.unique().tolist():
+                sel = rows[wide == w]
+                p2 = probe_lists(xq[sel], self.centroids, int(w))
+                out_s[sel], out_p[sel] = self._scan_verified(xq[sel], p2, k, filters, qprog[sel], must_verify[sel], None)
+        if bool(brute.any()):
+            rows = brute.nonzero().squeeze(1)
+            for prog in qprog[rows].unique().tolist():
+                sel = rows[qprog[rows] == prog]
+                verify = bool(must_verify[sel].any())
+                out_s[sel], out_p[sel] = self._prefilter_topk(xq[sel], k, filters, prog, verify=verify)
+        return out_s, out_p
+
+    def _scan_args(self) -> dict:
+        return dict(codes=self.codes, scales=self.scales, list_offsets=self.list_offsets, alive=self.alive)
+
+    def _scan_verified(self, xq, probe, k, filters, qprog, must_verify, seen):
+        """IVF scan with the Bloom pass; exact check of the survivors where required.
+
+        Scans a margin beyond k, verifies, and rescans with a larger margin
+        the rare queries whose verified survivors fall short of k while the
+        scan had more candidates.
+        """
+        scan = self._scan_args()
+        if not bool(must_verify.any()):
+            return ivf_topk(xq, probe, k=k, eligible=self._eligible_fn(filters, qprog, seen), **scan)
+        b = xq.shape[0]
+        out_s = torch.full((b, k), float("-inf"))
+        out_p = torch.full((b, k), -1, dtype=torch.int64)
+        pending = torch.arange(b)
+        k_scan = k + max(16, k // 8)
+        first = True
+        while pending.numel():
+            sub_prog = qprog[pending]
+            counts = torch.zeros(pending.numel(), 2, dtype=torch.int64) if first and seen is not None else None
+            elig = self._eligible_fn(filters, sub_prog, counts)
+            s, p = ivf_topk(xq[pending], probe[pending], k=k_scan, eligible=elig, **scan)
+            if counts is not None:
+                seen[pending, :2] += counts
+            verify_prog = torch.where(must_verify[pending], sub_prog, torch.full_like(sub_prog, -1))
+            ok = self.verify(p, verify_prog, filters)
+            if counts is not None:
+                # precision of the Bloom survivors, for the selectivity estimate
+                seen[pending, 2] += (p >= 0).sum(1)
+                seen[pending, 3] += ok.sum(1)
+            exhausted = torch.isneginf(s[:, -1])
+            s2, p2 = order_results(s.masked_fill(~ok, float("-inf")), p.masked_fill(~ok, -1))
+            done = (ok.sum(1) >= k) | exhausted
+            idx = pending[done]
+            out_s[idx], out_p[idx] = s2[done, :k], p2[done, :k]
+            pending = pending[~done]
+            k_scan *= 4
+            first = False
+        return out_s, out_p
+
+    def _prefilter_topk(self, xq, k, filters, prog: int, *, verify: bool):
+        """Exact top-k over the whole eligible set: Bloom pass over every item, exact check, score."""
+        cand = []
+        step = 1 << 20
+        for start in range(0, self.capacity, step):
+            end = min(start + step, self.capacity)
+            hits = bloom_term_hits(self.bloom[start:end], filters.term_words)
+            ok = eval_programs(hits, [filters.programs[prog]], bloom=True)[0]
+            ok &= unpack_bits_range(self.alive, start, end)
+            cand.append(ok.nonzero().squeeze(1) + start)
+        pos = torch.cat(cand)
+        if verify and pos.numel():
+            keep = self.verify(pos[None, :], torch.tensor([prog]), filters)[0]
+            pos = pos[keep]
+        b = xq.shape[0]
+        out_s = torch.full((b, k), float("-inf"))
+        out_p = torch.full((b, k), -1, dtype=torch.int64)
+        for s in range(0, pos.numel(), step):
+            blk = pos[s : s + step]
+            sc = (xq @ self.codes[blk].float().T) * self.scales[blk]
+            both_s = torch.cat([out_s, sc], dim=1)
+            both_p = torch.cat([out_p, blk.expand(b, -1)], dim=1)
+            kk = min(k, both_s.shape[1])
+            top_s, top_i = both_s.topk(kk, dim=1)
+            out_s[:, :kk], out_p[:, :kk] = top_s, both_p.gather(1, top_i)
+        return order_results(out_s, out_p)
+
+    # ------------------------------------------------------------- artifact
+    def meta(self) -> dict:
+        return {
+            "config": self.config.to_dict(),
+            "vocab": self.vocab,
+            "bloom": {"words": self.bloom_spec.words, "hashes": self.bloom_spec.hashes},
+        }
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in _BUFFERS}
+
+    @classmethod
+    def from_parts(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> ItemIndex:
+        return cls(
+            config=IndexConfig.from_dict(meta["config"]),
+            vocab=meta["vocab"],
+            bloom_spec=bloom_mod.BloomSpec(**meta["bloom"]),
+            tensors=tensors,
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write one atomic, checksummed artifact."""
+        write_artifact(path, kind="item_index", meta={"index": self.meta()}, tensors=self.tensors())
+
+    @classmethod
+    def load(cls, path: str | Path, *, verify: bool = True) -> ItemIndex:
+        """Load an index artifact (or the index of a model artifact), memory-mapped."""
+        h, tensors = read_artifact(path, verify=verify)
+        if "index" not in h["meta"]:
+            raise ArtifactError(f"{path} holds a {h['kind']!r}, which has no item index")
+        prefix = "" if h["kind"] == "item_index" else "index."
+        own = {n[len(prefix) :]: t for n, t in tensors.items() if n.startswith(prefix)}
+        return cls.from_parts(h["meta"]["index"], own)

@@ -1,0 +1,1 @@
+"""sterling.sharding — see DESIGN.md §1."""
