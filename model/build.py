@@ -136,7 +136,7 @@ def build_index(
     nnz = int(attr_offsets[-1])
     within = torch.arange(nnz) - attr_offsets[:-1].repeat_interleave(slot_len)
     attr_ids = attrs.ids[src_start.repeat_interleave(slot_len) + within].to(torch.int32)
-    spec = bloom_mod.size_bloom(attrs.max_terms_per_item(), config.target_fpr)
+    spec = bloom_mod.size_bloom(lengths, config.target_fpr)  # from the terms-per-item histogram
     if config.bloom_bits or config.bloom_hashes:
         spec = bloom_mod.BloomSpec(
             words=(config.bloom_bits or spec.bits) // 64, hashes=config.bloom_hashes or spec.hashes

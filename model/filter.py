@@ -23,12 +23,20 @@ evaluates programs on Bloom words and the verifier on exact attribute ids.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 
 import torch
 
-from sterling.kernels.filter_eval import OP_AND, OP_FALSE, OP_NOT, OP_OR, OP_TERM, OP_TRUE
+from sterling.kernels.filter_eval import (
+    OP_AND,
+    OP_FALSE,
+    OP_NOT,
+    OP_OR,
+    OP_TERM,
+    OP_TRUE,
+    FilterPlan,
+)
 from sterling.model.errors import FilterSyntaxError, FilterTooLargeError
 
 __all__ = [
@@ -231,10 +239,21 @@ class CompiledFilters:
     term_words: torch.Tensor
     term_vocab: torch.Tensor
     query_program: torch.Tensor
+    _plans: dict = field(default_factory=dict, repr=False)
 
     @property
     def any(self) -> bool:
         return bool((self.query_program >= 0).any())
+
+    def plan(self, *, bloom: bool) -> FilterPlan:
+        """The batch's programs as one vectorised ``FilterPlan`` (built once, cached).
+
+        The Bloom plan (``bloom=True``) replaces NOT by "maybe" and folds it
+        away, so it reads only the terms that can narrow the Bloom pass.
+        """
+        if bloom not in self._plans:
+            self._plans[bloom] = FilterPlan.build(self.programs, bloom=bloom)
+        return self._plans[bloom]
 
 
 def compile_filters(

@@ -18,13 +18,12 @@ from torch import nn
 
 from sterling.kernels import (
     bloom_term_hits,
-    eval_programs,
     exact_term_hits,
     ivf_topk,
     probe_lists,
 )
 from sterling.kernels.bits import unpack_bits_range
-from sterling.kernels.filter_eval import OP_NOT
+from sterling.kernels.filter_eval import OP_NOT, FilterPlan
 from sterling.kernels.ivf import order_results
 from sterling.model import bloom as bloom_mod
 from sterling.model.artifact import read_artifact, write_artifact
@@ -233,8 +232,9 @@ class ItemIndex(nn.Module):
             progs = qprog[rows]
             if bool((progs < 0).all()):
                 return None
-            hits = bloom_term_hits(self.bloom[start:end], filters.term_words)
-            elig = eval_programs(hits, filters.programs, bloom=True)  # [P, n]
+            plan = filters.plan(bloom=True)
+            hits = bloom_term_hits(self.bloom[start:end], filters.term_words[plan.terms])
+            elig = plan.eval(hits)  # [P, n]
             elig = torch.cat([torch.ones(1, end - start, dtype=torch.bool), elig])[progs + 1]
             if seen is not None:
                 live = unpack_bits_range(self.alive, start, end)
@@ -255,8 +255,9 @@ class ItemIndex(nn.Module):
         ok = flat >= 0
         need = (ok & (fprog >= 0)).nonzero().squeeze(1)
         if need.numel():
-            hits = exact_term_hits(self.attr_ids, self.attr_offsets, flat[need], filters.term_vocab)
-            ev = eval_programs(hits, filters.programs, bloom=False)  # [P, M]
+            plan = filters.plan(bloom=False)
+            hits = exact_term_hits(self.attr_ids, self.attr_offsets, flat[need], filters.term_vocab[plan.terms])
+            ev = plan.eval(hits)  # [P, M]
             ok[need] = ev[fprog[need], torch.arange(need.numel())]
         return ok.reshape(b, K)
 
@@ -350,10 +351,11 @@ class ItemIndex(nn.Module):
         """Exact top-k over the whole eligible set: Bloom pass over every item, exact check, score."""
         cand = []
         step = 1 << 20
+        plan = FilterPlan.build([filters.programs[prog]], bloom=True)
+        words = filters.term_words[plan.terms]
         for start in range(0, self.capacity, step):
             end = min(start + step, self.capacity)
-            hits = bloom_term_hits(self.bloom[start:end], filters.term_words)
-            ok = eval_programs(hits, [filters.programs[prog]], bloom=True)[0]
+            ok = plan.eval(bloom_term_hits(self.bloom[start:end], words))[0]
             ok &= unpack_bits_range(self.alive, start, end)
             cand.append(ok.nonzero().squeeze(1) + start)
         pos = torch.cat(cand)
