@@ -298,8 +298,23 @@ class FilterPlan:
             if len(stack) != 1:
                 raise ValueError(f"malformed filter program {list(program)}: stack ends with {len(stack)} values")
             roots.append(stack[0])
+        # keep only nodes reachable from a root (NOT-folding orphans subtrees)
+        reach: set[int] = set()
+        todo = list(roots)
+        while todo:
+            n = todo.pop()
+            if n in reach:
+                continue
+            reach.add(n)
+            if kind[n][0] == OP_NOT:
+                todo.append(kind[n][1])
+            elif kind[n][0] in (OP_AND, OP_OR):
+                todo.extend(kind[n][1])
+        leaf_terms = [t for t in leaf_terms if key_of[("t", t)] in reach]
         # renumber: FALSE, TRUE, leaves, then internal nodes by height
-        internal = sorted((n for n in range(2, len(kind)) if kind[n][0] != "t"), key=lambda n: height[n])
+        internal = sorted(
+            (n for n in range(2, len(kind)) if kind[n][0] != "t" and n in reach), key=lambda n: height[n]
+        )
         leaves = [key_of[("t", t)] for t in leaf_terms]
         new_id = {FALSE: 0, TRUE: 1}
         for i, n in enumerate(leaves + internal):
