@@ -1,0 +1,166 @@
+"""Python client for ``sterling.v1.Retrieval``.
+
+Example:
+    >>> c = Client("127.0.0.1:50051")
+    >>> res = c.retrieve(query=xq, k=100, where="lang:en AND NOT policy:blocked")
+    >>> res.ids.shape, res.partial, res.version
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from sterling.cluster import retrieval_pb2 as pb
+from sterling.cluster import retrieval_pb2_grpc as pb_grpc
+
+__all__ = ["Client", "RetrieveResult", "query_remote", "add_remote_arguments"]
+
+
+@dataclass(kw_only=True, slots=True)
+class RetrieveResult:
+    """Like ``RetrievalOutput``: ids [B, k] (−1 pads), scores [B, k] (−inf pads), plus cluster facts."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+    version: int
+    partial: bool = False
+    missing_shards: list[int] = field(default_factory=list)
+    version_skew: dict[int, int] = field(default_factory=dict)
+    timing: dict = field(default_factory=dict)
+
+
+class Client:
+    """A channel to a Sterling router (``sterling serve`` or ``sterling launch ray``).
+
+    Args:
+        address: ``HOST:PORT``.
+        token: bearer token, sent as ``authorization: Bearer <token>``.
+        root_certificates: PEM bytes of the CA that signed the server
+            certificate; turns TLS on.
+        client_cert, client_key: PEM bytes for servers that require client certificates.
+        timeout_s: default gRPC deadline per call.
+    """
+
+    def __init__(self, address: str, *, token: str | None = None, root_certificates: bytes | None = None,
+                 client_cert: bytes | None = None, client_key: bytes | None = None,
+                 timeout_s: float = 30.0, max_message_bytes: int = 64 << 20,
+                 server_name: str | None = None) -> None:
+        opts = [("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes)]
+        if server_name:
+            opts.append(("grpc.ssl_target_name_override", server_name))
+        if root_certificates is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates, client_key, client_cert)
+            self.channel = grpc.secure_channel(address, creds, options=opts)
+        else:
+            self.channel = grpc.insecure_channel(address, options=opts)
+        self.stub = pb_grpc.RetrievalStub(self.channel)
+        self.timeout_s = timeout_s
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
+
+    def retrieve(self, *, query=None, user_features=None, k: int = 10, nprobe: int | None = None,
+                 where: str | list[str | None] | None = None, exact: bool = True, adaptive: bool | None = None,
+                 deadline_ms: int | None = None, require_complete: bool = False,
+                 timeout_s: float | None = None) -> RetrieveResult:
+        """Top-k per query through the router; raises ``grpc.RpcError`` with the server's status code."""
+        if (query is None) == (user_features is None):
+            raise ValueError("give exactly one of `query` or `user_features`")
+        x = np.asarray(query if query is not None else user_features, dtype=np.float32)
+        if x.ndim == 1:
+            x = x[None]
+        req = pb.RetrieveRequest(k=k, nprobe=nprobe or 0, batch_size=x.shape[0], deadline_ms=deadline_ms or 0,
+                                 require_complete=require_complete, approximate_filter=not exact)
+        if query is not None:
+            req.query_embedding.extend(x.reshape(-1).tolist())
+        else:
+            req.user_features.extend(x.reshape(-1).tolist())
+        if isinstance(where, (list, tuple)):
+            req.filters.extend([w or "" for w in where])
+        elif where:
+            req.filter = where
+        if adaptive is not None:
+            req.adaptive = pb.ADAPTIVE_MODE_ON if adaptive else pb.ADAPTIVE_MODE_OFF
+        resp = self.stub.Retrieve(req, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
+        return from_response(resp, k)
+
+    def info(self) -> pb.InfoResponse:
+        return self.stub.Info(pb.InfoRequest(), timeout=self.timeout_s, metadata=self._metadata)
+
+
+def from_response(resp: pb.RetrieveResponse, k: int) -> RetrieveResult:
+    B = len(resp.results)
+    ids = np.full((B, k), -1, dtype=np.int64)
+    scores = np.full((B, k), -np.inf, dtype=np.float32)
+    for q, r in enumerate(resp.results):
+        n = len(r.ids)
+        ids[q, :n] = r.ids
+        scores[q, :n] = r.scores
+    t = resp.timing
+    return RetrieveResult(
+        ids=ids, scores=scores, version=resp.model_version, partial=resp.partial,
+        missing_shards=list(resp.missing_shards),
+        version_skew={v.shard: v.version for v in resp.version_skew},
+        timing={"total_ms": t.total_ms, "encode_ms": t.encode_ms, "fanout_ms": t.fanout_ms, "merge_ms": t.merge_ms},
+    )
+
+
+def add_remote_arguments(p: argparse.ArgumentParser) -> None:
+    """The options ``query_remote`` reads besides ``--vector``, ``--k``, ``--nprobe``, ``--where``, ``--json``."""
+    p.add_argument("--address", help="HOST:PORT of a router (`sterling serve` / `sterling launch ray`)")
+    p.add_argument("--token-file", help="file holding the bearer token")
+    p.add_argument("--tls-ca", help="CA certificate (PEM) of a TLS server")
+    p.add_argument("--deadline-ms", type=int, default=0, help="request deadline (0 = server default)")
+
+
+def query_remote(args: argparse.Namespace) -> int:
+    """`sterling query --address HOST:PORT --vector q.npy [--k --nprobe --where --json]`.
+
+    Reads ``args.address``, ``args.vector`` (.npy or .json), ``args.k``,
+    ``args.nprobe``, ``args.where``, ``args.json``, ``args.approx`` and the
+    optional ``token_file``, ``tls_ca``, ``deadline_ms``. Prints one JSON
+    line (or a table line) per query; returns the exit code.
+    """
+    from sterling.model.errors import InvalidInputError
+
+    vec = getattr(args, "vector", None)
+    if vec is None:
+        raise InvalidInputError("with --address, give the query as --vector q.npy (--like needs the artifact)")
+    p = Path(vec)
+    if not p.exists():
+        raise InvalidInputError(f"vector file {p} does not exist")
+    x = np.load(p).astype(np.float32) if p.suffix == ".npy" else np.asarray(json.loads(p.read_text()), np.float32)
+    token = Path(args.token_file).read_text().strip() if getattr(args, "token_file", None) else None
+    ca = Path(args.tls_ca).read_bytes() if getattr(args, "tls_ca", None) else None
+    with Client(args.address, token=token, root_certificates=ca) as c:
+        try:
+            res = c.retrieve(query=x, k=args.k, nprobe=getattr(args, "nprobe", None), where=getattr(args, "where", None),
+                             exact=not getattr(args, "approx", False), deadline_ms=getattr(args, "deadline_ms", 0))
+        except grpc.RpcError as e:
+            raise InvalidInputError(f"{args.address}: {e.code().name}: {e.details()}") from e
+    for ids, scores in zip(res.ids.tolist(), res.scores.tolist()):
+        hits = [{"id": i, "score": s} for i, s in zip(ids, scores) if i >= 0]
+        line = {"version": res.version, "partial": res.partial, "missing_shards": res.missing_shards, "results": hits}
+        if getattr(args, "json", False):
+            print(json.dumps(line))
+        else:
+            print(" ".join(f"{h['id']}:{h['score']:.4f}" for h in hits),
+                  f"(version {res.version}{', PARTIAL missing ' + str(res.missing_shards) if res.partial else ''})")
+    return 0

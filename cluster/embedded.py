@@ -1,0 +1,32 @@
+"""The one-process cluster (``sterling serve``): router + shards in threads, no Ray.
+
+Slices the loaded model in memory (views of the memory-mapped artifact,
+``sharding.documents.slice_model``), so ``--shards N`` costs no extra
+copy of the codes, and answers exactly like ``sterling launch ray`` does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sterling.cluster.backends import LocalBackend
+from sterling.cluster.router import Router, RouterConfig
+from sterling.cluster.shard import ShardServer
+from sterling.model.retrieval import RetrievalModel
+from sterling.sharding.documents import balanced_list_ranges, slice_model
+
+__all__ = ["local_router"]
+
+
+def local_router(model: RetrievalModel | str | Path, *, num_shards: int = 1, replicas: int = 1,
+                 config: RouterConfig | None = None) -> Router:
+    """A ``Router`` over ``num_shards`` in-process slices of ``model`` (each with ``replicas`` copies)."""
+    if not isinstance(model, RetrievalModel):
+        model = RetrievalModel.load(model)
+    ranges = balanced_list_ranges(model.index, num_shards)
+    servers = []
+    for s, r in enumerate(ranges):
+        sub = slice_model(model, r) if num_shards > 1 else model
+        servers.append([ShardServer(sub, shard=s, replica=i, lists=r) for i in range(replicas)])
+    head = slice_model(model, (0, 0))
+    return Router(head, LocalBackend(servers), config)

@@ -1,0 +1,64 @@
+"""Cluster errors and their gRPC status codes.
+
+The router maps every error to a status code with the same helpful text;
+a bad request never takes the server down. Tests assert codes, not text.
+"""
+
+from __future__ import annotations
+
+from sterling.model.errors import InvalidInputError, SterlingError
+
+__all__ = [
+    "ClusterError",
+    "RequestTooLargeError",
+    "ShardsUnavailableError",
+    "DeadlineExceededError",
+    "NotImplementedYetError",
+    "ClusterConfigError",
+    "status_code_name",
+]
+
+
+class ClusterError(SterlingError):
+    """Root of the errors raised by the cluster layer."""
+
+
+class RequestTooLargeError(ClusterError):
+    """A request over the server's configured limits (batch, k × batch, bytes) → RESOURCE_EXHAUSTED."""
+
+
+class ShardsUnavailableError(ClusterError):
+    """Shards missing while the request said ``require_complete`` (or none answered) → UNAVAILABLE."""
+
+    def __init__(self, message: str, *, missing: list[int]) -> None:
+        super().__init__(message)
+        self.missing = list(missing)
+
+
+class DeadlineExceededError(ClusterError):
+    """The request's deadline passed before any answer could be formed → DEADLINE_EXCEEDED."""
+
+
+class NotImplementedYetError(ClusterError):
+    """An RPC defined in the protocol that this model does not support yet → UNIMPLEMENTED."""
+
+
+class ClusterConfigError(ClusterError, ValueError):
+    """A server or launch configuration that cannot work (e.g. no TLS on a public address)."""
+
+
+def status_code_name(exc: BaseException) -> str:
+    """The ``grpc.StatusCode`` name for an exception (pure, so unit tests need no gRPC server)."""
+    if isinstance(exc, RequestTooLargeError):
+        return "RESOURCE_EXHAUSTED"
+    if isinstance(exc, InvalidInputError):
+        return "INVALID_ARGUMENT"
+    if isinstance(exc, ShardsUnavailableError):
+        return "UNAVAILABLE"
+    if isinstance(exc, DeadlineExceededError):
+        return "DEADLINE_EXCEEDED"
+    if isinstance(exc, NotImplementedYetError):
+        return "UNIMPLEMENTED"
+    if isinstance(exc, SterlingError):
+        return "FAILED_PRECONDITION"
+    return "INTERNAL"

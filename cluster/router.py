@@ -1,0 +1,219 @@
+"""The merge stage: validate, encode once, fan out to shards, merge exactly.
+
+``Router`` is the transport-free core (unit-testable with fake backends);
+``sterling.cluster.server`` puts it behind gRPC.
+
+Per request: check k / nprobe / batch against the limits, run the user
+tower once (or take the query embedding), validate the queries and the
+filter with the *head* model (centroids, tower, vocabulary; no items), send
+the same batch to every shard with the request's deadline, and merge the
+per-shard top-k (``merge_topk``). Shards always scan a fixed probe
+(``adaptive=False``), which is what makes the merge exact; when the request
+asks for selectivity-adaptive search the router widens the probe globally
+for the filtered queries that came back with fewer than k results.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from sterling.cluster.backends import ShardBackend
+from sterling.cluster.errors import (
+    DeadlineExceededError,
+    RequestTooLargeError,
+    ShardsUnavailableError,
+)
+from sterling.cluster.merge import merge_topk
+from sterling.cluster.shard import ShardRequest
+from sterling.model.errors import InvalidInputError
+from sterling.model.index import prepare_queries
+from sterling.model.retrieval import RetrievalModel
+
+__all__ = ["RouterConfig", "RouterResult", "Router"]
+
+
+@dataclass(kw_only=True, slots=True)
+class RouterConfig:
+    """Limits and defaults of the merge stage.
+
+    Args:
+        max_k: largest k a request may ask for.
+        max_batch: most queries in one request.
+        max_results: most result entries (batch × k) in one request; above
+            it the request is refused with RESOURCE_EXHAUSTED.
+        default_deadline_ms: budget when neither the request nor gRPC gives one.
+        adaptive: default for requests that leave ``adaptive`` unspecified.
+        max_adaptive_rounds: probe doublings the router may try per request.
+    """
+
+    max_k: int = 10_000
+    max_batch: int = 4096
+    max_results: int = 4_000_000
+    default_deadline_ms: int = 5_000
+    adaptive: bool = False
+    max_adaptive_rounds: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("max_k", "max_batch", "max_results", "default_deadline_ms"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RouterConfig.{name} ({getattr(self, name)}) must be ≥ 1")
+        if self.max_adaptive_rounds < 0:
+            raise ValueError(f"RouterConfig.max_adaptive_rounds ({self.max_adaptive_rounds}) must be ≥ 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class RouterResult:
+    """Merged answer: ids [B, k] (−1 pads), scores [B, k] (−inf pads)."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+    version: int
+    partial: bool = False
+    missing: list[int] = field(default_factory=list)
+    version_skew: dict[int, int] = field(default_factory=dict)
+    timing: dict = field(default_factory=dict)
+
+
+class Router:
+    """Validate → encode once → fan out → exact merge.
+
+    Example:
+        >>> router = Router(RetrievalModel.load("shards/head.st"), LocalBackend([[shard0], [shard1]]))
+        >>> res = router.retrieve(query=xq, k=100, where="lang:en")
+    """
+
+    def __init__(self, head: RetrievalModel, backend: ShardBackend, config: RouterConfig | None = None) -> None:
+        self.head = head
+        self.backend = backend
+        self.config = config or RouterConfig()
+
+    @property
+    def dim(self) -> int:
+        return self.head.index.dim
+
+    def _check(self, k, nprobe, batch: int) -> tuple[int, int]:
+        cfg, index = self.config, self.head.index
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise InvalidInputError(f"k ({k!r}) must be an integer ≥ 1")
+        if k > cfg.max_k:
+            raise InvalidInputError(
+                f"k ({k}) is above this server's max_k ({cfg.max_k}); ask for fewer results or "
+                "start the server with a larger --max-k"
+            )
+        if nprobe is None or nprobe == 0:
+            nprobe = index.default_nprobe()
+        if isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or not 1 <= nprobe <= index.nlist:
+            raise InvalidInputError(f"nprobe ({nprobe!r}) must be an integer in 1..nlist ({index.nlist}); 0 = default")
+        if batch < 1:
+            raise InvalidInputError("the request holds no query")
+        if batch > cfg.max_batch:
+            raise RequestTooLargeError(
+                f"batch of {batch} queries is above this server's max_batch ({cfg.max_batch}); split it"
+            )
+        if batch * k > cfg.max_results:
+            raise RequestTooLargeError(
+                f"batch × k = {batch} × {k} = {batch * k} results is above this server's max_results "
+                f"({cfg.max_results}); lower k or split the batch"
+            )
+        return int(k), int(nprobe)
+
+    def encode(self, *, query=None, user_features=None) -> torch.Tensor:
+        """[B, D] fp32 query embeddings, validated but *not* normalised (shards normalise, like the model)."""
+        xq = self.head.encode(query=query, user_features=user_features)
+        prepare_queries(xq, self.dim, self.head.index.metric)  # raises typed errors; result unused
+        if xq.ndim == 1:
+            xq = xq[None]
+        return xq.float()
+
+    def retrieve(
+        self,
+        *,
+        query=None,
+        user_features=None,
+        k: int = 10,
+        nprobe: int | None = None,
+        where: str | list[str | None] | None = None,
+        exact: bool = True,
+        adaptive: bool | None = None,
+        deadline_s: float | None = None,
+        require_complete: bool = False,
+    ) -> RouterResult:
+        t0 = time.monotonic()
+        budget = deadline_s if deadline_s is not None else self.config.default_deadline_ms / 1e3
+        deadline = t0 + budget
+        xq = self.encode(query=query, user_features=user_features)
+        B = int(xq.shape[0])
+        k, nprobe = self._check(k, nprobe, B)
+        if isinstance(where, (list, tuple)) and len(where) != B:
+            raise InvalidInputError(f"{len(where)} filters for {B} queries; give one per query or one for all")
+        filters = self.head.index.compile_filters(where, B)  # validates; raises FilterError
+        t_enc = time.monotonic()
+        xq_np = xq.numpy()
+        req = ShardRequest(xq=xq_np, k=k, nprobe=nprobe, where=where, exact=exact)
+        fo = self.backend.fan_out(req, deadline)
+        t_fan = time.monotonic()
+        if fo.missing and (require_complete or not fo.replies):
+            if not fo.replies and time.monotonic() >= deadline:
+                raise DeadlineExceededError(
+                    f"no shard answered within {budget * 1e3:.0f} ms (shards {fo.missing}: "
+                    f"{'; '.join(fo.errors[s] for s in fo.missing)}); raise the deadline or check the shards"
+                )
+            raise ShardsUnavailableError(
+                f"shards {fo.missing} did not answer within {budget * 1e3:.0f} ms "
+                f"({'; '.join(f'{s}: {fo.errors[s]}' for s in fo.missing)}); the request required all shards",
+                missing=fo.missing,
+            )
+        order = sorted(fo.replies)
+        ids, scores = merge_topk([(fo.replies[s].ids, fo.replies[s].scores) for s in order], k)
+        versions = {s: int(fo.replies[s].version) for s in order}
+        missing = list(fo.missing)
+
+        use_adaptive = self.config.adaptive if adaptive is None else adaptive
+        if use_adaptive and not missing:
+            ids, scores, nprobe_used = self._widen(xq_np, ids, scores, k, nprobe, where, exact, filters, deadline,
+                                                   versions)
+        t_merge = time.monotonic()
+        counts = Counter(versions.values())
+        version = counts.most_common(1)[0][0] if counts else int(self.head.index.version)
+        skew = dict(versions) if len(counts) > 1 else {}
+        return RouterResult(
+            ids=ids, scores=scores, version=version, partial=bool(missing), missing=missing, version_skew=skew,
+            timing={
+                "total_ms": (t_merge - t0) * 1e3, "encode_ms": (t_enc - t0) * 1e3,
+                "fanout_ms": (t_fan - t_enc) * 1e3, "merge_ms": (t_merge - t_fan) * 1e3,
+                "shards": [(s, fo.replies[s].replica, fo.replies[s].ms) for s in order],
+            },
+        )
+
+    def _widen(self, xq, ids, scores, k, nprobe, where, exact, filters, deadline, versions):
+        """Global selectivity adaptation: double nprobe for filtered queries short of k results.
+
+        Runs on the merged answer, so the decision uses the global eligible
+        count, not a shard's. Stops at nlist, after ``max_adaptive_rounds``
+        or when the deadline is near; a round that misses a shard keeps the
+        previous (complete) answer for its queries.
+        """
+        nlist = self.head.index.nlist
+        filtered = filters.query_program >= 0
+        wide = nprobe
+        for _ in range(self.config.max_adaptive_rounds):
+            short = filtered.numpy() & ((ids >= 0).sum(1) < k)
+            if not short.any() or wide >= nlist or time.monotonic() >= deadline:
+                break
+            wide = min(nlist, wide * 2)
+            rows = np.nonzero(short)[0]
+            sub_where = [where[i] for i in rows] if isinstance(where, (list, tuple)) else where
+            fo = self.backend.fan_out(
+                ShardRequest(xq=xq[rows], k=k, nprobe=wide, where=sub_where, exact=exact), deadline
+            )
+            if fo.missing:
+                break
+            order = sorted(fo.replies)
+            ids[rows], scores[rows] = merge_topk([(fo.replies[s].ids, fo.replies[s].scores) for s in order], k)
+            versions.update({s: int(fo.replies[s].version) for s in order})
+        return ids, scores, wide

@@ -1,0 +1,347 @@
+"""The gRPC front of the router: ``sterling.v1.Retrieval`` + health + reflection.
+
+Every error is mapped to a status code with the same helpful message
+(``sterling.cluster.errors.status_code_name``); nothing a client sends can
+stop the server. Binds 127.0.0.1 by default; binding anything else needs
+TLS and a bearer token (``SecurityConfig``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import signal
+import threading
+import time
+import uuid
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from sterling.cluster import retrieval_pb2 as pb
+from sterling.cluster import retrieval_pb2_grpc as pb_grpc
+from sterling.cluster.errors import ClusterConfigError, NotImplementedYetError, status_code_name
+from sterling.cluster.router import Router
+
+__all__ = ["SERVICE_NAME", "SecurityConfig", "ServerConfig", "RetrievalServicer", "RetrievalServer"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retrieval"].full_name  # "sterling.v1.Retrieval"
+_DEADLINE_MARGIN_S = 0.010  # kept back from the gRPC deadline for merge + serialisation
+
+
+@dataclass(kw_only=True, slots=True)
+class SecurityConfig:
+    """TLS and bearer-token settings (paths to PEM files; a token file holds one line).
+
+    Args:
+        cert: server certificate chain (PEM).
+        key: server private key (PEM).
+        client_ca: CA bundle; when given, clients must present a certificate it signed.
+        token: bearer token every call must carry as ``authorization: Bearer <token>``
+            (the health service is exempt so that load balancers can probe).
+    """
+
+    cert: str | None = None
+    key: str | None = None
+    client_ca: str | None = None
+    token: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ClusterConfigError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
+        if self.client_ca is not None and self.cert is None:
+            raise ClusterConfigError("client certificates (--tls-client-ca) need server TLS (--tls-cert/--tls-key)")
+        if self.token is not None and not self.token.strip():
+            raise ClusterConfigError("the bearer token is empty")
+
+    @property
+    def tls(self) -> bool:
+        return self.cert is not None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        key, cert = Path(self.key).read_bytes(), Path(self.cert).read_bytes()
+        ca = Path(self.client_ca).read_bytes() if self.client_ca else None
+        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+@dataclass(kw_only=True, slots=True)
+class ServerConfig:
+    """Where and how the gRPC server listens.
+
+    Args:
+        host: bind address; 127.0.0.1 by default. Anything that is not
+            loopback requires TLS and a bearer token.
+        port: 0 = an OS-chosen free port (read ``RetrievalServer.port``).
+        workers: gRPC handler threads.
+        max_message_bytes: largest request or response; larger requests
+            fail with RESOURCE_EXHAUSTED.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    workers: int = 8
+    max_message_bytes: int = 64 << 20
+    security: SecurityConfig | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ClusterConfigError(f"port ({self.port}) must be in 0..65535")
+        if self.workers < 1 or self.max_message_bytes < 1024:
+            raise ClusterConfigError(f"workers ({self.workers}) ≥ 1 and max_message_bytes ≥ 1024 required")
+        if not _is_loopback(self.host):
+            sec = self.security
+            if sec is None or not sec.tls or sec.token is None:
+                raise ClusterConfigError(
+                    f"binding {self.host} (not loopback) requires TLS and a bearer token: pass "
+                    "--tls-cert/--tls-key and --token-file, or bind 127.0.0.1"
+                )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _TokenInterceptor(grpc.ServerInterceptor):
+    """Rejects calls without ``authorization: Bearer <token>`` (UNAUTHENTICATED); health is exempt."""
+
+    def __init__(self, token: str) -> None:
+        self._expect = f"Bearer {token.strip()}".encode()
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)")
+
+        self._deny = deny
+
+    def intercept_service(self, continuation, details):
+        if details.method.startswith("/grpc.health.v1.Health/"):
+            return continuation(details)
+        got = dict(details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(got.encode() if isinstance(got, str) else got, self._expect):
+            return continuation(details)
+        handler = continuation(details)
+        if handler is None:
+            return None
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(self._deny)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(lambda it, ctx: self._deny(None, ctx))
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(self._deny)
+        return grpc.stream_stream_rpc_method_handler(lambda it, ctx: self._deny(None, ctx))
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    code = status_code_name(exc)
+    if code == "INTERNAL":
+        ref = uuid.uuid4().hex[:12]
+        log.exception("internal error %s", ref, exc_info=exc)
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error (reference {ref}); see the server log")
+    context.abort(getattr(grpc.StatusCode, code), str(exc))
+
+
+def _to_proto(ids: np.ndarray, scores: np.ndarray) -> list[pb.QueryResult]:
+    out = []
+    for row_ids, row_s in zip(ids, scores):
+        n = int((row_ids >= 0).sum())  # results are packed at the front
+        out.append(pb.QueryResult(ids=row_ids[:n].tolist(), scores=row_s[:n].tolist()))
+    return out
+
+
+class RetrievalServicer(pb_grpc.RetrievalServicer):
+    """``sterling.v1.Retrieval`` over a ``Router``."""
+
+    def __init__(self, router: Router, *, backend_name: str = "local") -> None:
+        self.router = router
+        self.backend_name = backend_name
+
+    def _deadline(self, request: pb.RetrieveRequest, context) -> float | None:
+        budgets = []
+        if request.deadline_ms:
+            budgets.append(request.deadline_ms / 1e3)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            budgets.append(max(0.0, remaining - _DEADLINE_MARGIN_S))
+        return min(budgets) if budgets else None
+
+    def Retrieve(self, request, context):
+        try:
+            B = request.batch_size or 1
+            query = user = None
+            if len(request.query_embedding) and len(request.user_features):
+                raise_invalid("send query_embedding or user_features, not both")
+            if len(request.query_embedding):
+                query = _matrix(request.query_embedding, B, "query_embedding")
+            elif len(request.user_features):
+                user = _matrix(request.user_features, B, "user_features")
+            else:
+                raise_invalid("the request has neither query_embedding nor user_features")
+            where: str | list[str | None] | None = request.filter or None
+            if len(request.filters):
+                where = [f or None for f in request.filters]
+            adaptive = {pb.ADAPTIVE_MODE_OFF: False, pb.ADAPTIVE_MODE_ON: True}.get(request.adaptive)
+            res = self.router.retrieve(
+                query=query, user_features=user, k=int(request.k), nprobe=int(request.nprobe) or None,
+                where=where, exact=not request.approximate_filter, adaptive=adaptive,
+                deadline_s=self._deadline(request, context), require_complete=request.require_complete,
+            )
+            t = res.timing
+            return pb.RetrieveResponse(
+                results=_to_proto(res.ids, res.scores),
+                model_version=res.version,
+                partial=res.partial,
+                missing_shards=res.missing,
+                version_skew=[pb.ShardVersion(shard=s, version=v) for s, v in sorted(res.version_skew.items())],
+                timing=pb.Timing(
+                    total_ms=t["total_ms"], encode_ms=t["encode_ms"], fanout_ms=t["fanout_ms"],
+                    merge_ms=t["merge_ms"],
+                    shards=[pb.ShardTiming(shard=s, replica=r, ms=ms) for s, r, ms in t["shards"]],
+                ),
+            )
+        except Exception as e:  # every error becomes a status; the server keeps serving
+            _abort(context, e)
+
+    def Upsert(self, request_iterator, context):
+        _abort(context, NotImplementedYetError(
+            "Upsert is defined in sterling.v1 but this model has no streaming updates yet; rebuild the "
+            "artifact with `sterling build` and re-shard (`sterling shard`) to change items"
+        ))
+
+    def Delete(self, request, context):
+        _abort(context, NotImplementedYetError(
+            "Delete is defined in sterling.v1 but this model has no streaming updates yet; rebuild the "
+            "artifact without the items and re-shard"
+        ))
+
+    def Info(self, request, context):
+        try:
+            idx = self.router.head.index
+            tower = self.router.head.tower
+            shards = self.router.backend.shard_infos()
+            return pb.InfoResponse(
+                dim=idx.dim, nlist=idx.nlist, default_nprobe=idx.default_nprobe(), max_k=self.router.config.max_k,
+                items=sum(int(s["items"]) for s in shards),
+                model_version=int(idx.version),
+                has_user_tower=tower is not None,
+                user_feature_dim=tower.config.input_dim if tower is not None else 0,
+                shards=[
+                    pb.ShardInfo(shard=s["shard"], list_start=s["lists"][0], list_end=s["lists"][1],
+                                 items=int(s["items"]), version=int(s["version"]), replicas=s["replicas"],
+                                 healthy_replicas=s["healthy_replicas"])
+                    for s in shards
+                ],
+                backend=self.backend_name,
+            )
+        except Exception as e:
+            _abort(context, e)
+
+
+def raise_invalid(msg: str):
+    from sterling.model.errors import InvalidInputError
+
+    raise InvalidInputError(msg)
+
+
+def _matrix(values, B: int, name: str) -> np.ndarray:
+    flat = np.asarray(values, dtype=np.float32)
+    if flat.size % B:
+        from sterling.model.errors import DimensionMismatchError
+
+        raise DimensionMismatchError(f"{name} has {flat.size} floats, not a multiple of batch_size ({B})")
+    return flat.reshape(B, -1)
+
+
+class RetrievalServer:
+    """A running gRPC server: the Retrieval service, ``grpc.health.v1`` and reflection.
+
+    Example:
+        >>> srv = RetrievalServer(router, ServerConfig(port=0)).start()
+        >>> Client(srv.address).retrieve(query=xq, k=10)
+        >>> srv.stop()
+    """
+
+    def __init__(self, router: Router, config: ServerConfig | None = None, *, backend_name: str = "local") -> None:
+        self.router = router
+        self.config = config or ServerConfig()
+        self.backend_name = backend_name
+        self.port: int | None = None
+        self._server: grpc.Server | None = None
+        self._health = health.HealthServicer()
+        self._stopped = threading.Event()
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    def start(self) -> RetrievalServer:
+        cfg = self.config
+        opts = [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        sec = cfg.security
+        interceptors = [_TokenInterceptor(sec.token)] if sec is not None and sec.token else []
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="sterling-grpc"),
+            options=opts, interceptors=interceptors,
+        )
+        pb_grpc.add_RetrievalServicer_to_server(RetrievalServicer(self.router, backend_name=self.backend_name), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        target = f"{cfg.host}:{cfg.port}"
+        if sec is not None and sec.tls:
+            port = server.add_secure_port(target, sec.credentials())
+        else:
+            port = server.add_insecure_port(target)
+        if port == 0:
+            raise ClusterConfigError(f"could not bind {target}; is the port in use?")
+        self.port = port
+        server.start()
+        self._server = server
+        for name in ("", SERVICE_NAME):
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self
+
+    def stop(self, grace: float = 2.0) -> None:
+        if self._server is None or self._stopped.is_set():
+            return
+        self._health.enter_graceful_shutdown()
+        self._server.stop(grace).wait(grace + 1)
+        self.router.backend.close()
+        self._stopped.set()
+
+    def wait_for_signal(self, *, on_stop=None) -> None:
+        """Block until SIGINT or SIGTERM, then stop cleanly (main thread only)."""
+        stop = threading.Event()
+
+        def handler(signum, frame):
+            stop.set()
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while not stop.wait(0.5):
+                pass
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            t0 = time.monotonic()
+            self.stop()
+            if on_stop is not None:
+                on_stop()
+            log.info("stopped in %.2f s", time.monotonic() - t0)

@@ -1,0 +1,90 @@
+"""One document shard's server object: a ``RetrievalModel`` over its slice.
+
+Pure Python + torch (no Ray, no gRPC), so the same object runs inside a Ray
+actor (``sterling.cluster.ray_backend``), in a thread of the one-process
+server (``sterling serve``) and in unit tests. Requests and replies are
+numpy arrays so that Ray moves them without pickling tensors.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sterling.model.retrieval import RetrievalModel
+
+__all__ = ["ShardRequest", "ShardReply", "ShardServer"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ShardRequest:
+    """What the router sends every shard: encoded (not yet normalised) queries [B, D] fp32."""
+
+    xq: np.ndarray
+    k: int
+    nprobe: int
+    where: str | list[str | None] | None = None
+    exact: bool = True
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ShardReply:
+    """One shard's top-k, ordered by (score desc, slot asc): ids [B, k] (−1 pads), scores [B, k] (−inf pads)."""
+
+    shard: int
+    replica: int
+    ids: np.ndarray
+    scores: np.ndarray
+    version: int
+    ms: float
+
+
+class ShardServer:
+    """Serves one slice. Shards always search with ``adaptive=False``.
+
+    The shard-local eligible fraction differs from the global one, so a
+    shard that widened its probe on its own would break the exact merge;
+    selectivity-adaptive widening is the router's job.
+    """
+
+    def __init__(self, model: RetrievalModel, *, shard: int = 0, replica: int = 0,
+                 lists: tuple[int, int] | None = None) -> None:
+        self.model = model
+        self.shard = shard
+        self.replica = replica
+        self.lists = lists if lists is not None else (0, model.index.nlist)
+
+    @classmethod
+    def load(cls, path: str | Path, *, shard: int = 0, replica: int = 0) -> ShardServer:
+        """Memory-map a shard artifact (``sterling shard``) or a whole model."""
+        from sterling.sharding.documents import shard_info
+
+        model = RetrievalModel.load(path)
+        info = shard_info(path)
+        lists = tuple(info["lists"]) if info else None
+        return cls(model, shard=shard, replica=replica, lists=lists)
+
+    def search(self, req: ShardRequest) -> ShardReply:
+        t0 = time.perf_counter()
+        out = self.model(
+            query=torch.from_numpy(np.ascontiguousarray(req.xq, dtype=np.float32)),
+            k=req.k, nprobe=req.nprobe, where=req.where, exact=req.exact, adaptive=False,
+        )
+        return ShardReply(
+            shard=self.shard, replica=self.replica, ids=out.ids.numpy(), scores=out.scores.numpy(),
+            version=out.version, ms=(time.perf_counter() - t0) * 1e3,
+        )
+
+    def info(self) -> dict:
+        idx = self.model.index
+        return {
+            "shard": self.shard, "replica": self.replica, "lists": list(self.lists),
+            "items": idx.num_items, "version": int(idx.version),
+        }
+
+    def ready(self) -> bool:
+        return True
