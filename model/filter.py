@@ -9,11 +9,13 @@ Grammar (keywords case-insensitive; a term always contains ``:``)::
     term  := feature ":" value        value: bare (no space, parens, quote)
                                       or "double quoted" with \\" and \\\\ escapes
 
-An empty expression matches every item. A term whose feature, or whose
-``feature:value``, never occurs in the catalog matches nothing (so
-``NOT unknown:x`` matches everything); this is exact, not an error, because
-catalogs gain features over time and a filter must not break when it names
-one a shard has not seen yet.
+An empty expression matches every item. A ``feature:value`` whose value
+never occurs in the catalog matches nothing (so ``NOT lang:xx`` matches
+everything): that is data, not an error. A *feature* the catalog has never
+seen is, by default, treated the same way (document shards must not fail on
+a feature another shard has); with ``unknown_features="error"`` it raises
+``UnknownFeatureError`` naming the feature and the known ones — the mode for
+a whole-catalog index, where an unknown feature is almost always a typo.
 
 Each request's expression is parsed once and compiled into a postfix program
 over a batch-wide list of distinct terms (``CompiledFilters``); the scan
@@ -37,7 +39,7 @@ from sterling.kernels.filter_eval import (
     OP_TRUE,
     FilterPlan,
 )
-from sterling.model.errors import FilterSyntaxError, FilterTooLargeError
+from sterling.model.errors import FilterError, FilterSyntaxError, FilterTooLargeError
 
 __all__ = [
     "Term",
@@ -49,6 +51,7 @@ __all__ = [
     "CompiledFilters",
     "compile_filters",
     "DEFAULT_MAX_TERMS",
+    "UnknownFeatureError",
 ]
 
 DEFAULT_MAX_TERMS = 256
@@ -83,6 +86,10 @@ class Or:
 Node = Union[Term, Not, And, Or]  # noqa: UP007 (used at runtime in isinstance-free code)
 
 _KEYWORDS = {"AND", "OR", "NOT"}
+
+
+class UnknownFeatureError(FilterError):
+    """A filter names a feature that no item of the catalog has (strict mode)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,12 +270,22 @@ def compile_filters(
     vocab_index: dict[str, int],
     term_words_fn,
     max_terms: int = DEFAULT_MAX_TERMS,
+    unknown_features: str = "match_nothing",
 ) -> CompiledFilters:
     """Compile one expression (for every query) or one per query.
 
     ``term_words_fn(list[str]) -> [T, W] int64`` hashes terms into Bloom words.
     Terms absent from ``vocab_index`` compile to constant false (exact).
+    ``unknown_features``: ``"match_nothing"`` (default) or ``"error"``
+    (raise ``UnknownFeatureError`` for a feature no catalog term has).
     """
+    if unknown_features not in ("match_nothing", "error"):
+        from sterling.model.errors import InvalidInputError
+
+        raise InvalidInputError(
+            f"unknown_features ({unknown_features!r}) must be 'match_nothing' or 'error'"
+        )
+    known = _features_of(vocab_index) if unknown_features == "error" else None
     if where is None or isinstance(where, str):
         exprs: list[str | None] = [where] * batch
     else:
@@ -291,6 +308,8 @@ def compile_filters(
             node = parse_filter(expr, max_terms=max_terms)
             if node is None:
                 continue
+            if known is not None:
+                _check_features(node, known, expr)
             program: list[tuple[int, int]] = []
             _emit(node, program, terms, vocab_index)
             distinct[expr] = len(programs)
@@ -300,6 +319,34 @@ def compile_filters(
     term_words = term_words_fn(names)
     term_vocab = torch.tensor([vocab_index[t] for t in names], dtype=torch.int64)
     return CompiledFilters(programs, term_words, term_vocab, query_program)
+
+
+_FEATURES_CACHE: dict[int, tuple[int, frozenset[str]]] = {}
+
+
+def _features_of(vocab_index: dict[str, int]) -> frozenset[str]:
+    """Features of a vocabulary (cached per dict while its size is unchanged; vocabularies only grow)."""
+    hit = _FEATURES_CACHE.get(id(vocab_index))
+    if hit is None or hit[0] != len(vocab_index):
+        hit = (len(vocab_index), frozenset(t.split(":", 1)[0] for t in vocab_index))
+        _FEATURES_CACHE.clear()
+        _FEATURES_CACHE[id(vocab_index)] = hit
+    return hit[1]
+
+
+def _check_features(node: Node, known: frozenset[str], expr: str) -> None:
+    if isinstance(node, Term):
+        if node.feature not in known:
+            raise UnknownFeatureError(
+                f"filter {expr!r} names feature {node.feature!r}, which no item has; known features: "
+                f"{sorted(known)[:20]}{' …' if len(known) > 20 else ''}. Fix the name, or compile with "
+                "unknown_features='match_nothing' to let it match no item"
+            )
+    elif isinstance(node, Not):
+        _check_features(node.child, known, expr)
+    else:
+        for child in node.children:
+            _check_features(child, known, expr)
 
 
 def _emit(node: Node, out: list[tuple[int, int]], terms: dict[str, int], vocab: dict[str, int]) -> None:
