@@ -22,12 +22,13 @@ Which of several equal-scored items at the k-th place is kept is unspecified.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from sterling.kernels.bits import unpack_bits_range
 
-__all__ = ["probe_lists", "ivf_topk", "ivf_topk_reference", "order_results", "EligibleFn"]
+__all__ = ["ScanFilter", "BLOCK", "probe_lists", "ivf_topk", "ivf_topk_reference", "order_results", "block_layout", "select_blocks", "EligibleFn"]
 
 # eligible(query_rows [c] int64, start, end) -> bool [c, end - start] or None (= all eligible)
 EligibleFn = Callable[[torch.Tensor, int, int], "torch.Tensor | None"]
@@ -42,7 +43,19 @@ def probe_lists(xq: torch.Tensor, centroids: torch.Tensor, nprobe: int) -> torch
 
 
 def order_results(scores: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort each row by (score desc, position asc); −inf rows get position −1."""
+    """Sort each row by (score desc, position asc); −inf rows get position −1.
+
+    Rows arrive mostly sorted (from ``topk``); the two stable sorts only run
+    when a row is unsorted or has ties.
+    """
+    if scores.shape[1] > 1:
+        d = scores[:, 1:] - scores[:, :-1]
+        if not bool(((d < 0) | (torch.isneginf(scores[:, 1:]))).all()):
+            return _order_full(scores, pos)
+    return scores, torch.where(torch.isneginf(scores), torch.full_like(pos, -1), pos)
+
+
+def _order_full(scores: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     key_pos = torch.where(pos < 0, torch.iinfo(torch.int64).max, pos)
     o = key_pos.argsort(dim=1, stable=True)
     scores, pos = scores.gather(1, o), pos.gather(1, o)
@@ -50,6 +63,55 @@ def order_results(scores: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor
     scores, pos = scores.gather(1, o), pos.gather(1, o)
     pos = torch.where(torch.isneginf(scores), torch.full_like(pos, -1), pos)
     return scores, pos
+
+
+BLOCK = 16  # items per selection bucket
+
+
+def block_layout(probe: torch.Tensor, list_offsets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Where each (query, probed list) pair's blocks live.
+
+    Pairs are query-major (``q * nprobe + j``). Each pair owns ``nb`` blocks
+    of ``BLOCK`` items; ``col`` is the first column of the pair's blocks in
+    its query's row of block maxima, ``width`` the widest row.
+    """
+    B, nprobe = probe.shape
+    sizes = list_offsets[1:] - list_offsets[:-1]
+    pair_list = probe.reshape(-1)
+    pair_nb = (sizes[pair_list] + BLOCK - 1) // BLOCK
+    per_q = pair_nb.view(B, nprobe)
+    col = (per_q.cumsum(1) - per_q).reshape(-1)
+    width = int(per_q.sum(1).max()) if B else 0
+    return {"pair_list": pair_list, "pair_nb": pair_nb, "col": col, "width": torch.tensor(width)}
+
+
+def select_blocks(bmax: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k blocks per query by block maximum: (maxima [B, kb], columns [B, kb]).
+
+    The k best items always lie in the k blocks with the largest maxima:
+    those k maxima are k distinct items, so the k-th best score is at least
+    the k-th largest block maximum, and any block holding a top-k item has
+    a maximum at least that large.
+    """
+    kb = min(k, bmax.shape[1])
+    return bmax.topk(kb, dim=1)
+
+
+@dataclass(slots=True)
+class ScanFilter:
+    """A batch's filter in tensor form, for scans that evaluate it in-kernel.
+
+    Attributes:
+        bloom: [N_cap, W] int64 item-major Bloom words.
+        term_words: [T, W] int64 words of the batch's distinct terms.
+        programs: postfix programs over those terms (``kernels.filter_eval``).
+        qprog: [B] int64 program per query, −1 = unfiltered.
+    """
+
+    bloom: torch.Tensor
+    term_words: torch.Tensor
+    programs: list
+    qprog: torch.Tensor
 
 
 def ivf_topk(
@@ -61,8 +123,24 @@ def ivf_topk(
     alive: torch.Tensor,
     k: int,
     eligible: EligibleFn | None = None,
+    *,
+    scan_filter: ScanFilter | None = None,
+    counts: torch.Tensor | None = None,
+    fused: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """List-grouped int8 IVF scan.
+    """List-grouped int8 IVF scan with block-max two-stage selection (CPU path).
+
+    Each probed list is dequantized once and scored against every query of
+    the batch that probes it, written in place into a list-major score
+    buffer; only the 16-item block maxima go to a per-query row. Selection
+    then takes the top-k blocks per query and the top-k items among those
+    blocks' scores — no per-list top-k, and the same code serves k = 1 and
+    k = 262,144.
+
+    The scan itself runs fused in one compiled pass (``kernels.cpu_scan``,
+    numba) when available and the filter is given as ``scan_filter``;
+    otherwise op by op in PyTorch with the ``eligible`` callback. CUDA
+    tensors go to the Triton kernels (``kernels.triton_ivf``).
 
     Args:
         xq: [B, D] fp32 queries.
@@ -72,27 +150,88 @@ def ivf_topk(
         list_offsets: [nlist + 1] int64 CSR over ``codes``.
         alive: uint8 bitmask over N_cap (see ``kernels.bits``).
         k: results per query.
-        eligible: optional per-block filter (see module doc).
+        eligible: optional per-block filter callback (PyTorch path).
+        scan_filter: the same filter as tensors (fused path).
+        counts: optional [B, 2] int64, incremented by (live items scanned,
+            of which Bloom-eligible) per query — fused path only; the
+            callback path counts inside ``eligible``.
+        fused: force (True) or forbid (False) the fused path; default: use
+            it when possible.
     Returns:
         (scores [B, k] fp32, positions [B, k] int64), −inf / −1 padded.
     """
+    from sterling.kernels import cpu_scan
+
+    if xq.device.type == "cuda":
+        from sterling.kernels.triton_ivf import ivf_topk_triton
+
+        sf = scan_filter
+        return ivf_topk_triton(
+            xq, probe, codes, scales, list_offsets, alive, k,
+            bloom=None if sf is None else sf.bloom,
+            term_words=None if sf is None else sf.term_words,
+            programs=None if sf is None else sf.programs,
+            qprog=None if sf is None else sf.qprog,
+            counts=counts,
+        )
     B, nprobe = probe.shape
-    offsets = list_offsets.tolist()
-    sizes = list_offsets[1:] - list_offsets[:-1]  # [nlist]
-
-    pair_list = probe.reshape(-1)  # [B*nprobe], query-major
+    lay = block_layout(probe, list_offsets)
+    col, width = lay["col"], int(lay["width"])
+    pair_list = lay["pair_list"]
+    sizes = list_offsets[1:] - list_offsets[:-1]
+    pair_n = sizes[pair_list]
     pair_query = torch.arange(B).repeat_interleave(nprobe)
-    seg_len = sizes[pair_list].clamp(max=k)  # candidates kept per pair
-    seg_off = torch.zeros(B * nprobe + 1, dtype=torch.int64)
-    torch.cumsum(seg_len, 0, out=seg_off[1:])
-    total = int(seg_off[-1])
-    cand_s = torch.full((total,), NEG_INF)
-    cand_p = torch.full((total,), -1, dtype=torch.int64)
 
+    # list-major score buffer: the pairs of one list are consecutive rows
     order = torch.argsort(pair_list, stable=True)
-    lists, counts = torch.unique_consecutive(pair_list[order], return_counts=True)
+    n_sorted = pair_n[order]
+    pair_flat = torch.empty_like(n_sorted)
+    pair_flat[order] = n_sorted.cumsum(0) - n_sorted
+    flat = torch.empty(int(n_sorted.sum()) if n_sorted.numel() else 0)
+    bmax = torch.full((B, max(width, 1)), NEG_INF)
+    lists, per_list = torch.unique_consecutive(pair_list[order], return_counts=True)
+
+    can_fuse = cpu_scan.HAVE_NUMBA and xq.device.type == "cpu" and (
+        scan_filter is None or scan_filter.term_words.shape[0] <= cpu_scan.MAX_TERMS
+    )
+    if fused is None:
+        fused = can_fuse and (scan_filter is not None or eligible is None)
+    if fused and not can_fuse:
+        raise RuntimeError("the fused CPU scan needs numba, CPU tensors and ≤ 63 filter terms")
+    if fused:
+        lstart = torch.zeros(lists.numel() + 1, dtype=torch.int64)
+        torch.cumsum(per_list, 0, out=lstart[1:])
+        if scan_filter is None:
+            W = 1
+            bloom = torch.zeros(1, W, dtype=torch.int64)
+            term_words = torch.zeros(0, W, dtype=torch.int64)
+            programs: list = []
+            qprog = torch.full((B,), -1, dtype=torch.int64)
+        else:
+            bloom, term_words = scan_filter.bloom, scan_filter.term_words
+            programs, qprog = scan_filter.programs, scan_filter.qprog
+            if term_words.shape[0] == 0:
+                term_words = torch.zeros(0, max(bloom.shape[1], 1), dtype=torch.int64)
+        pc = cpu_scan.scan_lists(
+            xq.contiguous().numpy(), codes.numpy(), scales.numpy(), list_offsets.numpy(), alive.numpy(),
+            lists.numpy(), lstart.numpy(), pair_query[order].numpy(), col[order].numpy(),
+            pair_flat[order].numpy(), bloom.numpy(), term_words.numpy(), programs,
+            qprog.numpy(), flat.numpy(), bmax.numpy(),
+        )
+        if counts is not None:
+            counts.index_add_(0, pair_query[order], torch.from_numpy(pc))
+    else:
+        _scan_torch(xq, codes, scales, list_offsets, alive, eligible, order, lists, per_list,
+                    pair_query, pair_flat, col, flat, bmax)
+    return _select(bmax, flat, k, col.view(B, nprobe), pair_list, pair_n, pair_flat, list_offsets)
+
+
+def _scan_torch(xq, codes, scales, list_offsets, alive, eligible, order, lists, per_list,
+                pair_query, pair_flat, col, flat, bmax) -> None:
+    """Op-by-op PyTorch scan: one GEMM per probed list."""
+    offsets = list_offsets.tolist()
     ptr = 0
-    for lst, cnt in zip(lists.tolist(), counts.tolist()):
+    for lst, cnt in zip(lists.tolist(), per_list.tolist()):
         pairs = order[ptr : ptr + cnt]
         ptr += cnt
         start, end = offsets[lst], offsets[lst + 1]
@@ -100,36 +239,45 @@ def ivf_topk(
         if n == 0:
             continue
         rows = pair_query[pairs]
-        block = codes[start:end].float()  # [n, D]
-        sc = (xq[rows] @ block.T) * scales[start:end]  # [cnt, n]
+        base = int(pair_flat[pairs[0]])
+        sc = flat[base : base + cnt * n].view(cnt, n)
+        block = codes[start:end].float() * scales[start:end, None]  # [n, D]
+        torch.matmul(xq[rows], block.T, out=sc)
         live = unpack_bits_range(alive, start, end)
-        sc.masked_fill_(~live, NEG_INF)
+        if not bool(live.all()):
+            sc.masked_fill_(~live, NEG_INF)
         if eligible is not None:
             ok = eligible(rows, start, end)
             if ok is not None:
                 sc.masked_fill_(~ok, NEG_INF)
-        kk = min(k, n)
-        if kk < n:
-            top_s, top_i = sc.topk(kk, dim=1, sorted=False)
-        else:
-            top_s, top_i = sc, torch.arange(n).expand(cnt, n)
-        dst = seg_off[pairs][:, None] + torch.arange(kk)
-        cand_s[dst] = top_s
-        cand_p[dst] = top_i + start
+        nf, rem = divmod(n, BLOCK)
+        c0 = col[pairs][:, None]
+        r = rows[:, None]
+        if nf:
+            bmax[r, c0 + torch.arange(nf)] = sc[:, : nf * BLOCK].unflatten(1, (nf, BLOCK)).amax(dim=2)
+        if rem:
+            bmax[r, c0 + nf] = sc[:, nf * BLOCK :].amax(dim=1, keepdim=True)
 
-    # Merge: each query's candidates are contiguous in the buffer.
-    q_off = seg_off[:: nprobe]  # [B + 1]
-    q_len = q_off[1:] - q_off[:-1]
-    width = max(int(q_len.max()) if B else 0, 1)
-    col = torch.arange(width)
-    src = q_off[:-1, None] + col  # [B, width]
-    inside = col[None, :] < q_len[:, None]
-    src = torch.where(inside, src, torch.zeros_like(src))
-    mat_s = torch.where(inside, cand_s[src] if total else torch.full_like(src, 0, dtype=torch.float32), NEG_INF)
-    mat_p = torch.where(inside, cand_p[src] if total else torch.full_like(src, -1), -1)
-    kk = min(k, width)
-    top_s, top_i = mat_s.topk(kk, dim=1)
-    top_p = mat_p.gather(1, top_i)
+
+def _select(bmax, flat, k, colq, pair_list, pair_n, pair_flat, list_offsets):
+    """Two-stage selection: top-k blocks by maximum, then top-k items among them."""
+    B, nprobe = colq.shape
+    top_bm, top_c = select_blocks(bmax, k)
+    # block column → (pair, block within pair) → flat offset and item position
+    j = (torch.searchsorted(colq, top_c, right=True) - 1).clamp(min=0)
+    pair = torch.arange(B)[:, None] * nprobe + j
+    first = (top_c - colq.gather(1, j)) * BLOCK
+    count = (pair_n[pair] - first).clamp(0, BLOCK)  # valid items in the block
+    within = torch.arange(BLOCK)
+    valid = (within < count[:, :, None]) & ~torch.isneginf(top_bm)[:, :, None]
+    src = (pair_flat[pair] + first)[:, :, None] + within
+    cand_s = flat[torch.where(valid, src, 0)] if flat.numel() else torch.zeros(valid.shape)
+    cand_s = cand_s.masked_fill(~valid, NEG_INF).reshape(B, -1)
+    starts = list_offsets[:-1][pair_list[pair]]
+    cand_p = ((starts + first)[:, :, None] + within).reshape(B, -1)
+    kk = min(k, cand_s.shape[1])
+    top_s, top_i = cand_s.topk(kk, dim=1)
+    top_p = cand_p.gather(1, top_i)
     if kk < k:
         top_s = torch.cat([top_s, torch.full((B, k - kk), NEG_INF)], dim=1)
         top_p = torch.cat([top_p, torch.full((B, k - kk), -1, dtype=torch.int64)], dim=1)

@@ -24,7 +24,7 @@ from sterling.kernels import (
 )
 from sterling.kernels.bits import unpack_bits_range
 from sterling.kernels.filter_eval import OP_NOT, FilterPlan
-from sterling.kernels.ivf import order_results
+from sterling.kernels.ivf import ScanFilter, order_results
 from sterling.model import bloom as bloom_mod
 from sterling.model.artifact import read_artifact, write_artifact
 from sterling.model.config import IndexConfig, Metric
@@ -171,6 +171,7 @@ class ItemIndex(nn.Module):
             )
         return int(k), int(nprobe)
 
+    @torch.compiler.disable  # data-dependent loops: compiled models call the search eagerly
     @torch.no_grad()
     def search(
         self,
@@ -305,6 +306,9 @@ class ItemIndex(nn.Module):
                 out_s[sel], out_p[sel] = self._prefilter_topk(xq[sel], k, filters, prog, verify=verify)
         return out_s, out_p
 
+    def _scan_filter(self, filters: CompiledFilters, qprog: torch.Tensor) -> ScanFilter:
+        return ScanFilter(self.bloom, filters.term_words, filters.programs, qprog)
+
     def _scan_args(self) -> dict:
         return dict(codes=self.codes, scales=self.scales, list_offsets=self.list_offsets, alive=self.alive)
 
@@ -317,7 +321,11 @@ class ItemIndex(nn.Module):
         """
         scan = self._scan_args()
         if not bool(must_verify.any()):
-            return ivf_topk(xq, probe, k=k, eligible=self._eligible_fn(filters, qprog, seen), **scan)
+            counts = None if seen is None else seen[:, :2]
+            return ivf_topk(
+                xq, probe, k=k, eligible=self._eligible_fn(filters, qprog, counts),
+                scan_filter=self._scan_filter(filters, qprog), counts=counts, **scan,
+            )
         b = xq.shape[0]
         out_s = torch.full((b, k), float("-inf"))
         out_p = torch.full((b, k), -1, dtype=torch.int64)
@@ -328,7 +336,10 @@ class ItemIndex(nn.Module):
             sub_prog = qprog[pending]
             counts = torch.zeros(pending.numel(), 2, dtype=torch.int64) if first and seen is not None else None
             elig = self._eligible_fn(filters, sub_prog, counts)
-            s, p = ivf_topk(xq[pending], probe[pending], k=k_scan, eligible=elig, **scan)
+            s, p = ivf_topk(
+                xq[pending], probe[pending], k=k_scan, eligible=elig,
+                scan_filter=self._scan_filter(filters, sub_prog), counts=counts, **scan,
+            )
             if counts is not None:
                 seen[pending, :2] += counts
             verify_prog = torch.where(must_verify[pending], sub_prog, torch.full_like(sub_prog, -1))

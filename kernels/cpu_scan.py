@@ -1,0 +1,263 @@
+"""Fused CPU scan: int8 dequantize + Bloom program + dot product + block maxima, in one pass.
+
+Compiled with numba when it is installed (``HAVE_NUMBA``); callers fall back
+to the op-by-op PyTorch path otherwise. One parallel task per probed list:
+the list block is dequantized once into a scratch buffer, each item's Bloom
+term hits are computed once as a bitmask over the batch's terms, and every
+query of the batch that probes the list is then scored against it, with its
+filter program evaluated on the bitmask (Bloom semantics: NOT is "maybe").
+
+A score depends only on the query and the item (never on which other
+queries share the batch), so results are batch-invariant: a document shard
+and the single-process model compute bit-identical scores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["HAVE_NUMBA", "MAX_TERMS", "programs_to_arrays", "scan_lists"]
+
+MAX_TERMS = 63  # term hits are an int64 bitmask per item
+
+try:  # optional: the device image and minimal installs have no numba
+    from numba import njit, prange
+
+    HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - exercised where numba is absent
+    HAVE_NUMBA = False
+
+
+def programs_to_arrays(programs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Postfix programs → (ops [P, L] int8, args [P, L] int32, lengths [P] int32)."""
+    P = len(programs)
+    L = max([len(p) for p in programs] + [1])
+    ops = np.zeros((max(P, 1), L), dtype=np.int8)
+    args = np.zeros((max(P, 1), L), dtype=np.int32)
+    lens = np.zeros(max(P, 1), dtype=np.int32)
+    for i, prog in enumerate(programs):
+        lens[i] = len(prog)
+        for j, (op, arg) in enumerate(prog):
+            ops[i, j], args[i, j] = op, arg
+    return ops, args, lens
+
+
+if HAVE_NUMBA:
+
+    @njit(cache=True, inline="always")
+    def _eval_bloom(ops, args, length, hits, stack):  # pragma: no cover - compiled
+        sp = 0
+        for j in range(length):
+            op = ops[j]
+            if op == 0:  # OP_TERM
+                stack[sp] = ((hits >> args[j]) & 1) == 1
+                sp += 1
+            elif op == 1:  # OP_TRUE
+                stack[sp] = True
+                sp += 1
+            elif op == 2:  # OP_FALSE
+                stack[sp] = False
+                sp += 1
+            elif op == 3:  # OP_NOT: a Bloom match cannot decide a negation
+                stack[sp - 1] = True
+            elif op == 4:  # OP_AND
+                sp -= 1
+                stack[sp - 1] = stack[sp - 1] and stack[sp]
+            else:  # OP_OR
+                sp -= 1
+                stack[sp - 1] = stack[sp - 1] or stack[sp]
+        return stack[0]
+
+    @njit(fastmath=True, cache=True, inline="always")
+    def _dot4_max(xq, q0, q1, q2, q3, blk, flat, b0, b1, b2, b3, n, bmax, c0, c1, c2, c3):  # pragma: no cover
+        """Four queries × one block, writing scores and 16-item block maxima (no masking)."""
+        D = blk.shape[1]
+        neg = np.float32(-np.inf)
+        m0 = neg
+        m1 = neg
+        m2 = neg
+        m3 = neg
+        for i in range(n):
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            for d in range(D):
+                b = blk[i, d]
+                a0 += xq[q0, d] * b
+                a1 += xq[q1, d] * b
+                a2 += xq[q2, d] * b
+                a3 += xq[q3, d] * b
+            flat[b0 + i] = a0
+            flat[b1 + i] = a1
+            flat[b2 + i] = a2
+            flat[b3 + i] = a3
+            m0 = max(m0, a0)
+            m1 = max(m1, a1)
+            m2 = max(m2, a2)
+            m3 = max(m3, a3)
+            if (i & 15) == 15 or i == n - 1:
+                j = i >> 4
+                bmax[q0, c0 + j] = m0
+                bmax[q1, c1 + j] = m1
+                bmax[q2, c2 + j] = m2
+                bmax[q3, c3 + j] = m3
+                m0 = neg
+                m1 = neg
+                m2 = neg
+                m3 = neg
+
+    @njit(fastmath=True, cache=True, inline="always")
+    def _dot4(xq, q0, q1, q2, q3, blk, flat, b0, b1, b2, b3, n):  # pragma: no cover - compiled
+        D = blk.shape[1]
+        for i in range(n):
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            for d in range(D):
+                b = blk[i, d]
+                a0 += xq[q0, d] * b
+                a1 += xq[q1, d] * b
+                a2 += xq[q2, d] * b
+                a3 += xq[q3, d] * b
+            flat[b0 + i] = a0
+            flat[b1 + i] = a1
+            flat[b2 + i] = a2
+            flat[b3 + i] = a3
+
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def _scan(  # pragma: no cover - compiled
+        xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pair_col, pair_flat,
+        bloom, term_words, prog_ops, prog_args, prog_len, qprog, flat, bmax, counts,
+    ):
+        D = xq.shape[1]
+        T = term_words.shape[0]
+        W = term_words.shape[1]
+        P = prog_len.shape[0]
+        neg = np.float32(-np.inf)
+        for li in prange(lists.shape[0]):
+            lst = lists[li]
+            s = list_offsets[lst]
+            n = list_offsets[lst + 1] - s
+            if n == 0:
+                continue
+            p0 = lstart[li]
+            p1 = lstart[li + 1]
+            # dequantize once when enough queries share the block; else score int8 directly
+            shared = p1 - p0 >= 4
+            blk = np.empty((n if shared else 0, D), dtype=np.float32)
+            if shared:
+                for i in range(n):
+                    sc = scales[s + i]
+                    for d in range(D):
+                        blk[i, d] = codes[s + i, d] * sc
+            # ok[0] = alive; ok[1 + p] = alive and Bloom-eligible for program p
+            used = np.zeros(P + 1, dtype=np.bool_)
+            used[0] = True
+            for pi in range(p0, p1):
+                used[qprog[pair_q[pi]] + 1] = True
+            ok = np.zeros((P + 1, n), dtype=np.bool_)
+            hits = np.zeros(n, dtype=np.int64)
+            any_prog = False
+            for pp in range(P):
+                if used[pp + 1]:
+                    any_prog = True
+            for i in range(n):
+                p = s + i
+                ok[0, i] = ((alive[p >> 3] >> (p & 7)) & 1) == 1
+            if any_prog:
+                for i in range(n):
+                    h = np.int64(0)
+                    for t in range(T):
+                        hit = True
+                        for w in range(W):
+                            tw = term_words[t, w]
+                            if (bloom[s + i, w] & tw) != tw:
+                                hit = False
+                                break
+                        if hit:
+                            h |= np.int64(1) << t
+                    hits[i] = h
+                stack = np.empty(prog_ops.shape[1] + 1, dtype=np.bool_)
+                for pp in range(P):
+                    if used[pp + 1]:
+                        for i in range(n):
+                            ok[pp + 1, i] = ok[0, i] and _eval_bloom(
+                                prog_ops[pp], prog_args[pp], prog_len[pp], hits[i], stack
+                            )
+            all_live = True
+            for i in range(n):
+                if not ok[0, i]:
+                    all_live = False
+                    break
+            plain = all_live and not any_prog  # nothing to mask: maxima come with the dots
+            # scores, four queries per pass over the block
+            pi = p0
+            while pi + 4 <= p1:
+                if plain:
+                    _dot4_max(xq, pair_q[pi], pair_q[pi + 1], pair_q[pi + 2], pair_q[pi + 3], blk, flat,
+                              pair_flat[pi], pair_flat[pi + 1], pair_flat[pi + 2], pair_flat[pi + 3], n,
+                              bmax, pair_col[pi], pair_col[pi + 1], pair_col[pi + 2], pair_col[pi + 3])
+                else:
+                    _dot4(xq, pair_q[pi], pair_q[pi + 1], pair_q[pi + 2], pair_q[pi + 3], blk, flat,
+                          pair_flat[pi], pair_flat[pi + 1], pair_flat[pi + 2], pair_flat[pi + 3], n)
+                pi += 4
+            done4 = pi if plain else p0
+            while pi < p1:
+                q = pair_q[pi]
+                base = pair_flat[pi]
+                if shared:
+                    for i in range(n):
+                        acc = np.float32(0.0)
+                        for d in range(D):
+                            acc += xq[q, d] * blk[i, d]
+                        flat[base + i] = acc
+                else:
+                    for i in range(n):
+                        acc = np.float32(0.0)
+                        for d in range(D):
+                            acc += xq[q, d] * np.float32(codes[s + i, d])
+                        flat[base + i] = acc * scales[s + i]
+                pi += 1
+            # mask, count and block maxima (pairs not already finished by _dot4_max)
+            for pi in range(p0, done4):
+                counts[pi, 0] = n
+                counts[pi, 1] = n
+            for pi in range(done4, p1):
+                q = pair_q[pi]
+                base = pair_flat[pi]
+                c0 = pair_col[pi]
+                row = qprog[q] + 1
+                nlive = 0
+                nelig = 0
+                m = neg
+                for i in range(n):
+                    if ok[0, i]:
+                        nlive += 1
+                    if ok[row, i]:
+                        nelig += 1
+                        v = flat[base + i]
+                        if v > m:
+                            m = v
+                    else:
+                        flat[base + i] = neg
+                    if (i & 15) == 15 or i == n - 1:
+                        bmax[q, c0 + (i >> 4)] = m
+                        m = neg
+                counts[pi, 0] = nlive
+                counts[pi, 1] = nelig
+
+
+def scan_lists(
+    xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pair_col, pair_flat,
+    bloom, term_words, programs, qprog, flat, bmax,
+) -> np.ndarray:
+    """Run the fused scan over numpy views; returns per-pair (live, eligible) counts [P, 2]."""
+    ops, args, lens = programs_to_arrays(programs)
+    counts = np.zeros((pair_q.shape[0], 2), dtype=np.int64)
+    _scan(
+        xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pair_col, pair_flat,
+        bloom, term_words, ops, args, lens, qprog, flat, bmax, counts,
+    )
+    return counts
