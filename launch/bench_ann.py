@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     truth = exact(args.k)
     for nprobe in args.nprobe:
         sq8.nprobe = flat.nprobe = nprobe
-        t_st, (_, i_st) = _timed(lambda: index.search(xq, k=args.k, nprobe=nprobe))
+        t_st, (_, i_st) = _timed(lambda nprobe=nprobe: index.search(xq, k=args.k, nprobe=nprobe))
         t_sq, (_, i_sq) = _timed(lambda: sq8.search(xq_np, args.k))
         t_fl, (_, i_fl) = _timed(lambda: flat.search(xq_np, args.k), repeat=1)
         emit({**base, "bench": "ann", "case": "unfiltered", "batch": args.queries, "k": args.k, "nprobe": nprobe,
@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         mask[torch.tensor(list(mask_bm), dtype=torch.int64)] = True
         ftruth = exact(args.k, mask)
 
-        def faiss_filtered():
+        def faiss_filtered(node=node):
             out = np.empty((args.queries, args.k), dtype=np.int64)
             for q in range(args.queries):
                 bm = _roaring_eval(node, postings, universe)  # per query, as a filter service would
@@ -202,8 +202,10 @@ def run(args: argparse.Namespace) -> int:
                 out[q] = i[0]
             return out
 
-        t_st, (_, i_st) = _timed(lambda: index.search(xq, k=args.k, nprobe=nprobe, where=expr), repeat=1)
-        t_fx, (_, i_fx) = _timed(lambda: index.search(xq, k=args.k, nprobe=nprobe, where=expr, adaptive=False), repeat=1)
+        t_st, (_, i_st) = _timed(lambda expr=expr: index.search(xq, k=args.k, nprobe=nprobe, where=expr), repeat=1)
+        t_fx, (_, i_fx) = _timed(
+            lambda expr=expr: index.search(xq, k=args.k, nprobe=nprobe, where=expr, adaptive=False), repeat=1
+        )
         t_sq, i_sq = _timed(faiss_filtered, repeat=1)
         emit({**base, "bench": "ann", "case": f"filtered {name}", "expr": expr,
               "eligible": float(mask.float().mean()), "batch": args.queries, "k": args.k, "nprobe": nprobe,
@@ -219,8 +221,8 @@ def run(args: argparse.Namespace) -> int:
         npr = min(args.nlist, max(nprobe, -(-k * args.nlist * 2 // args.items)))
         sq8.nprobe = npr
         ltruth = exact(k, q=xq[:nq])
-        t_st, (_, i_st) = _timed(lambda: index.search(xq[:nq], k=k, nprobe=npr), repeat=1)
-        t_sq, (_, i_sq) = _timed(lambda: sq8.search(xq_np[:nq], k), repeat=1)
+        t_st, (_, i_st) = _timed(lambda k=k, npr=npr: index.search(xq[:nq], k=k, nprobe=npr), repeat=1)
+        t_sq, (_, i_sq) = _timed(lambda k=k: sq8.search(xq_np[:nq], k), repeat=1)
         emit({**base, "bench": "ann", "case": "large-k", "batch": nq, "k": k, "nprobe": npr,
               "sterling_qps": nq / t_st, "faiss_sq8_qps": nq / t_sq,
               "recall_sterling": _recall(i_st, ltruth), "recall_faiss_sq8": _recall(torch.from_numpy(i_sq), ltruth),

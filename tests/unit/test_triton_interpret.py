@@ -64,6 +64,6 @@ def test_truth_table_matches_program_evaluation():
     assert terms[0, :3].tolist() == [5, 9, 2]
     word = int(tables[0, 0]) & 0xFFFFFFFF
     for a in range(8):
-        t5, t9, t2 = a & 1, (a >> 1) & 1, (a >> 2) & 1
-        expect = (t5 or True) and t2  # Bloom semantics: NOT is "maybe", so (t5 OR maybe) AND t2
+        t2 = (a >> 2) & 1  # bits: 0 = term 5, 1 = term 9, 2 = term 2
+        expect = t2  # Bloom semantics: NOT t9 is "maybe", so (t5 OR maybe) AND t2 = t2
         assert ((word >> a) & 1) == int(bool(expect))
