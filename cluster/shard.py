@@ -79,6 +79,18 @@ class ShardServer:
             version=out.version, ms=(time.perf_counter() - t0) * 1e3,
         )
 
+    def warmup(self) -> None:
+        """One tiny search, with and without a filter, so the first real request pays no lazy set-up.
+
+        Run before a shard reports ready: a (re)started replica that answers
+        ``ready()`` answers searches at full speed.
+        """
+        idx = self.model.index
+        xq = idx.centroids[:1].numpy()
+        where = idx.vocab[0] if idx.vocab else None
+        for w in (None, where):
+            self.search(ShardRequest(xq=xq, k=1, nprobe=1, where=w))
+
     def info(self) -> dict:
         idx = self.model.index
         return {

@@ -1,0 +1,276 @@
+"""Document shards as Ray actors, placed by the plan with a placement group.
+
+One actor per (shard, replica). Each *plan host* is one bundle of a
+placement group with strategy ``STRICT_SPREAD``, so plan hosts land on
+distinct Ray nodes; an actor is scheduled into the bundle of the host the
+plan assigned it to (replicas of a shard go to different hosts when the
+plan — or the default layout — says so). Actors have ``max_restarts``: a
+restarted actor re-runs its constructor, which memory-maps its slice again
+before ``ready()`` can answer, so the router's health probe only sees it
+healthy once it can serve. (Streaming updates are not in the model yet;
+when they are, the constructor replays the update log after the snapshot.)
+
+Example:
+    >>> ray.init(address="auto")
+    >>> backend = RayBackend.launch(read_manifest("model.st.shards"), replicas=2)
+    >>> router = Router(RetrievalModel.load(manifest.head), backend)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sterling.cluster.backends import ShardBackend
+from sterling.cluster.shard import ShardReply, ShardRequest
+from sterling.model.errors import InvalidInputError
+from sterling.sharding.documents import ShardManifest
+
+__all__ = ["ActorLayout", "ShardActor", "RayBackend", "default_layout", "layout_from_plan"]
+
+log = logging.getLogger(__name__)
+
+
+class ShardActor:
+    """The Ray actor body: a ``ShardServer`` over one shard artifact (wrapped with ``ray.remote`` at launch)."""
+
+    def __init__(self, path: str, shard: int, replica: int, threads: int) -> None:
+        import torch
+
+        from sterling.cluster.shard import ShardServer
+
+        torch.set_num_threads(threads)
+        self.server = ShardServer.load(path, shard=shard, replica=replica)
+        self.server.warmup()
+
+    def search(self, req: ShardRequest) -> ShardReply:
+        return self.server.search(req)
+
+    def info(self) -> dict:
+        return self.server.info()
+
+    def ready(self) -> bool:
+        return True
+
+    def where(self) -> dict:
+        import os
+
+        import ray
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ActorLayout:
+    """``hosts[s][r]`` is the plan host of replica ``r`` of shard ``s``; hosts are 0..num_hosts-1."""
+
+    hosts: tuple[tuple[int, ...], ...]
+    num_hosts: int
+
+    @property
+    def replicas(self) -> list[int]:
+        return [len(h) for h in self.hosts]
+
+
+def default_layout(num_shards: int, replicas: int, num_hosts: int) -> ActorLayout:
+    """Shards round-robin over hosts; replica ``r`` of shard ``s`` on host ``(s + r) % num_hosts``.
+
+    Replicas of one shard are on different hosts whenever ``replicas ≤ num_hosts``.
+    """
+    if num_shards < 1 or replicas < 1 or num_hosts < 1:
+        raise InvalidInputError(f"shards ({num_shards}), replicas ({replicas}) and hosts ({num_hosts}) must be ≥ 1")
+    used = min(num_hosts, num_shards * replicas)
+    return ActorLayout(
+        hosts=tuple(tuple((s + r) % used for r in range(replicas)) for s in range(num_shards)), num_hosts=used
+    )
+
+
+def layout_from_plan(plan, num_shards: int) -> ActorLayout:
+    """The plan's ``assignments`` (shard, replica → host), hosts renumbered densely."""
+    if plan.num_shards != num_shards:
+        raise InvalidInputError(
+            f"the plan has {plan.num_shards} shards but the shard manifest has {num_shards}; "
+            "re-shard with `sterling shard --plan` using the same plan"
+        )
+    by = {}
+    for a in plan.assignments:
+        by[(a.shard, a.replica)] = a.host
+    hosts_used = sorted(set(by.values()))
+    dense = {h: i for i, h in enumerate(hosts_used)}
+    out = []
+    for s in range(num_shards):
+        reps = sorted(r for (s2, r) in by if s2 == s)
+        if reps != list(range(plan.replicas)):
+            raise InvalidInputError(f"plan assignments for shard {s} name replicas {reps}, not 0..{plan.replicas - 1}")
+        out.append(tuple(dense[by[(s, r)]] for r in reps))
+    return ActorLayout(hosts=tuple(out), num_hosts=len(hosts_used))
+
+
+class RayBackend(ShardBackend):
+    """Replica routing over Ray actor handles (``actors[s][r]``)."""
+
+    def __init__(self, actors, *, placement_group=None, hedge_fraction: float = 0.5) -> None:
+        super().__init__([len(a) for a in actors], hedge_fraction=hedge_fraction)
+        self.actors = [list(a) for a in actors]
+        self.placement_group = placement_group
+
+    @classmethod
+    def launch(
+        cls,
+        manifest: ShardManifest,
+        *,
+        layout: ActorLayout | None = None,
+        replicas: int = 1,
+        cpus_per_actor: float = 1.0,
+        threads_per_actor: int = 1,
+        max_restarts: int = -1,
+        strategy: str = "STRICT_SPREAD",
+        ready_timeout_s: float = 300.0,
+        hedge_fraction: float = 0.5,
+    ) -> RayBackend:
+        """Create the placement group and one actor per (shard, replica); wait until all are ready.
+
+        ``layout`` defaults to ``default_layout`` over the alive Ray nodes.
+        ``strategy`` applies across plan hosts: ``STRICT_SPREAD`` (one Ray
+        node per host, fails when there are fewer nodes) or ``SPREAD``/``PACK``.
+        """
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        n = manifest.num_shards
+        if layout is None:
+            nodes = [x for x in ray.nodes() if x.get("Alive")]
+            layout = default_layout(n, replicas, max(1, len(nodes)))
+        if len(layout.hosts) != n:
+            raise InvalidInputError(f"layout has {len(layout.hosts)} shards, the manifest {n}")
+        per_host = [0] * layout.num_hosts
+        for hs in layout.hosts:
+            for h in hs:
+                per_host[h] += 1
+        bundles = [{"CPU": cpus_per_actor * c} for c in per_host if c]
+        strat = strategy if layout.num_hosts > 1 else "PACK"
+        pg = placement_group(bundles, strategy=strat, name="")
+        try:
+            ray.get(pg.ready(), timeout=ready_timeout_s)
+        except Exception as e:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(pg)
+            raise InvalidInputError(
+                f"could not place {layout.num_hosts} hosts × {bundles} with {strat} on this Ray cluster "
+                f"({len([x for x in ray.nodes() if x.get('Alive')])} alive nodes) within {ready_timeout_s:.0f} s: "
+                "add nodes (`ray start --address …`), lower the replicas, or use --spread soft"
+            ) from e
+        Actor = ray.remote(ShardActor)
+        actors = []
+        for s, hs in enumerate(layout.hosts):
+            row = []
+            for r, h in enumerate(hs):
+                row.append(
+                    Actor.options(
+                        num_cpus=cpus_per_actor,
+                        max_restarts=max_restarts,
+                        max_task_retries=0,
+                        max_concurrency=4,
+                        name=None,
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(
+                            placement_group=pg, placement_group_bundle_index=h
+                        ),
+                    ).remote(manifest.shards[s].path, s, r, threads_per_actor)
+                )
+            actors.append(row)
+        backend = cls(actors, placement_group=pg, hedge_fraction=hedge_fraction)
+        backend.wait_ready(ready_timeout_s)
+        return backend
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Block until every actor answers ``ready()`` (retrying while Ray restarts them), or raise."""
+        import time
+
+        import ray
+
+        deadline = time.monotonic() + timeout_s
+        todo = [(s, r) for s, row in enumerate(self.actors) for r in range(len(row))]
+        while todo:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"shard actors {todo} (shard, replica) not ready after {timeout_s:.0f} s")
+            refs = {self.actors[s][r].ready.remote(): (s, r) for s, r in todo}
+            ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=min(left, 5.0))
+            for ref in ready:
+                try:
+                    ray.get(ref, timeout=0)
+                    todo.remove(refs[ref])
+                except Exception:
+                    pass  # restarting: ask again
+            if todo:
+                time.sleep(0.1)
+
+    def _submit(self, shard: int, replica: int, req: ShardRequest):
+        return self.actors[shard][replica].search.remote(req)
+
+    def _wait(self, handles, timeout: float):
+        import ray
+
+        ready, _ = ray.wait(handles, num_returns=1, timeout=timeout)
+        return ready
+
+    def _result(self, handle) -> ShardReply:
+        import ray
+        from ray.exceptions import RayTaskError
+
+        try:
+            return ray.get(handle, timeout=0)
+        except RayTaskError as e:
+            if isinstance(e.cause, InvalidInputError):
+                raise e.cause from None
+            raise
+
+    def _probe(self, shard: int, replica: int, timeout: float) -> bool:
+        import ray
+
+        return bool(ray.get(self.actors[shard][replica].ready.remote(), timeout=timeout))
+
+    def shard_infos(self) -> list[dict]:
+        import ray
+
+        healthy = self.healthy()
+        out = []
+        for s, row in enumerate(self.actors):
+            order = [r for r in range(len(row)) if healthy[s][r]] + [r for r in range(len(row)) if not healthy[s][r]]
+            info = None
+            for r in order:
+                try:
+                    info = ray.get(row[r].info.remote(), timeout=2.0)
+                    break
+                except Exception:
+                    continue
+            if info is None:
+                info = {"shard": s, "lists": [0, 0], "items": 0, "version": -1}
+            out.append({**info, "shard": s, "replicas": len(row), "healthy_replicas": sum(healthy[s])})
+        return out
+
+    def where(self) -> list[list[dict]]:
+        """Node id and pid of every actor (for tests and `sterling launch` output)."""
+        import ray
+
+        return [ray.get([a.where.remote() for a in row], timeout=30) for row in self.actors]
+
+    def close(self) -> None:
+        import ray
+
+        super().close()
+        for row in self.actors:
+            for a in row:
+                try:
+                    ray.kill(a, no_restart=True)
+                except Exception:
+                    pass
+        if self.placement_group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            try:
+                remove_placement_group(self.placement_group)
+            except Exception:
+                pass
