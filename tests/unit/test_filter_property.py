@@ -199,3 +199,25 @@ def test_bloom_plan_reads_no_term_that_appears_only_under_not():
     assert plan.terms.tolist() == [0]
     exact = FilterPlan.build([[(OP_TERM, 0), (OP_TERM, 1), (OP_NOT, 0), (OP_AND, 0)]], bloom=False)
     assert sorted(exact.terms.tolist()) == [0, 1]
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(data=st.data(), T=st.integers(1, 6), NW=st.integers(1, 70), P=st.integers(1, 5), K=st.integers(1, 4))
+def test_fused_numba_bitsliced_filter_equals_the_reference(data, T, NW, P, K):
+    from sterling.kernels.bloom_numba import HAVE_NUMBA, filter_sliced_fused
+    from sterling.kernels.bloom_sliced import filter_sliced
+
+    if not HAVE_NUMBA:
+        return
+    progs = [data.draw(programs(T)) for _ in range(P)]
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 10**6)))
+    R = 64
+    # dense rows so that AND of k rows still leaves bits on
+    sliced = torch.randint(-(2**62), 2**62, (R, NW), generator=g) | torch.randint(-(2**62), 2**62, (R, NW), generator=g)
+    positions = torch.randint(0, R, (T, K), generator=g)
+    n_items = 64 * NW - data.draw(st.integers(0, 63))
+    for bloom in (True, False):
+        plan = FilterPlan.build(progs, bloom=bloom)
+        pos = positions[plan.terms]
+        ref = filter_sliced(sliced, plan, pos, n_items=n_items)
+        assert torch.equal(filter_sliced_fused(sliced, plan, pos, n_items=n_items), ref)
