@@ -126,6 +126,53 @@ if HAVE_NUMBA:
             flat[b2 + i] = a2
             flat[b3 + i] = a3
 
+    @njit(fastmath=True, cache=True, inline="always")
+    def _scan_pair_direct(  # pragma: no cover - compiled
+        xq, q, codes, scales, alive, s, n, bloom, term_words, ops, args, length, prog, flat, base,
+        bmax, c0, counts, pi, stack,
+    ):
+        """One query × one list in a single pass over the int8 codes (no dequantized copy)."""
+        D = xq.shape[1]
+        T = term_words.shape[0]
+        W = term_words.shape[1]
+        neg = np.float32(-np.inf)
+        m = neg
+        nlive = 0
+        nelig = 0
+        for i in range(n):
+            p = s + i
+            ok = ((alive[p >> 3] >> (p & 7)) & 1) == 1
+            if ok:
+                nlive += 1
+                if prog >= 0:
+                    h = np.int64(0)
+                    for t in range(T):
+                        hit = True
+                        for w in range(W):
+                            tw = term_words[t, w]
+                            if (bloom[p, w] & tw) != tw:
+                                hit = False
+                                break
+                        if hit:
+                            h |= np.int64(1) << t
+                    ok = _eval_bloom(ops, args, length, h, stack)
+            if ok:
+                nelig += 1
+                acc = np.float32(0.0)
+                for d in range(D):
+                    acc += xq[q, d] * np.float32(codes[p, d])
+                v = acc * scales[p]
+                flat[base + i] = v
+                if v > m:
+                    m = v
+            else:
+                flat[base + i] = neg
+            if (i & 15) == 15 or i == n - 1:
+                bmax[q, c0 + (i >> 4)] = m
+                m = neg
+        counts[pi, 0] = nlive
+        counts[pi, 1] = nelig
+
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def _scan(  # pragma: no cover - compiled
         xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pair_col, pair_flat,
@@ -144,14 +191,24 @@ if HAVE_NUMBA:
                 continue
             p0 = lstart[li]
             p1 = lstart[li + 1]
-            # dequantize once when enough queries share the block; else score int8 directly
-            shared = p1 - p0 >= 4
-            blk = np.empty((n if shared else 0, D), dtype=np.float32)
-            if shared:
-                for i in range(n):
-                    sc = scales[s + i]
-                    for d in range(D):
-                        blk[i, d] = codes[s + i, d] * sc
+            if p1 - p0 < 4:  # few queries share this block: score the int8 codes directly
+                stack = np.empty(prog_ops.shape[1] + 1, dtype=np.bool_)
+                for pi in range(p0, p1):
+                    q = pair_q[pi]
+                    prog = qprog[q]
+                    pr = max(prog, 0)
+                    _scan_pair_direct(
+                        xq, q, codes, scales, alive, s, n, bloom, term_words, prog_ops[pr],
+                        prog_args[pr], prog_len[pr], prog, flat, pair_flat[pi], bmax, pair_col[pi],
+                        counts, pi, stack,
+                    )
+                continue
+            # enough queries share the block: dequantize it once
+            blk = np.empty((n, D), dtype=np.float32)
+            for i in range(n):
+                sc = scales[s + i]
+                for d in range(D):
+                    blk[i, d] = codes[s + i, d] * sc
             # ok[0] = alive; ok[1 + p] = alive and Bloom-eligible for program p
             used = np.zeros(P + 1, dtype=np.bool_)
             used[0] = True
@@ -207,18 +264,11 @@ if HAVE_NUMBA:
             while pi < p1:
                 q = pair_q[pi]
                 base = pair_flat[pi]
-                if shared:
-                    for i in range(n):
-                        acc = np.float32(0.0)
-                        for d in range(D):
-                            acc += xq[q, d] * blk[i, d]
-                        flat[base + i] = acc
-                else:
-                    for i in range(n):
-                        acc = np.float32(0.0)
-                        for d in range(D):
-                            acc += xq[q, d] * np.float32(codes[s + i, d])
-                        flat[base + i] = acc * scales[s + i]
+                for i in range(n):
+                    acc = np.float32(0.0)
+                    for d in range(D):
+                        acc += xq[q, d] * blk[i, d]
+                    flat[base + i] = acc
                 pi += 1
             # mask, count and block maxima (pairs not already finished by _dot4_max)
             for pi in range(p0, done4):
@@ -261,3 +311,149 @@ def scan_lists(
         bloom, term_words, ops, args, lens, qprog, flat, bmax, counts,
     )
     return counts
+
+
+if HAVE_NUMBA:
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _select(bmax, flat, k, colq, pair_nb, pair_n, pair_flat, pair_start, out_s, out_p):  # pragma: no cover
+        B, nprobe = colq.shape
+        neg = np.float32(-np.inf)
+        for q in prange(B):
+            row = bmax[q]
+            width = 0
+            for j in range(nprobe):
+                width = max(width, colq[q, j] + pair_nb[q * nprobe + j])
+            kb = min(k, width)
+            if kb == 0:
+                continue
+            # β = kb-th largest block maximum: blocks with a maximum ≥ β hold the top k
+            part = np.partition(-row[:width], kb - 1)
+            beta = -part[kb - 1]
+            if beta == neg:
+                beta = np.float32(-3.4e38)  # fewer than kb non-empty blocks: take every finite one
+            m = 0
+            for j in range(nprobe):
+                p = q * nprobe + j
+                for b in range(pair_nb[p]):
+                    if row[colq[q, j] + b] >= beta:
+                        m += min(16, pair_n[p] - 16 * b)
+            cs = np.empty(m, dtype=np.float32)
+            cp = np.empty(m, dtype=np.int64)
+            m = 0
+            for j in range(nprobe):
+                p = q * nprobe + j
+                for b in range(pair_nb[p]):
+                    if row[colq[q, j] + b] >= beta:
+                        first = 16 * b
+                        cnt = min(16, pair_n[p] - first)
+                        for i in range(cnt):
+                            v = flat[pair_flat[p] + first + i]
+                            if v > neg:
+                                cs[m] = v
+                                cp[m] = pair_start[p] + first + i
+                                m += 1
+            cs = cs[:m]
+            cp = cp[:m]
+            kk = min(k, m)
+            if kk == 0:
+                continue
+            if kk < m:
+                thr = -np.partition(-cs, kk - 1)[kk - 1]
+                sel = np.nonzero(cs >= thr)[0]
+                cs = cs[sel]
+                cp = cp[sel]
+            # order by (score desc, position asc); keep the first kk
+            order = np.argsort(cp, kind="mergesort")
+            cs = cs[order]
+            cp = cp[order]
+            order = np.argsort(-cs, kind="mergesort")
+            for r in range(kk):
+                out_s[q, r] = cs[order[r]]
+                out_p[q, r] = cp[order[r]]
+
+
+def select_topk(bmax, flat, k, colq, pair_nb, pair_n, pair_flat, pair_start):
+    """Stages B and C in one compiled pass per query → (scores [B, k], positions [B, k])."""
+    B = bmax.shape[0]
+    out_s = np.full((B, k), -np.inf, dtype=np.float32)
+    out_p = np.full((B, k), -1, dtype=np.int64)
+    _select(bmax, flat, k, colq, pair_nb, pair_n, pair_flat, pair_start, out_s, out_p)
+    return out_s, out_p
+
+
+if HAVE_NUMBA:
+
+    @njit(cache=True, nogil=True)
+    def _layout(probe, list_offsets):  # pragma: no cover - compiled
+        """Pairs (query-major) → blocks, buffer offsets, and the pairs grouped by list (counting sort)."""
+        B, P = probe.shape
+        nlist = list_offsets.shape[0] - 1
+        npairs = B * P
+        pair_n = np.empty(npairs, dtype=np.int64)
+        pair_nb = np.empty(npairs, dtype=np.int64)
+        pair_start = np.empty(npairs, dtype=np.int64)
+        col = np.empty(npairs, dtype=np.int64)
+        width = 0
+        for q in range(B):
+            c = 0
+            for j in range(P):
+                p = q * P + j
+                lst = probe[q, j]
+                n = list_offsets[lst + 1] - list_offsets[lst]
+                pair_n[p] = n
+                pair_nb[p] = (n + 15) // 16
+                pair_start[p] = list_offsets[lst]
+                col[p] = c
+                c += pair_nb[p]
+            width = max(width, c)
+        per_list = np.zeros(nlist + 1, dtype=np.int64)
+        for p in range(npairs):
+            per_list[probe[p // P, p % P] + 1] += 1
+        nl = 0
+        for lst in range(nlist):
+            if per_list[lst + 1] > 0:
+                nl += 1
+            per_list[lst + 1] += per_list[lst]
+        fill = per_list[:-1].copy()
+        order = np.empty(npairs, dtype=np.int64)
+        for p in range(npairs):
+            lst = probe[p // P, p % P]
+            order[fill[lst]] = p
+            fill[lst] += 1
+        lists = np.empty(nl, dtype=np.int64)
+        lstart = np.empty(nl + 1, dtype=np.int64)
+        k = 0
+        for lst in range(nlist):
+            if per_list[lst + 1] > per_list[lst]:
+                lists[k] = lst
+                lstart[k] = per_list[lst]
+                k += 1
+        lstart[nl] = npairs
+        pair_flat = np.empty(npairs, dtype=np.int64)
+        total = 0
+        for r in range(npairs):
+            p = order[r]
+            pair_flat[p] = total
+            total += pair_n[p]
+        return pair_n, pair_nb, pair_start, col, width, order, lists, lstart, pair_flat, total
+
+
+def fused_topk(xq, probe, codes, scales, list_offsets, alive, k, bloom, term_words, programs, qprog):
+    """Layout, scan and selection in compiled code (numpy in, numpy out).
+
+    Returns (scores [B, k] fp32, positions [B, k] int64, counts [B, 2] int64).
+    """
+    B, P = probe.shape
+    pair_n, pair_nb, pair_start, col, width, order, lists, lstart, pair_flat, total = _layout(probe, list_offsets)
+    flat = np.empty(total, dtype=np.float32)
+    bmax = np.full((B, max(width, 1)), -np.inf, dtype=np.float32)
+    pair_q = order // P
+    pc = scan_lists(
+        xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, col[order], pair_flat[order],
+        bloom, term_words, programs, qprog, flat, bmax,
+    )
+    counts = np.zeros((B, 2), dtype=np.int64)
+    np.add.at(counts, pair_q, pc)
+    out_s, out_p = select_topk(bmax, flat, k, col.reshape(B, P), pair_nb, pair_n, pair_flat, pair_start)
+    return out_s, out_p, counts

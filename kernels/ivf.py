@@ -175,6 +175,33 @@ def ivf_topk(
             counts=counts,
         )
     B, nprobe = probe.shape
+    can_fuse = cpu_scan.HAVE_NUMBA and xq.device.type == "cpu" and (
+        scan_filter is None or scan_filter.term_words.shape[0] <= cpu_scan.MAX_TERMS
+    )
+    if fused is None:
+        fused = can_fuse and (scan_filter is not None or eligible is None)
+    if fused and not can_fuse:
+        raise RuntimeError("the fused CPU scan needs numba, CPU tensors and ≤ 63 filter terms")
+    if fused:
+        if scan_filter is None:
+            bloom = torch.zeros(1, 1, dtype=torch.int64)
+            term_words = torch.zeros(0, 1, dtype=torch.int64)
+            programs: list = []
+            qprog = torch.full((B,), -1, dtype=torch.int64)
+        else:
+            bloom, term_words = scan_filter.bloom, scan_filter.term_words
+            programs, qprog = scan_filter.programs, scan_filter.qprog
+            if term_words.shape[0] == 0:
+                term_words = torch.zeros(0, max(bloom.shape[1], 1), dtype=torch.int64)
+        out_s, out_p, pc = cpu_scan.fused_topk(
+            xq.contiguous().numpy(), probe.contiguous().numpy(), codes.numpy(), scales.numpy(),
+            list_offsets.numpy(), alive.numpy(), k, bloom.numpy(), term_words.numpy(), programs,
+            qprog.numpy(),
+        )
+        if counts is not None:
+            counts += torch.from_numpy(pc)
+        return torch.from_numpy(out_s), torch.from_numpy(out_p)
+
     lay = block_layout(probe, list_offsets)
     col, width = lay["col"], int(lay["width"])
     pair_list = lay["pair_list"]
@@ -190,39 +217,8 @@ def ivf_topk(
     flat = torch.empty(int(n_sorted.sum()) if n_sorted.numel() else 0)
     bmax = torch.full((B, max(width, 1)), NEG_INF)
     lists, per_list = torch.unique_consecutive(pair_list[order], return_counts=True)
-
-    can_fuse = cpu_scan.HAVE_NUMBA and xq.device.type == "cpu" and (
-        scan_filter is None or scan_filter.term_words.shape[0] <= cpu_scan.MAX_TERMS
-    )
-    if fused is None:
-        fused = can_fuse and (scan_filter is not None or eligible is None)
-    if fused and not can_fuse:
-        raise RuntimeError("the fused CPU scan needs numba, CPU tensors and ≤ 63 filter terms")
-    if fused:
-        lstart = torch.zeros(lists.numel() + 1, dtype=torch.int64)
-        torch.cumsum(per_list, 0, out=lstart[1:])
-        if scan_filter is None:
-            W = 1
-            bloom = torch.zeros(1, W, dtype=torch.int64)
-            term_words = torch.zeros(0, W, dtype=torch.int64)
-            programs: list = []
-            qprog = torch.full((B,), -1, dtype=torch.int64)
-        else:
-            bloom, term_words = scan_filter.bloom, scan_filter.term_words
-            programs, qprog = scan_filter.programs, scan_filter.qprog
-            if term_words.shape[0] == 0:
-                term_words = torch.zeros(0, max(bloom.shape[1], 1), dtype=torch.int64)
-        pc = cpu_scan.scan_lists(
-            xq.contiguous().numpy(), codes.numpy(), scales.numpy(), list_offsets.numpy(), alive.numpy(),
-            lists.numpy(), lstart.numpy(), pair_query[order].numpy(), col[order].numpy(),
-            pair_flat[order].numpy(), bloom.numpy(), term_words.numpy(), programs,
-            qprog.numpy(), flat.numpy(), bmax.numpy(),
-        )
-        if counts is not None:
-            counts.index_add_(0, pair_query[order], torch.from_numpy(pc))
-    else:
-        _scan_torch(xq, codes, scales, list_offsets, alive, eligible, order, lists, per_list,
-                    pair_query, pair_flat, col, flat, bmax)
+    _scan_torch(xq, codes, scales, list_offsets, alive, eligible, order, lists, per_list,
+                pair_query, pair_flat, col, flat, bmax)
     return _select(bmax, flat, k, col.view(B, nprobe), pair_list, pair_n, pair_flat, list_offsets)
 
 
