@@ -206,20 +206,34 @@ def _sterling(*args, **kw):
 
 
 def _read_address(proc, timeout_s=120.0) -> str:
-    deadline = time.monotonic() + timeout_s
-    import selectors
+    """Wait (bounded) for the "listening on HOST:PORT" line; a reader thread avoids buffered-pipe stalls."""
+    import queue
+    import threading
 
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
+    q: queue.Queue = queue.Queue()
+
+    def pump():
+        for line in proc.stdout:
+            q.put(line)
+        q.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    proc.lines_read = []
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        try:
+            line = q.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if line is None:
+            proc.wait(timeout=10)
             raise AssertionError(f"exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
-        if sel.select(timeout=0.5):
-            line = proc.stdout.readline()
-            if "listening on" in line:
-                return line.split("listening on ")[1].split()[0]
+        proc.lines_read.append(line)
+        if "listening on" in line:
+            proc.line_queue = q
+            return line.split("listening on ")[1].split()[0]
     proc.kill()
-    raise AssertionError("no address printed in time")
+    raise AssertionError(f"no address printed within {timeout_s} s")
 
 
 def test_sterling_shard_serve_and_query_cli(cluster_model, cluster_catalog, tmp_path, capsys):

@@ -1,0 +1,127 @@
+"""`sterling launch ray`: the sharded service on a Ray cluster (shard actors + gRPC router).
+
+On an existing cluster (``ray start --head`` / ``ray start --address …``,
+then ``--address auto`` or ``HOST:PORT``) or on a local one it starts.
+Shard artifacts are written next to the model (``<model>.shards/``) unless
+a current set is already there; actors are placed by the plan's
+assignments (``--plan``), otherwise round-robin over the alive nodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from sterling.launch.serve_cmd import (
+    add_server_arguments,
+    router_config_from_args,
+    server_config_from_args,
+)
+
+__all__ = ["register", "run_ray", "ensure_shards"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("launch", help="run the sharded service on a cluster manager (ray)")
+    kinds = p.add_subparsers(dest="launcher", metavar="LAUNCHER", required=True)
+    r = kinds.add_parser(
+        "ray",
+        help="shard actors on Ray behind the gRPC router",
+        description="Start one Ray actor per (document shard, replica), placed by the plan "
+        "(placement group, STRICT_SPREAD across hosts), and serve sterling.v1.Retrieval from this "
+        "process. Prints the address; stops cleanly (actors removed) on SIGINT/SIGTERM.",
+    )
+    r.add_argument("--model", required=True, help="artifact written by `sterling build`")
+    r.add_argument("--plan", help="plan JSON (`sterling plan --out`): shard list ranges, replicas, hosts")
+    r.add_argument("--shards", type=int, help="document shards without a plan (default 1)")
+    r.add_argument("--replicas", type=int, help="replicas per shard without a plan (default 1)")
+    r.add_argument("--shards-dir", help="where shard artifacts are (or go); default <model>.shards/")
+    r.add_argument("--address", help="Ray cluster: auto or HOST:PORT (default: start a local one)")
+    r.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (no --address)")
+    r.add_argument("--cpus-per-shard", type=float, default=1.0, help="Ray CPUs reserved per shard actor")
+    r.add_argument("--threads-per-shard", type=int, default=1, help="torch threads in each shard actor")
+    r.add_argument("--spread", choices=("strict", "soft"), default="strict",
+                   help="strict: one Ray node per plan host (STRICT_SPREAD); soft: best effort (SPREAD)")
+    r.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for every actor")
+    add_server_arguments(r)
+    r.set_defaults(func=run_ray)
+
+
+def ensure_shards(model: Path, out: Path, *, num_shards: int | None, plan, plan_path: str | None):
+    """The shard manifest in ``out``: reused when written from this model file (not modified since) with
+    the same list ranges, else rewritten."""
+    from sterling.sharding.documents import MANIFEST_NAME, read_manifest, write_shards
+
+    want = plan.num_shards if plan is not None else (num_shards or 1)
+    if (out / MANIFEST_NAME).exists():
+        m = read_manifest(out)
+        ranges = [s.lists for s in m.shards]
+        plan_ranges = [(s.list_start, s.list_end) for s in sorted(plan.shards, key=lambda s: s.shard)] if plan else None
+        if (m.num_shards == want and Path(m.source) == model
+                and (plan_ranges is None or plan_ranges == ranges)
+                and all(Path(s.path).exists() for s in m.shards)
+                and Path(m.source).stat().st_mtime <= (out / MANIFEST_NAME).stat().st_mtime):
+            return m
+    return write_shards(model, out, num_shards=None if plan is not None else want, plan=plan, plan_path=plan_path)
+
+
+def run_ray(args: argparse.Namespace) -> int:
+    import ray
+
+    from sterling.cluster.ray_backend import RayBackend, default_layout, layout_from_plan
+    from sterling.cluster.router import Router
+    from sterling.cluster.server import RetrievalServer
+    from sterling.model.errors import InvalidInputError
+    from sterling.model.retrieval import RetrievalModel
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    server_cfg = server_config_from_args(args)
+    router_cfg = router_config_from_args(args)
+    plan = None
+    if args.plan:
+        from sterling.planner.types import Plan
+
+        plan = Plan.from_json(Path(args.plan).read_text())
+        if args.shards is not None and args.shards != plan.num_shards:
+            raise InvalidInputError(f"--shards {args.shards} disagrees with the plan ({plan.num_shards}); drop one")
+        if args.replicas is not None and args.replicas != plan.replicas:
+            raise InvalidInputError(f"--replicas {args.replicas} disagrees with the plan ({plan.replicas}); drop one")
+    model = Path(args.model)
+    out = Path(args.shards_dir) if args.shards_dir else Path(str(model) + ".shards")
+    manifest = ensure_shards(model, out, num_shards=args.shards, plan=plan, plan_path=args.plan)
+    print(f"sterling launch ray: {manifest.num_shards} shard(s) in {out}/", flush=True)
+
+    if args.address:
+        ray.init(address=args.address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=args.num_cpus, log_to_driver=False, include_dashboard=False)
+    backend = None
+    try:
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        if plan is not None:
+            layout = layout_from_plan(plan, manifest.num_shards)
+        else:
+            layout = default_layout(manifest.num_shards, args.replicas or 1, len(alive))
+        backend = RayBackend.launch(
+            manifest, layout=layout, cpus_per_actor=args.cpus_per_shard, threads_per_actor=args.threads_per_shard,
+            strategy="STRICT_SPREAD" if args.spread == "strict" else "SPREAD", ready_timeout_s=args.ready_timeout,
+        )
+        router = Router(RetrievalModel.load(manifest.head), backend, router_cfg)
+        srv = RetrievalServer(router, server_cfg, backend_name="ray").start()
+        where = backend.where()
+        nodes = sorted({w["node_id"] for row in where for w in row})
+        for s, row in enumerate(where):
+            placed = ", ".join(f"replica {r} on node {nodes.index(w['node_id'])}" for r, w in enumerate(row))
+            print(f"  shard {s} lists [{manifest.shards[s].lists[0]}, {manifest.shards[s].lists[1]}): {placed}")
+        print(f"sterling launch ray: listening on {srv.address} ({manifest.num_shards} shard(s) × "
+              f"{max(layout.replicas)} replica(s) on {len(nodes)} Ray node(s)); Ctrl-C to stop", flush=True)
+        srv.wait_for_signal()
+        backend = None  # srv.stop() closed it (actors killed, placement group removed)
+    finally:
+        if backend is not None:
+            backend.close()
+        ray.shutdown()
+    print("sterling launch ray: stopped", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,66 @@
+"""`sterling launch ray --plan plan.json --address …` on the 2-node test cluster, in a subprocess."""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from sterling.cluster.client import Client
+from sterling.model.synthetic import synthetic_queries
+from tests.cluster.test_grpc_service import _read_address, _sterling
+from tests.cluster.topk_compare import assert_same_topk
+
+ray = pytest.importorskip("ray")
+
+
+def _two_host_plan(nlist: int):
+    from sterling.planner import IndexModelConfig, PlanTargets, make_topology, plan
+    from sterling.planner.types import DeviceAssignment, ShardSpec
+
+    p = plan(IndexModelConfig(items=30_000, dim=32, nlist=nlist), make_topology("cpu", hosts=2, gpus_per_host=1),
+             PlanTargets())
+    cut = nlist // 3  # deliberately not the byte-balanced cut
+    return dataclasses.replace(
+        p, num_shards=2, replicas=1, hosts_used=2,
+        shards=(ShardSpec(shard=0, list_start=0, list_end=cut, fraction=cut / nlist, items=0),
+                ShardSpec(shard=1, list_start=cut, list_end=nlist, fraction=1 - cut / nlist, items=0)),
+        assignments=(DeviceAssignment(shard=0, replica=0, host=0, gpu=0),
+                     DeviceAssignment(shard=1, replica=0, host=1, gpu=0)),
+        devices=(p.devices[0], dataclasses.replace(p.devices[0], shard=1)),
+    )
+
+
+def test_launch_ray_follows_the_plan_and_stops_cleanly(ray_cluster, cluster_model, cluster_catalog, tmp_path):
+    model, path = cluster_model
+    plan = _two_host_plan(model.index.nlist)
+    (tmp_path / "plan.json").write_text(plan.to_json())
+    proc = _sterling("launch", "ray", "--plan", str(tmp_path / "plan.json"), "--model", str(path),
+                     "--shards-dir", str(tmp_path / "shards"), "--address", ray_cluster.address, "--port", "0")
+    try:
+        address = _read_address(proc, timeout_s=240)
+        with Client(address, timeout_s=60) as c:
+            info = c.info()
+            cut = model.index.nlist // 3
+            assert [(s.list_start, s.list_end) for s in info.shards] == [(0, cut), (cut, model.index.nlist)]
+            xq = synthetic_queries(cluster_catalog, 16, seed=31)
+            for where in (None, "lang:en AND NOT policy:blocked"):
+                res = c.retrieve(query=xq.numpy(), k=100, nprobe=8, where=where)
+                ref = model(query=xq, k=100, nprobe=8, where=where, adaptive=False)
+                assert_same_topk(res.ids, res.scores, ref.ids, ref.scores, exact=where is None)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        out = "".join(proc.lines_read)
+        assert "shard 0" in out and "replica 0 on node 0" in out and "replica 0 on node 1" in out  # STRICT_SPREAD
+        deadline = time.monotonic() + 30  # actors and the placement group are gone: all CPUs free again
+        while time.monotonic() < deadline and ray.available_resources().get("CPU", 0) < 8:
+            time.sleep(0.2)
+        assert ray.available_resources().get("CPU", 0) == 8
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    _ = np
