@@ -50,8 +50,8 @@ _BUFFERS = (
     "alive",
     "version",
 )
-# Candidate entries one search chunk may hold (bounds memory at any k).
-_CHUNK_BUDGET = 1 << 23
+# Scores one search chunk may hold (fp32: 256 MiB); bounds memory at any B, nprobe and k.
+_CHUNK_BUDGET = 1 << 26
 
 
 def prepare_queries(xq, dim: int, metric: Metric) -> torch.Tensor:
@@ -209,7 +209,7 @@ class ItemIndex(nn.Module):
         B = xq.shape[0]
         filters = self.compile_filters(where, B)
         avg = max(1, self.capacity // max(self.nlist, 1))
-        per_query = nprobe * min(k + 16, avg)
+        per_query = nprobe * avg + 16 * k  # probed scores + selected candidates
         step = max(1, min(B, _CHUNK_BUDGET // max(per_query, 1)))
         out_s = torch.empty(B, k)
         out_p = torch.empty(B, k, dtype=torch.int64)
