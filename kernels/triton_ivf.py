@@ -23,8 +23,10 @@ reference (``ivf_topk_int8_reference``) computes the same integers with
 PyTorch and is equal bit for bit. Note: quantizing queries to int8 makes
 these scores differ slightly from the CPU path, which uses fp32 queries.
 
-Everything stays on the device: no host synchronisation inside stage A or
-C, so a capture in a CUDA graph is possible once shapes are fixed.
+Stages A and C never synchronise with the host. The wrapper still does,
+once per search: it computes the block layout (column offsets, grid size)
+from ``probe`` on the host. Capturing a search in a CUDA graph needs that
+layout on the device with a fixed maximum width — not done yet.
 """
 
 from __future__ import annotations
