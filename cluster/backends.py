@@ -64,6 +64,7 @@ class ShardBackend(ABC):
         self._stop = threading.Event()
         self._probe_interval = probe_interval_s
         self._prober: threading.Thread | None = None
+        self._listeners: list = []
 
     # ---------------------------------------------------------- subclasses
     @abstractmethod
@@ -96,12 +97,24 @@ class ShardBackend(ABC):
         with self._lock:
             return [list(h) for h in self._healthy]
 
+    def complete(self) -> bool:
+        """True when every shard has at least one healthy replica (complete answers are possible)."""
+        with self._lock:
+            return all(any(h) for h in self._healthy)
+
+    def on_health_change(self, fn) -> None:
+        """Call ``fn(complete: bool)`` whenever a replica's health flips (the gRPC health service listens)."""
+        self._listeners.append(fn)
+
     def _mark(self, shard: int, replica: int, ok: bool) -> None:
         with self._lock:
             was = self._healthy[shard][replica]
             self._healthy[shard][replica] = ok
         if was != ok:
             log.warning("shard %d replica %d is now %s", shard, replica, "healthy" if ok else "unhealthy")
+            complete = self.complete()
+            for fn in self._listeners:
+                fn(complete)
         if not ok:
             self._ensure_prober()
 
@@ -171,6 +184,9 @@ class ShardBackend(ABC):
         missing = [s for s in range(self.num_shards) if s not in replies]
         for s in missing:
             errors.setdefault(s, "no answer before the deadline")
+        for s, r, _ in pending.values():
+            if s in missing:
+                self._mark(s, r, False)  # missed the deadline: others first until the prober sees it answer
         return FanOutResult(replies=replies, missing=missing, errors=errors)
 
     # -------------------------------------------------------------- health

@@ -314,9 +314,18 @@ class RetrievalServer:
         self.port = port
         server.start()
         self._server = server
-        for name in ("", SERVICE_NAME):
-            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._set_complete(self.router.backend.complete())
+        self.router.backend.on_health_change(self._set_complete)
         return self
+
+    def _set_complete(self, complete: bool) -> None:
+        """``sterling.v1.Retrieval`` is SERVING while every shard has a healthy replica, else NOT_SERVING
+        (the process itself, service "", stays SERVING: it still answers, with ``partial=true``)."""
+        if self._stopped.is_set():
+            return
+        status = health_pb2.HealthCheckResponse
+        self._health.set(SERVICE_NAME, status.SERVING if complete else status.NOT_SERVING)
 
     def stop(self, grace: float = 2.0) -> None:
         if self._server is None or self._stopped.is_set():

@@ -54,6 +54,15 @@ def test_grpc_results_equal_the_single_process_model(four_shards, cluster_model,
         assert_same_topk(res.ids, res.scores, ref.ids, ref.scores, exact=where is None)
 
 
+def _health(client) -> str:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    r = health_pb2_grpc.HealthStub(client.channel).Check(
+        health_pb2.HealthCheckRequest(service="sterling.v1.Retrieval"), timeout=5
+    )
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+
+
 def test_killed_shard_gives_partial_answers_then_recovers(four_shards, cluster_model, cluster_catalog, shards4):
     backend, client = four_shards
     model, _ = cluster_model
@@ -64,7 +73,7 @@ def test_killed_shard_gives_partial_answers_then_recovers(four_shards, cluster_m
     pid0 = backend.where()[dead][0]["pid"]
     deadline_ms = 1500
     ray.kill(backend.actors[dead][0], no_restart=False)
-    partial = complete_after = 0
+    partial = complete_after = not_serving = 0
     t_end = time.monotonic() + 90
     while time.monotonic() < t_end:
         t0 = time.monotonic()
@@ -73,6 +82,7 @@ def test_killed_shard_gives_partial_answers_then_recovers(four_shards, cluster_m
         if res.partial:
             partial += 1
             assert res.missing_shards == [dead]
+            not_serving += _health(client) == "NOT_SERVING"
             for q in range(8):  # never wrong: the reference minus the dead shard's items is a prefix
                 keep = [i for i in ref.ids[q].tolist() if i not in dead_ids]
                 assert res.ids[q, : len(keep)].tolist() == keep
@@ -85,6 +95,8 @@ def test_killed_shard_gives_partial_answers_then_recovers(four_shards, cluster_m
     assert partial >= 1, "killing the shard never showed in a response"
     assert complete_after >= 3, "the shard did not come back within 90 s"
     assert backend.where()[dead][0]["pid"] != pid0  # restarted by Ray, not by us
+    assert not_serving >= 1, "the health service never said the service was incomplete"
+    assert _health(client) == "SERVING"
     with pytest.raises(grpc.RpcError) as e:  # require_complete while down is UNAVAILABLE (checked quickly)
         ray.kill(backend.actors[dead][0], no_restart=False)
         for _ in range(20):

@@ -126,6 +126,8 @@ def test_dead_replica_loses_no_answer_and_recovers(model, small_catalog):
     broken = _Broken(servers[0][0])
     servers[0][0] = broken
     router = _router(model, servers)
+    flips = []
+    router.backend.on_health_change(flips.append)
     xq = synthetic_queries(small_catalog, 4, seed=13)
     ref = model(query=xq, k=20, nprobe=8, adaptive=False)
     for _ in range(6):
@@ -134,6 +136,7 @@ def test_dead_replica_loses_no_answer_and_recovers(model, small_catalog):
         assert_same_topk(res.ids, res.scores, ref.ids, ref.scores, exact=True)
     assert router.backend.healthy()[0] == [False, True]
     assert broken.calls == 1  # marked unhealthy after one failure, healthy replica first after that
+    assert router.backend.complete() and flips == [True]  # shard 0 still has a healthy replica
     broken.alive.set()
     deadline = time.monotonic() + 5
     while router.backend.healthy()[0] != [True, True] and time.monotonic() < deadline:
@@ -195,3 +198,20 @@ def test_public_bind_requires_tls_and_token():
     with pytest.raises(ClusterConfigError):
         SecurityConfig(cert="c.pem")
     ServerConfig(host="0.0.0.0", port=0, security=SecurityConfig(cert="c.pem", key="k.pem", token="t"))
+
+
+def test_shard_without_healthy_replica_makes_the_backend_incomplete(model, small_catalog):
+    servers = _servers(model, 2)
+    broken = _Broken(servers[1][0])
+    servers[1][0] = broken
+    router = _router(model, servers)
+    flips = []
+    router.backend.on_health_change(flips.append)
+    res = router.retrieve(query=synthetic_queries(small_catalog, 2, seed=15), k=5, nprobe=8, deadline_s=2.0)
+    assert res.partial and res.missing == [1] and flips == [False] and not router.backend.complete()
+    broken.alive.set()
+    deadline = time.monotonic() + 5
+    while not router.backend.complete() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert router.backend.complete() and flips == [False, True]
+    router.backend.close()
