@@ -73,15 +73,17 @@ class ActorLayout:
 
 
 def default_layout(num_shards: int, replicas: int, num_hosts: int) -> ActorLayout:
-    """Shards round-robin over hosts; replica ``r`` of shard ``s`` on host ``(s + r) % num_hosts``.
+    """Actors round-robin over hosts: replica ``r`` of shard ``s`` on host ``(s · replicas + r) % hosts``.
 
-    Replicas of one shard are on different hosts whenever ``replicas ≤ num_hosts``.
+    Every host gets an actor (hosts = min(num_hosts, actors)), and replicas
+    of one shard are on different hosts whenever ``replicas ≤ hosts``.
     """
     if num_shards < 1 or replicas < 1 or num_hosts < 1:
         raise InvalidInputError(f"shards ({num_shards}), replicas ({replicas}) and hosts ({num_hosts}) must be ≥ 1")
     used = min(num_hosts, num_shards * replicas)
     return ActorLayout(
-        hosts=tuple(tuple((s + r) % used for r in range(replicas)) for s in range(num_shards)), num_hosts=used
+        hosts=tuple(tuple((s * replicas + r) % used for r in range(replicas)) for s in range(num_shards)),
+        num_hosts=used,
     )
 
 
@@ -148,8 +150,16 @@ class RayBackend(ShardBackend):
         for hs in layout.hosts:
             for h in hs:
                 per_host[h] += 1
-        bundles = [{"CPU": cpus_per_actor * c} for c in per_host if c]
+        if not all(per_host):
+            raise InvalidInputError(f"layout leaves hosts {[h for h, c in enumerate(per_host) if not c]} without actors")
+        bundles = [{"CPU": cpus_per_actor * c} for c in per_host]
         strat = strategy if layout.num_hosts > 1 else "PACK"
+        alive = len([x for x in ray.nodes() if x.get("Alive")])
+        if strat == "STRICT_SPREAD" and layout.num_hosts > alive:
+            raise InvalidInputError(
+                f"the layout spreads shards over {layout.num_hosts} hosts but this Ray cluster has {alive} alive "
+                f"node(s): add nodes (`ray start --address …` on each host), or pass --spread soft"
+            )
         pg = placement_group(bundles, strategy=strat, name="")
         try:
             ray.get(pg.ready(), timeout=ready_timeout_s)
@@ -159,7 +169,7 @@ class RayBackend(ShardBackend):
             remove_placement_group(pg)
             raise InvalidInputError(
                 f"could not place {layout.num_hosts} hosts × {bundles} with {strat} on this Ray cluster "
-                f"({len([x for x in ray.nodes() if x.get('Alive')])} alive nodes) within {ready_timeout_s:.0f} s: "
+                f"({alive} alive nodes) within {ready_timeout_s:.0f} s: "
                 "add nodes (`ray start --address …`), lower the replicas, or use --spread soft"
             ) from e
         Actor = ray.remote(ShardActor)

@@ -132,3 +132,13 @@ def test_two_replicas_lose_no_response_when_one_is_killed(ray_cluster, shards2, 
         srv.stop()
     finally:
         backend.close()
+
+
+def test_strict_spread_over_more_hosts_than_nodes_is_refused_at_once(ray_cluster, shards4):
+    from sterling.cluster.ray_backend import default_layout
+    from sterling.model.errors import InvalidInputError
+
+    t0 = time.monotonic()
+    with pytest.raises(InvalidInputError):
+        RayBackend.launch(shards4, layout=default_layout(4, 1, 3), ready_timeout_s=60)
+    assert time.monotonic() - t0 < 10
