@@ -224,6 +224,9 @@ class LocalBackend(ShardBackend):
                  hedge_fraction: float = 0.5) -> None:
         super().__init__([len(r) for r in servers], hedge_fraction=hedge_fraction)
         self.servers = [list(r) for r in servers]
+        for row in self.servers:
+            for srv in row:
+                srv.warmup()
         self._pool = cf.ThreadPoolExecutor(
             max_workers=max_workers or max(2, 2 * sum(self.replicas)), thread_name_prefix="sterling-shard"
         )

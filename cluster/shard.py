@@ -89,7 +89,7 @@ class ShardServer:
         xq = idx.centroids[:1].numpy()
         where = idx.vocab[0] if idx.vocab else None
         for w in (None, where):
-            self.search(ShardRequest(xq=xq, k=1, nprobe=1, where=w))
+            self.model(query=torch.from_numpy(xq), k=1, nprobe=1, where=w, adaptive=False)
 
     def info(self) -> dict:
         idx = self.model.index

@@ -275,3 +275,46 @@ def test_serve_refuses_a_public_address_without_tls(cluster_model):
     assert proc.wait(timeout=120) == 2
     assert "TLS" in proc.stderr.read()
     _ = Path
+
+
+def test_deadlines_over_grpc_partial_unavailable_and_deadline_exceeded(cluster_model, cluster_catalog):
+    """Slow shards (injected 1.5 s delay): the request deadline bounds the wait, and the status says why."""
+    from sterling.cluster.backends import LocalBackend
+    from sterling.cluster.router import Router
+    from sterling.cluster.shard import ShardServer
+    from sterling.sharding.documents import balanced_list_ranges, slice_model
+
+    class Slow(ShardServer):
+        def search(self, req):
+            time.sleep(1.5)
+            return super().search(req)
+
+    model, _ = cluster_model
+    ranges = balanced_list_ranges(model.index, 2)
+
+    def serve(slow: set[int]):
+        servers = [[(Slow if s in slow else ShardServer)(slice_model(model, r), shard=s, lists=r)]
+                   for s, r in enumerate(ranges)]
+        router = Router(slice_model(model, (0, 0)), LocalBackend(servers))
+        return RetrievalServer(router, ServerConfig(port=0)).start()
+
+    xq = synthetic_queries(cluster_catalog, 2, seed=8).numpy()
+    one, both = serve({1}), serve({0, 1})
+    try:
+        with Client(one.address) as c:
+            t0 = time.monotonic()
+            res = c.retrieve(query=xq, k=10, nprobe=8, deadline_ms=300)
+            assert time.monotonic() - t0 < 1.2 and res.partial and res.missing_shards == [1]
+            assert (res.ids >= 0).all()
+            assert _code(lambda: c.retrieve(query=xq, k=10, deadline_ms=300, require_complete=True)) == (
+                grpc.StatusCode.UNAVAILABLE
+            )
+            # the gRPC deadline alone bounds the request too
+            t0 = time.monotonic()
+            assert c.retrieve(query=xq, k=10, nprobe=8, timeout_s=0.4).partial
+            assert time.monotonic() - t0 < 1.2
+        with Client(both.address) as c:
+            assert _code(lambda: c.retrieve(query=xq, k=10, deadline_ms=300)) == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        one.stop(grace=0.1)
+        both.stop(grace=0.1)
