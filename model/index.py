@@ -229,14 +229,25 @@ class ItemIndex(nn.Module):
         scanned and how many of them passed the Bloom pass.
         """
 
+        def _bloom_block(filters: CompiledFilters, start: int, end: int) -> torch.Tensor:
+            # [P + 1, n]: row 0 = unfiltered; cached per block so rescans of the same batch reuse it
+            cache = filters._plans.setdefault("blocks", {})
+            got = cache.get((start, end))
+            if got is None:
+                plan = filters.plan(bloom=True)
+                hits = bloom_term_hits(self.bloom[start:end], filters.term_words[plan.terms])
+                got = torch.cat([torch.ones(1, end - start, dtype=torch.bool, device=hits.device), plan.eval(hits)])
+                used = filters._plans.get("block_bytes", 0) + got.numel()
+                if used <= 1 << 26:  # 64 MB of cached Bloom results per batch at most
+                    cache[(start, end)] = got
+                    filters._plans["block_bytes"] = used
+            return got
+
         def eligible(rows: torch.Tensor, start: int, end: int) -> torch.Tensor | None:
             progs = qprog[rows]
             if bool((progs < 0).all()):
                 return None
-            plan = filters.plan(bloom=True)
-            hits = bloom_term_hits(self.bloom[start:end], filters.term_words[plan.terms])
-            elig = plan.eval(hits)  # [P, n]
-            elig = torch.cat([torch.ones(1, end - start, dtype=torch.bool), elig])[progs + 1]
+            elig = _bloom_block(filters, start, end)[progs + 1]
             if seen is not None:
                 live = unpack_bits_range(self.alive, start, end)
                 seen[rows, 0] += int(live.sum())
