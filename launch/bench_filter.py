@@ -46,6 +46,7 @@ def register(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-fpr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=1, help="torch threads (roaring and NumPy are single-threaded)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--parts", default="filter,search", help="filter = (a), (c), (d); search = (b)")
     p.add_argument("--append-md", metavar="PATH", help="append a section to this BENCHMARKS.md")
     p.set_defaults(func=run)
 
@@ -272,100 +273,110 @@ def bench_one(n: int, args: argparse.Namespace) -> list[dict]:
          "bloom_hashes": index.bloom_spec.hashes}
     )
 
-    # --- correctness cross-check on the slow subset (exact answers must agree)
-    exact_sets = sterling_exact(slow)
-    mismatches = 0
-    fp_rates, fp_rates_monotone = [], []
-    sl_words = sterling_sliced(slow)[1]
-    if HAVE_NUMBA:
-        mismatches += int(not torch.equal(sl_words, sterling_fused(slow)[1]))
-    for i, tree in enumerate(trees[: len(slow)]):
-        r = roaring.eval(tree)
-        want = np.fromiter(iter(r), dtype=np.int64, count=len(r))
-        mismatches += int(not np.array_equal(exact_sets[i].numpy(), want))
-        mismatches += int(int(fwd.eval(tree).sum()) != len(r))
-        bloom_count = int(popcount_words(sl_words[i]))
-        neg = N - len(r)
-        if neg:
-            fp_rates.append((bloom_count - len(r)) / neg)
-            if "NOT" not in slow[i]:
-                fp_rates_monotone.append((bloom_count - len(r)) / neg)
-    per_term_fpr = measure_fpr(index, samples=400_000)
-    expr_fpr = float(np.mean(fp_rates)) if fp_rates else 0.0
-    expr_fpr_monotone = float(np.mean(fp_rates_monotone)) if fp_rates_monotone else 0.0
-
-    # --- memory (bytes per item)
-    mem = {
-        "sterling_bloom": index.bloom.numel() * 8 / N,
-        "sterling_exact_csr": (index.attr_ids.numel() * 4 + index.attr_offsets.numel() * 8) / N,
-        "roaring": roaring.serialized_bytes() / N,
-        "numpy_forward": fwd.nbytes() / N,
-    }
-    _emit({**common, "what": "memory_bytes_per_item", **{k: round(v, 2) for k, v in mem.items()},
-           "bloom_vs_roaring": round(mem["sterling_bloom"] / mem["roaring"], 3),
-           "bloom_plus_csr_vs_roaring": round((mem["sterling_bloom"] + mem["sterling_exact_csr"]) / mem["roaring"], 3)})
-    _emit({**common, "what": "fpr_before_verification", "target": args.target_fpr,
-           "per_term_measured": per_term_fpr, "per_expression_measured": expr_fpr,
-           "per_expression_measured_without_not": expr_fpr_monotone,
-           "per_term_ratio_to_target": round(per_term_fpr / args.target_fpr, 3), "exact_mismatches": mismatches})
-
-    # --- latency, whole catalog
+    parts = set(args.parts.split(","))
     lat: dict[tuple[str, int], float] = {}
-
-    def measure(name, fn, items, b, reps=1):
-        nb = max(1, len(items) // b)
-        chunks = [items[i * b : (i + 1) * b] for i in range(nb)]
-        fn(chunks[0])  # warm-up
-        t = sum(_timeit(lambda c=c: fn(c), reps) for c in chunks)
-        ms = t / (nb * b) * 1e3
-        lat[(name, b)] = ms
-        _emit({**common, "what": "latency", "structure": name, "batch": b, "queries": nb * b, "ms_per_query": round(ms, 4)})
-
-    for b in batches:
-        measure("sterling_bloom_bitsliced", lambda c: sterling_sliced(c), exprs, b)
+    mem: dict[str, float] = {}
+    per_term_fpr = expr_fpr = expr_fpr_monotone = float("nan")
+    mismatches = 0
+    if "filter" in parts:
+        # --- correctness cross-check on the slow subset (exact answers must agree)
+        exact_sets = sterling_exact(slow)
+        mismatches = 0
+        fp_rates, fp_rates_monotone = [], []
+        sl_words = sterling_sliced(slow)[1]
         if HAVE_NUMBA:
-            measure("sterling_bloom_bitsliced_fused", lambda c: sterling_fused(c), exprs, b)
-        measure("roaring", lambda c: [roaring.eval(parse_filter(e)) for e in c], exprs, b)
-        measure("sterling_bloom_item_major", sterling_item_major, slow, b)
-        measure("sterling_bloom_bitsliced+exact", sterling_exact, slow, b)
-        measure("numpy_forward", lambda c: [fwd.eval(parse_filter(e)) for e in c], slow[: max(b, len(slow) // 4)], b)
+            mismatches += int(not torch.equal(sl_words, sterling_fused(slow)[1]))
+        for i, tree in enumerate(trees[: len(slow)]):
+            r = roaring.eval(tree)
+            want = np.fromiter(iter(r), dtype=np.int64, count=len(r))
+            mismatches += int(not np.array_equal(exact_sets[i].numpy(), want))
+            mismatches += int(int(fwd.eval(tree).sum()) != len(r))
+            bloom_count = int(popcount_words(sl_words[i]))
+            neg = N - len(r)
+            if neg:
+                fp_rates.append((bloom_count - len(r)) / neg)
+                if "NOT" not in slow[i]:
+                    fp_rates_monotone.append((bloom_count - len(r)) / neg)
+        per_term_fpr = measure_fpr(index, samples=400_000)
+        expr_fpr = float(np.mean(fp_rates)) if fp_rates else 0.0
+        expr_fpr_monotone = float(np.mean(fp_rates_monotone)) if fp_rates_monotone else 0.0
 
-    # --- (b) probe-then-filter inside search
-    nprobe = max(1, round(index.nlist * args.probe_frac))
-    nq = args.search_queries
-    xq = synthetic_queries(cat, nq, seed=args.seed + 2)
-    where = (exprs * (nq // len(exprs) + 1))[:nq]
-    probe = probe_lists(xq, index.centroids, nprobe)
-    sizes = (index.list_offsets[1:] - index.list_offsets[:-1])
-    tested = sizes[probe].sum(1).double() / N
-    for b in batches:
-        for name, w in (("search_unfiltered", None), ("search_probe_then_filter", where)):
-            def fn(rows, w=w):
-                index.search(xq[rows], k=100, nprobe=nprobe, where=None if w is None else w[rows.start : rows.stop],
-                             adaptive=False)
-            steps = [slice(s, s + b) for s in range(0, nq - b + 1, b)][: max(1, 256 // b)]
-            fn(steps[0])
-            t = sum(_timeit(lambda s=s: fn(s)) for s in steps)
-            ms = t / (len(steps) * b) * 1e3
+        # --- memory (bytes per item)
+        mem.update({
+            "sterling_bloom": index.bloom.numel() * 8 / N,
+            "sterling_exact_csr": (index.attr_ids.numel() * 4 + index.attr_offsets.numel() * 8) / N,
+            "roaring": roaring.serialized_bytes() / N,
+            "numpy_forward": fwd.nbytes() / N,
+        })
+        _emit({**common, "what": "memory_bytes_per_item", **{k: round(v, 2) for k, v in mem.items()},
+               "bloom_vs_roaring": round(mem["sterling_bloom"] / mem["roaring"], 3),
+               "bloom_plus_csr_vs_roaring": round((mem["sterling_bloom"] + mem["sterling_exact_csr"]) / mem["roaring"], 3)})
+        _emit({**common, "what": "fpr_before_verification", "target": args.target_fpr,
+               "per_term_measured": per_term_fpr, "per_expression_measured": expr_fpr,
+               "per_expression_measured_without_not": expr_fpr_monotone,
+               "per_term_ratio_to_target": round(per_term_fpr / args.target_fpr, 3), "exact_mismatches": mismatches})
+
+        # --- latency, whole catalog
+
+        def measure(name, fn, items, b, reps=1):
+            nb = max(1, len(items) // b)
+            chunks = [items[i * b : (i + 1) * b] for i in range(nb)]
+            fn(chunks[0])  # warm-up
+            t = sum(_timeit(lambda c=c: fn(c), reps) for c in chunks)
+            ms = t / (nb * b) * 1e3
             lat[(name, b)] = ms
-            _emit({**common, "what": "latency", "structure": name, "batch": b, "queries": len(steps) * b,
-                   "nprobe": nprobe, "nlist": index.nlist, "ms_per_query": round(ms, 4)})
-    reduction = float(tested.mean())
+            _emit({**common, "what": "latency", "structure": name, "batch": b, "queries": nb * b, "ms_per_query": round(ms, 4)})
+
+        for b in batches:
+            measure("sterling_bloom_bitsliced", lambda c: sterling_sliced(c), exprs, b)
+            if HAVE_NUMBA:
+                measure("sterling_bloom_bitsliced_fused", lambda c: sterling_fused(c), exprs, b)
+            measure("roaring", lambda c: [roaring.eval(parse_filter(e)) for e in c], exprs, b)
+            measure("sterling_bloom_item_major", sterling_item_major, slow, b)
+            measure("sterling_bloom_bitsliced+exact", sterling_exact, slow, b)
+            measure("numpy_forward", lambda c: [fwd.eval(parse_filter(e)) for e in c], slow[: max(b, len(slow) // 4)], b)
+
+    reduction = float("nan")
+    nprobe = max(1, round(index.nlist * args.probe_frac))
+    if "search" in parts:
+        # --- (b) probe-then-filter inside search
+        nq = args.search_queries
+        xq = synthetic_queries(cat, nq, seed=args.seed + 2)
+        where = (exprs * (nq // len(exprs) + 1))[:nq]
+        probe = probe_lists(xq, index.centroids, nprobe)
+        sizes = (index.list_offsets[1:] - index.list_offsets[:-1])
+        tested = sizes[probe].sum(1).double() / N
+        for b in batches:
+            for name, w in (("search_unfiltered", None), ("search_probe_then_filter", where)):
+                def fn(rows, w=w):
+                    index.search(xq[rows], k=100, nprobe=nprobe, where=None if w is None else w[rows.start : rows.stop],
+                                 adaptive=False)
+                steps = [slice(s, s + b) for s in range(0, nq - b + 1, b)][: max(1, 256 // b)]
+                fn(steps[0])
+                t = sum(_timeit(lambda s=s: fn(s)) for s in steps)
+                ms = t / (len(steps) * b) * 1e3
+                lat[(name, b)] = ms
+                _emit({**common, "what": "latency", "structure": name, "batch": b, "queries": len(steps) * b,
+                       "nprobe": nprobe, "nlist": index.nlist, "ms_per_query": round(ms, 4)})
+        reduction = float(tested.mean())
 
     bmax = max(batches)
     best = "sterling_bloom_bitsliced_fused" if HAVE_NUMBA else "sterling_bloom_bitsliced"
+    def ratio(a: str, b: str, bb: int) -> float:
+        if (a, bb) not in lat or (b, bb) not in lat:
+            return float("nan")
+        return round(lat[(a, bb)] / lat[(b, bb)], 3)
+
     summary = {
         **common,
         "what": "summary",
-        "speedup_vs_roaring_bitsliced": {b: round(lat[("roaring", b)] / lat[("sterling_bloom_bitsliced", b)], 3) for b in batches},
-        "speedup_vs_roaring_best": {b: round(lat[("roaring", b)] / lat[(best, b)], 3) for b in batches},
-        "speedup_vs_roaring_bitsliced_exact": {
-            b: round(lat[("roaring", b)] / lat[("sterling_bloom_bitsliced+exact", b)], 3) for b in batches},
-        "filter_cost_in_search_ms": {
-            b: round(lat[("search_probe_then_filter", b)] - lat[("search_unfiltered", b)], 4) for b in batches},
+        "speedup_vs_roaring_bitsliced": {b: ratio("roaring", "sterling_bloom_bitsliced", b) for b in batches},
+        "speedup_vs_roaring_best": {b: ratio("roaring", best, b) for b in batches},
+        "speedup_vs_roaring_bitsliced_exact": {b: ratio("roaring", "sterling_bloom_bitsliced+exact", b) for b in batches},
+        "search_filtered_over_unfiltered": {b: ratio("search_probe_then_filter", "search_unfiltered", b) for b in batches},
         "probe_then_filter_items_tested_fraction": round(reduction, 4),
-        f"target_speedup_5x_at_batch_{bmax}": lat[("roaring", bmax)] / lat[(best, bmax)] >= 5,
-        "target_memory_third_of_roaring": mem["sterling_bloom"] <= mem["roaring"] / 3,
+        f"target_speedup_5x_at_batch_{bmax}": ratio("roaring", best, bmax) >= 5,
+        "target_memory_third_of_roaring": bool(mem) and mem["sterling_bloom"] <= mem["roaring"] / 3,
         "target_tested_le_tenth": reduction <= 0.1,
         "target_fpr_within_2x": args.target_fpr / 2 <= per_term_fpr <= 2 * args.target_fpr,
         "exact_mismatches": mismatches,
