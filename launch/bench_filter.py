@@ -320,12 +320,14 @@ def bench_one(n: int, args: argparse.Namespace) -> list[dict]:
 
         def measure(name, fn, items, b, reps=1):
             nb = max(1, len(items) // b)
-            chunks = [items[i * b : (i + 1) * b] for i in range(nb)]
+            chunks = [items[i * b : (i + 1) * b] for i in range(nb)]  # the last may be short
             fn(chunks[0])  # warm-up
             t = sum(_timeit(lambda c=c: fn(c), reps) for c in chunks)
-            ms = t / (nb * b) * 1e3
+            nq = sum(len(c) for c in chunks)
+            ms = t / nq * 1e3
             lat[(name, b)] = ms
-            _emit({**common, "what": "latency", "structure": name, "batch": b, "queries": nb * b, "ms_per_query": round(ms, 4)})
+            _emit({**common, "what": "latency", "structure": name, "batch": min(b, len(chunks[0])), "queries": nq,
+                   "ms_per_query": round(ms, 4)})
 
         for b in batches:
             measure("sterling_bloom_bitsliced", lambda c: sterling_sliced(c), exprs, b)
