@@ -224,13 +224,17 @@ def bench_one(n: int, args: argparse.Namespace) -> list[dict]:
     slow = exprs[: args.slow_exprs]
     trees = [parse_filter(e) for e in exprs]
 
-    t0 = time.perf_counter()
-    sliced = bit_slice(index.bloom)
-    slice_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    roaring = RoaringIndex(index.attr_ids, index.attr_offsets, index.vocab, N)
-    roaring_build_s = time.perf_counter() - t0
-    fwd = ForwardIndex(index.attr_ids, index.attr_offsets, index.vocab)
+    parts = set(args.parts.split(","))
+    sliced = roaring = fwd = None
+    slice_s = roaring_build_s = float("nan")
+    if "filter" in parts:
+        t0 = time.perf_counter()
+        sliced = bit_slice(index.bloom)
+        slice_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        roaring = RoaringIndex(index.attr_ids, index.attr_offsets, index.vocab, N)
+        roaring_build_s = time.perf_counter() - t0
+        fwd = ForwardIndex(index.attr_ids, index.attr_offsets, index.vocab)
 
     def sterling_sliced(batch_exprs):
         f = index.compile_filters(batch_exprs, len(batch_exprs))
@@ -273,7 +277,6 @@ def bench_one(n: int, args: argparse.Namespace) -> list[dict]:
          "bloom_hashes": index.bloom_spec.hashes}
     )
 
-    parts = set(args.parts.split(","))
     lat: dict[tuple[str, int], float] = {}
     mem: dict[str, float] = {}
     per_term_fpr = expr_fpr = expr_fpr_monotone = float("nan")
