@@ -79,6 +79,10 @@ def test_malformed_requests_get_clear_status_codes_and_the_server_keeps_serving(
     res = client.retrieve(query=xq, k=10, nprobe=8)  # still serving, still right
     ref = model(query=torch.from_numpy(xq), k=10, nprobe=8, adaptive=False)
     assert_same_topk(res.ids, res.scores, ref.ids, ref.scores, exact=True)
+    per_query = ["lang:en", None, "NOT policy:blocked", "country:US AND device:ios"]
+    res = client.retrieve(query=xq, k=10, nprobe=8, where=per_query)
+    ref = model(query=torch.from_numpy(xq), k=10, nprobe=8, where=per_query, adaptive=False)
+    assert_same_topk(res.ids, res.scores, ref.ids, ref.scores)
 
 
 def test_update_rpcs_are_declared_but_unimplemented(client):
@@ -261,7 +265,7 @@ def test_sterling_shard_serve_and_query_cli(cluster_model, cluster_catalog, tmp_
         lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
         ref = model(query=xq, k=5, nprobe=8, adaptive=False)
         assert [[h["id"] for h in ln["results"]] for ln in lines] == ref.ids.tolist()
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGINT)  # `launch ray` is stopped with SIGTERM in test_launch_ray.py
         assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:
