@@ -322,3 +322,16 @@ def test_deadlines_over_grpc_partial_unavailable_and_deadline_exceeded(cluster_m
     finally:
         one.stop(grace=0.1)
         both.stop(grace=0.1)
+
+
+def test_adaptive_mode_over_grpc_widens_selective_filters(client, cluster_model, cluster_catalog):
+    model, _ = cluster_model
+    xq = synthetic_queries(cluster_catalog, 16, seed=9).numpy()
+    where = "lang:ja AND device:tv"
+    fixed = client.retrieve(query=xq, k=50, nprobe=4, where=where, adaptive=False)
+    wide = client.retrieve(query=xq, k=50, nprobe=4, where=where, adaptive=True)
+    ref = model(query=torch.from_numpy(xq), k=50, nprobe=4, where=where, adaptive=True)
+    assert (wide.ids >= 0).sum() > (fixed.ids >= 0).sum()
+    assert (wide.ids >= 0).sum() >= 0.95 * (ref.ids >= 0).sum().item()
+    unspecified = client.retrieve(query=xq, k=50, nprobe=4, where=where)  # server default: off
+    np.testing.assert_array_equal(unspecified.ids, fixed.ids)
