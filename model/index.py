@@ -37,6 +37,8 @@ from sterling.model.errors import (
 from sterling.model.filter import CompiledFilters, compile_filters
 
 __all__ = ["ItemIndex", "prepare_queries"]
+# Blocks at least this long evaluate only the programs their queries need (see _eligible_fn).
+_PER_PROGRAM_MIN_ITEMS = 2048
 
 _BUFFERS = (
     "centroids",
@@ -229,25 +231,46 @@ class ItemIndex(nn.Module):
         scanned and how many of them passed the Bloom pass.
         """
 
-        def _bloom_block(filters: CompiledFilters, start: int, end: int) -> torch.Tensor:
-            # [P + 1, n]: row 0 = unfiltered; cached per block so rescans of the same batch reuse it
+        def _bloom_block(filters: CompiledFilters, start: int, end: int, progs: torch.Tensor) -> torch.Tensor:
+            """[len(progs), n] Bloom pass of the given programs (−1 = unfiltered) over one block.
+
+            Each (block, program) row is computed once per batch and cached, so rescans
+            reuse it. A block is usually probed by a few of the batch's queries: when it
+            is large and needs few of the P programs, each is evaluated alone (its own
+            small plan); otherwise the whole batch plan runs once (fewer, larger ops).
+            """
             cache = filters._plans.setdefault("blocks", {})
-            got = cache.get((start, end))
-            if got is None:
-                plan = filters.plan(bloom=True)
-                hits = bloom_term_hits(self.bloom[start:end], filters.term_words[plan.terms])
-                got = torch.cat([torch.ones(1, end - start, dtype=torch.bool, device=hits.device), plan.eval(hits)])
-                used = filters._plans.get("block_bytes", 0) + got.numel()
-                if used <= 1 << 26:  # 64 MB of cached Bloom results per batch at most
-                    cache[(start, end)] = got
+            rows = cache.setdefault((start, end), {})
+            want = [p for p in progs.unique().tolist() if p >= 0 and p not in rows]
+            if want:
+                P = len(filters.programs)
+                sig = self.bloom[start:end]
+                if 4 * len(want) >= P or end - start < _PER_PROGRAM_MIN_ITEMS:
+                    plan = filters.plan(bloom=True)
+                    ev = plan.eval(bloom_term_hits(sig, filters.term_words[plan.terms]))
+                    new = {p: ev[p] for p in range(P)}
+                else:
+                    new = {}
+                    for p in want:
+                        plan = filters._plans.get(("one", p))
+                        if plan is None:
+                            plan = filters._plans[("one", p)] = FilterPlan.build([filters.programs[p]], bloom=True)
+                        new[p] = plan.eval(bloom_term_hits(sig, filters.term_words[plan.terms]))[0]
+                used = filters._plans.get("block_bytes", 0) + (end - start) * len(new)
+                if used <= 1 << 26:  # cache at most 64 MB of Bloom results per batch
+                    rows.update(new)
                     filters._plans["block_bytes"] = used
-            return got
+                lookup = {**rows, **new}
+            else:
+                lookup = rows
+            ones = torch.ones(end - start, dtype=torch.bool, device=self.bloom.device)
+            return torch.stack([lookup[p] if p >= 0 else ones for p in progs.tolist()])
 
         def eligible(rows: torch.Tensor, start: int, end: int) -> torch.Tensor | None:
             progs = qprog[rows]
             if bool((progs < 0).all()):
                 return None
-            elig = _bloom_block(filters, start, end)[progs + 1]
+            elig = _bloom_block(filters, start, end, progs)
             if seen is not None:
                 live = unpack_bits_range(self.alive, start, end)
                 seen[rows, 0] += int(live.sum())
