@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -221,3 +222,29 @@ def test_fused_numba_bitsliced_filter_equals_the_reference(data, T, NW, P, K):
         pos = positions[plan.terms]
         ref = filter_sliced(sliced, plan, pos, n_items=n_items)
         assert torch.equal(filter_sliced_fused(sliced, plan, pos, n_items=n_items), ref)
+
+
+@pytest.mark.parametrize("per_program_min_items", [1, 10**9])
+def test_per_program_and_batch_bloom_passes_give_the_oracle_answer(monkeypatch, per_program_min_items):
+    import sterling.model.index as index_mod
+
+    monkeypatch.setattr(index_mod, "_PER_PROGRAM_MIN_ITEMS", per_program_min_items)
+    monkeypatch.setattr("sterling.kernels.cpu_scan.HAVE_NUMBA", False)  # the PyTorch scan calls _eligible_fn
+    built = []
+    real_build = index_mod.FilterPlan.build
+    monkeypatch.setattr(index_mod.FilterPlan, "build", lambda progs, **kw: built.append(len(progs)) or real_build(progs, **kw))
+    rng = random.Random(4)
+    lists = [sorted({f"{f}:v{rng.randrange(3)}" for f in rng.choices(FEATURES, k=rng.randint(0, 5))}) for _ in range(400)]
+    x = torch.randn(400, 4, generator=torch.Generator().manual_seed(4))
+    index, ids = _build(x, lists, 8, 64, 1)
+    exprs = [random_expr(rng, _vocab(lists)) for _ in range(24)]
+    xq = torch.randn(len(exprs), 4, generator=torch.Generator().manual_seed(5))
+    _, got = index.search(xq, k=400, nprobe=1, where=[render(e) for e in exprs], adaptive=False)
+    probed = (xq @ index.centroids.T).topk(1, dim=1).indices
+    offs = index.list_offsets.tolist()
+    row_of = {int(i): r for r, i in enumerate(ids.tolist())}
+    for q, e in enumerate(exprs):
+        scanned = {int(i) for lst in probed[q].tolist() for i in index.item_ids[offs[lst] : offs[lst + 1]].tolist() if i >= 0}
+        want = {i for i in scanned if holds(e, set(lists[row_of[i]]))}
+        assert {int(i) for i in got[q].tolist() if i >= 0} == want, render(e)
+    assert (1 in built) == (per_program_min_items == 1)  # the per-program path really ran
