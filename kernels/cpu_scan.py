@@ -19,6 +19,7 @@ import numpy as np
 __all__ = ["HAVE_NUMBA", "MAX_TERMS", "programs_to_arrays", "scan_lists"]
 
 MAX_TERMS = 63  # term hits are an int64 bitmask per item
+SERIAL_PAIRS = 2048  # (query, list) pairs below which one thread scans
 
 try:  # optional: the device image and minimal installs have no numba
     from numba import njit, prange
@@ -444,6 +445,20 @@ def fused_topk(xq, probe, codes, scales, list_offsets, alive, k, bloom, term_wor
 
     Returns (scores [B, k] fp32, positions [B, k] int64, counts [B, 2] int64).
     """
+    B, P = probe.shape
+    if B * P < SERIAL_PAIRS:  # too little work to wake a thread team (it spin-waits under load)
+        import numba
+
+        threads = numba.get_num_threads()
+        numba.set_num_threads(1)
+        try:
+            return _fused_topk(xq, probe, codes, scales, list_offsets, alive, k, bloom, term_words, programs, qprog)
+        finally:
+            numba.set_num_threads(threads)
+    return _fused_topk(xq, probe, codes, scales, list_offsets, alive, k, bloom, term_words, programs, qprog)
+
+
+def _fused_topk(xq, probe, codes, scales, list_offsets, alive, k, bloom, term_words, programs, qprog):
     B, P = probe.shape
     pair_n, pair_nb, pair_start, col, width, order, lists, lstart, pair_flat, total = _layout(probe, list_offsets)
     flat = np.empty(total, dtype=np.float32)

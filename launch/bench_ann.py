@@ -23,8 +23,8 @@ from pathlib import Path
 __all__ = ["register", "run"]
 
 FILTERS = {  # name → expression; selectivities are measured and printed
-    "~10%": "lang:es OR lang:pt",
-    "~1%": "lang:fr AND NOT policy:blocked",
+    "~10%": "lang:es AND NOT policy:blocked",
+    "~1%": "lang:fr AND tier:premium",
 }
 
 

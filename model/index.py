@@ -300,9 +300,11 @@ class ItemIndex(nn.Module):
         """Search one chunk of queries.
 
         Filtered queries adapt to their filter's selectivity f, measured as
-        the Bloom-eligible fraction of the items their first scan touched:
-        finding the eligible top-k needs about nprobe / f lists. A query
-        that needs more than it scanned is rescanned with that many lists;
+        the Bloom-eligible fraction of the items their first scan touched
+        (times the exact precision of its survivors): the eligible top-k
+        lie in a wider ball, and about nprobe / √f lists hold it (the ball
+        grows sublinearly in lists; nprobe / f overshoots). A query that
+        needs more than it scanned is rescanned with that many lists;
         one that would need more than half of all lists skips IVF and scores
         its exactly verified eligible set directly (pre-filtering). Turn
         this off with ``adaptive=False``.
@@ -321,13 +323,13 @@ class ItemIndex(nn.Module):
             return out_s, out_p
         precision = seen[:, 3].double() / seen[:, 2].double()
         frac = seen[:, 1].double() / seen[:, 0].clamp(min=1).double() * precision
-        need = torch.where(filtered, nprobe / frac.clamp(min=1e-12), torch.zeros_like(frac))
+        need = torch.where(filtered, nprobe / frac.clamp(min=1e-12).sqrt(), torch.zeros_like(frac))
         brute = filtered & (need >= 0.5 * self.nlist)
         widen = filtered & ~brute & (need > 1.25 * nprobe)
         if bool(widen.any()):
             rows = widen.nonzero().squeeze(1)
-            # bucket by powers of two so each rescan is one batch
-            wide = torch.clamp(nprobe * 2 ** torch.ceil(torch.log2(need[rows] / nprobe)), max=self.nlist).long()
+            # half-steps of nprobe, so each rescan is one batch and the overshoot stays small
+            wide = torch.clamp(torch.ceil(2 * need[rows] / nprobe) * nprobe / 2, max=self.nlist).long()
             for w in wide.unique().tolist():
                 sel = rows[wide == w]
                 p2 = probe_lists(xq[sel], self.centroids, int(w))
