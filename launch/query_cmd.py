@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Search a model artifact. The query is a vector file (--vector) or an item's "
         "own embedding (--like ID).",
     )
-    p.add_argument("--model", required=True, help="artifact written by `sterling build`")
+    p.add_argument("--model", help="artifact written by `sterling build` (or use --address)")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--nprobe", type=int, help="lists probed (default nlist/8)")
     p.add_argument("--where", default=None, help='filter, e.g. "lang:en AND NOT policy:blocked"')
@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--like", type=int, help="use the stored embedding of this item id as the query")
     p.add_argument("--approx", action="store_true", help="skip the exact filter re-check (exact=False)")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    from sterling.cluster.client import add_remote_arguments
+
+    add_remote_arguments(p)  # --address HOST:PORT, --token-file, --tls-ca, --deadline-ms
     p.set_defaults(func=run)
 
 
@@ -50,6 +53,12 @@ def run(args: argparse.Namespace) -> int:
     from sterling.model import RetrievalModel
     from sterling.model.errors import InvalidInputError
 
+    if getattr(args, "address", None):
+        from sterling.cluster.client import query_remote
+
+        return query_remote(args)
+    if not args.model:
+        raise InvalidInputError("give --model PATH (local artifact) or --address HOST:PORT (a server)")
     model = RetrievalModel.load(args.model)
     index = model.index
     if args.like is not None:
