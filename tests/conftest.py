@@ -8,6 +8,10 @@ import pytest
 import torch
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+if not torch.cuda.is_available():
+    # Without a GPU, Triton kernels can only run interpreted; this must be set before any
+    # module decorates them (test collection may import sterling.kernels.triton_ivf early).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
