@@ -62,20 +62,6 @@ def _timed(fn, repeat: int = 3):
     return best, out
 
 
-def _holds(node, terms) -> bool:
-    from sterling.model.filter import And, Not, Or, Term
-
-    if isinstance(node, Term):
-        return node.text in terms
-    if isinstance(node, Not):
-        return not _holds(node.child, terms)
-    if isinstance(node, And):
-        return all(_holds(c, terms) for c in node.children)
-    if isinstance(node, Or):
-        return any(_holds(c, terms) for c in node.children)
-    raise TypeError(node)
-
-
 def _roaring_eval(node, postings, universe):
     from sterling.model.filter import And, Not, Term
 
