@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["HAVE_NUMBA", "MAX_TERMS", "programs_to_arrays", "scan_lists"]
+__all__ = ["HAVE_NUMBA", "MAX_TERMS", "fused_topk", "programs_to_arrays"]
 
 MAX_TERMS = 63  # term hits are an int64 bitmask per item
-SERIAL_PAIRS = 2048  # (query, list) pairs below which one thread scans
+SERIAL_ITEMS = 32_768  # items scanned below which one thread does the whole search
 
 try:  # optional: the device image and minimal installs have no numba
     from numba import njit, prange
@@ -127,104 +127,147 @@ if HAVE_NUMBA:
             flat[b2 + i] = a2
             flat[b3 + i] = a3
 
+    @njit(cache=True, inline="always")
+    def _all_alive(alive, s, n):  # pragma: no cover - compiled
+        """True when every item of positions [s, s + n) is alive (bytes at a time)."""
+        e = s + n
+        p = s
+        while p < e and (p & 7) != 0:
+            if ((alive[p >> 3] >> (p & 7)) & 1) == 0:
+                return False
+            p += 1
+        while p + 8 <= e:
+            if alive[p >> 3] != 255:
+                return False
+            p += 8
+        while p < e:
+            if ((alive[p >> 3] >> (p & 7)) & 1) == 0:
+                return False
+            p += 1
+        return True
+
     @njit(fastmath=True, cache=True, inline="always")
     def _scan_pair_direct(  # pragma: no cover - compiled
         xq, q, codes, scales, alive, s, n, bloom, term_words, ops, args, length, prog, flat, base,
-        bmax, c0, counts, pi, stack,
+        bmax, c0, counts, pi, stack, live_all,
     ):
-        """One query × one list in a single pass over the int8 codes (no dequantized copy)."""
+        """One query × one list straight from the int8 codes (no dequantized copy).
+
+        Unfiltered and fully alive (the common case): one tight dot loop, then
+        block maxima over the just-written scores (hot in L1). Otherwise the
+        item's eligibility is decided first and ineligible items skip the dot.
+        """
         D = xq.shape[1]
         T = term_words.shape[0]
         W = term_words.shape[1]
         neg = np.float32(-np.inf)
-        m = neg
-        nlive = 0
-        nelig = 0
-        for i in range(n):
-            p = s + i
-            ok = ((alive[p >> 3] >> (p & 7)) & 1) == 1
-            if ok:
-                nlive += 1
-                if prog >= 0:
-                    h = np.int64(0)
-                    for t in range(T):
-                        hit = True
-                        for w in range(W):
-                            tw = term_words[t, w]
-                            if (bloom[p, w] & tw) != tw:
-                                hit = False
-                                break
-                        if hit:
-                            h |= np.int64(1) << t
-                    ok = _eval_bloom(ops, args, length, h, stack)
-            if ok:
-                nelig += 1
+        if prog < 0 and live_all:
+            for i in range(n):
                 acc = np.float32(0.0)
                 for d in range(D):
-                    acc += xq[q, d] * np.float32(codes[p, d])
-                v = acc * scales[p]
-                flat[base + i] = v
-                if v > m:
-                    m = v
-            else:
-                flat[base + i] = neg
-            if (i & 15) == 15 or i == n - 1:
-                bmax[q, c0 + (i >> 4)] = m
-                m = neg
+                    acc += xq[q, d] * np.float32(codes[s + i, d])
+                flat[base + i] = acc * scales[s + i]
+            nlive = n
+            nelig = n
+        else:
+            nlive = 0
+            nelig = 0
+            for i in range(n):
+                p = s + i
+                ok = live_all or ((alive[p >> 3] >> (p & 7)) & 1) == 1
+                if ok:
+                    nlive += 1
+                    if prog >= 0:
+                        h = np.int64(0)
+                        for t in range(T):
+                            hit = True
+                            for w in range(W):
+                                tw = term_words[t, w]
+                                if (bloom[p, w] & tw) != tw:
+                                    hit = False
+                                    break
+                            if hit:
+                                h |= np.int64(1) << t
+                        ok = _eval_bloom(ops, args, length, h, stack)
+                if ok:
+                    nelig += 1
+                    acc = np.float32(0.0)
+                    for d in range(D):
+                        acc += xq[q, d] * np.float32(codes[p, d])
+                    flat[base + i] = acc * scales[p]
+                else:
+                    flat[base + i] = neg
+        nf = n >> 4
+        for j in range(nf):
+            m = neg
+            for i in range(16):
+                v = flat[base + 16 * j + i]
+                m = v if v > m else m
+            bmax[q, c0 + j] = m
+        if n & 15:
+            m = neg
+            for i in range(16 * nf, n):
+                v = flat[base + i]
+                m = v if v > m else m
+            bmax[q, c0 + nf] = m
         counts[pi, 0] = nlive
         counts[pi, 1] = nelig
 
-    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _scan(  # pragma: no cover - compiled
-        xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pair_col, pair_flat,
+    @njit(fastmath=True, cache=True)
+    def _scan_list(  # pragma: no cover - compiled
+        li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pair_col, pair_flat,
         bloom, term_words, prog_ops, prog_args, prog_len, qprog, flat, bmax, counts,
     ):
+        """Scan one probed list for every query of the batch that probes it."""
         D = xq.shape[1]
         T = term_words.shape[0]
         W = term_words.shape[1]
         P = prog_len.shape[0]
         neg = np.float32(-np.inf)
-        for li in prange(lists.shape[0]):
-            lst = lists[li]
-            s = list_offsets[lst]
-            n = list_offsets[lst + 1] - s
-            if n == 0:
-                continue
-            p0 = lstart[li]
-            p1 = lstart[li + 1]
-            if p1 - p0 < 4:  # few queries share this block: score the int8 codes directly
-                stack = np.empty(prog_ops.shape[1] + 1, dtype=np.bool_)
-                for pi in range(p0, p1):
-                    q = pair_q[pi]
-                    prog = qprog[q]
-                    pr = max(prog, 0)
-                    _scan_pair_direct(
-                        xq, q, codes, scales, alive, s, n, bloom, term_words, prog_ops[pr],
-                        prog_args[pr], prog_len[pr], prog, flat, pair_flat[pi], bmax, pair_col[pi],
-                        counts, pi, stack,
-                    )
-                continue
-            # enough queries share the block: dequantize it once
-            blk = np.empty((n, D), dtype=np.float32)
-            for i in range(n):
-                sc = scales[s + i]
-                for d in range(D):
-                    blk[i, d] = codes[s + i, d] * sc
-            # ok[0] = alive; ok[1 + p] = alive and Bloom-eligible for program p
-            used = np.zeros(P + 1, dtype=np.bool_)
-            used[0] = True
+        lst = lists[li]
+        s = list_offsets[lst]
+        n = list_offsets[lst + 1] - s
+        p0 = lstart[li]
+        p1 = lstart[li + 1]
+        if n == 0:
+            return
+        if p1 - p0 < 4:  # few queries share this block: score the int8 codes directly
+            stack = np.empty(prog_ops.shape[1] + 1, dtype=np.bool_)
+            live_all = _all_alive(alive, s, n)
             for pi in range(p0, p1):
-                used[qprog[pair_q[pi]] + 1] = True
+                q = pair_q[pi]
+                prog = qprog[q]
+                pr = max(prog, 0)
+                _scan_pair_direct(
+                    xq, q, codes, scales, alive, s, n, bloom, term_words, prog_ops[pr],
+                    prog_args[pr], prog_len[pr], prog, flat, pair_flat[pi], bmax, pair_col[pi],
+                    counts, pi, stack, live_all,
+                )
+            return
+        # enough queries share the block: dequantize it once
+        blk = np.empty((n, D), dtype=np.float32)
+        for i in range(n):
+            sc = scales[s + i]
+            for d in range(D):
+                blk[i, d] = codes[s + i, d] * sc
+        # ok[0] = alive; ok[1 + p] = alive and Bloom-eligible for program p
+        used = np.zeros(P + 1, dtype=np.bool_)
+        used[0] = True
+        for pi in range(p0, p1):
+            used[qprog[pair_q[pi]] + 1] = True
+        any_prog = False
+        for pp in range(P):
+            if used[pp + 1]:
+                any_prog = True
+        all_live = _all_alive(alive, s, n)
+        plain = all_live and not any_prog  # nothing to mask: maxima come with the dots
+        if not plain:
             ok = np.zeros((P + 1, n), dtype=np.bool_)
-            hits = np.zeros(n, dtype=np.int64)
-            any_prog = False
-            for pp in range(P):
-                if used[pp + 1]:
-                    any_prog = True
             for i in range(n):
                 p = s + i
                 ok[0, i] = ((alive[p >> 3] >> (p & 7)) & 1) == 1
             if any_prog:
+                hits = np.zeros(n, dtype=np.int64)
                 for i in range(n):
                     h = np.int64(0)
                     for t in range(T):
@@ -244,146 +287,147 @@ if HAVE_NUMBA:
                             ok[pp + 1, i] = ok[0, i] and _eval_bloom(
                                 prog_ops[pp], prog_args[pp], prog_len[pp], hits[i], stack
                             )
-            all_live = True
+        else:
+            ok = np.zeros((1, 1), dtype=np.bool_)
+        # scores, four queries per pass over the block
+        pi = p0
+        while pi + 4 <= p1:
+            if plain:
+                _dot4_max(xq, pair_q[pi], pair_q[pi + 1], pair_q[pi + 2], pair_q[pi + 3], blk, flat,
+                          pair_flat[pi], pair_flat[pi + 1], pair_flat[pi + 2], pair_flat[pi + 3], n,
+                          bmax, pair_col[pi], pair_col[pi + 1], pair_col[pi + 2], pair_col[pi + 3])
+            else:
+                _dot4(xq, pair_q[pi], pair_q[pi + 1], pair_q[pi + 2], pair_q[pi + 3], blk, flat,
+                      pair_flat[pi], pair_flat[pi + 1], pair_flat[pi + 2], pair_flat[pi + 3], n)
+            pi += 4
+        done4 = pi if plain else p0
+        while pi < p1:
+            q = pair_q[pi]
+            base = pair_flat[pi]
             for i in range(n):
-                if not ok[0, i]:
-                    all_live = False
-                    break
-            plain = all_live and not any_prog  # nothing to mask: maxima come with the dots
-            # scores, four queries per pass over the block
-            pi = p0
-            while pi + 4 <= p1:
+                acc = np.float32(0.0)
+                for d in range(D):
+                    acc += xq[q, d] * blk[i, d]
+                flat[base + i] = acc
+            pi += 1
+        # mask, count and block maxima (pairs not already finished by _dot4_max)
+        for pi in range(p0, done4):
+            counts[pi, 0] = n
+            counts[pi, 1] = n
+        for pi in range(done4, p1):
+            q = pair_q[pi]
+            base = pair_flat[pi]
+            c0 = pair_col[pi]
+            row = qprog[q] + 1
+            nlive = 0
+            nelig = 0
+            m = neg
+            for i in range(n):
                 if plain:
-                    _dot4_max(xq, pair_q[pi], pair_q[pi + 1], pair_q[pi + 2], pair_q[pi + 3], blk, flat,
-                              pair_flat[pi], pair_flat[pi + 1], pair_flat[pi + 2], pair_flat[pi + 3], n,
-                              bmax, pair_col[pi], pair_col[pi + 1], pair_col[pi + 2], pair_col[pi + 3])
+                    good = True
                 else:
-                    _dot4(xq, pair_q[pi], pair_q[pi + 1], pair_q[pi + 2], pair_q[pi + 3], blk, flat,
-                          pair_flat[pi], pair_flat[pi + 1], pair_flat[pi + 2], pair_flat[pi + 3], n)
-                pi += 4
-            done4 = pi if plain else p0
-            while pi < p1:
-                q = pair_q[pi]
-                base = pair_flat[pi]
-                for i in range(n):
-                    acc = np.float32(0.0)
-                    for d in range(D):
-                        acc += xq[q, d] * blk[i, d]
-                    flat[base + i] = acc
-                pi += 1
-            # mask, count and block maxima (pairs not already finished by _dot4_max)
-            for pi in range(p0, done4):
-                counts[pi, 0] = n
-                counts[pi, 1] = n
-            for pi in range(done4, p1):
-                q = pair_q[pi]
-                base = pair_flat[pi]
-                c0 = pair_col[pi]
-                row = qprog[q] + 1
-                nlive = 0
-                nelig = 0
-                m = neg
-                for i in range(n):
+                    good = ok[row, i]
                     if ok[0, i]:
                         nlive += 1
-                    if ok[row, i]:
-                        nelig += 1
-                        v = flat[base + i]
-                        if v > m:
-                            m = v
-                    else:
-                        flat[base + i] = neg
-                    if (i & 15) == 15 or i == n - 1:
-                        bmax[q, c0 + (i >> 4)] = m
-                        m = neg
-                counts[pi, 0] = nlive
-                counts[pi, 1] = nelig
+                if good:
+                    nelig += 1
+                    v = flat[base + i]
+                    if v > m:
+                        m = v
+                else:
+                    flat[base + i] = neg
+                if (i & 15) == 15 or i == n - 1:
+                    bmax[q, c0 + (i >> 4)] = m
+                    m = neg
+            counts[pi, 0] = n if plain else nlive
+            counts[pi, 1] = nelig
 
+    @njit(cache=True, inline="always")
+    def _kth_largest(vals, m, kk):  # pragma: no cover - compiled
+        """The kk-th largest of vals[:m] (1 ≤ kk ≤ m): a size-kk min-heap when kk is small."""
+        if kk > 1024 or 4 * kk > m:
+            return -np.partition(-vals[:m], kk - 1)[kk - 1]
+        h = vals[:kk].copy()
+        for i in range(kk // 2 - 1, -1, -1):  # heapify
+            _sift(h, i, kk)
+        for i in range(kk, m):
+            v = vals[i]
+            if v > h[0]:
+                h[0] = v
+                _sift(h, 0, kk)
+        return h[0]
 
-def scan_lists(
-    xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pair_col, pair_flat,
-    bloom, term_words, programs, qprog, flat, bmax,
-) -> np.ndarray:
-    """Run the fused scan over numpy views; returns per-pair (live, eligible) counts [P, 2]."""
-    ops, args, lens = programs_to_arrays(programs)
-    counts = np.zeros((pair_q.shape[0], 2), dtype=np.int64)
-    _scan(
-        xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pair_col, pair_flat,
-        bloom, term_words, ops, args, lens, qprog, flat, bmax, counts,
-    )
-    return counts
+    @njit(cache=True, inline="always")
+    def _sift(h, i, n):  # pragma: no cover - compiled
+        v = h[i]
+        while True:
+            c = 2 * i + 1
+            if c >= n:
+                break
+            if c + 1 < n and h[c + 1] < h[c]:
+                c += 1
+            if h[c] >= v:
+                break
+            h[i] = h[c]
+            i = c
+        h[i] = v
 
-
-if HAVE_NUMBA:
-
-    @njit(parallel=True, cache=True, nogil=True)
-    def _select(bmax, flat, k, colq, pair_nb, pair_n, pair_flat, pair_start, out_s, out_p):  # pragma: no cover
-        B, nprobe = colq.shape
+    @njit(cache=True)
+    def _select_query(q, bmax, flat, k, colq, pair_nb, pair_n, pair_flat, pair_start, out_s, out_p):  # pragma: no cover
+        """Stages B and C for one query: top-k blocks by maximum, then top-k items among them."""
+        nprobe = colq.shape[1]
         neg = np.float32(-np.inf)
-        for q in prange(B):
-            row = bmax[q]
-            width = 0
-            for j in range(nprobe):
-                width = max(width, colq[q, j] + pair_nb[q * nprobe + j])
-            kb = min(k, width)
-            if kb == 0:
-                continue
-            # β = kb-th largest block maximum: blocks with a maximum ≥ β hold the top k
-            part = np.partition(-row[:width], kb - 1)
-            beta = -part[kb - 1]
-            if beta == neg:
-                beta = np.float32(-3.4e38)  # fewer than kb non-empty blocks: take every finite one
-            m = 0
-            for j in range(nprobe):
-                p = q * nprobe + j
-                for b in range(pair_nb[p]):
-                    if row[colq[q, j] + b] >= beta:
-                        m += min(16, pair_n[p] - 16 * b)
-            cs = np.empty(m, dtype=np.float32)
-            cp = np.empty(m, dtype=np.int64)
-            m = 0
-            for j in range(nprobe):
-                p = q * nprobe + j
-                for b in range(pair_nb[p]):
-                    if row[colq[q, j] + b] >= beta:
-                        first = 16 * b
-                        cnt = min(16, pair_n[p] - first)
-                        for i in range(cnt):
-                            v = flat[pair_flat[p] + first + i]
-                            if v > neg:
-                                cs[m] = v
-                                cp[m] = pair_start[p] + first + i
-                                m += 1
+        row = bmax[q]
+        width = 0
+        for j in range(nprobe):
+            width = max(width, colq[q, j] + pair_nb[q * nprobe + j])
+        kb = min(k, width)
+        if kb == 0:
+            return
+        # β = kb-th largest block maximum: blocks with a maximum ≥ β hold the top k
+        beta = _kth_largest(row, width, kb)
+        if beta == neg:
+            beta = np.float32(-3.4e38)  # fewer than kb non-empty blocks: take every finite one
+        m = 0
+        for j in range(nprobe):
+            p = q * nprobe + j
+            for b in range(pair_nb[p]):
+                if row[colq[q, j] + b] >= beta:
+                    m += min(16, pair_n[p] - 16 * b)
+        cs = np.empty(m, dtype=np.float32)
+        cp = np.empty(m, dtype=np.int64)
+        m = 0
+        for j in range(nprobe):
+            p = q * nprobe + j
+            for b in range(pair_nb[p]):
+                if row[colq[q, j] + b] >= beta:
+                    first = 16 * b
+                    cnt = min(16, pair_n[p] - first)
+                    for i in range(cnt):
+                        v = flat[pair_flat[p] + first + i]
+                        if v > neg:
+                            cs[m] = v
+                            cp[m] = pair_start[p] + first + i
+                            m += 1
+        kk = min(k, m)
+        if kk == 0:
+            return
+        if kk < m:
+            thr = _kth_largest(cs, m, kk)
+            sel = np.nonzero(cs[:m] >= thr)[0]
+            cs = cs[sel]
+            cp = cp[sel]
+        else:
             cs = cs[:m]
             cp = cp[:m]
-            kk = min(k, m)
-            if kk == 0:
-                continue
-            if kk < m:
-                thr = -np.partition(-cs, kk - 1)[kk - 1]
-                sel = np.nonzero(cs >= thr)[0]
-                cs = cs[sel]
-                cp = cp[sel]
-            # order by (score desc, position asc); keep the first kk
-            order = np.argsort(cp, kind="mergesort")
-            cs = cs[order]
-            cp = cp[order]
-            order = np.argsort(-cs, kind="mergesort")
-            for r in range(kk):
-                out_s[q, r] = cs[order[r]]
-                out_p[q, r] = cp[order[r]]
-
-
-def select_topk(bmax, flat, k, colq, pair_nb, pair_n, pair_flat, pair_start):
-    """Stages B and C in one compiled pass per query → (scores [B, k], positions [B, k])."""
-    B = bmax.shape[0]
-    out_s = np.full((B, k), -np.inf, dtype=np.float32)
-    out_p = np.full((B, k), -1, dtype=np.int64)
-    _select(bmax, flat, k, colq, pair_nb, pair_n, pair_flat, pair_start, out_s, out_p)
-    return out_s, out_p
-
-
-if HAVE_NUMBA:
+        # order by (score desc, position asc); keep the first kk
+        order = np.argsort(cp, kind="mergesort")
+        cs = cs[order]
+        cp = cp[order]
+        order = np.argsort(-cs, kind="mergesort")
+        for r in range(kk):
+            out_s[q, r] = cs[order[r]]
+            out_p[q, r] = cp[order[r]]
 
     @njit(cache=True, nogil=True)
     def _layout(probe, list_offsets):  # pragma: no cover - compiled
@@ -437,38 +481,82 @@ if HAVE_NUMBA:
             p = order[r]
             pair_flat[p] = total
             total += pair_n[p]
-        return pair_n, pair_nb, pair_start, col, width, order, lists, lstart, pair_flat, total
+        # the same per-pair facts in list-grouped order, for the scan
+        pair_q = np.empty(npairs, dtype=np.int64)
+        pcol = np.empty(npairs, dtype=np.int64)
+        pflat = np.empty(npairs, dtype=np.int64)
+        for r in range(npairs):
+            p = order[r]
+            pair_q[r] = p // P
+            pcol[r] = col[p]
+            pflat[r] = pair_flat[p]
+        return pair_n, pair_nb, pair_start, col, width, order, lists, lstart, pair_flat, total, pair_q, pcol, pflat
+
+    # Two drivers, one body: the same helpers in a parallel region (large
+    # batches) or on the calling thread (small ones: no thread team to wake).
+
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def _run_parallel(  # pragma: no cover - compiled
+        xq, probe, codes, scales, list_offsets, alive, k, bloom, term_words, ops, args, lens, qprog,
+        out_s, out_p, qcounts,
+    ):
+        B, P = probe.shape
+        (pair_n, pair_nb, pair_start, col, width, order, lists, lstart, pair_flat, total,
+         pair_q, pcol, pflat) = _layout(probe, list_offsets)
+        flat = np.empty(total, dtype=np.float32)
+        bmax = np.full((B, max(width, 1)), -np.inf, dtype=np.float32)
+        counts = np.zeros((B * P, 2), dtype=np.int64)
+        for li in prange(lists.shape[0]):
+            _scan_list(li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pcol, pflat,
+                       bloom, term_words, ops, args, lens, qprog, flat, bmax, counts)
+        for r in range(B * P):
+            qcounts[pair_q[r], 0] += counts[r, 0]
+            qcounts[pair_q[r], 1] += counts[r, 1]
+        colq = col.reshape(B, P)
+        for q in prange(B):
+            _select_query(q, bmax, flat, k, colq, pair_nb, pair_n, pair_flat, pair_start, out_s, out_p)
+
+    @njit(fastmath=True, cache=True, nogil=True)
+    def _run_serial(  # pragma: no cover - compiled
+        xq, probe, codes, scales, list_offsets, alive, k, bloom, term_words, ops, args, lens, qprog,
+        out_s, out_p, qcounts,
+    ):
+        B, P = probe.shape
+        (pair_n, pair_nb, pair_start, col, width, order, lists, lstart, pair_flat, total,
+         pair_q, pcol, pflat) = _layout(probe, list_offsets)
+        flat = np.empty(total, dtype=np.float32)
+        bmax = np.full((B, max(width, 1)), -np.inf, dtype=np.float32)
+        counts = np.zeros((B * P, 2), dtype=np.int64)
+        for li in range(lists.shape[0]):
+            _scan_list(li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pcol, pflat,
+                       bloom, term_words, ops, args, lens, qprog, flat, bmax, counts)
+        for r in range(B * P):
+            qcounts[pair_q[r], 0] += counts[r, 0]
+            qcounts[pair_q[r], 1] += counts[r, 1]
+        colq = col.reshape(B, P)
+        for q in range(B):
+            _select_query(q, bmax, flat, k, colq, pair_nb, pair_n, pair_flat, pair_start, out_s, out_p)
 
 
-def fused_topk(xq, probe, codes, scales, list_offsets, alive, k, bloom, term_words, programs, qprog):
-    """Layout, scan and selection in compiled code (numpy in, numpy out).
+def fused_topk(xq, probe, codes, scales, list_offsets, alive, k, bloom, term_words, programs, qprog, *, parallel=None):
+    """Layout, scan and selection in one compiled call (numpy in, numpy out).
 
-    Returns (scores [B, k] fp32, positions [B, k] int64, counts [B, 2] int64).
+    ``parallel`` (default: by the amount of work) runs the lists and then the
+    queries across numba's threads; small searches stay on the calling
+    thread, since waking a thread team costs more than it saves there.
+
+    Returns (scores [B, k] fp32, positions [B, k] int64, counts [B, 2] int64):
+    per query the live items scanned and how many passed the Bloom pass.
     """
     B, P = probe.shape
-    if B * P < SERIAL_PAIRS:  # too little work to wake a thread team (it spin-waits under load)
-        import numba
-
-        threads = numba.get_num_threads()
-        numba.set_num_threads(1)
-        try:
-            return _fused_topk(xq, probe, codes, scales, list_offsets, alive, k, bloom, term_words, programs, qprog)
-        finally:
-            numba.set_num_threads(threads)
-    return _fused_topk(xq, probe, codes, scales, list_offsets, alive, k, bloom, term_words, programs, qprog)
-
-
-def _fused_topk(xq, probe, codes, scales, list_offsets, alive, k, bloom, term_words, programs, qprog):
-    B, P = probe.shape
-    pair_n, pair_nb, pair_start, col, width, order, lists, lstart, pair_flat, total = _layout(probe, list_offsets)
-    flat = np.empty(total, dtype=np.float32)
-    bmax = np.full((B, max(width, 1)), -np.inf, dtype=np.float32)
-    pair_q = order // P
-    pc = scan_lists(
-        xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, col[order], pair_flat[order],
-        bloom, term_words, programs, qprog, flat, bmax,
-    )
+    ops, args, lens = programs_to_arrays(programs)
+    out_s = np.full((B, k), -np.inf, dtype=np.float32)
+    out_p = np.full((B, k), -1, dtype=np.int64)
     counts = np.zeros((B, 2), dtype=np.int64)
-    np.add.at(counts, pair_q, pc)
-    out_s, out_p = select_topk(bmax, flat, k, col.reshape(B, P), pair_nb, pair_n, pair_flat, pair_start)
+    if parallel is None:
+        work = B * P * (list_offsets[-1] // max(list_offsets.shape[0] - 1, 1))
+        parallel = work >= SERIAL_ITEMS
+    run = _run_parallel if parallel else _run_serial
+    run(xq, probe, codes, scales, list_offsets, alive, k, bloom, term_words, ops, args, lens, qprog,
+        out_s, out_p, counts)
     return out_s, out_p, counts

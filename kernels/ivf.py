@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from sterling.kernels.bits import unpack_bits_range
@@ -34,6 +35,8 @@ __all__ = ["ScanFilter", "BLOCK", "probe_lists", "ivf_topk", "ivf_topk_reference
 EligibleFn = Callable[[torch.Tensor, int, int], "torch.Tensor | None"]
 
 NEG_INF = float("-inf")
+_NO_BLOOM = np.zeros((1, 1), dtype=np.int64)  # the fused scan's "no filter" arguments
+_NO_TERMS = np.zeros((0, 1), dtype=np.int64)
 
 
 def probe_lists(xq: torch.Tensor, centroids: torch.Tensor, nprobe: int) -> torch.Tensor:
@@ -184,19 +187,16 @@ def ivf_topk(
         raise RuntimeError("the fused CPU scan needs numba, CPU tensors and ≤ 63 filter terms")
     if fused:
         if scan_filter is None:
-            bloom = torch.zeros(1, 1, dtype=torch.int64)
-            term_words = torch.zeros(0, 1, dtype=torch.int64)
-            programs: list = []
-            qprog = torch.full((B,), -1, dtype=torch.int64)
+            bloom, term_words, programs = _NO_BLOOM, _NO_TERMS, []
+            qprog = np.full(B, -1, dtype=np.int64)
         else:
-            bloom, term_words = scan_filter.bloom, scan_filter.term_words
-            programs, qprog = scan_filter.programs, scan_filter.qprog
+            bloom, term_words = scan_filter.bloom.numpy(), scan_filter.term_words.numpy()
+            programs, qprog = scan_filter.programs, scan_filter.qprog.numpy()
             if term_words.shape[0] == 0:
-                term_words = torch.zeros(0, max(bloom.shape[1], 1), dtype=torch.int64)
+                term_words = np.zeros((0, max(bloom.shape[1], 1)), dtype=np.int64)
         out_s, out_p, pc = cpu_scan.fused_topk(
             xq.contiguous().numpy(), probe.contiguous().numpy(), codes.numpy(), scales.numpy(),
-            list_offsets.numpy(), alive.numpy(), k, bloom.numpy(), term_words.numpy(), programs,
-            qprog.numpy(),
+            list_offsets.numpy(), alive.numpy(), k, bloom, term_words, programs, qprog,
         )
         if counts is not None:
             counts += torch.from_numpy(pc)

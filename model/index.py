@@ -77,9 +77,8 @@ def prepare_queries(xq, dim: int, metric: Metric) -> torch.Tensor:
     if not xq.is_floating_point():
         raise InvalidInputError(f"queries must be floating point, got {xq.dtype}")
     xq = xq.float()
-    finite = torch.isfinite(xq).all(dim=1)
-    if not bool(finite.all()):
-        bad = int((~finite).nonzero()[0])
+    if not bool(torch.isfinite(xq).all()):
+        bad = int((~torch.isfinite(xq).all(dim=1)).nonzero()[0])
         raise NonFiniteError(f"query row {bad} contains NaN or inf; replace or drop it before searching")
     if Metric(metric) is Metric.COSINE:
         xq = F.normalize(xq, dim=1)
@@ -209,20 +208,34 @@ class ItemIndex(nn.Module):
         xq = prepare_queries(xq, self.dim, self.metric)
         k, nprobe = self._check_k_nprobe(k, nprobe)
         B = xq.shape[0]
-        filters = self.compile_filters(where, B)
+        unfiltered = where is None or (isinstance(where, str) and not where.strip())
+        filters = None if unfiltered else self.compile_filters(where, B)
+        adaptive = self.config.adaptive_filter if adaptive is None else adaptive
         avg = max(1, self.capacity // max(self.nlist, 1))
         per_query = nprobe * avg + 16 * k  # probed scores + selected candidates
         step = max(1, min(B, _CHUNK_BUDGET // max(per_query, 1)))
-        out_s = torch.empty(B, k)
-        out_p = torch.empty(B, k, dtype=torch.int64)
-        for s in range(0, B, step):
-            rows = slice(s, s + step)
-            out_s[rows], out_p[rows] = self._search_chunk(
-                xq[rows], k, nprobe, filters, filters.query_program[rows], exact,
-                self.config.adaptive_filter if adaptive is None else adaptive,
-            )
-        ids = torch.where(out_p >= 0, self.item_ids[out_p.clamp(min=0)], torch.full_like(out_p, -1))
-        return out_s, ids
+        if step >= B:  # one chunk (the common case): no copies
+            out_s, out_p = self._search_chunk(xq, k, nprobe, filters, None if filters is None else
+                                              filters.query_program, exact, adaptive)
+        else:
+            out_s = torch.empty(B, k)
+            out_p = torch.empty(B, k, dtype=torch.int64)
+            for s in range(0, B, step):
+                rows = slice(s, s + step)
+                out_s[rows], out_p[rows] = self._search_chunk(
+                    xq[rows], k, nprobe, filters, None if filters is None else filters.query_program[rows],
+                    exact, adaptive,
+                )
+        return out_s, self.positions_to_ids(out_p)
+
+    def positions_to_ids(self, pos: torch.Tensor) -> torch.Tensor:
+        """Index positions → item ids; −1 stays −1."""
+        if pos.device.type == "cpu" and self.item_ids.device.type == "cpu":
+            p = pos.numpy()
+            ids = self.item_ids.numpy()[np.maximum(p, 0)]
+            ids[p < 0] = -1
+            return torch.from_numpy(ids)
+        return torch.where(pos >= 0, self.item_ids[pos.clamp(min=0)], torch.full_like(pos, -1))
 
     def _eligible_fn(self, filters: CompiledFilters, qprog: torch.Tensor, seen: torch.Tensor | None = None):
         """Bloom pass over one list block, for the queries scanning it.
@@ -310,6 +323,8 @@ class ItemIndex(nn.Module):
         this off with ``adaptive=False``.
         """
         probe = probe_lists(xq, self.centroids, nprobe)
+        if filters is None:
+            return ivf_topk(xq, probe, k=k, eligible=None, **self._scan_args())
         filtered = qprog >= 0
         if not bool(filtered.any()):
             return ivf_topk(xq, probe, k=k, eligible=None, **self._scan_args())
