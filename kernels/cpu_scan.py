@@ -22,6 +22,7 @@ MAX_TERMS = 63  # term hits are an int64 bitmask per item
 SERIAL_ITEMS = 32_768  # items scanned below which one thread does the whole search
 
 try:  # optional: the device image and minimal installs have no numba
+    import numba
     from numba import njit, prange
 
     HAVE_NUMBA = True
@@ -373,8 +374,19 @@ if HAVE_NUMBA:
         h[i] = v
 
     @njit(cache=True)
-    def _select_query(q, bmax, flat, k, colq, pair_nb, pair_n, pair_flat, pair_start, out_s, out_p):  # pragma: no cover
-        """Stages B and C for one query: top-k blocks by maximum, then top-k items among them."""
+    def _select_query(  # pragma: no cover - compiled
+        q, bmax, flat, k, colq, pair_nb, pair_n, pair_flat, pair_start, item_ids, with_ids,
+        out_s, out_p, out_i, keys, tmp, pos, cid,
+    ):
+        """Stages B and C for one query: top-k blocks by maximum, then top-k items among them.
+
+        Candidates are gathered in position order (the query's lists by start) as 64-bit
+        words: high half a key whose ascending order is descending score, low half the
+        candidate's index. The k-th key is found by a heap (small k) or a radix select
+        (large k); the survivors are ordered by a stable LSD radix sort on the high half,
+        so equal scores stay in position order. ``keys``, ``tmp``, ``pos`` and ``cid``
+        are the calling thread's scratch, large enough for every scanned item.
+        """
         nprobe = colq.shape[1]
         neg = np.float32(-np.inf)
         row = bmax[q]
@@ -383,51 +395,186 @@ if HAVE_NUMBA:
             width = max(width, colq[q, j] + pair_nb[q * nprobe + j])
         kb = min(k, width)
         if kb == 0:
+            _pad(q, 0, k, with_ids, out_s, out_p, out_i)
             return
         # β = kb-th largest block maximum: blocks with a maximum ≥ β hold the top k
-        beta = _kth_largest(row, width, kb)
-        if beta == neg:
-            beta = np.float32(-3.4e38)  # fewer than kb non-empty blocks: take every finite one
+        if kb == width:
+            beta = np.float32(-3.4e38)  # every block is needed: take every finite score
+        else:
+            beta = _kth_largest(row, width, kb)
+            if beta == neg:
+                beta = np.float32(-3.4e38)  # fewer than kb non-empty blocks: take every finite one
+        jorder = np.argsort(pair_start[q * nprobe : (q + 1) * nprobe])
+        fu = flat.view(np.uint32)
         m = 0
-        for j in range(nprobe):
-            p = q * nprobe + j
-            for b in range(pair_nb[p]):
-                if row[colq[q, j] + b] >= beta:
-                    m += min(16, pair_n[p] - 16 * b)
-        cs = np.empty(m, dtype=np.float32)
-        cp = np.empty(m, dtype=np.int64)
-        m = 0
-        for j in range(nprobe):
+        for jj in range(nprobe):
+            j = jorder[jj]
             p = q * nprobe + j
             for b in range(pair_nb[p]):
                 if row[colq[q, j] + b] >= beta:
                     first = 16 * b
                     cnt = min(16, pair_n[p] - first)
                     for i in range(cnt):
-                        v = flat[pair_flat[p] + first + i]
-                        if v > neg:
-                            cs[m] = v
-                            cp[m] = pair_start[p] + first + i
+                        f = pair_flat[p] + first + i
+                        if flat[f] > neg:
+                            keys[m] = (np.uint64(_desc_key(fu[f])) << np.uint64(32)) | np.uint64(m)
+                            pos[m] = pair_start[p] + first + i
+                            if with_ids:
+                                cid[m] = item_ids[pair_start[p] + first + i]  # sequential read
                             m += 1
         kk = min(k, m)
+        _pad(q, kk, k, with_ids, out_s, out_p, out_i)
         if kk == 0:
             return
+        n = m
         if kk < m:
-            thr = _kth_largest(cs, m, kk)
-            sel = np.nonzero(cs[:m] >= thr)[0]
-            cs = cs[sel]
-            cp = cp[sel]
-        else:
-            cs = cs[:m]
-            cp = cp[:m]
-        # order by (score desc, position asc); keep the first kk
-        order = np.argsort(cp, kind="mergesort")
-        cs = cs[order]
-        cp = cp[order]
-        order = np.argsort(-cs, kind="mergesort")
+            thr = np.uint64(_kth_smallest_heap(keys, m, kk) if kk <= 1024 else _kth_smallest_radix(keys, m, kk))
+            n = 0
+            for i in range(m):  # stable, branch-free compaction
+                x = keys[i]
+                keys[n] = x
+                n += (x >> np.uint64(32)) <= thr
+        _radix_sort_high(keys[:n], tmp)
+        top = np.empty(kk, dtype=np.uint32)
         for r in range(kk):
-            out_s[q, r] = cs[order[r]]
-            out_p[q, r] = cp[order[r]]
+            top[r] = _score_bits(np.int64(keys[r] >> np.uint64(32)))
+        sc = top.view(np.float32)
+        low = np.uint64(0xFFFFFFFF)
+        for r in range(kk):
+            c = np.int64(keys[r] & low)
+            out_s[q, r] = sc[r]
+            out_p[q, r] = pos[c]
+            if with_ids:
+                out_i[q, r] = cid[c]
+
+    @njit(cache=True, inline="always")
+    def _pad(q, start, k, with_ids, out_s, out_p, out_i):  # pragma: no cover - compiled
+        for r in range(start, k):
+            out_s[q, r] = -np.inf
+            out_p[q, r] = -1
+            if with_ids:
+                out_i[q, r] = -1
+
+    @njit(cache=True, inline="always")
+    def _desc_key(u):  # pragma: no cover - compiled
+        """fp32 score bits → uint32 key whose ascending order is descending score (−0.0 as +0.0).
+
+        Branch-free: negative scores flip every bit, positive ones only the sign bit.
+        """
+        x = np.int64(u)
+        x = x * (x != 0x80000000)
+        a = x ^ (0x80000000 | (0x7FFFFFFF * (x >> 31)))
+        return 0xFFFFFFFF - a
+
+    @njit(cache=True, inline="always")
+    def _score_bits(h):  # pragma: no cover - compiled
+        """Inverse of ``_desc_key`` (as int64 → uint32 bits)."""
+        a = 0xFFFFFFFF - h
+        return np.uint32(a ^ (0x80000000 | (0x7FFFFFFF * (1 - (a >> 31)))))
+
+    @njit(cache=True)
+    def _kth_smallest_heap(keys, m, kk):  # pragma: no cover - compiled
+        """The kk-th smallest high half of keys[:m], with a size-kk max-heap (stored negated)."""
+        h = np.empty(kk, dtype=np.int64)
+        for i in range(kk):
+            h[i] = -np.int64(keys[i] >> np.uint64(32))
+        for i in range(kk // 2 - 1, -1, -1):
+            _sift(h, i, kk)
+        for i in range(kk, m):
+            v = -np.int64(keys[i] >> np.uint64(32))
+            if v > h[0]:
+                h[0] = v
+                _sift(h, 0, kk)
+        return -h[0]
+
+    @njit(cache=True)
+    def _kth_smallest_radix(keys, m, kk):  # pragma: no cover - compiled
+        """The kk-th smallest high half of keys[:m] by radix select: digits of 11, 11, 10 bits."""
+        cand = np.empty(0, dtype=np.int64)
+        need = kk
+        prefix = np.int64(0)
+        for step in range(3):
+            shift = 21 if step == 0 else (10 if step == 1 else 0)
+            width = 1024 if step == 2 else 2048
+            hist = np.zeros(width, dtype=np.int64)
+            n = m if step == 0 else cand.shape[0]
+            for i in range(n):
+                h = np.int64(keys[i] >> np.uint64(32)) if step == 0 else cand[i]
+                hist[(h >> shift) & (width - 1)] += 1
+            digit = 0
+            while hist[digit] < need:
+                need -= hist[digit]
+                digit += 1
+            prefix |= np.int64(digit) << shift
+            if step < 2:
+                nxt = np.empty(hist[digit], dtype=np.int64)
+                j = 0
+                for i in range(n):
+                    h = np.int64(keys[i] >> np.uint64(32)) if step == 0 else cand[i]
+                    if ((h >> shift) & (width - 1)) == digit:
+                        nxt[j] = h
+                        j += 1
+                cand = nxt
+        return prefix
+
+    @njit(cache=True)
+    def _radix_sort_high(keys, tmp):  # pragma: no cover - compiled
+        """Stable in-place ascending sort of uint64 words by their high 32 bits: insertion sort
+        when short, else LSD radix over the four high bytes, skipping any byte every word shares."""
+        n = keys.shape[0]
+        if n <= 64:
+            for i in range(1, n):
+                x = keys[i]
+                j = i - 1
+                while j >= 0 and keys[j] > x:  # whole-word order = high half, then index
+                    keys[j + 1] = keys[j]
+                    j -= 1
+                keys[j + 1] = x
+            return
+        hist = np.zeros((4, 256), dtype=np.int64)
+        for i in range(n):
+            h = np.int64(keys[i] >> np.uint64(32))
+            hist[0, h & 255] += 1
+            hist[1, (h >> 8) & 255] += 1
+            hist[2, (h >> 16) & 255] += 1
+            hist[3, h >> 24] += 1
+        src = keys
+        dst = tmp[:n]
+        flips = 0
+        offs = np.empty(256, dtype=np.int64)
+        for step in range(4):
+            trivial = False
+            for d in range(256):
+                if hist[step, d] == n:
+                    trivial = True
+                    break
+            if trivial:
+                continue
+            acc = 0
+            for d in range(256):
+                offs[d] = acc
+                acc += hist[step, d]
+            shift = np.uint64(32 + 8 * step)
+            for i in range(n):
+                x = src[i]
+                d = np.int64((x >> shift) & np.uint64(255))
+                dst[offs[d]] = x
+                offs[d] += 1
+            src, dst = dst, src
+            flips += 1
+        if flips % 2 == 1:
+            keys[:] = src
+
+    @njit(cache=True)
+    def _scratch(B, P, pair_n):  # pragma: no cover - compiled
+        """Most items any one query scanned: the size of a thread's selection scratch."""
+        most = 1
+        for q in range(B):
+            s = 0
+            for j in range(P):
+                s += pair_n[q * P + j]
+            most = max(most, s)
+        return most
 
     @njit(cache=True, nogil=True)
     def _layout(probe, list_offsets):  # pragma: no cover - compiled
@@ -498,7 +645,7 @@ if HAVE_NUMBA:
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def _run_parallel(  # pragma: no cover - compiled
         xq, probe, codes, scales, list_offsets, alive, k, bloom, term_words, ops, args, lens, qprog,
-        out_s, out_p, qcounts,
+        item_ids, with_ids, out_s, out_p, out_i, qcounts, threads,
     ):
         B, P = probe.shape
         (pair_n, pair_nb, pair_start, col, width, order, lists, lstart, pair_flat, total,
@@ -513,13 +660,21 @@ if HAVE_NUMBA:
             qcounts[pair_q[r], 0] += counts[r, 0]
             qcounts[pair_q[r], 1] += counts[r, 1]
         colq = col.reshape(B, P)
-        for q in prange(B):
-            _select_query(q, bmax, flat, k, colq, pair_nb, pair_n, pair_flat, pair_start, out_s, out_p)
+        most = _scratch(B, P, pair_n)
+        T = max(1, min(B, threads))
+        for t in prange(T):  # one scratch per thread, queries dealt round-robin
+            keys = np.empty(most, dtype=np.uint64)
+            tmp = np.empty(most, dtype=np.uint64)
+            pos = np.empty(most, dtype=np.int64)
+            cid = np.empty(most if with_ids else 0, dtype=np.int64)
+            for q in range(t, B, T):
+                _select_query(q, bmax, flat, k, colq, pair_nb, pair_n, pair_flat, pair_start, item_ids, with_ids,
+                              out_s, out_p, out_i, keys, tmp, pos, cid)
 
     @njit(fastmath=True, cache=True, nogil=True)
     def _run_serial(  # pragma: no cover - compiled
         xq, probe, codes, scales, list_offsets, alive, k, bloom, term_words, ops, args, lens, qprog,
-        out_s, out_p, qcounts,
+        item_ids, with_ids, out_s, out_p, out_i, qcounts, threads,
     ):
         B, P = probe.shape
         (pair_n, pair_nb, pair_start, col, width, order, lists, lstart, pair_flat, total,
@@ -534,29 +689,46 @@ if HAVE_NUMBA:
             qcounts[pair_q[r], 0] += counts[r, 0]
             qcounts[pair_q[r], 1] += counts[r, 1]
         colq = col.reshape(B, P)
+        most = _scratch(B, P, pair_n)
+        keys = np.empty(most, dtype=np.uint64)
+        tmp = np.empty(most, dtype=np.uint64)
+        pos = np.empty(most, dtype=np.int64)
+        cid = np.empty(most if with_ids else 0, dtype=np.int64)
         for q in range(B):
-            _select_query(q, bmax, flat, k, colq, pair_nb, pair_n, pair_flat, pair_start, out_s, out_p)
+            _select_query(q, bmax, flat, k, colq, pair_nb, pair_n, pair_flat, pair_start, item_ids, with_ids,
+                          out_s, out_p, out_i, keys, tmp, pos, cid)
 
 
-def fused_topk(xq, probe, codes, scales, list_offsets, alive, k, bloom, term_words, programs, qprog, *, parallel=None):
+def fused_topk(
+    xq, probe, codes, scales, list_offsets, alive, k, bloom, term_words, programs, qprog, *, item_ids=None,
+    parallel=None,
+):
     """Layout, scan and selection in one compiled call (numpy in, numpy out).
 
     ``parallel`` (default: by the amount of work) runs the lists and then the
     queries across numba's threads; small searches stay on the calling
     thread, since waking a thread team costs more than it saves there.
+    ``item_ids`` (optional [N_cap] int64): also return each result's id,
+    read while the candidates are gathered in position order.
 
-    Returns (scores [B, k] fp32, positions [B, k] int64, counts [B, 2] int64):
-    per query the live items scanned and how many passed the Bloom pass.
+    Returns (scores [B, k] fp32, positions [B, k] int64, counts [B, 2] int64,
+    ids [B, k] int64 or None): counts are, per query, the live items scanned
+    and how many of them passed the Bloom pass.
     """
     B, P = probe.shape
     ops, args, lens = programs_to_arrays(programs)
-    out_s = np.full((B, k), -np.inf, dtype=np.float32)
-    out_p = np.full((B, k), -1, dtype=np.int64)
+    out_s = np.empty((B, k), dtype=np.float32)  # each query pads its own row past its results
+    out_p = np.empty((B, k), dtype=np.int64)
+    with_ids = item_ids is not None
+    out_i = np.empty((B, k) if with_ids else (0, 0), dtype=np.int64)
     counts = np.zeros((B, 2), dtype=np.int64)
     if parallel is None:
         work = B * P * (list_offsets[-1] // max(list_offsets.shape[0] - 1, 1))
         parallel = work >= SERIAL_ITEMS
     run = _run_parallel if parallel else _run_serial
     run(xq, probe, codes, scales, list_offsets, alive, k, bloom, term_words, ops, args, lens, qprog,
-        out_s, out_p, counts)
-    return out_s, out_p, counts
+        item_ids if with_ids else _NO_IDS, with_ids, out_s, out_p, out_i, counts, numba.get_num_threads())
+    return out_s, out_p, counts, (out_i if with_ids else None)
+
+
+_NO_IDS = np.zeros(1, dtype=np.int64)

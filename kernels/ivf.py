@@ -130,7 +130,8 @@ def ivf_topk(
     scan_filter: ScanFilter | None = None,
     counts: torch.Tensor | None = None,
     fused: bool | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    item_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
     """List-grouped int8 IVF scan with block-max two-stage selection (CPU path).
 
     Each probed list is dequantized once and scored against every query of
@@ -160,8 +161,12 @@ def ivf_topk(
             callback path counts inside ``eligible``.
         fused: force (True) or forbid (False) the fused path; default: use
             it when possible.
+        item_ids: optional [N_cap] int64 id per position; when given, the
+            ids of the results are returned too (the fused path reads them
+            while gathering candidates, in position order).
     Returns:
-        (scores [B, k] fp32, positions [B, k] int64), −inf / −1 padded.
+        (scores [B, k] fp32, positions [B, k] int64), −inf / −1 padded,
+        plus ids [B, k] int64 (−1 padded) when ``item_ids`` is given.
     """
     from sterling.kernels import cpu_scan
 
@@ -169,7 +174,7 @@ def ivf_topk(
         from sterling.kernels.triton_ivf import ivf_topk_triton
 
         sf = scan_filter
-        return ivf_topk_triton(
+        out = ivf_topk_triton(
             xq, probe, codes, scales, list_offsets, alive, k,
             bloom=None if sf is None else sf.bloom,
             term_words=None if sf is None else sf.term_words,
@@ -177,14 +182,15 @@ def ivf_topk(
             qprog=None if sf is None else sf.qprog,
             counts=counts,
         )
+        return out if item_ids is None else (*out, _ids_of(out[1], item_ids))
     B, nprobe = probe.shape
-    can_fuse = cpu_scan.HAVE_NUMBA and xq.device.type == "cpu" and (
+    can_fuse = cpu_scan.HAVE_NUMBA and xq.device.type == "cpu" and codes.shape[0] < 1 << 32 and (
         scan_filter is None or scan_filter.term_words.shape[0] <= cpu_scan.MAX_TERMS
     )
     if fused is None:
         fused = can_fuse and (scan_filter is not None or eligible is None)
     if fused and not can_fuse:
-        raise RuntimeError("the fused CPU scan needs numba, CPU tensors and ≤ 63 filter terms")
+        raise RuntimeError("the fused CPU scan needs numba, CPU tensors, < 2**32 items and ≤ 63 filter terms")
     if fused:
         if scan_filter is None:
             bloom, term_words, programs = _NO_BLOOM, _NO_TERMS, []
@@ -194,13 +200,16 @@ def ivf_topk(
             programs, qprog = scan_filter.programs, scan_filter.qprog.numpy()
             if term_words.shape[0] == 0:
                 term_words = np.zeros((0, max(bloom.shape[1], 1)), dtype=np.int64)
-        out_s, out_p, pc = cpu_scan.fused_topk(
+        out_s, out_p, pc, out_i = cpu_scan.fused_topk(
             xq.contiguous().numpy(), probe.contiguous().numpy(), codes.numpy(), scales.numpy(),
             list_offsets.numpy(), alive.numpy(), k, bloom, term_words, programs, qprog,
+            item_ids=None if item_ids is None else item_ids.numpy(),
         )
         if counts is not None:
             counts += torch.from_numpy(pc)
-        return torch.from_numpy(out_s), torch.from_numpy(out_p)
+        if item_ids is None:
+            return torch.from_numpy(out_s), torch.from_numpy(out_p)
+        return torch.from_numpy(out_s), torch.from_numpy(out_p), torch.from_numpy(out_i)
 
     lay = block_layout(probe, list_offsets)
     col, width = lay["col"], int(lay["width"])
@@ -219,7 +228,12 @@ def ivf_topk(
     lists, per_list = torch.unique_consecutive(pair_list[order], return_counts=True)
     _scan_torch(xq, codes, scales, list_offsets, alive, eligible, order, lists, per_list,
                 pair_query, pair_flat, col, flat, bmax)
-    return _select(bmax, flat, k, col.view(B, nprobe), pair_list, pair_n, pair_flat, list_offsets)
+    out = _select(bmax, flat, k, col.view(B, nprobe), pair_list, pair_n, pair_flat, list_offsets)
+    return out if item_ids is None else (*out, _ids_of(out[1], item_ids))
+
+
+def _ids_of(pos: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
+    return torch.where(pos >= 0, item_ids[pos.clamp(min=0)], torch.full_like(pos, -1))
 
 
 def _scan_torch(xq, codes, scales, list_offsets, alive, eligible, order, lists, per_list,

@@ -212,21 +212,25 @@ class ItemIndex(nn.Module):
         filters = None if unfiltered else self.compile_filters(where, B)
         adaptive = self.config.adaptive_filter if adaptive is None else adaptive
         avg = max(1, self.capacity // max(self.nlist, 1))
-        per_query = nprobe * avg + 16 * k  # probed scores + selected candidates
+        scanned = nprobe * avg
+        per_query = scanned + min(16 * k, scanned + 16 * nprobe)  # probed scores + selected candidates
         step = max(1, min(B, _CHUNK_BUDGET // max(per_query, 1)))
+        def chunk(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+            if filters is None:  # the scan maps positions to ids itself (sequential reads)
+                probe = probe_lists(xq[rows], self.centroids, nprobe)
+                s, _, ids = ivf_topk(xq[rows], probe, k=k, item_ids=self.item_ids, **self._scan_args())
+                return s, ids
+            s, p = self._search_chunk(xq[rows], k, nprobe, filters, filters.query_program[rows], exact, adaptive)
+            return s, self.positions_to_ids(p)
+
         if step >= B:  # one chunk (the common case): no copies
-            out_s, out_p = self._search_chunk(xq, k, nprobe, filters, None if filters is None else
-                                              filters.query_program, exact, adaptive)
-        else:
-            out_s = torch.empty(B, k)
-            out_p = torch.empty(B, k, dtype=torch.int64)
-            for s in range(0, B, step):
-                rows = slice(s, s + step)
-                out_s[rows], out_p[rows] = self._search_chunk(
-                    xq[rows], k, nprobe, filters, None if filters is None else filters.query_program[rows],
-                    exact, adaptive,
-                )
-        return out_s, self.positions_to_ids(out_p)
+            return chunk(slice(0, B))
+        out_s = torch.empty(B, k)
+        out_i = torch.empty(B, k, dtype=torch.int64)
+        for s in range(0, B, step):
+            rows = slice(s, s + step)
+            out_s[rows], out_i[rows] = chunk(rows)
+        return out_s, out_i
 
     def positions_to_ids(self, pos: torch.Tensor) -> torch.Tensor:
         """Index positions → item ids; −1 stays −1."""
