@@ -76,3 +76,67 @@ def test_k_262144_returns_the_exact_top_k_of_the_scanned_items():
         got = set(ids[q].tolist())
         want = set(index.item_ids[truth.indices].tolist())
         assert len(got ^ want) <= 4
+
+
+@needs_numba
+@pytest.mark.parametrize("k", [700, 1500, 5000, 20_000])  # heap, radix select, radix select, more than scanned
+def test_large_k_selection_equals_the_reference(k):
+    c = synthetic_catalog(20_000, 8, seed=9)
+    index = build_index(c.embeddings, config=IndexConfig(nlist=16, kmeans_iters=3))
+    xq = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))  # mixed-sign scores
+    probe = probe_lists(xq, index.centroids, 8)
+    args = dict(codes=index.codes, scales=index.scales, list_offsets=index.list_offsets, alive=index.alive)
+    s, p, ids = ivf_topk(xq, probe, k=k, fused=True, item_ids=index.item_ids, **args)
+    ref = ivf_topk_reference(xq, probe, k=k, **args)
+    _same((s, p), ref)
+    assert bool((s[:, :-1] >= s[:, 1:]).all())
+    assert torch.equal(ids, torch.where(p >= 0, index.item_ids[p.clamp(min=0)], -1))
+    if k == 20_000:  # every scanned item: scores of both signs, then padding
+        assert bool((s < 0).any()) and bool((s > 0).any()) and bool((p == -1).any())
+
+
+@needs_numba
+def test_equal_scores_come_in_position_order():
+    xb = torch.randn(300, 8, generator=torch.Generator().manual_seed(2)).repeat_interleave(7, dim=0)
+    index = build_index(xb, config=IndexConfig(nlist=4, kmeans_iters=2))
+    xq = xb[:2] + 0.01
+    probe = probe_lists(xq, index.centroids, 4)
+    args = dict(codes=index.codes, scales=index.scales, list_offsets=index.list_offsets, alive=index.alive)
+    for k in (50, 2000):
+        s, p = ivf_topk(xq, probe, k=k, fused=True, **args)
+        tie = s[:, 1:] == s[:, :-1]
+        assert bool(tie.any())
+        assert bool((p[:, 1:] > p[:, :-1])[tie].all())
+
+
+@needs_numba
+def test_score_keys_order_descending_and_round_trip():
+    import numpy as np
+
+    v = np.array([3.4e38, 2.5, 1.0, 1e-45, 0.0, -0.0, -1e-45, -1.0, -7.5, -3.4e38], dtype=np.float32)
+    keys = np.array([cpu_scan._desc_key(u) for u in v.view(np.uint32)], dtype=np.int64)
+    assert keys[4] == keys[5]  # −0.0 is +0.0
+    assert (np.diff(np.delete(keys, 5)) > 0).all()
+    back = np.array([cpu_scan._score_bits(h) for h in keys], dtype=np.uint32).view(np.float32)
+    assert np.array_equal(back, np.where(v == 0, np.float32(0), v)) and not np.signbit(back[5])
+
+
+@needs_numba
+@pytest.mark.parametrize("n", [10, 64, 65, 5000])
+def test_radix_sort_and_select_equal_numpy(n):
+    import numpy as np
+
+    rng = np.random.default_rng(n)
+    hi = rng.integers(0, 1 << 32, size=n, dtype=np.uint64)
+    hi[: n // 2] = hi[n // 2 : 2 * (n // 2)]  # duplicates
+    if n > 64:
+        hi[::3] = (hi[::3] & np.uint64(0xFF)) | np.uint64(0xAB000000)  # a shared top byte for a third
+    words = (hi << np.uint64(32)) | np.arange(n, dtype=np.uint64)
+    sorted_words = words.copy()
+    cpu_scan._radix_sort_high(sorted_words, np.empty(n, dtype=np.uint64))
+    order = np.argsort(hi, kind="stable")
+    assert np.array_equal(sorted_words & np.uint64(0xFFFFFFFF), order.astype(np.uint64))
+    ref = np.sort(hi)
+    for kk in {1, n // 3 + 1, n}:
+        assert cpu_scan._kth_smallest_heap(words, n, kk) == ref[kk - 1]
+        assert cpu_scan._kth_smallest_radix(words, n, kk) == ref[kk - 1]
