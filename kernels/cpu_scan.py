@@ -14,6 +14,8 @@ and the single-process model compute bit-identical scores.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 __all__ = ["HAVE_NUMBA", "MAX_TERMS", "fused_topk", "programs_to_arrays"]
@@ -71,62 +73,89 @@ if HAVE_NUMBA:
         return stack[0]
 
     @njit(fastmath=True, cache=True, inline="always")
-    def _dot4_max(xq, q0, q1, q2, q3, blk, flat, b0, b1, b2, b3, n, bmax, c0, c1, c2, c3):  # pragma: no cover
-        """Four queries × one block, writing scores and 16-item block maxima (no masking)."""
+    def _dot1(xq, q, blk, i):  # pragma: no cover - compiled
+        a = np.float32(0.0)
+        for d in range(blk.shape[1]):
+            a += xq[q, d] * blk[i, d]
+        return a
+
+    @njit(fastmath=True, cache=True, inline="always")
+    def _dot4x2(xq, q0, q1, q2, q3, blk, flat, b0, b1, b2, b3, n, bmax, c0, c1, c2, c3, track):  # pragma: no cover
+        """Four queries × one dequantized block, two items per step (8 accumulators: each
+        loaded query and item value feeds several FMAs). With ``track`` the 16-item block
+        maxima are written as well (the block needs no masking)."""
         D = blk.shape[1]
         neg = np.float32(-np.inf)
         m0 = neg
         m1 = neg
         m2 = neg
         m3 = neg
-        for i in range(n):
-            a0 = np.float32(0.0)
-            a1 = np.float32(0.0)
-            a2 = np.float32(0.0)
-            a3 = np.float32(0.0)
-            for d in range(D):
-                b = blk[i, d]
-                a0 += xq[q0, d] * b
-                a1 += xq[q1, d] * b
-                a2 += xq[q2, d] * b
-                a3 += xq[q3, d] * b
-            flat[b0 + i] = a0
-            flat[b1 + i] = a1
-            flat[b2 + i] = a2
-            flat[b3 + i] = a3
-            m0 = max(m0, a0)
-            m1 = max(m1, a1)
-            m2 = max(m2, a2)
-            m3 = max(m3, a3)
-            if (i & 15) == 15 or i == n - 1:
-                j = i >> 4
-                bmax[q0, c0 + j] = m0
-                bmax[q1, c1 + j] = m1
-                bmax[q2, c2 + j] = m2
-                bmax[q3, c3 + j] = m3
-                m0 = neg
-                m1 = neg
-                m2 = neg
-                m3 = neg
-
-    @njit(fastmath=True, cache=True, inline="always")
-    def _dot4(xq, q0, q1, q2, q3, blk, flat, b0, b1, b2, b3, n):  # pragma: no cover - compiled
-        D = blk.shape[1]
-        for i in range(n):
-            a0 = np.float32(0.0)
-            a1 = np.float32(0.0)
-            a2 = np.float32(0.0)
-            a3 = np.float32(0.0)
-            for d in range(D):
-                b = blk[i, d]
-                a0 += xq[q0, d] * b
-                a1 += xq[q1, d] * b
-                a2 += xq[q2, d] * b
-                a3 += xq[q3, d] * b
-            flat[b0 + i] = a0
-            flat[b1 + i] = a1
-            flat[b2 + i] = a2
-            flat[b3 + i] = a3
+        i = 0
+        while i < n:
+            if i + 1 < n:
+                a0 = np.float32(0.0)
+                a1 = np.float32(0.0)
+                a2 = np.float32(0.0)
+                a3 = np.float32(0.0)
+                e0 = np.float32(0.0)
+                e1 = np.float32(0.0)
+                e2 = np.float32(0.0)
+                e3 = np.float32(0.0)
+                for d in range(D):
+                    u = blk[i, d]
+                    v = blk[i + 1, d]
+                    x0 = xq[q0, d]
+                    x1 = xq[q1, d]
+                    x2 = xq[q2, d]
+                    x3 = xq[q3, d]
+                    a0 += x0 * u
+                    a1 += x1 * u
+                    a2 += x2 * u
+                    a3 += x3 * u
+                    e0 += x0 * v
+                    e1 += x1 * v
+                    e2 += x2 * v
+                    e3 += x3 * v
+                flat[b0 + i] = a0
+                flat[b1 + i] = a1
+                flat[b2 + i] = a2
+                flat[b3 + i] = a3
+                flat[b0 + i + 1] = e0
+                flat[b1 + i + 1] = e1
+                flat[b2 + i + 1] = e2
+                flat[b3 + i + 1] = e3
+                step = 2
+            else:  # odd tail
+                a0 = _dot1(xq, q0, blk, i)
+                a1 = _dot1(xq, q1, blk, i)
+                a2 = _dot1(xq, q2, blk, i)
+                a3 = _dot1(xq, q3, blk, i)
+                flat[b0 + i] = a0
+                flat[b1 + i] = a1
+                flat[b2 + i] = a2
+                flat[b3 + i] = a3
+                e0 = a0
+                e1 = a1
+                e2 = a2
+                e3 = a3
+                step = 1
+            if track:
+                m0 = max(m0, max(a0, e0))
+                m1 = max(m1, max(a1, e1))
+                m2 = max(m2, max(a2, e2))
+                m3 = max(m3, max(a3, e3))
+                last = i + step - 1
+                if (last & 15) == 15 or last == n - 1:  # blocks of 16 start at even items
+                    j = last >> 4
+                    bmax[q0, c0 + j] = m0
+                    bmax[q1, c1 + j] = m1
+                    bmax[q2, c2 + j] = m2
+                    bmax[q3, c3 + j] = m3
+                    m0 = neg
+                    m1 = neg
+                    m2 = neg
+                    m3 = neg
+            i += step
 
     @njit(cache=True, inline="always")
     def _all_alive(alive, s, n):  # pragma: no cover - compiled
@@ -293,13 +322,9 @@ if HAVE_NUMBA:
         # scores, four queries per pass over the block
         pi = p0
         while pi + 4 <= p1:
-            if plain:
-                _dot4_max(xq, pair_q[pi], pair_q[pi + 1], pair_q[pi + 2], pair_q[pi + 3], blk, flat,
-                          pair_flat[pi], pair_flat[pi + 1], pair_flat[pi + 2], pair_flat[pi + 3], n,
-                          bmax, pair_col[pi], pair_col[pi + 1], pair_col[pi + 2], pair_col[pi + 3])
-            else:
-                _dot4(xq, pair_q[pi], pair_q[pi + 1], pair_q[pi + 2], pair_q[pi + 3], blk, flat,
-                      pair_flat[pi], pair_flat[pi + 1], pair_flat[pi + 2], pair_flat[pi + 3], n)
+            _dot4x2(xq, pair_q[pi], pair_q[pi + 1], pair_q[pi + 2], pair_q[pi + 3], blk, flat,
+                    pair_flat[pi], pair_flat[pi + 1], pair_flat[pi + 2], pair_flat[pi + 3], n,
+                    bmax, pair_col[pi], pair_col[pi + 1], pair_col[pi + 2], pair_col[pi + 3], plain)
             pi += 4
         done4 = pi if plain else p0
         while pi < p1:
@@ -311,7 +336,7 @@ if HAVE_NUMBA:
                     acc += xq[q, d] * blk[i, d]
                 flat[base + i] = acc
             pi += 1
-        # mask, count and block maxima (pairs not already finished by _dot4_max)
+        # mask, count and block maxima (pairs not already finished by _dot4x2)
         for pi in range(p0, done4):
             counts[pi, 0] = n
             counts[pi, 1] = n
@@ -645,13 +670,14 @@ if HAVE_NUMBA:
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def _run_parallel(  # pragma: no cover - compiled
         xq, probe, codes, scales, list_offsets, alive, k, bloom, term_words, ops, args, lens, qprog,
-        item_ids, with_ids, out_s, out_p, out_i, qcounts, threads,
+        item_ids, with_ids, out_s, out_p, out_i, qcounts, threads, flat_buf, bmax_buf,
     ):
         B, P = probe.shape
         (pair_n, pair_nb, pair_start, col, width, order, lists, lstart, pair_flat, total,
          pair_q, pcol, pflat) = _layout(probe, list_offsets)
-        flat = np.empty(total, dtype=np.float32)
-        bmax = np.full((B, max(width, 1)), -np.inf, dtype=np.float32)
+        flat = flat_buf[:total]
+        bmax = bmax_buf[: B * max(width, 1)].reshape(B, max(width, 1))
+        bmax[:] = -np.inf
         counts = np.zeros((B * P, 2), dtype=np.int64)
         for li in prange(lists.shape[0]):
             _scan_list(li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pcol, pflat,
@@ -674,13 +700,14 @@ if HAVE_NUMBA:
     @njit(fastmath=True, cache=True, nogil=True)
     def _run_serial(  # pragma: no cover - compiled
         xq, probe, codes, scales, list_offsets, alive, k, bloom, term_words, ops, args, lens, qprog,
-        item_ids, with_ids, out_s, out_p, out_i, qcounts, threads,
+        item_ids, with_ids, out_s, out_p, out_i, qcounts, threads, flat_buf, bmax_buf,
     ):
         B, P = probe.shape
         (pair_n, pair_nb, pair_start, col, width, order, lists, lstart, pair_flat, total,
          pair_q, pcol, pflat) = _layout(probe, list_offsets)
-        flat = np.empty(total, dtype=np.float32)
-        bmax = np.full((B, max(width, 1)), -np.inf, dtype=np.float32)
+        flat = flat_buf[:total]
+        bmax = bmax_buf[: B * max(width, 1)].reshape(B, max(width, 1))
+        bmax[:] = -np.inf
         counts = np.zeros((B * P, 2), dtype=np.int64)
         for li in range(lists.shape[0]):
             _scan_list(li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pcol, pflat,
@@ -722,13 +749,54 @@ def fused_topk(
     with_ids = item_ids is not None
     out_i = np.empty((B, k) if with_ids else (0, 0), dtype=np.int64)
     counts = np.zeros((B, 2), dtype=np.int64)
+    sizes = np.diff(list_offsets)
+    total = int(sizes[probe].sum())
+    width = int(((sizes + 15) // 16)[probe].sum(axis=1).max()) if B else 0
     if parallel is None:
-        work = B * P * (list_offsets[-1] // max(list_offsets.shape[0] - 1, 1))
-        parallel = work >= SERIAL_ITEMS
+        parallel = total >= SERIAL_ITEMS
     run = _run_parallel if parallel else _run_serial
-    run(xq, probe, codes, scales, list_offsets, alive, k, bloom, term_words, ops, args, lens, qprog,
-        item_ids if with_ids else _NO_IDS, with_ids, out_s, out_p, out_i, counts, numba.get_num_threads())
+    flat = _SCRATCH.take(max(total, 1))
+    bmax = _SCRATCH.take(max(B * max(width, 1), 1))
+    try:
+        run(xq, probe, codes, scales, list_offsets, alive, k, bloom, term_words, ops, args, lens, qprog,
+            item_ids if with_ids else _NO_IDS, with_ids, out_s, out_p, out_i, counts, numba.get_num_threads(),
+            flat, bmax)
+    finally:
+        _SCRATCH.give(flat)
+        _SCRATCH.give(bmax)
     return out_s, out_p, counts, (out_i if with_ids else None)
 
 
+class _ScratchPool:
+    """Reused fp32 scratch (the score buffer and block maxima of a search).
+
+    A fresh buffer of a few hundred MB costs more in page faults than the
+    scan that fills it, so buffers are kept for the next search: at most
+    ``keep`` of them, each at most ``max_bytes``. Thread-safe: concurrent
+    searches take different buffers.
+    """
+
+    def __init__(self, keep: int = 4, max_bytes: int = 1 << 28):
+        self.keep, self.max_bytes = keep, max_bytes
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> np.ndarray:
+        with self._lock:
+            for i, buf in enumerate(self._free):  # sorted by size: the smallest that fits
+                if buf.size >= n:
+                    return self._free.pop(i)
+        return np.empty(n, dtype=np.float32)
+
+    def give(self, buf: np.ndarray) -> None:
+        if buf.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            self._free.append(buf)
+            self._free.sort(key=lambda b: b.size)
+            while len(self._free) > self.keep:
+                self._free.pop(0)  # drop the smallest
+
+
+_SCRATCH = _ScratchPool()
 _NO_IDS = np.zeros(1, dtype=np.int64)
