@@ -664,6 +664,20 @@ if HAVE_NUMBA:
             pflat[r] = pair_flat[p]
         return pair_n, pair_nb, pair_start, col, width, order, lists, lstart, pair_flat, total, pair_q, pcol, pflat
 
+    @njit(cache=True, nogil=True)
+    def _buffer_sizes(probe, list_offsets):  # pragma: no cover - compiled
+        """(scores the search writes, widest row of block maxima)."""
+        total = 0
+        width = 0
+        for q in range(probe.shape[0]):
+            w = 0
+            for j in range(probe.shape[1]):
+                n = list_offsets[probe[q, j] + 1] - list_offsets[probe[q, j]]
+                total += n
+                w += (n + 15) // 16
+            width = max(width, w)
+        return total, width
+
     # Two drivers, one body: the same helpers in a parallel region (large
     # batches) or on the calling thread (small ones: no thread team to wake).
 
@@ -749,9 +763,7 @@ def fused_topk(
     with_ids = item_ids is not None
     out_i = np.empty((B, k) if with_ids else (0, 0), dtype=np.int64)
     counts = np.zeros((B, 2), dtype=np.int64)
-    sizes = np.diff(list_offsets)
-    total = int(sizes[probe].sum())
-    width = int(((sizes + 15) // 16)[probe].sum(axis=1).max()) if B else 0
+    total, width = _buffer_sizes(probe, list_offsets)
     if parallel is None:
         parallel = total >= SERIAL_ITEMS
     run = _run_parallel if parallel else _run_serial

@@ -76,8 +76,9 @@ def prepare_queries(xq, dim: int, metric: Metric) -> torch.Tensor:
         )
     if not xq.is_floating_point():
         raise InvalidInputError(f"queries must be floating point, got {xq.dtype}")
-    xq = xq.float()
-    if not bool(torch.isfinite(xq).all()):
+    xq = xq.detach().float()
+    finite = np.isfinite(xq.numpy()).all() if xq.device.type == "cpu" and not xq.requires_grad else torch.isfinite(xq).all()
+    if not bool(finite):
         bad = int((~torch.isfinite(xq).all(dim=1)).nonzero()[0])
         raise NonFiniteError(f"query row {bad} contains NaN or inf; replace or drop it before searching")
     if Metric(metric) is Metric.COSINE:
@@ -172,8 +173,6 @@ class ItemIndex(nn.Module):
             )
         return int(k), int(nprobe)
 
-    @torch.compiler.disable  # data-dependent loops: compiled models call the search eagerly
-    @torch.no_grad()
     def search(
         self,
         xq,
@@ -205,6 +204,17 @@ class ItemIndex(nn.Module):
             (scores [B, k] fp32, ids [B, k] int64); missing results are
             −inf / −1. Within equal scores, lower index position first.
         """
+        if torch.compiler.is_compiling():  # data-dependent loops: a compiled model calls it eagerly
+            return self._search_eager(xq, k, nprobe, where, exact, adaptive)
+        return self._search(xq, k, nprobe, where, exact, adaptive)
+
+    @torch.compiler.disable
+    def _search_eager(self, *args):
+        return self._search(*args)
+
+    def _search(self, xq, k, nprobe, where, exact, adaptive):
+        # (no torch.no_grad(): its context costs more than a small search; the queries are
+        # detached and every buffer is a constant, so no autograd graph is recorded)
         xq = prepare_queries(xq, self.dim, self.metric)
         k, nprobe = self._check_k_nprobe(k, nprobe)
         B = xq.shape[0]
