@@ -76,7 +76,34 @@ def _roaring_eval(node, postings, universe):
     return out
 
 
+def _machine() -> str:
+    """CPU model and core count, for the record."""
+    import os
+
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} CPUs"
+
+
+def _commit() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
     import faiss
     import numpy as np
     import torch
@@ -214,18 +241,21 @@ def run(args: argparse.Namespace) -> int:
               "recall_sterling": _recall(i_st, ltruth), "recall_faiss_sq8": _recall(torch.from_numpy(i_sq), ltruth),
               "speedup_vs_sq8": t_sq / t_st})
 
+    elapsed = time.perf_counter() - started
+    print(json.dumps({"bench": "ann", "case": "total", "seconds": elapsed}), flush=True)
     if args.write:
-        _write(Path(args.out), rows_out, args)
+        _write(Path(args.out), rows_out, args, elapsed)
     return 0
 
 
-def _write(path: Path, rows: list[dict], args) -> None:
+def _write(path: Path, rows: list[dict], args, elapsed: float) -> None:
     cmd = "sterling bench ann --write" + ("" if args.items == 1_000_000 else f" --items {args.items}")
     lines = [
         "## sterling bench ann",
         "",
         f"Command: `{cmd}` (CPU, {args.threads} threads, {args.items:,} × {args.dim} synthetic clustered catalog, "
-        f"{args.queries} queries, nlist {args.nlist}; Faiss on Sterling's centroids). Measured {time.strftime('%Y-%m-%d')}.",
+        f"{args.queries} queries, nlist {args.nlist}; Faiss on Sterling's centroids). Measured {time.strftime('%Y-%m-%d')} "
+        f"on {_machine()} at commit {_commit()}; the whole run took {elapsed:.0f} s.",
         "",
         "| case | k | nprobe | Sterling | Faiss IVF-SQ8 | ratio | recall Sterling / SQ8 |",
         "|---|---|---|---|---|---|---|",
