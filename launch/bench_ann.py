@@ -37,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nprobe", type=int, nargs="+", default=[16, 64])
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--large-k", type=int, nargs="*", default=[10_000, 100_000])
+    p.add_argument("--large-k-nprobe", type=int, default=None,
+                   help="nprobe of the large-k rows (default: max(nprobe, 2·k·nlist/items))")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--write", action="store_true", help="write the figures into BENCHMARKS.md")
     p.add_argument("--out", default="BENCHMARKS.md")
@@ -231,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
     # large k
     nq = min(100, args.queries)
     for k in args.large_k:
-        npr = min(args.nlist, max(nprobe, -(-k * args.nlist * 2 // args.items)))
+        npr = args.large_k_nprobe or min(args.nlist, max(nprobe, -(-k * args.nlist * 2 // args.items)))
         sq8.nprobe = npr
         ltruth = exact(k, q=xq[:nq])
         t_st, (_, i_st) = _timed(lambda k=k, npr=npr: index.search(xq[:nq], k=k, nprobe=npr), repeat=1)
