@@ -1,14 +1,16 @@
-"""IVF int8 scan with per-list partial top-k (probe-then-filter).
+"""IVF int8 scan with in-scan filtering and two-stage (block-max) top-k selection.
 
 Two implementations with one signature:
 
 * ``ivf_topk_reference`` — per query, gather every item of its probed lists
   and score them. Slow and obviously right: the oracle for the fast paths.
-* ``ivf_topk`` — the CPU path: the batch's (query, list) pairs are grouped by
-  list, each list block is dequantized once and scored against all the
-  queries that probe it with one GEMM, a partial top-k is kept per pair, and
-  the partials are merged per query. Memory is bounded by the candidates
-  (Σ min(k, |list|) per query), never by B × N.
+* ``ivf_topk`` — dispatch by device: CUDA tensors go to the Triton kernels
+  (``kernels.triton_ivf``); on CPU the fused compiled path
+  (``kernels.cpu_scan``, numba) scans every probed list once for all the
+  queries that probe it and selects per query in compiled code; without
+  numba, ``_scan_torch`` does one GEMM per list and ``_select`` selects with
+  PyTorch ops. Memory is bounded by the scanned scores of a query chunk
+  (``ItemIndex`` chunks the batch), never by B × N.
 
 Scores are ``scale_i * (xq · codes_i)`` in fp32. An item takes part when its
 ``alive`` bit is set and, if an ``eligible`` callback is given, the callback
