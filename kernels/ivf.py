@@ -31,7 +31,7 @@ import torch
 
 from sterling.kernels.bits import unpack_bits_range
 
-__all__ = ["ScanFilter", "BLOCK", "probe_lists", "ivf_topk", "ivf_topk_reference", "order_results", "block_layout", "select_blocks", "EligibleFn"]
+__all__ = ["ListStats", "ScanFilter", "BLOCK", "probe_lists", "ivf_topk", "ivf_topk_reference", "order_results", "block_layout", "select_blocks", "EligibleFn"]
 
 # eligible(query_rows [c] int64, start, end) -> bool [c, end - start] or None (= all eligible)
 EligibleFn = Callable[[torch.Tensor, int, int], "torch.Tensor | None"]
@@ -102,6 +102,30 @@ def select_blocks(bmax: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return bmax.topk(kb, dim=1)
 
 
+@dataclass(frozen=True, slots=True)
+class ListStats:
+    """Host-side facts about an index's list layout.
+
+    With them a GPU search sizes its buffers without reading anything back
+    from the device (no host sync inside the search, CUDA-graph friendly).
+    ``top_blocks[j]`` is the number of 16-item blocks in the j largest lists:
+    no query probing j lists can have more.
+    """
+
+    max_size: int
+    top_blocks: tuple[int, ...]
+
+    @classmethod
+    def of(cls, list_offsets: torch.Tensor) -> ListStats:
+        sizes = (list_offsets[1:] - list_offsets[:-1]).cpu()  # the one read-back, done once per index
+        blocks = ((sizes + BLOCK - 1) // BLOCK).sort(descending=True).values
+        top = [0] + blocks.cumsum(0).tolist()
+        return cls(int(sizes.max()) if sizes.numel() else 0, tuple(int(t) for t in top))
+
+    def max_width(self, nprobe: int) -> int:
+        return self.top_blocks[min(nprobe, len(self.top_blocks) - 1)]
+
+
 @dataclass(slots=True)
 class ScanFilter:
     """A batch's filter in tensor form, for scans that evaluate it in-kernel.
@@ -133,6 +157,7 @@ def ivf_topk(
     counts: torch.Tensor | None = None,
     fused: bool | None = None,
     item_ids: torch.Tensor | None = None,
+    list_stats: ListStats | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """List-grouped int8 IVF scan with block-max two-stage selection (CPU path).
 
@@ -166,6 +191,8 @@ def ivf_topk(
         item_ids: optional [N_cap] int64 id per position; when given, the
             ids of the results are returned too (the fused path reads them
             while gathering candidates, in position order).
+        list_stats: host-side list sizes (``ListStats.of(list_offsets)``);
+            with them the CUDA path runs without a device→host sync.
     Returns:
         (scores [B, k] fp32, positions [B, k] int64), −inf / −1 padded,
         plus ids [B, k] int64 (−1 padded) when ``item_ids`` is given.
@@ -182,7 +209,7 @@ def ivf_topk(
             term_words=None if sf is None else sf.term_words,
             programs=None if sf is None else sf.programs,
             qprog=None if sf is None else sf.qprog,
-            counts=counts,
+            counts=counts, list_stats=list_stats,
         )
         return out if item_ids is None else (*out, _ids_of(out[1], item_ids))
     B, nprobe = probe.shape

@@ -23,10 +23,11 @@ reference (``ivf_topk_int8_reference``) computes the same integers with
 PyTorch and is equal bit for bit. Note: quantizing queries to int8 makes
 these scores differ slightly from the CPU path, which uses fp32 queries.
 
-Stages A and C never synchronise with the host. The wrapper still does,
-once per search: it computes the block layout (column offsets, grid size)
-from ``probe`` on the host. Capturing a search in a CUDA graph needs that
-layout on the device with a fixed maximum width — not done yet.
+No stage synchronises with the host: the block layout (each pair's first
+column) is a cumulative sum on the device, and the buffers and grid are
+sized from host-side bounds (``kernels.ivf.ListStats``: the largest list,
+and the blocks of the ``nprobe`` largest lists — no query can have more),
+so a search can be captured in a CUDA graph once its filter tables exist.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 
 from sterling.kernels.bits import unpack_bits_range
 from sterling.kernels.filter_eval import OP_TERM, eval_programs
-from sterling.kernels.ivf import BLOCK, NEG_INF, block_layout, order_results, select_blocks
+from sterling.kernels.ivf import BLOCK, NEG_INF, _order_full, order_results, select_blocks
 
 __all__ = [
     "HAVE_TRITON",
@@ -236,26 +237,47 @@ if HAVE_TRITON:
         tl.store(out_p_ptr + (q * kb + j) * BLOCK + i, tl.where(ok, pos, -1))
 
 
+def _to(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """Host → device without a stream sync (pinned, non-blocking); no-op when already there."""
+    if t.device == dev:
+        return t
+    if dev.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(dev, non_blocking=True)
+    return t.to(dev)
+
+
 def ivf_topk_triton(
     xq, probe, codes, scales, list_offsets, alive, k, *, bloom=None, term_words=None, programs=None,
-    qprog=None, counts=None,
+    qprog=None, counts=None, list_stats=None,
 ):
     """Triton two-stage IVF top-k; same contract as ``kernels.ivf.ivf_topk``.
 
     Works on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.
-    ``D`` must be a power of two (pad embeddings otherwise).
+    ``D`` must be a power of two (pad embeddings otherwise). With
+    ``list_stats`` (``kernels.ivf.ListStats``) every buffer is sized from
+    host-side bounds and the block layout is computed on the device, so the
+    search issues no device→host sync (CUDA-graph friendly; the filter's
+    truth tables are built on the host from the programs). Without it the
+    list sizes are read back once.
     """
     if not HAVE_TRITON:
         raise RuntimeError("the Triton scan needs the `triton` package")
+    from sterling.kernels.ivf import ListStats
+
     block_max, rescore = _block_max_kernel, _rescore_kernel
     dev = xq.device
     B, nprobe = probe.shape
     D = xq.shape[1]
     if D & (D - 1):
         raise ValueError(f"the Triton scan needs a power-of-two dimension, got D={D}")
+    if list_stats is None:
+        list_stats = ListStats.of(list_offsets)
     qc, qs = quantize_queries(xq)
-    lay = block_layout(probe.cpu(), list_offsets.cpu())
-    col, width = lay["col"].to(dev), max(int(lay["width"]), 1)
+    sizes = list_offsets[1:] - list_offsets[:-1]
+    pair_nb = (sizes[probe.reshape(-1)] + BLOCK - 1) // BLOCK
+    per_q = pair_nb.view(B, nprobe)
+    col = (per_q.cumsum(1) - per_q).reshape(-1)  # first block column of each pair, on the device
+    width = max(list_stats.max_width(nprobe), 1)  # columns past a query's own blocks stay −inf
     W = 1 if bloom is None else bloom.shape[1]
     if qprog is None or not programs:
         qprog = torch.full((B,), -1, dtype=torch.int64, device=dev)
@@ -266,10 +288,9 @@ def ivf_topk_triton(
         prog_terms, tables = truth_tables(programs, term_words)
         if term_words.shape[0] == 0:
             term_words = torch.zeros(1, W, dtype=torch.int64)
-    prog_terms, tables, term_words = prog_terms.to(dev), tables.to(dev), term_words.to(dev)
-    qprog = qprog.to(dev)
-    sizes = list_offsets[1:] - list_offsets[:-1]
-    max_tiles = max(1, (int(sizes.max()) + TILE - 1) // TILE)
+    prog_terms, tables, term_words = _to(prog_terms, dev), _to(tables, dev), _to(term_words, dev)
+    qprog = _to(qprog, dev)
+    max_tiles = max(1, (list_stats.max_size + TILE - 1) // TILE)
     bmax = torch.full((B, width), NEG_INF, device=dev)
     pc = torch.zeros(B * nprobe, 2, dtype=torch.int64, device=dev)
     meta = dict(W=W, NT=prog_terms.shape[1], TBL_WORDS=tables.shape[1])
@@ -303,4 +324,4 @@ def ivf_topk_triton(
     if kk < k:
         top_s = torch.cat([top_s, torch.full((B, k - kk), NEG_INF, device=dev)], dim=1)
         top_p = torch.cat([top_p, torch.full((B, k - kk), -1, dtype=torch.int64, device=dev)], dim=1)
-    return order_results(top_s, top_p)
+    return _order_full(top_s, top_p)  # no data-dependent shortcut: it would read back

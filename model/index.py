@@ -24,7 +24,7 @@ from sterling.kernels import (
 )
 from sterling.kernels.bits import unpack_bits_range
 from sterling.kernels.filter_eval import OP_NOT, FilterPlan
-from sterling.kernels.ivf import ScanFilter, order_results
+from sterling.kernels.ivf import ListStats, ScanFilter, order_results
 from sterling.model import bloom as bloom_mod
 from sterling.model.artifact import read_artifact, write_artifact
 from sterling.model.config import IndexConfig, Metric
@@ -375,7 +375,20 @@ class ItemIndex(nn.Module):
         return ScanFilter(self.bloom, filters.term_words, filters.programs, qprog)
 
     def _scan_args(self) -> dict:
-        return dict(codes=self.codes, scales=self.scales, list_offsets=self.list_offsets, alive=self.alive)
+        args = dict(codes=self.codes, scales=self.scales, list_offsets=self.list_offsets, alive=self.alive)
+        if self.codes.device.type == "cuda":
+            args["list_stats"] = self._list_stats()
+        return args
+
+    def _list_stats(self) -> ListStats:
+        """Host-side list sizes for the GPU path, read back once per list layout."""
+        lo = self.list_offsets
+        key = (lo.data_ptr(), lo.numel(), str(lo.device), lo._version)
+        cached = self.__dict__.get("_list_stats_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, ListStats.of(lo))
+            self.__dict__["_list_stats_cache"] = cached
+        return cached[1]
 
     def _scan_verified(self, xq, probe, k, filters, qprog, must_verify, seen):
         """IVF scan with the Bloom pass; exact check of the survivors where required.

@@ -67,3 +67,19 @@ def test_truth_table_matches_program_evaluation():
         t2 = (a >> 2) & 1  # bits: 0 = term 5, 1 = term 9, 2 = term 2
         expect = t2  # Bloom semantics: NOT t9 is "maybe", so (t5 OR maybe) AND t2 = t2
         assert ((word >> a) & 1) == int(bool(expect))
+
+
+def test_host_list_stats_bound_every_query_and_give_the_same_answer(small):
+    from sterling.kernels.ivf import BLOCK, ListStats
+
+    index, xq, args = small
+    stats = ListStats.of(index.list_offsets)
+    sizes = index.list_offsets[1:] - index.list_offsets[:-1]
+    assert stats.max_size == int(sizes.max())
+    for nprobe in (1, 3, 8):
+        probe = probe_lists(xq, index.centroids, nprobe)
+        widths = ((sizes[probe] + BLOCK - 1) // BLOCK).sum(1)
+        assert int(widths.max()) <= stats.max_width(nprobe)  # a valid bound for every query
+        got = ivf_topk_triton(xq, probe, k=25, list_stats=stats, **args)
+        ref = ivf_topk_int8_reference(xq, probe, k=25, **args)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
