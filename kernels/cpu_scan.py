@@ -611,17 +611,6 @@ if HAVE_NUMBA:
         if flips % 2 == 1:
             keys[:] = src
 
-    @njit(cache=True)
-    def _scratch(B, P, pair_n):  # pragma: no cover - compiled
-        """Most items any one query scanned: the size of a thread's selection scratch."""
-        most = 1
-        for q in range(B):
-            s = 0
-            for j in range(P):
-                s += pair_n[q * P + j]
-            most = max(most, s)
-        return most
-
     @njit(cache=True, nogil=True)
     def _layout(probe, list_offsets):  # pragma: no cover - compiled
         """Pairs (query-major) → blocks, buffer offsets, and the pairs grouped by list (counting sort)."""
@@ -699,6 +688,41 @@ if HAVE_NUMBA:
             width = max(width, w)
         return total, width
 
+    @njit(cache=True, nogil=True)
+    def _prologue(probe, list_offsets, flat_buf, bmax_buf):  # pragma: no cover - compiled
+        """Layout plus the score buffer and block maxima, shaped from the callers' scratch."""
+        B, P = probe.shape
+        (pair_n, pair_nb, pair_start, col, width, _, lists, lstart, pair_flat, total,
+         pair_q, pcol, pflat) = _layout(probe, list_offsets)
+        flat = flat_buf[:total]
+        bmax = bmax_buf[: B * max(width, 1)].reshape(B, max(width, 1))
+        bmax[:] = -np.inf
+        most = 1  # most items one query scanned: the size of a thread's selection scratch
+        for q in range(B):
+            most = max(most, pair_n[q * P : (q + 1) * P].sum())
+        return (pair_n, pair_nb, pair_start, col.reshape(B, P), lists, lstart, pair_flat, pair_q, pcol, pflat,
+                flat, bmax, np.zeros((B * P, 2), dtype=np.int64), most)
+
+    @njit(cache=True, nogil=True)
+    def _add_counts(pair_q, counts, qcounts):  # pragma: no cover - compiled
+        for r in range(pair_q.shape[0]):
+            qcounts[pair_q[r], 0] += counts[r, 0]
+            qcounts[pair_q[r], 1] += counts[r, 1]
+
+    @njit(cache=True, nogil=True)
+    def _select_share(  # pragma: no cover - compiled
+        t, T, bmax, flat, k, colq, pair_nb, pair_n, pair_flat, pair_start, item_ids, with_ids,
+        out_s, out_p, out_i, most,
+    ):
+        """Select queries t, t + T, t + 2T, … with one scratch allocation."""
+        keys = np.empty(most, dtype=np.uint64)
+        tmp = np.empty(most, dtype=np.uint64)
+        pos = np.empty(most, dtype=np.int64)
+        cid = np.empty(most if with_ids else 0, dtype=np.int64)
+        for q in range(t, bmax.shape[0], T):
+            _select_query(q, bmax, flat, k, colq, pair_nb, pair_n, pair_flat, pair_start, item_ids, with_ids,
+                          out_s, out_p, out_i, keys, tmp, pos, cid)
+
     # Two drivers, one body: the same helpers in a parallel region (large
     # batches) or on the calling thread (small ones: no thread team to wake).
 
@@ -707,65 +731,41 @@ if HAVE_NUMBA:
         xq, probe, codes, scales, list_offsets, alive, k, bloom, term_words, ops, args, lens, qprog,
         item_ids, with_ids, out_s, out_p, out_i, qcounts, threads, flat_buf, bmax_buf,
     ):
-        B, P = probe.shape
-        (pair_n, pair_nb, pair_start, col, width, order, lists, lstart, pair_flat, total,
-         pair_q, pcol, pflat) = _layout(probe, list_offsets)
-        flat = flat_buf[:total]
-        bmax = bmax_buf[: B * max(width, 1)].reshape(B, max(width, 1))
-        bmax[:] = -np.inf
-        counts = np.zeros((B * P, 2), dtype=np.int64)
+        (pair_n, pair_nb, pair_start, colq, lists, lstart, pair_flat, pair_q, pcol, pflat,
+         flat, bmax, counts, most) = _prologue(probe, list_offsets, flat_buf, bmax_buf)
         for li in prange(lists.shape[0]):
             _scan_list(li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pcol, pflat,
                        bloom, term_words, ops, args, lens, qprog, flat, bmax, counts)
-        for r in range(B * P):
-            qcounts[pair_q[r], 0] += counts[r, 0]
-            qcounts[pair_q[r], 1] += counts[r, 1]
-        colq = col.reshape(B, P)
-        most = _scratch(B, P, pair_n)
-        T = max(1, min(B, threads))
+        _add_counts(pair_q, counts, qcounts)
+        T = max(1, min(probe.shape[0], threads))
         for t in prange(T):  # one scratch per thread, queries dealt round-robin
-            keys = np.empty(most, dtype=np.uint64)
-            tmp = np.empty(most, dtype=np.uint64)
-            pos = np.empty(most, dtype=np.int64)
-            cid = np.empty(most if with_ids else 0, dtype=np.int64)
-            for q in range(t, B, T):
-                _select_query(q, bmax, flat, k, colq, pair_nb, pair_n, pair_flat, pair_start, item_ids, with_ids,
-                              out_s, out_p, out_i, keys, tmp, pos, cid)
+            _select_share(t, T, bmax, flat, k, colq, pair_nb, pair_n, pair_flat, pair_start, item_ids, with_ids,
+                          out_s, out_p, out_i, most)
 
     @njit(fastmath=True, cache=True, nogil=True)
     def _run_serial(  # pragma: no cover - compiled
         xq, probe, codes, scales, list_offsets, alive, k, bloom, term_words, ops, args, lens, qprog,
         item_ids, with_ids, out_s, out_p, out_i, qcounts, threads, flat_buf, bmax_buf,
     ):
-        B, P = probe.shape
-        (pair_n, pair_nb, pair_start, col, width, order, lists, lstart, pair_flat, total,
-         pair_q, pcol, pflat) = _layout(probe, list_offsets)
-        flat = flat_buf[:total]
-        bmax = bmax_buf[: B * max(width, 1)].reshape(B, max(width, 1))
-        bmax[:] = -np.inf
-        counts = np.zeros((B * P, 2), dtype=np.int64)
+        (pair_n, pair_nb, pair_start, colq, lists, lstart, pair_flat, pair_q, pcol, pflat,
+         flat, bmax, counts, most) = _prologue(probe, list_offsets, flat_buf, bmax_buf)
         for li in range(lists.shape[0]):
             _scan_list(li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pcol, pflat,
                        bloom, term_words, ops, args, lens, qprog, flat, bmax, counts)
-        for r in range(B * P):
-            qcounts[pair_q[r], 0] += counts[r, 0]
-            qcounts[pair_q[r], 1] += counts[r, 1]
-        colq = col.reshape(B, P)
-        most = _scratch(B, P, pair_n)
-        keys = np.empty(most, dtype=np.uint64)
-        tmp = np.empty(most, dtype=np.uint64)
-        pos = np.empty(most, dtype=np.int64)
-        cid = np.empty(most if with_ids else 0, dtype=np.int64)
-        for q in range(B):
-            _select_query(q, bmax, flat, k, colq, pair_nb, pair_n, pair_flat, pair_start, item_ids, with_ids,
-                          out_s, out_p, out_i, keys, tmp, pos, cid)
+        _add_counts(pair_q, counts, qcounts)
+        _select_share(0, 1, bmax, flat, k, colq, pair_nb, pair_n, pair_flat, pair_start, item_ids, with_ids,
+                      out_s, out_p, out_i, most)
 
 
 def fused_topk(
-    xq, probe, codes, scales, list_offsets, alive, k, bloom, term_words, programs, qprog, *, item_ids=None,
-    parallel=None,
+    xq, probe, codes, scales, list_offsets, alive, k, bloom=None, term_words=None, programs=(), qprog=None, *,
+    item_ids=None, parallel=None,
 ):
     """Layout, scan and selection in one compiled call (numpy in, numpy out).
+
+    The filter (``bloom`` [N_cap, W] words, the batch's ``term_words``
+    [T, W], postfix ``programs`` and ``qprog`` [B], −1 = unfiltered) is
+    optional: left out, every query is unfiltered.
 
     ``parallel`` (default: by the amount of work) runs the lists and then the
     queries across numba's threads; small searches stay on the calling
@@ -778,6 +778,11 @@ def fused_topk(
     and how many of them passed the Bloom pass.
     """
     B, P = probe.shape
+    if qprog is None:
+        bloom, term_words, programs = _NO_BLOOM, _NO_TERMS, ()
+        qprog = np.full(B, -1, dtype=np.int64)
+    elif term_words.shape[0] == 0:
+        term_words = np.zeros((0, max(bloom.shape[1], 1)), dtype=np.int64)
     ops, args, lens = programs_to_arrays(programs)
     out_s = np.empty((B, k), dtype=np.float32)  # each query pads its own row past its results
     out_p = np.empty((B, k), dtype=np.int64)
@@ -833,3 +838,5 @@ class _ScratchPool:
 
 _SCRATCH = _ScratchPool()
 _NO_IDS = np.zeros(1, dtype=np.int64)
+_NO_BLOOM = np.zeros((1, 1), dtype=np.int64)  # "no filter" arguments of the compiled scan
+_NO_TERMS = np.zeros((0, 1), dtype=np.int64)

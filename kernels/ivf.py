@@ -26,19 +26,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from sterling.kernels.bits import unpack_bits_range
 
-__all__ = ["ListStats", "ScanFilter", "BLOCK", "probe_lists", "ivf_topk", "ivf_topk_reference", "order_results", "block_layout", "select_blocks", "EligibleFn"]
+__all__ = ["ListStats", "ScanFilter", "BLOCK", "probe_lists", "ivf_topk", "ivf_topk_reference", "order_results", "ids_of_positions", "block_layout", "select_blocks", "EligibleFn"]
 
 # eligible(query_rows [c] int64, start, end) -> bool [c, end - start] or None (= all eligible)
 EligibleFn = Callable[[torch.Tensor, int, int], "torch.Tensor | None"]
 
 NEG_INF = float("-inf")
-_NO_BLOOM = np.zeros((1, 1), dtype=np.int64)  # the fused scan's "no filter" arguments
-_NO_TERMS = np.zeros((0, 1), dtype=np.int64)
 
 
 def probe_lists(xq: torch.Tensor, centroids: torch.Tensor, nprobe: int) -> torch.Tensor:
@@ -211,7 +208,7 @@ def ivf_topk(
             qprog=None if sf is None else sf.qprog,
             counts=counts, list_stats=list_stats,
         )
-        return out if item_ids is None else (*out, _ids_of(out[1], item_ids))
+        return out if item_ids is None else (*out, ids_of_positions(out[1], item_ids))
     B, nprobe = probe.shape
     can_fuse = cpu_scan.HAVE_NUMBA and xq.device.type == "cpu" and codes.shape[0] < 1 << 32 and (
         scan_filter is None or scan_filter.term_words.shape[0] <= cpu_scan.MAX_TERMS
@@ -221,17 +218,11 @@ def ivf_topk(
     if fused and not can_fuse:
         raise RuntimeError("the fused CPU scan needs numba, CPU tensors, < 2**32 items and ≤ 63 filter terms")
     if fused:
-        if scan_filter is None:
-            bloom, term_words, programs = _NO_BLOOM, _NO_TERMS, []
-            qprog = np.full(B, -1, dtype=np.int64)
-        else:
-            bloom, term_words = scan_filter.bloom.numpy(), scan_filter.term_words.numpy()
-            programs, qprog = scan_filter.programs, scan_filter.qprog.numpy()
-            if term_words.shape[0] == 0:
-                term_words = np.zeros((0, max(bloom.shape[1], 1)), dtype=np.int64)
+        sf = scan_filter
+        filt = () if sf is None else (sf.bloom.numpy(), sf.term_words.numpy(), sf.programs, sf.qprog.numpy())
         out_s, out_p, pc, out_i = cpu_scan.fused_topk(
             xq.contiguous().numpy(), probe.contiguous().numpy(), codes.numpy(), scales.numpy(),
-            list_offsets.numpy(), alive.numpy(), k, bloom, term_words, programs, qprog,
+            list_offsets.numpy(), alive.numpy(), k, *filt,
             item_ids=None if item_ids is None else item_ids.numpy(),
         )
         if counts is not None:
@@ -258,10 +249,11 @@ def ivf_topk(
     _scan_torch(xq, codes, scales, list_offsets, alive, eligible, order, lists, per_list,
                 pair_query, pair_flat, col, flat, bmax)
     out = _select(bmax, flat, k, col.view(B, nprobe), pair_list, pair_n, pair_flat, list_offsets)
-    return out if item_ids is None else (*out, _ids_of(out[1], item_ids))
+    return out if item_ids is None else (*out, ids_of_positions(out[1], item_ids))
 
 
-def _ids_of(pos: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
+def ids_of_positions(pos: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
+    """Positions → item ids; −1 stays −1."""
     return torch.where(pos >= 0, item_ids[pos.clamp(min=0)], torch.full_like(pos, -1))
 
 

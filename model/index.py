@@ -25,7 +25,7 @@ from sterling.kernels import (
 )
 from sterling.kernels.bits import unpack_bits_range
 from sterling.kernels.filter_eval import OP_NOT, FilterPlan
-from sterling.kernels.ivf import ListStats, ScanFilter, order_results
+from sterling.kernels.ivf import ListStats, ScanFilter, ids_of_positions, order_results
 from sterling.model import bloom as bloom_mod
 from sterling.model.artifact import read_artifact, write_artifact
 from sterling.model.config import IndexConfig, Metric
@@ -54,8 +54,6 @@ _BUFFERS = (
     "version",
 )
 _SMALL_BATCH = 32  # unfiltered CPU batches up to this size take the lean path
-_NO_BLOOM = np.zeros((1, 1), dtype=np.int64)
-_NO_TERMS = np.zeros((0, 1), dtype=np.int64)
 
 # Scores one search chunk may hold (fp32: 256 MiB); bounds memory at any B, nprobe and k.
 _CHUNK_BUDGET = 1 << 26
@@ -82,7 +80,7 @@ def prepare_queries(xq, dim: int, metric: Metric) -> torch.Tensor:
     if not xq.is_floating_point():
         raise InvalidInputError(f"queries must be floating point, got {xq.dtype}")
     xq = xq.detach().float()
-    finite = np.isfinite(xq.numpy()).all() if xq.device.type == "cpu" and not xq.requires_grad else torch.isfinite(xq).all()
+    finite = np.isfinite(xq.numpy()).all() if xq.device.type == "cpu" else torch.isfinite(xq).all()
     if not bool(finite):
         bad = int((~torch.isfinite(xq).all(dim=1)).nonzero()[0])
         raise NonFiniteError(f"query row {bad} contains NaN or inf; replace or drop it before searching")
@@ -270,8 +268,7 @@ class ItemIndex(nn.Module):
             np.broadcast_to(np.arange(nl), coarse.shape).copy()
         s, _, _, ids = cpu_scan.fused_topk(
             x, np.ascontiguousarray(probe, dtype=np.int64), views["codes"], views["scales"], views["list_offsets"],
-            views["alive"], k, _NO_BLOOM, _NO_TERMS, [], np.full(x.shape[0], -1, dtype=np.int64),
-            item_ids=views["item_ids"],
+            views["alive"], k, item_ids=views["item_ids"],
         )
         return torch.from_numpy(s), torch.from_numpy(ids)
 
@@ -280,15 +277,22 @@ class ItemIndex(nn.Module):
         if not cpu_scan.HAVE_NUMBA or self.codes.device.type != "cpu" or self.capacity >= 1 << 32:
             return None
         names = ("codes", "scales", "list_offsets", "alive", "item_ids", "centroids")
-        tensors = [getattr(self, n) for n in names]
-        key = tuple((t.data_ptr(), t._version, t.numel()) for t in tensors)
-        cached = self.__dict__.get("_numpy_views_cache")
-        if cached is None or cached[0] != key:
+
+        def build(*tensors):
             views = {n: t.numpy() for n, t in zip(names, tensors)}
             views["centroids_t"] = np.ascontiguousarray(views.pop("centroids").T)
-            cached = (key, views)
-            self.__dict__["_numpy_views_cache"] = cached
-        return cached[1]
+            return views
+
+        return self._cached("numpy_views", [getattr(self, n) for n in names], build)
+
+    def _cached(self, name: str, tensors: list[torch.Tensor], build):
+        """``build(*tensors)``, recomputed only when one of the tensors is replaced or edited in place."""
+        key = tuple((t.data_ptr(), t.numel(), str(t.device), t._version) for t in tensors)
+        hit = self.__dict__.get("_cache_" + name)
+        if hit is None or hit[0] != key:
+            hit = (key, build(*tensors))
+            self.__dict__["_cache_" + name] = hit
+        return hit[1]
 
     def positions_to_ids(self, pos: torch.Tensor) -> torch.Tensor:
         """Index positions → item ids; −1 stays −1."""
@@ -297,7 +301,7 @@ class ItemIndex(nn.Module):
             ids = self.item_ids.numpy()[np.maximum(p, 0)]
             ids[p < 0] = -1
             return torch.from_numpy(ids)
-        return torch.where(pos >= 0, self.item_ids[pos.clamp(min=0)], torch.full_like(pos, -1))
+        return ids_of_positions(pos, self.item_ids)
 
     def _eligible_fn(self, filters: CompiledFilters, qprog: torch.Tensor, seen: torch.Tensor | None = None):
         """Bloom pass over one list block, for the queries scanning it.
@@ -430,13 +434,7 @@ class ItemIndex(nn.Module):
 
     def _list_stats(self) -> ListStats:
         """Host-side list sizes for the GPU path, read back once per list layout."""
-        lo = self.list_offsets
-        key = (lo.data_ptr(), lo.numel(), str(lo.device), lo._version)
-        cached = self.__dict__.get("_list_stats_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, ListStats.of(lo))
-            self.__dict__["_list_stats_cache"] = cached
-        return cached[1]
+        return self._cached("list_stats", [self.list_offsets], ListStats.of)
 
     def _scan_verified(self, xq, probe, k, filters, qprog, must_verify, seen):
         """IVF scan with the Bloom pass; exact check of the survivors where required.
