@@ -143,11 +143,11 @@ def query_remote(args: argparse.Namespace) -> int:
     vec = getattr(args, "vector", None)
     if vec is None:
         raise InvalidInputError("with --address, give the query as --vector q.npy (--like needs the artifact)")
-    p = Path(vec)
-    if not p.exists():
-        raise InvalidInputError(f"vector file {p} does not exist")
-    x = np.load(p).astype(np.float32) if p.suffix == ".npy" else np.asarray(json.loads(p.read_text()), np.float32)
-    token = Path(args.token_file).read_text().strip() if getattr(args, "token_file", None) else None
+    from sterling.cluster.access import read_token_file
+    from sterling.model.catalog import load_query_vectors
+
+    x = load_query_vectors(vec)
+    token = read_token_file(args.token_file) if getattr(args, "token_file", None) else None
     ca = Path(args.tls_ca).read_bytes() if getattr(args, "tls_ca", None) else None
     with Client(args.address, token=token, root_certificates=ca) as c:
         try:

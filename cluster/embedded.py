@@ -12,6 +12,7 @@ from pathlib import Path
 from sterling.cluster.backends import LocalBackend
 from sterling.cluster.router import Router, RouterConfig
 from sterling.cluster.shard import ShardServer
+from sterling.model.errors import InvalidInputError
 from sterling.model.retrieval import RetrievalModel
 from sterling.sharding.documents import balanced_list_ranges, slice_model
 
@@ -23,6 +24,13 @@ def local_router(model: RetrievalModel | str | Path, *, num_shards: int = 1, rep
     """A ``Router`` over ``num_shards`` in-process slices of ``model`` (each with ``replicas`` copies)."""
     if not isinstance(model, RetrievalModel):
         model = RetrievalModel.load(model)
+    if model.index.num_items == 0:
+        raise InvalidInputError(
+            "the model has no items (a head or an empty shard artifact?); serve the whole model written by "
+            "`sterling build`"
+        )
+    if num_shards < 1 or replicas < 1:
+        raise InvalidInputError(f"num_shards ({num_shards}) and replicas ({replicas}) must be ≥ 1")
     ranges = balanced_list_ranges(model.index, num_shards)
     servers = []
     for s, r in enumerate(ranges):

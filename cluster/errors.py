@@ -11,6 +11,7 @@ from sterling.model.errors import InvalidInputError, SterlingError
 __all__ = [
     "ClusterError",
     "RequestTooLargeError",
+    "OverloadedError",
     "ShardsUnavailableError",
     "DeadlineExceededError",
     "NotImplementedYetError",
@@ -25,6 +26,17 @@ class ClusterError(SterlingError):
 
 class RequestTooLargeError(ClusterError):
     """A request over the server's configured limits (batch, k × batch, bytes) → RESOURCE_EXHAUSTED."""
+
+
+class OverloadedError(ClusterError):
+    """Admission control refused the call (queue full, per-client limit, queue wait) → RESOURCE_EXHAUSTED.
+
+    ``reason`` is ``queue_full``, ``client`` or ``queue_timeout`` (the metrics label).
+    """
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class ShardsUnavailableError(ClusterError):
@@ -49,7 +61,7 @@ class ClusterConfigError(ClusterError, ValueError):
 
 def status_code_name(exc: BaseException) -> str:
     """The ``grpc.StatusCode`` name for an exception (pure, so unit tests need no gRPC server)."""
-    if isinstance(exc, RequestTooLargeError):
+    if isinstance(exc, (RequestTooLargeError, OverloadedError)):
         return "RESOURCE_EXHAUSTED"
     if isinstance(exc, InvalidInputError):
         return "INVALID_ARGUMENT"

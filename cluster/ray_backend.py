@@ -22,11 +22,14 @@ import logging
 from dataclasses import dataclass
 
 from sterling.cluster.backends import ShardBackend
+from sterling.cluster.errors import ClusterConfigError
 from sterling.cluster.shard import ShardReply, ShardRequest
 from sterling.model.errors import InvalidInputError
 from sterling.sharding.documents import ShardManifest
 
-__all__ = ["ActorLayout", "ShardActor", "RayBackend", "default_layout", "layout_from_plan"]
+__all__ = [
+    "ActorLayout", "ShardActor", "RayBackend", "default_layout", "layout_from_plan", "check_capacity", "bundles_for",
+]
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +111,66 @@ def layout_from_plan(plan, num_shards: int) -> ActorLayout:
     return ActorLayout(hosts=tuple(out), num_hosts=len(hosts_used))
 
 
+def bundles_for(layout: ActorLayout, cpus_per_actor: float) -> list[float]:
+    """CPUs each plan host's bundle needs: its actor count × ``cpus_per_actor``."""
+    per_host = [0] * layout.num_hosts
+    for hs in layout.hosts:
+        for h in hs:
+            per_host[h] += 1
+    return [cpus_per_actor * c for c in per_host]
+
+
+def check_capacity(bundles: list[float], node_cpus: list[float], *, strategy: str, cpus_per_actor: float,
+                   local: bool = False) -> None:
+    """Fail fast (instead of waiting for a placement group that can never be placed) when the Ray
+    cluster's CPUs cannot hold the bundles.
+
+    Args:
+        bundles: CPUs per plan host (``bundles_for``).
+        node_cpus: total CPUs of each alive Ray node.
+        strategy: ``STRICT_SPREAD`` (one node per bundle), ``SPREAD`` or ``PACK``.
+        cpus_per_actor: the ``--cpus-per-shard`` value, to compute the fix.
+        local: the Ray instance was started by this process, so ``--num-cpus`` is a fix that applies.
+    Raises:
+        ClusterConfigError: with the CPUs needed and available and the remedies that apply.
+    """
+    need, have = sum(bundles), sum(node_cpus)
+    actors = round(need / cpus_per_actor) if cpus_per_actor > 0 else 0
+    eps = 1e-9
+    if strategy == "STRICT_SPREAD":
+        nodes = sorted(node_cpus, reverse=True)
+        fits = len(bundles) <= len(nodes) and all(b <= n + eps for b, n in zip(sorted(bundles, reverse=True), nodes))
+    else:
+        fits = need <= have + eps and max(bundles, default=0.0) <= max(node_cpus, default=0.0) + eps
+    if fits:
+        return
+    fixes = []
+    if have > 0 and actors:
+        per = have / actors if strategy != "STRICT_SPREAD" else min(
+            n / max(1, round(b / cpus_per_actor)) for b, n in zip(sorted(bundles, reverse=True),
+                                                                sorted(node_cpus, reverse=True)))
+        per = int(per * 100) / 100
+        if 0 < per < cpus_per_actor:
+            fixes.append(f"reserve fewer CPUs per shard actor: --cpus-per-shard {per:g}")
+    if local:
+        fixes.append(f"give the local Ray instance more CPUs: --num-cpus {int(-(-need // 1))}")
+    else:
+        fixes.append("add Ray nodes (`ray start --address …` on more hosts)")
+    fixes.append("use fewer --shards or --replicas")
+    listed = " ".join(f"{i}) {f};" for i, f in enumerate(fixes, 1)).rstrip(";")
+    raise ClusterConfigError(
+        f"{actors} shard actor(s) × {cpus_per_actor:g} CPU need {need:g} CPUs "
+        f"({len(bundles)} host bundle(s) {bundles}, {strategy}) but the Ray cluster has {have:g} CPUs on "
+        f"{len(node_cpus)} node(s) {node_cpus}; the actors could never be placed. Possible fixes: {listed}"
+    )
+
+
+def _node_cpus() -> list[float]:
+    import ray
+
+    return [float(n.get("Resources", {}).get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
+
+
 class RayBackend(ShardBackend):
     """Replica routing over Ray actor handles (``actors[s][r]``)."""
 
@@ -129,12 +192,16 @@ class RayBackend(ShardBackend):
         strategy: str = "STRICT_SPREAD",
         ready_timeout_s: float = 300.0,
         hedge_fraction: float = 0.5,
+        local_ray: bool = False,
     ) -> RayBackend:
         """Create the placement group and one actor per (shard, replica); wait until all are ready.
 
         ``layout`` defaults to ``default_layout`` over the alive Ray nodes.
         ``strategy`` applies across plan hosts: ``STRICT_SPREAD`` (one Ray
         node per host, fails when there are fewer nodes) or ``SPREAD``/``PACK``.
+        Bundles the cluster's CPUs cannot hold fail at once (``check_capacity``);
+        ``local_ray`` says the Ray instance is this process's own, so the
+        error can suggest ``--num-cpus``.
         """
         import ray
         from ray.util.placement_group import placement_group
@@ -146,15 +213,14 @@ class RayBackend(ShardBackend):
             layout = default_layout(n, replicas, max(1, len(nodes)))
         if len(layout.hosts) != n:
             raise InvalidInputError(f"layout has {len(layout.hosts)} shards, the manifest {n}")
-        per_host = [0] * layout.num_hosts
-        for hs in layout.hosts:
-            for h in hs:
-                per_host[h] += 1
-        if not all(per_host):
-            raise InvalidInputError(f"layout leaves hosts {[h for h, c in enumerate(per_host) if not c]} without actors")
-        bundles = [{"CPU": cpus_per_actor * c} for c in per_host]
+        cpus = bundles_for(layout, cpus_per_actor)
+        if not all(cpus):
+            raise InvalidInputError(f"layout leaves hosts {[h for h, c in enumerate(cpus) if not c]} without actors")
+        bundles = [{"CPU": c} for c in cpus]
         strat = strategy if layout.num_hosts > 1 else "PACK"
         alive = len([x for x in ray.nodes() if x.get("Alive")])
+        if not (strat == "STRICT_SPREAD" and layout.num_hosts > alive):
+            check_capacity(cpus, _node_cpus(), strategy=strat, cpus_per_actor=cpus_per_actor, local=local_ray)
         if strat == "STRICT_SPREAD" and layout.num_hosts > alive:
             raise InvalidInputError(
                 f"the layout spreads shards over {layout.num_hosts} hosts but this Ray cluster has {alive} alive "
@@ -170,7 +236,8 @@ class RayBackend(ShardBackend):
             raise InvalidInputError(
                 f"could not place {layout.num_hosts} hosts × {bundles} with {strat} on this Ray cluster "
                 f"({alive} alive nodes) within {ready_timeout_s:.0f} s: "
-                "add nodes (`ray start --address …`), lower the replicas, or use --spread soft"
+                "add nodes (`ray start --address …`), lower the replicas"
+                + (", or use --spread soft" if strat == "STRICT_SPREAD" else "")
             ) from e
         Actor = ray.remote(ShardActor)
         actors = []

@@ -26,7 +26,9 @@ from grpc_reflection.v1alpha import reflection
 
 from sterling.cluster import retrieval_pb2 as pb
 from sterling.cluster import retrieval_pb2_grpc as pb_grpc
+from sterling.cluster.admission import Admission, AdmissionConfig, guarded_service_handler
 from sterling.cluster.errors import ClusterConfigError, NotImplementedYetError, status_code_name
+from sterling.cluster.metrics import make_metrics
 from sterling.cluster.router import Router
 
 __all__ = ["SERVICE_NAME", "SecurityConfig", "ServerConfig", "RetrievalServicer", "RetrievalServer"]
@@ -80,9 +82,13 @@ class ServerConfig:
         host: bind address; 127.0.0.1 by default. Anything that is not
             loopback requires TLS and a bearer token.
         port: 0 = an OS-chosen free port (read ``RetrievalServer.port``).
-        workers: gRPC handler threads.
+        workers: calls executed at once (``AdmissionConfig.max_in_flight``
+            unless ``admission`` is given).
         max_message_bytes: largest request or response; larger requests
             fail with RESOURCE_EXHAUSTED.
+        admission: queue and in-flight bounds (``sterling.cluster.admission``).
+        metrics_port: serve Prometheus ``/metrics`` on this port (0 = any free
+            one, read ``RetrievalServer.metrics_port``); None = no HTTP endpoint.
     """
 
     host: str = "127.0.0.1"
@@ -90,12 +96,18 @@ class ServerConfig:
     workers: int = 8
     max_message_bytes: int = 64 << 20
     security: SecurityConfig | None = None
+    admission: AdmissionConfig | None = None
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ClusterConfigError(f"port ({self.port}) must be in 0..65535")
         if self.workers < 1 or self.max_message_bytes < 1024:
             raise ClusterConfigError(f"workers ({self.workers}) ≥ 1 and max_message_bytes ≥ 1024 required")
+        if self.admission is None:
+            self.admission = AdmissionConfig(max_in_flight=self.workers)
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ClusterConfigError(f"metrics_port ({self.metrics_port}) must be in 0..65535")
         if not _is_loopback(self.host):
             sec = self.security
             if sec is None or not sec.tls or sec.token is None:
@@ -280,6 +292,9 @@ class RetrievalServer:
         self._server: grpc.Server | None = None
         self._health = health.HealthServicer()
         self._stopped = threading.Event()
+        self.admission = Admission(self.config.admission)
+        self.metrics = make_metrics()
+        self.metrics_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -294,24 +309,37 @@ class RetrievalServer:
         ]
         sec = cfg.security
         interceptors = [_TokenInterceptor(sec.token)] if sec is not None and sec.token else []
+        threads = cfg.admission.grpc_threads
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="sterling-grpc"),
-            options=opts, interceptors=interceptors,
+            futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sterling-grpc"),
+            options=opts, interceptors=interceptors, maximum_concurrent_rpcs=threads,
         )
-        pb_grpc.add_RetrievalServicer_to_server(RetrievalServicer(self.router, backend_name=self.backend_name), server)
+        servicer = RetrievalServicer(self.router, backend_name=self.backend_name)
+        server.add_generic_rpc_handlers((guarded_service_handler(servicer, self.admission, self.metrics),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server,
         )
         target = f"{cfg.host}:{cfg.port}"
-        if sec is not None and sec.tls:
-            port = server.add_secure_port(target, sec.credentials())
+        try:
+            if sec is not None and sec.tls:
+                port = server.add_secure_port(target, sec.credentials())
+            else:
+                port = server.add_insecure_port(target)
+        except RuntimeError as e:  # grpcio raises on a failed bind ("Failed to bind to address")
+            port = 0
+            cause = e
         else:
-            port = server.add_insecure_port(target)
+            cause = None
         if port == 0:
-            raise ClusterConfigError(f"could not bind {target}; is the port in use?")
+            raise ClusterConfigError(
+                f"could not bind {target}: the port is in use or the address is not on this host; pick "
+                "another --port (0 = any free port) or stop the process holding it"
+            ) from cause
         self.port = port
+        if cfg.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(cfg.metrics_port, cfg.host)
         server.start()
         self._server = server
         self._health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -326,12 +354,14 @@ class RetrievalServer:
             return
         status = health_pb2.HealthCheckResponse
         self._health.set(SERVICE_NAME, status.SERVING if complete else status.NOT_SERVING)
+        self.metrics.model(version=int(self.router.head.index.version), complete=complete, shard_items={})
 
     def stop(self, grace: float = 2.0) -> None:
         if self._server is None or self._stopped.is_set():
             return
         self._health.enter_graceful_shutdown()
         self._server.stop(grace).wait(grace + 1)
+        self.metrics.close()
         self.router.backend.close()
         self._stopped.set()
 

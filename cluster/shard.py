@@ -8,6 +8,7 @@ numpy arrays so that Ray moves them without pickling tensors.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,9 @@ class ShardReply:
     ms: float
 
 
+_SHARD_MAX_K = 1 << 24  # far above any RouterConfig.max_k; the router refuses larger k first
+
+
 class ShardServer:
     """Serves one slice. Shards always search with ``adaptive=False``.
 
@@ -53,6 +57,8 @@ class ShardServer:
 
     def __init__(self, model: RetrievalModel, *, shard: int = 0, replica: int = 0,
                  lists: tuple[int, int] | None = None) -> None:
+        if model.index.config.max_k < _SHARD_MAX_K:  # the router bounds k (RouterConfig.max_k); shards trust it
+            model.index.config = dataclasses.replace(model.index.config, max_k=_SHARD_MAX_K)
         self.model = model
         self.shard = shard
         self.replica = replica

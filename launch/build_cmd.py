@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 
-__all__ = ["register"]
+__all__ = ["register", "check_output_path"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,14 +18,34 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Parquet columns: id:int64, embedding:list<float>, attributes:list<string> (optional).",
     )
     p.add_argument("--catalog", required=True, help="catalog .parquet, or .npy embeddings [N, D]")
-    p.add_argument("--ids", help="with .npy: int64 ids .npy [N] (default 0..N-1)")
+    p.add_argument("--ids", help="with .npy: int64 ids .npy [N] (default 0..N-1; Parquet needs an 'id' column)")
     p.add_argument("--out", required=True, help="artifact path to write, e.g. model.st")
     p.add_argument("--nlist", type=int, help="IVF lists (default ≈ 4·sqrt(N), a power of two)")
-    p.add_argument("--metric", default="ip", choices=["ip", "cosine"])
+    p.add_argument("--metric", default="ip", choices=["ip", "cosine"], help="similarity")
     p.add_argument("--target-fpr", type=float, default=1e-3, help="Bloom false-positive target per term")
     p.add_argument("--list-slack", type=float, default=0.0, help="spare slots per list for upserts (fraction)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-attributes-per-item", type=int, default=1024,
+                   help="most feature:value terms one item may carry (more is refused)")
+    p.add_argument("--max-k", type=int, default=10_000, help="largest k a search of this model may ask for")
+    p.add_argument("--max-filter-terms", type=int, default=256, help="most terms in one filter expression")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling and k-means")
     p.set_defaults(func=run)
+
+
+def check_output_path(out: str) -> None:
+    """Fail before the build, not after it: ``--out`` must be a file path whose directory can be written."""
+    from sterling.model.errors import ArtifactError
+
+    p = Path(out)
+    if p.is_dir():
+        raise ArtifactError(f"--out {p} is a directory; give a file path, e.g. --out {p / 'model.st'}")
+    parent = p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ArtifactError(f"--out {p}: {parent} is a file, so the artifact's directory cannot be created")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ArtifactError(f"--out {p}: directory {parent} is not writable by this user")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,8 +62,12 @@ def run(args: argparse.Namespace) -> int:
         metric=args.metric,
         target_fpr=args.target_fpr,
         list_slack=args.list_slack,
+        max_attributes_per_item=args.max_attributes_per_item,
+        max_k=args.max_k,
+        max_filter_terms=args.max_filter_terms,
         seed=args.seed,
     )
+    check_output_path(args.out)
     source = open_catalog(args.catalog, ids_path=args.ids)
     t0 = time.perf_counter()
     index = build_index(source, config=config, progress=True)

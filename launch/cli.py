@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "DefaultsHelpFormatter"]
 
 # One module per subcommand; a module that does not exist yet is skipped.
 _COMMAND_MODULES: tuple[str, ...] = (
@@ -27,11 +27,40 @@ _COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to every option whose default is a value (not None, False or suppressed)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if "%(default)" in text or d is None or d is False or d == argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _all_parsers(parser: argparse.ArgumentParser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                yield from _all_parsers(child)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sterling")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sterling",
         description="Sterling: recommendation retrieval as one PyTorch model.",
     )
+    parser.add_argument("--version", action="version", version=f"sterling {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _COMMAND_MODULES:
         try:
@@ -41,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # command not built yet
             raise
         module.register(sub)
+    for p in _all_parsers(parser):
+        p.formatter_class = DefaultsHelpFormatter
+        for a in p._actions:  # an option without help text would hide its default
+            if a.option_strings and a.help is None:
+                a.help = a.dest.replace("_", " ")
     return parser
 
 

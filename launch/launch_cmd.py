@@ -20,7 +20,7 @@ from sterling.launch.serve_cmd import (
     server_config_from_args,
 )
 
-__all__ = ["register", "run_ray", "ensure_shards"]
+__all__ = ["register", "run_ray", "ensure_shards", "remove_stale_shards"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -64,7 +64,20 @@ def ensure_shards(model: Path, out: Path, *, num_shards: int | None, plan, plan_
                 and all(Path(s.path).exists() for s in m.shards)
                 and Path(m.source).stat().st_mtime <= (out / MANIFEST_NAME).stat().st_mtime):
             return m
-    return write_shards(model, out, num_shards=None if plan is not None else want, plan=plan, plan_path=plan_path)
+    manifest = write_shards(model, out, num_shards=None if plan is not None else want, plan=plan, plan_path=plan_path)
+    remove_stale_shards(out, manifest)
+    return manifest
+
+
+def remove_stale_shards(out: Path, manifest) -> list[Path]:
+    """Delete ``shard-*-of-*.st`` files in ``out`` that the current manifest does not list (an earlier
+    layout with another shard count), so nothing stale sits beside it; returns what was removed."""
+    keep = {Path(s.path).name for s in manifest.shards}
+    stale = [p for p in out.glob("shard-*-of-*.st") if p.name not in keep]
+    for p in stale:
+        p.unlink()
+        logging.getLogger(__name__).info("removed stale shard file %s (not in the new manifest)", p)
+    return stale
 
 
 def run_ray(args: argparse.Namespace) -> int:
@@ -107,6 +120,7 @@ def run_ray(args: argparse.Namespace) -> int:
         backend = RayBackend.launch(
             manifest, layout=layout, cpus_per_actor=args.cpus_per_shard, threads_per_actor=args.threads_per_shard,
             strategy="STRICT_SPREAD" if args.spread == "strict" else "SPREAD", ready_timeout_s=args.ready_timeout,
+            local_ray=not args.address,
         )
         router = Router(RetrievalModel.load(manifest.head), backend, router_cfg)
         srv = RetrievalServer(router, server_cfg, backend_name="ray").start()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 __all__ = ["register"]
 
@@ -17,7 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "own embedding (--like ID).",
     )
     p.add_argument("--model", help="artifact written by `sterling build` (or use --address)")
-    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--k", type=int, default=10, help="results per query")
+    p.add_argument("--max-k", type=int, default=None,
+                   help="with --model: raise the artifact's k limit (default: the artifact's max_k, 10000)")
     p.add_argument("--nprobe", type=int, help="lists probed (default nlist/8)")
     p.add_argument("--where", default=None, help='filter, e.g. "lang:en AND NOT policy:blocked"')
     g = p.add_mutually_exclusive_group(required=True)
@@ -31,26 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _load_vector(path: str):
-    import numpy as np
-    import torch
-
-    from sterling.model.errors import InvalidInputError
-
-    p = Path(path)
-    if not p.exists():
-        raise InvalidInputError(f"vector file {p} does not exist")
-    if p.suffix == ".npy":
-        return torch.from_numpy(np.load(p).astype("float32"))
-    if p.suffix == ".json":
-        return torch.tensor(json.loads(p.read_text()), dtype=torch.float32)
-    raise InvalidInputError(f"vector file {p}: use .npy or .json")
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from sterling.model import RetrievalModel
+    from sterling.model.catalog import load_query_vectors
     from sterling.model.errors import InvalidInputError
 
     if getattr(args, "address", None):
@@ -61,6 +47,12 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInputError("give --model PATH (local artifact) or --address HOST:PORT (a server)")
     model = RetrievalModel.load(args.model)
     index = model.index
+    if args.max_k is not None:
+        import dataclasses
+
+        if args.max_k < 1:
+            raise InvalidInputError(f"--max-k ({args.max_k}) must be ≥ 1")
+        index.config = dataclasses.replace(index.config, max_k=args.max_k)
     if args.like is not None:
         pos = (index.item_ids == args.like).nonzero()
         if pos.numel() == 0:
@@ -68,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         p = int(pos[0])
         xq = index.codes[p].float() * index.scales[p]
     else:
-        xq = _load_vector(args.vector)
+        xq = torch.from_numpy(load_query_vectors(args.vector))
     out = model(query=xq, k=args.k, nprobe=args.nprobe, where=args.where, exact=not args.approx)
     if args.json:
         for ids, scores in zip(out.ids.tolist(), out.scores.tolist()):
@@ -92,5 +84,4 @@ def run(args: argparse.Namespace) -> int:
             terms = " ".join(index.vocab[t] for t in index.attr_ids[a:b].tolist())
             table.add_row(str(r + 1), str(i), f"{s:.4f}", terms)
         Console().print(table)
-    _ = torch
     return 0

@@ -100,9 +100,15 @@ def write_artifact(path: str | Path, *, kind: str, meta: dict, tensors: dict[str
     pre = _PRE.pack(MAGIC, FORMAT_VERSION, len(header), zlib.crc32(header))
     head_pad = _pad(len(pre) + len(header))
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise ArtifactError(f"{path} is a directory; give a file path for the artifact, e.g. {path / 'model.st'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise ArtifactError(f"cannot create the directory of {path}: a file is in the way ({e})") from e
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
     try:
+        os.fchmod(fd, _umask_mode())  # mkstemp makes 0600; artifacts get the process umask like open() would
         with os.fdopen(fd, "wb") as f:
             f.write(pre)
             f.write(header)
@@ -128,6 +134,28 @@ def write_artifact(path: str | Path, *, kind: str, meta: dict, tensors: dict[str
             os.close(dfd)
     except OSError:
         pass
+
+
+def _umask_mode() -> int:
+    """0o666 minus the process umask: read from /proc (never changed), else by the set-and-restore idiom."""
+    try:
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _open_for_read(path: Path):
+    if path.is_dir():
+        raise ArtifactError(f"{path} is a directory, not an artifact; give the .st file written by `sterling build`")
+    try:
+        return open(path, "rb")
+    except FileNotFoundError as e:
+        raise ArtifactError(f"artifact {path} does not exist") from e
+    except PermissionError as e:
+        raise ArtifactError(f"artifact {path} is not readable by this user ({e})") from e
 
 
 def _bytes_view(t: torch.Tensor) -> memoryview:
@@ -169,11 +197,8 @@ def _read_pre(f, path: Path) -> tuple[dict, int]:
 def read_header(path: str | Path) -> dict:
     """The artifact's header (kind, meta, tensor names/dtypes/shapes/nbytes) without its data."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            h, _ = _read_pre(f, path)
-    except FileNotFoundError as e:
-        raise ArtifactError(f"artifact {path} does not exist") from e
+    with _open_for_read(path) as f:
+        h, _ = _read_pre(f, path)
     return h
 
 
@@ -182,10 +207,7 @@ def read_artifact(
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """Header and tensors. With ``mmap_data`` tensors are copy-on-write views of the file."""
     path = Path(path)
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError as e:
-        raise ArtifactError(f"artifact {path} does not exist") from e
+    f = _open_for_read(path)
     with f:
         h, data_start = _read_pre(f, path)
         if verify:

@@ -25,11 +25,13 @@ from sterling.model.errors import (
     EmptyCatalogError,
     InvalidInputError,
     NonFiniteError,
+    TooManyAttributesError,
 )
 from sterling.model.index import ItemIndex
 from sterling.model.kmeans import assign, spherical_kmeans
 
 __all__ = ["build_index", "check_ids"]
+
 
 def check_ids(ids: torch.Tensor) -> None:
     """Ids must be non-negative and unique; the message names an offender."""
@@ -78,6 +80,7 @@ def build_index(
     ext_ids = torch.arange(N, dtype=torch.int64) if ext_ids is None else ext_ids.to(torch.int64)
     check_ids(ext_ids)
     attrs = src.attributes() or Attributes.empty(N)
+    _check_attribute_counts(attrs, config.max_attributes_per_item)
 
     # 1. k-means on a sample
     g = torch.Generator().manual_seed(config.seed)
@@ -159,6 +162,7 @@ def build_index(
     cfg = IndexConfig.from_dict({**config.to_dict(), "nlist": nlist})
     return ItemIndex(config=cfg, vocab=attrs.vocab, bloom_spec=spec, tensors=tensors)
 
+
 def _check_finite(x: torch.Tensor, rows: torch.Tensor) -> None:
     finite = torch.isfinite(x).all(dim=1)
     if not bool(finite.all()):
@@ -167,3 +171,18 @@ def _check_finite(x: torch.Tensor, rows: torch.Tensor) -> None:
             f"embedding of catalog row {bad} contains NaN or inf; fix or drop that item and rebuild"
         )
 
+
+
+def _check_attribute_counts(attrs: Attributes, limit: int) -> None:
+    """Refuse an item with more than ``limit`` terms (the Bloom sizing and the filter scan assume a bound)."""
+    if attrs.num_items != 0 and attrs.offsets.numel() > 1:
+        lengths = attrs.offsets[1:] - attrs.offsets[:-1]
+        worst = int(lengths.argmax())
+        n = int(lengths[worst])
+        if n > limit:
+            raise TooManyAttributesError(
+                f"catalog row {worst} has {n} attributes, above max_attributes_per_item ({limit}); drop "
+                "terms from that item or raise the limit (IndexConfig.max_attributes_per_item, "
+                "`sterling build --max-attributes-per-item`)",
+                name="attributes per item", value=n, limit=limit,
+            )

@@ -7,6 +7,7 @@ are memory-mapped, Parquet is read in record batches.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -15,9 +16,16 @@ import numpy as np
 import torch
 
 from sterling.model.attributes import Attributes
-from sterling.model.errors import InvalidInputError
+from sterling.model.errors import (
+    CatalogFormatError,
+    InvalidInputError,
+    MissingColumnError,
+    NonFiniteError,
+)
 
-__all__ = ["CatalogSource", "ArraySource", "ParquetSource", "open_catalog", "as_source"]
+__all__ = [
+    "CatalogSource", "ArraySource", "ParquetSource", "open_catalog", "as_source", "load_npy", "load_query_vectors",
+]
 
 
 class CatalogSource(Protocol):
@@ -42,15 +50,29 @@ def _as_2d(x, what: str) -> np.ndarray | torch.Tensor:
     return x
 
 
+def _as_ids(ids) -> torch.Tensor:
+    a = ids.numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        raise InvalidInputError(f"ids have dtype {a.dtype}; give integer ids (int64), one per item")
+    return torch.from_numpy(a.astype(np.int64).reshape(-1))
+
+
 class ArraySource:
     """In-memory or memory-mapped arrays (torch, numpy, ``np.load(mmap_mode='r')``)."""
 
     def __init__(self, embeddings, ids=None, attributes=None) -> None:
         if not isinstance(embeddings, (np.ndarray, torch.Tensor)):
-            embeddings = np.asarray(embeddings, dtype=np.float32)
+            try:
+                embeddings = np.asarray(embeddings, dtype=np.float32)
+            except (TypeError, ValueError) as e:
+                raise InvalidInputError(f"embeddings are not a numeric [N, D] array ({e})") from e
+        if isinstance(embeddings, np.ndarray) and not np.issubdtype(embeddings.dtype, np.number):
+            raise InvalidInputError(f"embeddings have dtype {embeddings.dtype}; give float32 (or any numeric) [N, D]")
+        if isinstance(embeddings, torch.Tensor) and (embeddings.is_complex() or embeddings.dtype == torch.bool):
+            raise InvalidInputError(f"embeddings have dtype {embeddings.dtype}; give float32 [N, D]")
         self._emb = _as_2d(embeddings, "embeddings")
         self.num_items, self.dim = int(self._emb.shape[0]), int(self._emb.shape[1])
-        self._ids = None if ids is None else torch.as_tensor(np.asarray(ids)).reshape(-1)
+        self._ids = None if ids is None else _as_ids(ids)
         if self._ids is not None and self._ids.numel() != self.num_items:
             raise InvalidInputError(
                 f"ids has {self._ids.numel()} entries for {self.num_items} embeddings; give one id per item"
@@ -88,27 +110,61 @@ class ArraySource:
 class ParquetSource:
     """Parquet with columns ``id: int64``, ``embedding: list<float>``, ``attributes: list<string>``.
 
-    ``attributes`` is optional. Embeddings are read in record batches.
+    ``id`` and ``embedding`` are required (a missing or misnamed id column is a
+    ``MissingColumnError``, never silently 0..N-1); ``attributes`` is
+    optional. Column types are checked on open; embeddings are read in
+    record batches.
     """
 
     def __init__(self, path: str | Path) -> None:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         self.path = Path(path)
-        self._file = pq.ParquetFile(self.path)
-        names = set(self._file.schema_arrow.names)
-        if "embedding" not in names:
-            raise InvalidInputError(
-                f"{self.path} has no 'embedding' column (columns: {sorted(names)}); expected "
-                "id:int64, embedding:list<float>, attributes:list<string>"
-            )
-        self._has_ids = "id" in names
+        try:
+            self._file = pq.ParquetFile(self.path)
+        except (pa.ArrowException, OSError) as e:
+            raise CatalogFormatError(
+                f"{self.path} is not a readable Parquet file ({e}); write it with pyarrow/pandas "
+                "`to_parquet` with columns id:int64, embedding:list<float>, attributes:list<string>"
+            ) from e
+        schema = self._file.schema_arrow
+        names = set(schema.names)
+        for need in ("id", "embedding"):
+            if need not in names:
+                hint = " (rename your id column to 'id')" if need == "id" else ""
+                raise MissingColumnError(
+                    f"{self.path} has no {need!r} column (columns: {sorted(names)}){hint}; expected "
+                    "id:int64, embedding:list<float>, attributes:list<string>"
+                )
+        _check_type(self.path, "id", schema.field("id").type, pa.types.is_integer, "int64")
+        _check_type(self.path, "embedding", schema.field("embedding").type, _is_float_list, "list<float>")
         self._has_attrs = "attributes" in names
+        if self._has_attrs:
+            _check_type(self.path, "attributes", schema.field("attributes").type, _is_string_list, "list<string>")
         self.num_items = self._file.metadata.num_rows
-        first = next(self._file.iter_batches(batch_size=1, columns=["embedding"]), None)
-        self.dim = 0 if first is None else len(first.column(0)[0])
+        self.dim = 0
+        start = 0
+        for batch in self._file.iter_batches(batch_size=1024, columns=["embedding"]):
+            col = batch.column(0)
+            valid = np.flatnonzero(~col.is_null().to_numpy(zero_copy_only=False))
+            if valid.size:
+                self.dim = len(col[int(valid[0])])
+                break
+            start += len(col)
 
     def _to_tensor(self, col, start: int) -> torch.Tensor:
+        if col.null_count:
+            row = start + int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+            raise NonFiniteError(
+                f"row {row} of {self.path} has a null embedding; give every item a vector of length "
+                f"{self.dim} or drop the row"
+            )
+        if col.flatten().null_count:
+            raise NonFiniteError(
+                f"{self.path}: an embedding in rows {start}..{start + len(col) - 1} holds a null value; "
+                "fill or drop it"
+            )
         lengths = col.value_lengths().to_numpy(zero_copy_only=False)
         bad = np.nonzero(lengths != self.dim)[0]
         if bad.size:
@@ -138,8 +194,6 @@ class ParquetSource:
         return out
 
     def ids(self) -> torch.Tensor | None:
-        if not self._has_ids:
-            return None
         col = self._file.read(columns=["id"]).column("id")
         if col.null_count:
             raise InvalidInputError(f"{self.path}: column 'id' has {col.null_count} nulls")
@@ -161,16 +215,96 @@ class ParquetSource:
         return Attributes.from_csr(vocab, ids, offsets)
 
 
+def _is_float_list(t) -> bool:
+    import pyarrow as pa
+
+    return (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) and (
+        pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type)
+    )
+
+
+def _is_string_list(t) -> bool:
+    import pyarrow as pa
+
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and (
+        pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)
+    )
+
+
+def _check_type(path: Path, name: str, got, ok, want: str) -> None:
+    if not ok(got):
+        raise CatalogFormatError(
+            f"{path}: column {name!r} has type {got}, expected {want}"
+            + (" (one list of 'feature:value' strings per item, e.g. ['lang:en', 'country:US'])"
+               if name == "attributes" else "")
+        )
+
+
+def load_npy(path: str | Path, *, what: str, mmap: bool = False) -> np.ndarray:
+    """``np.load`` with typed errors: a missing, empty, pickled or non-numeric file is a ``CatalogFormatError``.
+
+    Object arrays are never unpickled (``allow_pickle=False``).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CatalogFormatError(f"{what} {p} does not exist or is not a file")
+    try:
+        a = np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise CatalogFormatError(f"{what} {p} is not a readable numeric .npy file ({e}); save it with np.save") from e
+    if not isinstance(a, np.ndarray) or not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+        kind = type(a).__name__ if not isinstance(a, np.ndarray) else f"dtype {a.dtype}"
+        raise CatalogFormatError(f"{what} {p} holds {kind}, not numbers; save a float32/int64 array with np.save")
+    return a
+
+
+def load_query_vectors(path: str | Path) -> np.ndarray:
+    """float32 [D] or [B, D] queries from ``.npy`` or ``.json`` (a list of floats, or a list of such lists).
+
+    Raises ``CatalogFormatError`` for a missing, empty or non-numeric file (strings, objects, ragged rows).
+    """
+    p = Path(path)
+    if p.suffix == ".npy":
+        a = load_npy(p, what="vector file")
+    elif p.suffix == ".json":
+        if not p.is_file():
+            raise CatalogFormatError(f"vector file {p} does not exist or is not a file")
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CatalogFormatError(f"vector file {p} is not valid JSON ({e}); write e.g. [0.1, 0.2, …]") from e
+        if not isinstance(data, list) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool)
+            for row in data for v in (row if isinstance(row, list) else [row])
+        ):
+            raise CatalogFormatError(f"vector file {p} must hold a list of numbers or a list of lists of numbers")
+        try:
+            a = np.asarray(data, dtype=np.float64)
+        except ValueError as e:
+            raise CatalogFormatError(f"vector file {p} has rows of different lengths ({e})") from e
+    else:
+        raise CatalogFormatError(f"vector file {p}: use .npy or .json")
+    if a.ndim not in (1, 2) or a.size == 0:
+        raise CatalogFormatError(f"vector file {p} holds shape {tuple(a.shape)}; give [D] or [B, D] with D ≥ 1")
+    with np.errstate(over="ignore"):
+        out = a.astype(np.float32)
+    return out
+
+
 def open_catalog(path: str | Path, *, ids_path: str | Path | None = None) -> CatalogSource:
     """Open ``.parquet`` or ``.npy`` (memory-mapped; optional ``.npy`` ids beside it)."""
     p = Path(path)
     if not p.exists():
         raise InvalidInputError(f"catalog {p} does not exist")
+    if p.is_dir():
+        raise CatalogFormatError(f"catalog {p} is a directory; give a .parquet or .npy file")
     if p.suffix == ".parquet":
+        if ids_path is not None:
+            raise InvalidInputError("--ids is for .npy catalogs; a Parquet catalog carries its own 'id' column")
         return ParquetSource(p)
     if p.suffix == ".npy":
-        emb = np.load(p, mmap_mode="r")
-        ids = None if ids_path is None else np.load(ids_path)
+        emb = load_npy(p, what="catalog", mmap=True)
+        ids = None if ids_path is None else load_npy(ids_path, what="ids file")
         return ArraySource(emb, ids)
     raise InvalidInputError(f"catalog {p}: unknown format {p.suffix!r}; use .parquet or .npy")
 

@@ -49,6 +49,10 @@ class IndexConfig:
         bloom_bits, bloom_hashes: explicit signature size (a multiple of 64)
             and hashes per term, overriding the sizing from ``target_fpr``.
         max_filter_terms: terms allowed in one filter expression.
+        max_k: largest k a search may ask for; results cost B × k × 12 bytes
+            plus ~16·k candidates per query, so this bounds search memory.
+        max_attributes_per_item: most ``feature:value`` terms one catalog item
+            may carry (a build refuses more with ``TooManyAttributesError``).
         adaptive_filter: widen the probe for selective filters (about
             nprobe / selectivity lists), and score the verified eligible set
             directly when that would exceed half the lists.
@@ -67,6 +71,8 @@ class IndexConfig:
     bloom_bits: int | None = None
     bloom_hashes: int | None = None
     max_filter_terms: int = 256
+    max_k: int = 10_000
+    max_attributes_per_item: int = 1024
     adaptive_filter: bool = True
     seed: int = 0
 
@@ -95,6 +101,10 @@ class IndexConfig:
             raise InvalidInputError(f"bloom_bits ({self.bloom_bits}) must be a positive multiple of 64")
         if self.bloom_hashes is not None and not 1 <= self.bloom_hashes <= 16:
             raise InvalidInputError(f"bloom_hashes ({self.bloom_hashes}) must be in 1..16")
+        if self.max_k < 1:
+            raise InvalidInputError(f"max_k ({self.max_k}) must be ≥ 1")
+        if self.max_attributes_per_item < 1:
+            raise InvalidInputError(f"max_attributes_per_item ({self.max_attributes_per_item}) must be ≥ 1")
         if self.max_filter_terms < 1:
             raise InvalidInputError(f"max_filter_terms ({self.max_filter_terms}) must be ≥ 1")
 

@@ -13,6 +13,10 @@ __all__ = [
     "NonFiniteError",
     "DuplicateIdError",
     "EmptyCatalogError",
+    "CatalogFormatError",
+    "MissingColumnError",
+    "LimitExceededError",
+    "TooManyAttributesError",
     "InvalidAttributeError",
     "FilterError",
     "FilterSyntaxError",
@@ -50,6 +54,28 @@ class EmptyCatalogError(InvalidInputError):
 
 class InvalidAttributeError(InvalidInputError):
     """An item attribute that is not of the form ``feature:value``."""
+
+
+class CatalogFormatError(InvalidInputError):
+    """A catalog or vector file that is not what it claims (empty, not Parquet/NumPy, wrong column type)."""
+
+
+class MissingColumnError(CatalogFormatError):
+    """A required catalog column (``id``, ``embedding``) is absent; the message lists the columns found."""
+
+
+class LimitExceededError(InvalidInputError):
+    """A value above a configured limit; ``name``, ``value`` and ``limit`` say which and by how much."""
+
+    def __init__(self, message: str, *, name: str, value: int, limit: int) -> None:
+        super().__init__(message)
+        self.name = name
+        self.value = value
+        self.limit = limit
+
+
+class TooManyAttributesError(LimitExceededError, InvalidAttributeError):
+    """One item carries more attributes than ``IndexConfig.max_attributes_per_item``."""
 
 
 class FilterError(InvalidInputError):

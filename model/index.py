@@ -33,6 +33,7 @@ from sterling.model.errors import (
     ArtifactError,
     DimensionMismatchError,
     InvalidInputError,
+    LimitExceededError,
     NonFiniteError,
 )
 from sterling.model.filter import CompiledFilters, compile_filters
@@ -167,6 +168,12 @@ class ItemIndex(nn.Module):
     def _check_k_nprobe(self, k, nprobe) -> tuple[int, int]:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise InvalidInputError(f"k ({k!r}) must be an integer ≥ 1")
+        if k > self.config.max_k:
+            raise LimitExceededError(
+                f"k ({k}) is above max_k ({self.config.max_k}); ask for fewer results, or raise the limit "
+                "(IndexConfig.max_k / index.config.max_k, `sterling query --max-k`)",
+                name="k", value=int(k), limit=self.config.max_k,
+            )
         if nprobe is None:
             nprobe = self.default_nprobe()
         if isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or not 1 <= nprobe <= self.nlist:
