@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--list-slack", type=float, default=0.0, help="spare slots per list for upserts (fraction)")
     p.add_argument("--max-attributes-per-item", type=int, default=1024,
                    help="most feature:value terms one item may carry (more is refused)")
-    p.add_argument("--max-k", type=int, default=10_000, help="largest k a search of this model may ask for")
+    p.add_argument("--max-k", type=int, default=262_144, help="largest k a search of this model may ask for")
     p.add_argument("--max-filter-terms", type=int, default=256, help="most terms in one filter expression")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling and k-means")
     p.set_defaults(func=run)

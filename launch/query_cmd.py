@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="artifact written by `sterling build` (or use --address)")
     p.add_argument("--k", type=int, default=10, help="results per query")
     p.add_argument("--max-k", type=int, default=None,
-                   help="with --model: raise the artifact's k limit (default: the artifact's max_k, 10000)")
+                   help="with --model: raise the artifact's k limit (default: the artifact's max_k, 262144 unless built otherwise)")
     p.add_argument("--nprobe", type=int, help="lists probed (default nlist/8)")
     p.add_argument("--where", default=None, help='filter, e.g. "lang:en AND NOT policy:blocked"')
     g = p.add_mutually_exclusive_group(required=True)

@@ -49,8 +49,9 @@ class IndexConfig:
         bloom_bits, bloom_hashes: explicit signature size (a multiple of 64)
             and hashes per term, overriding the sizing from ``target_fpr``.
         max_filter_terms: terms allowed in one filter expression.
-        max_k: largest k a search may ask for; results cost B × k × 12 bytes
-            plus ~16·k candidates per query, so this bounds search memory.
+        max_k: largest k a search may ask for (2^18 by default: the largest
+            the kernels are tested at); results cost B × k × 12 bytes plus
+            the selection buffers, so this bounds search memory per query.
         max_attributes_per_item: most ``feature:value`` terms one catalog item
             may carry (a build refuses more with ``TooManyAttributesError``).
         adaptive_filter: widen the probe for selective filters (about
@@ -71,7 +72,7 @@ class IndexConfig:
     bloom_bits: int | None = None
     bloom_hashes: int | None = None
     max_filter_terms: int = 256
-    max_k: int = 10_000
+    max_k: int = 262_144
     max_attributes_per_item: int = 1024
     adaptive_filter: bool = True
     seed: int = 0

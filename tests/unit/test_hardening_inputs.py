@@ -198,7 +198,7 @@ def test_cli_query_k_limit_and_override(model_path, tmp_path, capsys):
     np.save(q, np.ones(D, np.float32))
     with pytest.raises(LimitExceededError):
         _cli(["query", "--model", str(model_path), "--vector", str(q), "--k", "1000000000", "--json"])
-    assert _cli(["query", "--model", str(model_path), "--vector", str(q), "--k", "20000", "--max-k", "20000", "--nprobe", "8",
+    assert _cli(["query", "--model", str(model_path), "--vector", str(q), "--k", "300000", "--max-k", "300000", "--nprobe", "8",
                  "--json"]) == 0
     hits = json.loads(capsys.readouterr().out.splitlines()[-1])["results"]
     assert len(hits) == 400  # every item, no more
