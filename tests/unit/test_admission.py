@@ -14,7 +14,12 @@ import time
 import pytest
 
 from sterling.cluster.admission import Admission, AdmissionConfig, RateLimitedLog
-from sterling.cluster.errors import ClusterConfigError, DeadlineExceededError, OverloadedError, status_code_name
+from sterling.cluster.errors import (
+    ClusterConfigError,
+    DeadlineExceededError,
+    OverloadedError,
+    status_code_name,
+)
 
 
 def _waiter(adm: Admission, client: str, out: list, deadline: float | None = None) -> threading.Thread:
