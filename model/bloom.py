@@ -66,7 +66,6 @@ __all__ = [
 _PERSON = b"sterling.bloom2"
 MAX_WORDS = 64  # 4096 bits per item; beyond this a forward index is cheaper
 MAX_HASHES = 16
-_FPR_CELLS = 1 << 22  # (sample, term) cells per measure_fpr chunk: ~4M × ~18 B ≈ 75 MB at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,16 +234,16 @@ def measure_fpr(index, *, samples: int = 200_000, seed: int = 0) -> float:
     vocab_words = term_words(index.vocab, index.bloom_spec)
     w = vocab_words[terms]  # [S, W]
     claimed = ((index.bloom[items] & w) == w).all(dim=1)
-    start, end = index.attr_offsets[items], index.attr_offsets[items + 1]
-    L = max(1, int((end - start).max()))
-    step = max(1, _FPR_CELLS // L)  # bounded memory: at most _FPR_CELLS (sample, term) cells at a time
-    has = torch.empty(samples, dtype=torch.bool)
-    j = torch.arange(L)
-    for a in range(0, samples, step):
-        st, n = start[a : a + step], (end - start)[a : a + step]
-        present = j[None, :] < n[:, None]
-        idx = (st[:, None] + j).clamp(max=max(index.attr_ids.numel() - 1, 0))
-        has[a : a + step] = (present & (index.attr_ids[idx].long() == terms[a : a + step, None])).any(dim=1)
+    # Exact membership by binary search in the sorted (slot, term) pairs: memory O(nnz + samples),
+    # whatever the longest item (a padded [samples, max terms] matrix would be 16 GB at 10k terms).
+    lengths = index.attr_offsets[1:] - index.attr_offsets[:-1]
+    slot_of = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+    term_ids = index.attr_ids.long()
+    keep = term_ids >= 0
+    keys = (slot_of[keep] * V + term_ids[keep]).sort().values
+    want = items * V + terms
+    pos = torch.searchsorted(keys, want).clamp(max=max(keys.numel() - 1, 0))
+    has = (keys[pos] == want) if keys.numel() else torch.zeros(samples, dtype=torch.bool)
     negatives = ~has
     if not bool(negatives.any()):
         return 0.0
