@@ -18,12 +18,13 @@ from sterling.kernels import pack_bits, quantize_int8
 from sterling.model import bloom as bloom_mod
 from sterling.model.attributes import Attributes
 from sterling.model.catalog import as_source
-from sterling.model.config import IndexConfig, Metric, auto_nlist
+from sterling.model.config import MAX_ABS_VALUE, IndexConfig, Metric, auto_nlist
 from sterling.model.errors import (
     DimensionMismatchError,
     DuplicateIdError,
     EmptyCatalogError,
     InvalidInputError,
+    LimitExceededError,
     NonFiniteError,
     TooManyAttributesError,
 )
@@ -169,6 +170,14 @@ def _check_finite(x: torch.Tensor, rows: torch.Tensor) -> None:
         bad = int(rows[int((~finite).nonzero()[0])])
         raise NonFiniteError(
             f"embedding of catalog row {bad} contains NaN or inf; fix or drop that item and rebuild"
+        )
+    huge = (x.abs() > MAX_ABS_VALUE).any(dim=1)
+    if bool(huge.any()):
+        i = int(huge.nonzero()[0])
+        raise LimitExceededError(
+            f"embedding of catalog row {int(rows[i])} holds |value| {float(x[i].abs().max()):.3g} above "
+            f"{MAX_ABS_VALUE:.0e}, where fp32 scores overflow; rescale the embeddings",
+            name="abs value", value=int(min(float(x[i].abs().max()), 2**62)), limit=int(MAX_ABS_VALUE),
         )
 
 

@@ -8,7 +8,11 @@ from enum import StrEnum
 
 from sterling.model.errors import InvalidInputError
 
-__all__ = ["Metric", "IndexConfig", "auto_nlist"]
+__all__ = ["Metric", "IndexConfig", "auto_nlist", "MAX_ABS_VALUE"]
+
+# Largest |value| in an embedding or query: a product of two is ≤ 1e30, a D-term sum stays far below
+# fp32's 3.4e38 for any D ≤ 10^8, so scores never overflow to inf (which would make the top-k arbitrary).
+MAX_ABS_VALUE: float = 1e15
 
 
 class Metric(StrEnum):

@@ -28,7 +28,7 @@ from sterling.kernels.filter_eval import OP_NOT, FilterPlan
 from sterling.kernels.ivf import ListStats, ScanFilter, ids_of_positions, order_results
 from sterling.model import bloom as bloom_mod
 from sterling.model.artifact import read_artifact, write_artifact
-from sterling.model.config import IndexConfig, Metric
+from sterling.model.config import MAX_ABS_VALUE, IndexConfig, Metric
 from sterling.model.errors import (
     ArtifactError,
     DimensionMismatchError,
@@ -81,10 +81,16 @@ def prepare_queries(xq, dim: int, metric: Metric) -> torch.Tensor:
     if not xq.is_floating_point():
         raise InvalidInputError(f"queries must be floating point, got {xq.dtype}")
     xq = xq.detach().float()
-    finite = np.isfinite(xq.numpy()).all() if xq.device.type == "cpu" else torch.isfinite(xq).all()
-    if not bool(finite):
-        bad = int((~torch.isfinite(xq).all(dim=1)).nonzero()[0])
-        raise NonFiniteError(f"query row {bad} contains NaN or inf; replace or drop it before searching")
+    amax = np.abs(xq.numpy()).max(initial=0.0) if xq.device.type == "cpu" else xq.abs().amax()
+    if not bool(amax <= MAX_ABS_VALUE):  # one pass catches NaN, inf and values that overflow fp32 scores
+        if not bool(torch.isfinite(xq).all()):
+            bad = int((~torch.isfinite(xq).all(dim=1)).nonzero()[0])
+            raise NonFiniteError(f"query row {bad} contains NaN or inf; replace or drop it before searching")
+        bad = int((xq.abs() > MAX_ABS_VALUE).any(dim=1).nonzero()[0])
+        raise LimitExceededError(
+            f"query row {bad} holds |value| {float(xq[bad].abs().max()):.3g} above {MAX_ABS_VALUE:.0e}, where "
+            "fp32 scores overflow to inf; rescale the embeddings", name="abs value", value=int(min(amax, 2**62)),
+            limit=int(MAX_ABS_VALUE))
     if Metric(metric) is Metric.COSINE:
         xq = F.normalize(xq, dim=1)
     return xq

@@ -434,3 +434,26 @@ def test_cli_main_turns_typed_errors_into_exit_code_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error" in err and "Traceback" not in err
     assert issubclass(CatalogFormatError, SterlingError)
+
+
+# --- huge finite values -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine"])
+def test_huge_finite_values_that_would_overflow_scores(metric):
+    from sterling.model.config import MAX_ABS_VALUE
+
+    x = torch.randn(200, D, generator=torch.Generator().manual_seed(3))
+    idx = build_index(x, config=IndexConfig(nlist=2, metric=metric))
+    q = x[:3].clone()
+    q[1, 4] = 3e38
+    with pytest.raises(LimitExceededError) as e:
+        idx.search(q, k=5)
+    assert e.value.limit == int(MAX_ABS_VALUE) and "row 1" in str(e.value)
+    q[1, 4] = MAX_ABS_VALUE  # at the limit: accepted, and the scores stay finite
+    s, _ = idx.search(q, k=5, nprobe=2)
+    assert torch.isfinite(s).all()
+    xb = x.clone()
+    xb[7, 0] = -1e20
+    with pytest.raises(LimitExceededError):
+        build_index(xb, config=IndexConfig(nlist=2, metric=metric))
