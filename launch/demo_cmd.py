@@ -24,13 +24,13 @@ DEMO_FILTERS = (
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="build, save, reload and query a synthetic 1M-item catalog")
-    p.add_argument("--items", type=int, default=1_000_000)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--queries", type=int, default=1000)
-    p.add_argument("--nlist", type=int, default=1024)
-    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--items", type=int, default=1_000_000, help="synthetic catalog size")
+    p.add_argument("--dim", type=int, default=64, help="embedding dimension")
+    p.add_argument("--queries", type=int, default=1000, help="queries measured")
+    p.add_argument("--nlist", type=int, default=1024, help="IVF lists (≤ items)")
+    p.add_argument("--k", type=int, default=100, help="results per query (≤ items)")
     p.add_argument("--out", help="keep the artifact here (default: a temporary directory)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="catalog and query seed")
     p.set_defaults(func=lambda a: run_demo(a) and 0)
 
 
@@ -55,7 +55,21 @@ def _recall(found, truth) -> float:
     return hit / max(total, 1)
 
 
+def check_demo_args(args: argparse.Namespace) -> None:
+    """Sizes the demo can run with, as a typed error before anything is built."""
+    from sterling.model.errors import InvalidInputError
+
+    for name in ("items", "dim", "queries", "nlist", "k"):
+        if getattr(args, name) < 1:
+            raise InvalidInputError(f"--{name} ({getattr(args, name)}) must be ≥ 1")
+    if args.nlist > args.items or args.k > args.items:
+        raise InvalidInputError(
+            f"--nlist ({args.nlist}) and --k ({args.k}) must be ≤ --items ({args.items}); lower them or add items"
+        )
+
+
 def run_demo(args: argparse.Namespace) -> dict:
+    check_demo_args(args)
     import torch
     from rich.console import Console
     from rich.table import Table

@@ -16,11 +16,12 @@ from pathlib import Path
 
 from sterling.launch.serve_cmd import (
     add_server_arguments,
+    check_servable,
     router_config_from_args,
     server_config_from_args,
 )
 
-__all__ = ["register", "run_ray", "ensure_shards", "remove_stale_shards"]
+__all__ = ["register", "run_ray", "ensure_shards", "remove_stale_shards", "check_launch_args"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -80,6 +81,22 @@ def remove_stale_shards(out: Path, manifest) -> list[Path]:
     return stale
 
 
+def check_launch_args(args: argparse.Namespace) -> None:
+    """The launch-only options, checked before Ray starts (typed errors naming the option)."""
+    from sterling.cluster.errors import ClusterConfigError
+
+    for name, low in (("shards", 1), ("replicas", 1), ("num_cpus", 1), ("threads_per_shard", 1)):
+        v = getattr(args, name)
+        if v is not None and v < low:
+            raise ClusterConfigError(f"--{name.replace('_', '-')} ({v}) must be ≥ {low}")
+    if not args.cpus_per_shard > 0:
+        raise ClusterConfigError(f"--cpus-per-shard ({args.cpus_per_shard}) must be > 0 (fractions like 0.5 work)")
+    if not args.ready_timeout > 0:
+        raise ClusterConfigError(f"--ready-timeout ({args.ready_timeout}) must be > 0 seconds")
+    if args.address and args.num_cpus is not None:
+        raise ClusterConfigError("--num-cpus sizes a local Ray instance; with --address the cluster's nodes decide")
+
+
 def run_ray(args: argparse.Namespace) -> int:
     import ray
 
@@ -90,6 +107,7 @@ def run_ray(args: argparse.Namespace) -> int:
     from sterling.model.retrieval import RetrievalModel
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    check_launch_args(args)
     server_cfg = server_config_from_args(args)
     router_cfg = router_config_from_args(args)
     plan = None
@@ -101,6 +119,7 @@ def run_ray(args: argparse.Namespace) -> int:
             raise InvalidInputError(f"--shards {args.shards} disagrees with the plan ({plan.num_shards}); drop one")
         if args.replicas is not None and args.replicas != plan.replicas:
             raise InvalidInputError(f"--replicas {args.replicas} disagrees with the plan ({plan.replicas}); drop one")
+    check_servable(args.model)
     model = Path(args.model)
     out = Path(args.shards_dir) if args.shards_dir else Path(str(model) + ".shards")
     manifest = ensure_shards(model, out, num_shards=args.shards, plan=plan, plan_path=args.plan)

@@ -457,3 +457,22 @@ def test_huge_finite_values_that_would_overflow_scores(metric):
     xb[7, 0] = -1e20
     with pytest.raises(LimitExceededError):
         build_index(xb, config=IndexConfig(nlist=2, metric=metric))
+
+
+@pytest.mark.parametrize("bad", [["--shards", "0"], ["--replicas", "0"], ["--cpus-per-shard", "0"],
+                                 ["--threads-per-shard", "0"], ["--ready-timeout", "-1"], ["--num-cpus", "0"],
+                                 ["--address", "auto", "--num-cpus", "4"]])
+def test_launch_ray_options_are_checked_before_ray_starts(bad):
+    from sterling.launch.cli import build_parser
+    from sterling.launch.launch_cmd import check_launch_args
+
+    args = build_parser().parse_args(["launch", "ray", "--model", "m.st", *bad])
+    with pytest.raises(ClusterConfigError):
+        check_launch_args(args)
+
+
+@pytest.mark.parametrize("bad", [["--items", "0"], ["--k", "0"], ["--nlist", "0"], ["--items", "10", "--k", "11"],
+                                 ["--items", "10", "--nlist", "16"], ["--dim", "-1"], ["--queries", "0"]])
+def test_demo_sizes_are_checked(bad):
+    with pytest.raises(InvalidInputError):
+        _cli(["demo", *bad])
