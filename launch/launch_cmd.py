@@ -103,10 +103,11 @@ def run_ray(args: argparse.Namespace) -> int:
     from sterling.cluster.ray_backend import RayBackend, default_layout, layout_from_plan
     from sterling.cluster.router import Router
     from sterling.cluster.server import RetrievalServer
+    from sterling.launch.logs import configure_logging
     from sterling.model.errors import InvalidInputError
     from sterling.model.retrieval import RetrievalModel
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(args.log_format)
     check_launch_args(args)
     server_cfg = server_config_from_args(args)
     router_cfg = router_config_from_args(args)

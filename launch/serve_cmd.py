@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -34,6 +33,8 @@ def add_server_arguments(p: argparse.ArgumentParser, *, default_port: int = 5005
     p.add_argument("--max-message-mb", type=int, default=64, help="largest request or response in MiB")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus /metrics on this port (0 = any free port; default: off)")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="stderr log lines as text or as one JSON object per line")
     p.add_argument("--tls-cert", help="server certificate chain (PEM)")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="require client certificates signed by this CA (PEM)")
@@ -107,8 +108,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from sterling.cluster.embedded import local_router
     from sterling.cluster.server import RetrievalServer
+    from sterling.launch.logs import configure_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(args.log_format)
     server_cfg = server_config_from_args(args)
     check_servable(args.model)
     if args.shards < 1:

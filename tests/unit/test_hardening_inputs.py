@@ -321,8 +321,10 @@ def test_bad_token_files_are_refused(tmp_path, content):
     tok = tmp_path / "token"
     tok.write_text(content)
     args = build_parser().parse_args(["serve", "--model", "m.st", "--token-file", str(tok)])
-    with pytest.raises(ClusterConfigError):
+    with pytest.raises(ClusterConfigError) as e:
         server_config_from_args(args)
+    for word in content.split():
+        assert word not in str(e.value).replace(str(tok), "")  # the secret is never echoed
 
 
 def test_missing_token_file_and_a_good_one(tmp_path):
@@ -476,3 +478,21 @@ def test_launch_ray_options_are_checked_before_ray_starts(bad):
 def test_demo_sizes_are_checked(bad):
     with pytest.raises(InvalidInputError):
         _cli(["demo", *bad])
+
+
+def test_json_log_lines_are_one_object_each_without_tracebacks():
+    import logging
+
+    from sterling.launch.logs import JsonFormatter
+
+    try:
+        raise ValueError("bad\nthing")
+    except ValueError:
+        import sys
+
+        rec = logging.LogRecord("sterling.x", logging.ERROR, __file__, 1, "failed %s", ("once",), sys.exc_info())
+    line = JsonFormatter().format(rec)
+    assert "\n" not in line
+    d = json.loads(line)
+    assert (d["level"], d["logger"], d["msg"]) == ("ERROR", "sterling.x", "failed once")
+    assert d["exc"] == "ValueError: bad\nthing" and d["ts"].endswith("Z")
