@@ -21,6 +21,8 @@ __all__ = [
     "CorruptArtifactError",
     "ForeignArtifactError",
     "UnsupportedVersionError",
+    "CorruptLogError",
+    "VersionTimeoutError",
 ]
 
 
@@ -88,3 +90,11 @@ class ForeignArtifactError(ArtifactError):
 
 class UnsupportedVersionError(ArtifactError):
     """An artifact written by a newer, incompatible format version."""
+
+
+class CorruptLogError(SterlingError):
+    """An update log that cannot be replayed onto its snapshot (records missing)."""
+
+
+class VersionTimeoutError(SterlingError):
+    """A read asked for a version (``min_version``) not reached before its deadline."""
