@@ -55,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="artifact written by `sterling build`")
     p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--data-dir", help="take Upsert/Delete/UpdateAttributes: snapshots and the update log live "
+                   "here (one sub-directory per shard); a restart with the same DIR recovers before SERVING")
+    p.add_argument("--snapshot-every", type=int, default=1000, help="update batches between snapshots")
     add_server_arguments(p)
     p.set_defaults(func=run)
 
@@ -65,10 +68,19 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     server_cfg = server_config_from_args(args)
-    router = local_router(args.model, num_shards=args.shards, config=router_config_from_args(args))
-    srv = RetrievalServer(router, server_cfg, backend_name="local").start()
+    updates = None
+    if args.data_dir:
+        from sterling.cluster.live import live_router
+
+        router, updates = live_router(args.model, data_dir=args.data_dir, num_shards=args.shards,
+                                      config=router_config_from_args(args), snapshot_every=args.snapshot_every)
+        version = updates.version
+    else:
+        router = local_router(args.model, num_shards=args.shards, config=router_config_from_args(args))
+        version = int(router.head.index.version)
+    srv = RetrievalServer(router, server_cfg, backend_name="local", updates=updates).start()
     print(f"sterling serve: listening on {srv.address} ({args.shards} shard(s), model version "
-          f"{int(router.head.index.version)}); Ctrl-C to stop", flush=True)
-    srv.wait_for_signal()
+          f"{version}{', updates logged in ' + args.data_dir if updates else ''}); Ctrl-C to stop", flush=True)
+    srv.wait_for_signal(on_stop=updates.close if updates is not None else None)
     print("sterling serve: stopped", file=sys.stderr, flush=True)
     return 0

@@ -181,6 +181,20 @@ class LiveModel:
         return int(self.model.index.version)
 
     @property
+    def index(self):
+        """The served ``ItemIndex`` (read it under ``guard.read()`` while writers run)."""
+        return self.model.index
+
+    @property
+    def tower(self):
+        return self.model.tower
+
+    def holding(self, ids: list[int]) -> list[bool]:
+        """Whether each external id is in the index now."""
+        with self.guard.read():
+            return [s >= 0 for s in upd.slot_map(self.model.index).lookup(ids)]
+
+    @property
     def applied_seq(self) -> int:
         """Sequence number of the last batch applied (and durable)."""
         return self._applied
@@ -214,7 +228,7 @@ class LiveModel:
         """Insert or replace items; returns the version that contains them (durable)."""
         batch = upd.prepare_upsert(self.model.index, ids, embeddings, attributes)
         meta = batch.attributes
-        vec = np.ascontiguousarray(torch.as_tensor(embeddings).detach().float().cpu().reshape(batch.ids.numel(), -1).numpy())
+        vec = np.ascontiguousarray(torch.as_tensor(embeddings).detach().float().cpu().reshape(batch.ids.numel(), self.model.index.dim).numpy())
         return self._commit(RecordKind.UPSERT, batch.ids.numpy(), vec, meta, prepared=batch)
 
     def delete(self, ids) -> int:

@@ -552,7 +552,8 @@ def repack(index, *, extra: torch.Tensor | None = None, slack: float | None = No
 
     Reads the index without changing it (safe while queries run); the caller
     swaps the result in with ``install_layout``. List ``l`` gets
-    ``live_l + max(ceil(live_l · slack), extra_l, 1)`` slots; free slots hold
+    ``live_l + max(ceil(live_l · slack), extra_l)`` slots (at least one
+    spare slot in a non-empty list); free slots hold
     no attribute entries, live items keep their terms (padding dropped).
 
     Args:
@@ -568,7 +569,8 @@ def repack(index, *, extra: torch.Tensor | None = None, slack: float | None = No
     live = (ids >= 0).nonzero().squeeze(1)  # in list order
     lst = torch.searchsorted(offs, live, right=True) - 1
     sizes = torch.bincount(lst, minlength=nl)
-    spare = torch.ceil(sizes.double() * slack).long().clamp(min=1)
+    spare = torch.ceil(sizes.double() * slack).long()
+    spare = torch.where(sizes > 0, spare.clamp(min=1), spare)  # lists a shard does not hold stay empty
     if extra is not None:
         spare = torch.maximum(spare, extra.cpu().long())
     caps = sizes + spare
