@@ -9,9 +9,10 @@ Write path of one batch (``upsert`` / ``delete`` / ``update_attributes``)::
 
 Readers (``search``, ``__call__``) hold the shared side of a reader/writer
 guard for the whole search, so a query sees every item of a batch entirely
-before or entirely after it, never torn. Applying a batch of 1,000 items
-holds the exclusive side for about a millisecond. Writers queue behind the
-guard's writer preference, so a stream of queries cannot starve them.
+before or entirely after it, never torn. Writers queue behind the
+guard's writer preference, so a stream of queries cannot starve them. The
+batch's slots, Bloom rows, CSR entries and alive bytes are worked out before
+the exclusive side is taken; only the tensor writes happen under it.
 
 Capacity: an upsert writes into free slots of its item's nearest list (slack
 reserved at build time, ``IndexConfig.list_slack``, and slots freed by
@@ -282,13 +283,9 @@ class LiveModel:
                 layout = upd.repack(index, extra=needed)  # queries keep running meanwhile
                 with self.guard.write():
                     upd.install_layout(index, layout)
-                    upd.apply_upsert(index, batch)
-                return
-            with self.guard.write():
-                upd.apply_upsert(index, batch)
+            upd.apply_upsert(index, batch, exclusive=self.guard.write)
         elif rec.kind is RecordKind.DELETE:
-            with self.guard.write():
-                upd.apply_delete(index, torch.from_numpy(rec.ids))
+            upd.apply_delete(index, torch.from_numpy(rec.ids), exclusive=self.guard.write)
         else:
             with self.guard.write():
                 upd.update_attributes(index, torch.from_numpy(rec.ids), rec.meta)

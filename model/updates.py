@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -357,20 +358,26 @@ def free_slots_needed(index, batch: PreparedUpsert) -> tuple[torch.Tensor, bool]
     return want, bool((want <= have).all())
 
 
-def apply_upsert(index, batch: PreparedUpsert) -> int:
+def apply_upsert(index, batch: PreparedUpsert, *, exclusive=nullcontext) -> int:
     """Write a prepared batch into free slots of its lists, in place; bumps ``version``.
 
     Every list must have room (``free_slots_needed``; grow it with
     ``repack`` first). An id already present leaves its old slot free
-    (tombstoned: alive bit 0, id −1). Returns the new version.
+    (tombstoned: alive bit 0, id −1). Everything is worked out first
+    (slots, Bloom rows, CSR entries, alive bytes — reads only); the tensors
+    are written inside ``exclusive()`` (the caller's writer guard), so
+    concurrent readers are held off only for the writes. Returns the new version.
     """
     sm = slot_map(index)
     id_list = batch.ids.tolist()
     old = sm.lookup(id_list)
-    keep_terms: list[list[int]] | None = None
+    old_slots = [s for s in old if s >= 0]
     if batch.attributes is None:
-        keep_terms = [_slot_terms(index, s) if s >= 0 else [] for s in old]
-    _free_slots(index, sm, [s for s in old if s >= 0])
+        encoded = _terms_of_slots(index, old)
+    else:
+        encoded = _encode_terms(index, id_list, batch.attributes)
+    for s, lst in zip(old_slots, sm.lists_of(old_slots)):
+        sm.free[lst].append(s)
     new_pos = []
     for lst in batch.lists.tolist():
         free = sm.free[lst]
@@ -379,20 +386,49 @@ def apply_upsert(index, batch: PreparedUpsert) -> int:
         new_pos.append(free.pop())
     for i, p in zip(id_list, new_pos):
         sm.set(i, p)
+    taken = set(new_pos)
+    freed = torch.tensor(sorted(s for s in old_slots if s not in taken), dtype=torch.int64)
     pos = torch.tensor(new_pos, dtype=torch.int64)
+    sig = _signatures(index, encoded)
+    # exact CSR: grown into new arrays (written before they are swapped in), else in place
+    n_terms = torch.tensor([len(t) for t in encoded], dtype=torch.int64)
+    offs = index.attr_offsets.cpu()
+    grown = None
+    short = (n_terms > offs[pos + 1] - offs[pos]).nonzero().squeeze(1).tolist()
+    if short:
+        grown = _grown_csr(index, [(new_pos[r], encoded[r]) for r in short])
+    attr_ids, attr_offsets = grown if grown is not None else (index.attr_ids, index.attr_offsets)
+    dst_free, _ = _slot_ranges(attr_offsets, freed)
+    dst_new, fill = _csr_fill(attr_offsets, pos, encoded, attr_ids.dtype)
+    alive_at, alive_bytes = _alive_after(index, set_live=pos, set_dead=freed)
+    if grown is not None:
+        attr_ids[dst_free] = -1
+        attr_ids[dst_new] = fill
     dev = index.codes.device
-    index.codes[pos.to(dev)] = batch.codes.to(dev)
-    index.scales[pos.to(dev)] = batch.scales.to(dev)
-    index.item_ids[pos.to(dev)] = batch.ids.to(dev)
-    encoded = keep_terms if keep_terms is not None else _encode_terms(index, id_list, batch.attributes)
-    _write_attributes(index, new_pos, encoded)
-    _refresh_alive(index, pos)
+    with exclusive():
+        if grown is not None:
+            index.attr_ids, index.attr_offsets = grown
+        else:
+            index.attr_ids[dst_free.to(dev)] = -1
+            index.attr_ids[dst_new.to(dev)] = fill.to(dev)
+        if freed.numel():
+            f = freed.to(dev)
+            index.item_ids[f] = -1
+            index.scales[f] = 0.0
+            index.bloom[f] = 0
+        p = pos.to(dev)
+        index.codes[p] = batch.codes.to(dev)
+        index.scales[p] = batch.scales.to(dev)
+        index.item_ids[p] = batch.ids.to(dev)
+        index.bloom[p] = sig.to(dev)
+        index.alive[alive_at.to(dev)] = alive_bytes.to(dev)
+        index.version += 1
+        version = int(index.version)
     sm.maybe_compact(index)
-    index.version += 1
-    return int(index.version)
+    return version
 
 
-def apply_delete(index, ids: torch.Tensor) -> tuple[int, int]:
+def apply_delete(index, ids: torch.Tensor, *, exclusive=nullcontext) -> tuple[int, int]:
     """Tombstone items by external id (absent ids are ignored); bumps ``version``.
 
     Returns (items deleted, new version).
@@ -401,28 +437,26 @@ def apply_delete(index, ids: torch.Tensor) -> tuple[int, int]:
     id_list = ids.tolist()
     old = sm.lookup(id_list)
     gone = [s for s in old if s >= 0]
-    _free_slots(index, sm, gone)
+    for s, lst in zip(gone, sm.lists_of(gone)):
+        sm.free[lst].append(s)
     for i, s in zip(id_list, old):
         if s >= 0:
             sm.set(i, -1)
-    index.version += 1
-    return len(gone), int(index.version)
-
-
-def _free_slots(index, sm: SlotMap, slots: list[int]) -> None:
-    if not slots:
-        return
-    dev = index.item_ids.device
-    pos = torch.tensor(slots, dtype=torch.int64)
-    index.item_ids[pos.to(dev)] = -1
-    index.scales[pos.to(dev)] = 0.0
-    index.bloom[pos.to(dev)] = 0
-    dst, _ = _slot_ranges(index.attr_offsets, pos)
-    if dst.numel():
-        index.attr_ids[dst.to(index.attr_ids.device)] = -1
-    for s, lst in zip(slots, sm.lists_of(slots)):
-        sm.free[lst].append(s)
-    _refresh_alive(index, pos)
+    freed = torch.tensor(sorted(gone), dtype=torch.int64)
+    dst_free, _ = _slot_ranges(index.attr_offsets, freed)
+    alive_at, alive_bytes = _alive_after(index, set_live=freed[:0], set_dead=freed)
+    dev = index.codes.device
+    with exclusive():
+        if freed.numel():
+            f = freed.to(dev)
+            index.item_ids[f] = -1
+            index.scales[f] = 0.0
+            index.bloom[f] = 0
+            index.attr_ids[dst_free.to(dev)] = -1
+            index.alive[alive_at.to(dev)] = alive_bytes.to(dev)
+        index.version += 1
+        version = int(index.version)
+    return len(gone), version
 
 
 def _slot_ranges(attr_offsets: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -441,22 +475,32 @@ def _slot_ranges(attr_offsets: torch.Tensor, pos: torch.Tensor) -> tuple[torch.T
 _SHIFTS = torch.tensor([1 << b for b in range(8)], dtype=torch.int64)
 
 
-def _refresh_alive(index, pos: torch.Tensor) -> None:
-    """Recompute the alive bytes covering ``pos`` from ``item_ids`` (alive ⇔ id ≥ 0)."""
-    if pos.numel() == 0:
-        return
-    byte = torch.unique(pos.cpu() >> 3)
+def _alive_after(index, *, set_live: torch.Tensor, set_dead: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(byte indices, new byte values) of the alive bitmask once ``set_live`` are alive and
+    ``set_dead`` are not (every other bit as ``item_ids`` says now: alive ⇔ id ≥ 0)."""
+    touched = torch.cat([set_live, set_dead])
+    if touched.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.uint8)
+    byte = torch.unique(touched >> 3)
     cap = index.capacity
     rows = (byte[:, None] * 8 + torch.arange(8)).reshape(-1)
     ok = rows < cap
     live = (index.item_ids.cpu()[rows.clamp(max=cap - 1)] >= 0) & ok
-    packed = (live.reshape(-1, 8).to(torch.int64) * _SHIFTS).sum(1).to(torch.uint8)
-    index.alive[byte.to(index.alive.device)] = packed.to(index.alive.device)
+    live[torch.isin(rows, set_dead)] = False
+    live[torch.isin(rows, set_live)] = True
+    return byte, (live.reshape(-1, 8).to(torch.int64) * _SHIFTS).sum(1).to(torch.uint8)
 
 
-def _slot_terms(index, slot: int) -> list[int]:
-    s, e = int(index.attr_offsets[slot]), int(index.attr_offsets[slot + 1])
-    return [t for t in dict.fromkeys(index.attr_ids[s:e].tolist()) if t >= 0]
+def _terms_of_slots(index, slots: list[int]) -> list[list[int]]:
+    """Vocabulary ids of each slot's exact list (padding dropped); ``[]`` for −1."""
+    have = [s for s in slots if s >= 0]
+    dst, length = _slot_ranges(index.attr_offsets, torch.tensor(have, dtype=torch.int64))
+    vals = index.attr_ids.cpu()[dst].tolist() if dst.numel() else []
+    per, at = {}, 0
+    for s, L in zip(have, length.tolist()):
+        per[s] = [t for t in dict.fromkeys(vals[at : at + L]) if t >= 0]
+        at += L
+    return [per[s] if s >= 0 else [] for s in slots]
 
 
 def _encode_terms(index, id_list: list[int], lists: list[list[str]]) -> list[list[int]]:
@@ -473,46 +517,39 @@ def _encode_terms(index, id_list: list[int], lists: list[list[str]]) -> list[lis
     return out
 
 
-def _write_attributes(index, positions: list[int], encoded: list[list[int]]) -> None:
-    """Bloom rows and exact lists of freshly written slots (grows the CSR once if needed)."""
-    pos = torch.tensor(positions, dtype=torch.int64)
+def _signatures(index, encoded: list[list[int]]) -> torch.Tensor:
+    """[n, W] Bloom rows: the OR of each item's term words."""
     n_terms = torch.tensor([len(t) for t in encoded], dtype=torch.int64)
+    sig = torch.zeros(len(encoded), index.bloom_spec.words, dtype=torch.int64)
     flat = torch.tensor([t for tids in encoded for t in tids], dtype=torch.int64)
-    W = index.bloom_spec.words
-    sig = torch.zeros(len(positions), W, dtype=torch.int64)
     if flat.numel():
         used, inv = torch.unique(flat, return_inverse=True)
         words = bloom_mod.term_words([index.vocab[t] for t in used.tolist()], index.bloom_spec)  # [U, W]
-        row = torch.repeat_interleave(torch.arange(len(positions)), n_terms)
         per = words[inv]  # [nnz, W]
+        first = torch.cumsum(n_terms, 0) - n_terms
         for j in range(int(n_terms.max())):  # OR the j-th term of every row at once
-            at = torch.cumsum(n_terms, 0) - n_terms + j
             has = n_terms > j
-            sig[has] |= per[at[has]]
-        del row
-    index.bloom[pos.to(index.bloom.device)] = sig.to(index.bloom.device)
-    offs = index.attr_offsets.cpu()
-    room = offs[pos + 1] - offs[pos]
-    short = (n_terms > room).nonzero().squeeze(1).tolist()
-    if short:
-        _grow_attr_slots(index, [(positions[r], encoded[r]) for r in short])
-    dst, length = _slot_ranges(index.attr_offsets, pos)
-    if dst.numel():
-        fill: list[int] = []
-        for tids, L in zip(encoded, length.tolist()):
-            if L:
-                fill.extend(tids)
-                fill.extend([tids[-1] if tids else -1] * (L - len(tids)))
-        index.attr_ids[dst.to(index.attr_ids.device)] = torch.tensor(fill, dtype=index.attr_ids.dtype).to(
-            index.attr_ids.device
-        )
+            sig[has] |= per[first[has] + j]
+    return sig
 
 
-def _grow_attr_slots(index, short: list[tuple[int, list[int]]]) -> None:
-    """One O(nnz) re-layout of the CSR: the short slots get their length, and every slot
-    at least ``reserve`` entries — the 99th percentile of list lengths or the longest list
-    of this batch, at most 32 — so later upserts, which land in slots other items freed,
-    write in place instead of growing the CSR again (``repack`` trims it back)."""
+def _csr_fill(attr_offsets: torch.Tensor, pos: torch.Tensor, encoded: list[list[int]], dtype):
+    """(CSR entry indices of slots ``pos``, their values): each list padded to its slot with a
+    repeat of its last id, or −1 when empty (duplicates do not change set membership)."""
+    dst, length = _slot_ranges(attr_offsets, pos)
+    fill: list[int] = []
+    for tids, L in zip(encoded, length.tolist()):
+        if L:
+            fill.extend(tids)
+            fill.extend([tids[-1] if tids else -1] * (L - len(tids)))
+    return dst, torch.tensor(fill, dtype=dtype)
+
+
+def _grown_csr(index, short: list[tuple[int, list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A re-laid-out copy of the CSR (one O(nnz) pass): the short slots get their length, and
+    every slot at least ``reserve`` entries — the 99th percentile of list lengths or the
+    longest list of this batch, at most 32 — so later upserts, which land in slots other
+    items freed, write in place instead of growing the CSR again (``repack`` trims it back)."""
     offs = index.attr_offsets.cpu().numpy()
     old_len = np.diff(offs)
     live = old_len[index.item_ids.cpu().numpy() >= 0]
@@ -521,7 +558,7 @@ def _grow_attr_slots(index, short: list[tuple[int, list[int]]]) -> None:
     new_len = np.maximum(old_len, reserve)
     for p, tids in short:
         new_len[p] = max(new_len[p], len(tids))
-    index.attr_ids, index.attr_offsets = _relayout_csr(index.attr_ids, offs, new_len, keep=None)
+    return _relayout_csr(index.attr_ids, offs, new_len, keep=None)
 
 
 def _relayout_csr(attr_ids: torch.Tensor, offs: np.ndarray, new_len: np.ndarray, keep) -> tuple:

@@ -85,8 +85,8 @@ def test_upserts_deletes_and_repacks_match_the_replayed_catalog(ops, slack):
     index = live.model.index
     v = live.version
     rng = random.Random(1)
-    for kind, n, seed in ops:
-        g = torch.Generator().manual_seed(seed)
+    for step, (kind, n, seed) in enumerate(ops):
+        g = torch.Generator().manual_seed(seed * 64 + step)  # distinct vectors per step: no score ties
         r = random.Random(seed)
         if kind == "compact":
             live.compact()
