@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import threading
 import time
@@ -41,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--writer-batches", type=int, default=60, help="batches in the writer-alone phase")
     p.add_argument("--slack", type=float, default=0.2, help="IndexConfig.list_slack of the build")
     p.add_argument("--no-faiss", action="store_true")
+    p.add_argument("--switch-interval-ms", type=float, default=0.5,
+                   help="sys.setswitchinterval: how soon a thread back from a GIL-free scan gets the GIL "
+                   "(Python's 5 ms default makes the reader wait behind the writer's Python)")
     p.set_defaults(func=run)
 
 
@@ -60,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from sterling.model.synthetic import synthetic_catalog, synthetic_queries
 
     torch.set_num_threads(1)  # one core for the reader, one for the writer
+    sys.setswitchinterval(args.switch_interval_ms / 1e3)
     if cpu_scan.HAVE_NUMBA:
         import numba
 
@@ -71,12 +76,16 @@ def run(args: argparse.Namespace) -> int:
                         config=IndexConfig(nlist=args.nlist, list_slack=args.slack))
     rng = np.random.default_rng(0)
     next_id = [args.items]
+    pool = [synthetic_queries(cat, args.batch, seed=100 + i).numpy() for i in range(16)]  # vectors, reused
 
     def make_batch(n: int, marker: np.ndarray | None = None):
+        """Half new ids, half existing ids with new vectors (generated outside the timed writes)."""
         new = n // 2
-        ids = np.concatenate([np.arange(next_id[0], next_id[0] + new), rng.choice(args.items, n - new, replace=False)])
+        old = np.unique(rng.integers(0, args.items, 2 * (n - new)))[: n - new]
+        rng.shuffle(old)
+        ids = np.concatenate([np.arange(next_id[0], next_id[0] + new), old])
         next_id[0] += new
-        x = synthetic_queries(cat, n, seed=int(rng.integers(1 << 30))).numpy()
+        x = pool[int(rng.integers(len(pool)))][: len(ids)].copy()
         if marker is not None:
             x[0] = marker
         return ids, x
@@ -102,15 +111,22 @@ def run(args: argparse.Namespace) -> int:
         stop, lat, pending, seen_at = threading.Event(), [], [None], []
         th = threading.Thread(target=reader, args=(search, stop, lat, pending, seen_at))
         th.start()
+        n_batches = 0 if rate is None else int(args.seconds * rate / args.batch) + 1
+        batches = []
+        for _ in range(n_batches):
+            marker = rng.standard_normal(args.dim).astype(np.float32)
+            marker *= 10.0 / np.linalg.norm(marker)  # scores ~100 against itself, ≤ ~10 against others
+            batches.append(make_batch(args.batch, marker))
         t0 = time.perf_counter()
         done = 0
         while time.perf_counter() - t0 < args.seconds:
             if rate is None:
                 time.sleep(0.05)
                 continue
-            marker = rng.standard_normal(args.dim).astype(np.float32)
-            marker *= 10.0 / np.linalg.norm(marker)  # scores ~100 against itself, ≤ ~10 against others
-            ids, x = make_batch(args.batch, marker)
+            if not batches:
+                break
+            ids, x = batches.pop()
+            marker = x[0]
             upsert(ids, x)
             pending[0] = (int(ids[0]), marker, time.perf_counter())
             done += len(ids)
