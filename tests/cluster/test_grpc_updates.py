@@ -138,3 +138,40 @@ def test_sterling_serve_data_dir_killed_and_restarted_keeps_acknowledged_upserts
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_sterling_update_cli_streams_parquet_upserts_and_deletes(small_model, tmp_path, capsys):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sterling.launch.cli import main
+
+    rng = np.random.default_rng(3)
+    ids = np.arange(20_000, 22_500)
+    x = rng.standard_normal((len(ids), D)).astype(np.float32)
+    attrs = [["lang:cli"] if i % 2 else [] for i in range(len(ids))]
+    pq.write_table(pa.table({"id": ids, "embedding": list(x), "attributes": attrs}), tmp_path / "u.parquet")
+    gone = np.concatenate([ids[:300], np.arange(0, 200)])
+    pq.write_table(pa.table({"id": gone}), tmp_path / "d.parquet")
+    srv, updates, client = _serve(small_model, tmp_path / "data")
+    oracle = LiveModel.open(RetrievalModel.load(small_model))
+    try:
+        capsys.readouterr()
+        rc = main(["update", "--address", srv.address, "--upserts", str(tmp_path / "u.parquet"),
+                   "--deletes", str(tmp_path / "d.parquet"), "--batch", "1000", "--no-progress"])
+        assert rc == 0
+        out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert out["upserted"] == len(ids) and out["deleted"] == len(gone)
+        for s in range(0, len(ids), 1000):
+            oracle.upsert(ids[s : s + 1000], x[s : s + 1000], attrs[s : s + 1000])
+        oracle.delete(gone)
+        xq = rng.standard_normal((6, D)).astype(np.float32)
+        got = _same(client, oracle, xq, out["model_version"], where="lang:cli")
+        assert not set(got.ids.reshape(-1).tolist()) & set(gone.tolist())
+        assert main(["update", "--address", srv.address]) == 2  # neither file: a clear error
+    finally:
+        client.close()
+        srv.stop()
+        updates.close()
