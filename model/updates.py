@@ -136,20 +136,17 @@ def update_attributes(index, ids, attributes: Sequence[Sequence[str]]) -> Update
 
 
 def _positions_of(index, id_list: list[int]) -> list[int]:
-    """External ids → slot positions (one sort of ``item_ids``)."""
+    """External ids → slot positions (the index's ``SlotMap``; built once, kept current)."""
     if not id_list:
         return []
-    want = torch.tensor(id_list, dtype=torch.int64)
-    sorted_ids, order = torch.sort(index.item_ids)
-    at = torch.searchsorted(sorted_ids, want).clamp(max=sorted_ids.numel() - 1)
-    found = (sorted_ids[at] == want) & (want >= 0)
-    if not bool(found.all()):
-        missing = id_list[int((~found).nonzero()[0])]
+    pos = slot_map(index).lookup(id_list)
+    if min(pos) < 0:
+        missing = id_list[pos.index(min(pos))]
         raise InvalidInputError(
             f"id {missing} is not in the index; update_attributes changes existing items — "
             "add new items with an upsert"
         )
-    return order[at].tolist()
+    return pos
 
 
 def _splice(index, grown: dict[int, list[int]]) -> None:
