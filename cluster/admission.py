@@ -238,7 +238,7 @@ def _deadline_of(request, context) -> float | None:
 
 def guarded_service_handler(servicer, admission: Admission, metrics, *,
                             service=None, bad_message_log: RateLimitedLog | None = None,
-                            admit: frozenset[str] = frozenset({"Retrieve", "Upsert", "Delete"})
+                            admit: frozenset[str] = frozenset({"Retrieve", "Upsert", "Delete", "UpdateAttributes"})
                             ) -> grpc.GenericRpcHandler:
     """Every method of the ``Retrieval`` service (read from the descriptor) wrapped in decode → admit → serve.
 

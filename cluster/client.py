@@ -79,7 +79,7 @@ class Client:
     def retrieve(self, *, query=None, user_features=None, k: int = 10, nprobe: int | None = None,
                  where: str | list[str | None] | None = None, exact: bool = True, adaptive: bool | None = None,
                  deadline_ms: int | None = None, require_complete: bool = False,
-                 timeout_s: float | None = None) -> RetrieveResult:
+                 timeout_s: float | None = None, min_version: int = 0) -> RetrieveResult:
         """Top-k per query through the router; raises ``grpc.RpcError`` with the server's status code."""
         if (query is None) == (user_features is None):
             raise ValueError("give exactly one of `query` or `user_features`")
@@ -87,7 +87,8 @@ class Client:
         if x.ndim == 1:
             x = x[None]
         req = pb.RetrieveRequest(k=k, nprobe=nprobe or 0, batch_size=x.shape[0], deadline_ms=deadline_ms or 0,
-                                 require_complete=require_complete, approximate_filter=not exact)
+                                 require_complete=require_complete, approximate_filter=not exact,
+                                 min_version=min_version)
         if query is not None:
             req.query_embedding.extend(x.reshape(-1).tolist())
         else:
@@ -100,6 +101,28 @@ class Client:
             req.adaptive = pb.ADAPTIVE_MODE_ON if adaptive else pb.ADAPTIVE_MODE_OFF
         resp = self.stub.Retrieve(req, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
         return from_response(resp, k)
+
+    def upsert(self, batches, *, timeout_s: float | None = None) -> pb.UpsertResponse:
+        """Stream ``(ids [n], embeddings [n, D], attributes or None)`` batches; one durable summary back."""
+
+        def messages():
+            for ids, x, attrs in batches:
+                x = np.asarray(x, dtype=np.float32)
+                msg = pb.UpsertRequest(ids=[int(i) for i in ids], embeddings=x.reshape(-1).tolist())
+                if attrs is not None:
+                    msg.attributes.extend(pb.Attributes(terms=list(t)) for t in attrs)
+                yield msg
+
+        return self.stub.Upsert(messages(), timeout=timeout_s or self.timeout_s, metadata=self._metadata)
+
+    def delete(self, ids, *, timeout_s: float | None = None) -> pb.DeleteResponse:
+        req = pb.DeleteRequest(ids=[int(i) for i in ids])
+        return self.stub.Delete(req, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
+
+    def update_attributes(self, ids, attributes, *, timeout_s: float | None = None) -> pb.UpdateAttributesResponse:
+        req = pb.UpdateAttributesRequest(ids=[int(i) for i in ids],
+                                         attributes=[pb.Attributes(terms=list(t)) for t in attributes])
+        return self.stub.UpdateAttributes(req, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
 
     def info(self) -> pb.InfoResponse:
         return self.stub.Info(pb.InfoRequest(), timeout=self.timeout_s, metadata=self._metadata)

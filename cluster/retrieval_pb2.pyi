@@ -19,7 +19,7 @@ ADAPTIVE_MODE_OFF: AdaptiveMode
 ADAPTIVE_MODE_ON: AdaptiveMode
 
 class RetrieveRequest(_message.Message):
-    __slots__ = ("query_embedding", "user_features", "batch_size", "filter", "filters", "k", "nprobe", "deadline_ms", "require_complete", "approximate_filter", "adaptive")
+    __slots__ = ("query_embedding", "user_features", "batch_size", "filter", "filters", "k", "nprobe", "deadline_ms", "require_complete", "approximate_filter", "adaptive", "min_version")
     QUERY_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     USER_FEATURES_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class RetrieveRequest(_message.Message):
     REQUIRE_COMPLETE_FIELD_NUMBER: _ClassVar[int]
     APPROXIMATE_FILTER_FIELD_NUMBER: _ClassVar[int]
     ADAPTIVE_FIELD_NUMBER: _ClassVar[int]
+    MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     query_embedding: _containers.RepeatedScalarFieldContainer[float]
     user_features: _containers.RepeatedScalarFieldContainer[float]
     batch_size: int
@@ -42,7 +43,8 @@ class RetrieveRequest(_message.Message):
     require_complete: bool
     approximate_filter: bool
     adaptive: AdaptiveMode
-    def __init__(self, query_embedding: _Optional[_Iterable[float]] = ..., user_features: _Optional[_Iterable[float]] = ..., batch_size: _Optional[int] = ..., filter: _Optional[str] = ..., filters: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., require_complete: _Optional[bool] = ..., approximate_filter: _Optional[bool] = ..., adaptive: _Optional[_Union[AdaptiveMode, str]] = ...) -> None: ...
+    min_version: int
+    def __init__(self, query_embedding: _Optional[_Iterable[float]] = ..., user_features: _Optional[_Iterable[float]] = ..., batch_size: _Optional[int] = ..., filter: _Optional[str] = ..., filters: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., require_complete: _Optional[bool] = ..., approximate_filter: _Optional[bool] = ..., adaptive: _Optional[_Union[AdaptiveMode, str]] = ..., min_version: _Optional[int] = ...) -> None: ...
 
 class TaskScores(_message.Message):
     __slots__ = ("task", "scores")
@@ -148,6 +150,22 @@ class DeleteResponse(_message.Message):
     model_version: int
     def __init__(self, deleted: _Optional[int] = ..., model_version: _Optional[int] = ...) -> None: ...
 
+class UpdateAttributesRequest(_message.Message):
+    __slots__ = ("ids", "attributes")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    attributes: _containers.RepeatedCompositeFieldContainer[Attributes]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., attributes: _Optional[_Iterable[_Union[Attributes, _Mapping]]] = ...) -> None: ...
+
+class UpdateAttributesResponse(_message.Message):
+    __slots__ = ("updated", "model_version")
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    updated: int
+    model_version: int
+    def __init__(self, updated: _Optional[int] = ..., model_version: _Optional[int] = ...) -> None: ...
+
 class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -171,7 +189,7 @@ class ShardInfo(_message.Message):
     def __init__(self, shard: _Optional[int] = ..., list_start: _Optional[int] = ..., list_end: _Optional[int] = ..., items: _Optional[int] = ..., version: _Optional[int] = ..., replicas: _Optional[int] = ..., healthy_replicas: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("dim", "nlist", "default_nprobe", "max_k", "items", "model_version", "has_user_tower", "user_feature_dim", "shards", "backend")
+    __slots__ = ("dim", "nlist", "default_nprobe", "max_k", "items", "model_version", "has_user_tower", "user_feature_dim", "shards", "backend", "updatable", "applied_batches")
     DIM_FIELD_NUMBER: _ClassVar[int]
     NLIST_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_NPROBE_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +200,8 @@ class InfoResponse(_message.Message):
     USER_FEATURE_DIM_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    UPDATABLE_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_BATCHES_FIELD_NUMBER: _ClassVar[int]
     dim: int
     nlist: int
     default_nprobe: int
@@ -192,4 +212,6 @@ class InfoResponse(_message.Message):
     user_feature_dim: int
     shards: _containers.RepeatedCompositeFieldContainer[ShardInfo]
     backend: str
-    def __init__(self, dim: _Optional[int] = ..., nlist: _Optional[int] = ..., default_nprobe: _Optional[int] = ..., max_k: _Optional[int] = ..., items: _Optional[int] = ..., model_version: _Optional[int] = ..., has_user_tower: _Optional[bool] = ..., user_feature_dim: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., backend: _Optional[str] = ...) -> None: ...
+    updatable: bool
+    applied_batches: int
+    def __init__(self, dim: _Optional[int] = ..., nlist: _Optional[int] = ..., default_nprobe: _Optional[int] = ..., max_k: _Optional[int] = ..., items: _Optional[int] = ..., model_version: _Optional[int] = ..., has_user_tower: _Optional[bool] = ..., user_feature_dim: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., backend: _Optional[str] = ..., updatable: _Optional[bool] = ..., applied_batches: _Optional[int] = ...) -> None: ...

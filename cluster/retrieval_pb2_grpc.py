@@ -51,6 +51,11 @@ class RetrievalStub:
                 request_serializer=sterling_dot_v1_dot_retrieval__pb2.DeleteRequest.SerializeToString,
                 response_deserializer=sterling_dot_v1_dot_retrieval__pb2.DeleteResponse.FromString,
                 _registered_method=True)
+        self.UpdateAttributes = channel.unary_unary(
+                '/sterling.v1.Retrieval/UpdateAttributes',
+                request_serializer=sterling_dot_v1_dot_retrieval__pb2.UpdateAttributesRequest.SerializeToString,
+                response_deserializer=sterling_dot_v1_dot_retrieval__pb2.UpdateAttributesResponse.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/sterling.v1.Retrieval/Info',
                 request_serializer=sterling_dot_v1_dot_retrieval__pb2.InfoRequest.SerializeToString,
@@ -69,14 +74,22 @@ class RetrievalServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Upsert(self, request_iterator, context):
-        """Streaming item updates (client stream); one summary at the end.
+        """Streaming item updates (client stream): each message is one batch,
+        applied atomically; one summary at the end, after every batch is durable.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Delete(self, request, context):
-        """Tombstone items by external id.
+        """Tombstone items by external id (absent ids are ignored).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateAttributes(self, request, context):
+        """Replace the "feature:value" terms of existing items.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,6 +119,11 @@ def add_RetrievalServicer_to_server(servicer, server):
                     servicer.Delete,
                     request_deserializer=sterling_dot_v1_dot_retrieval__pb2.DeleteRequest.FromString,
                     response_serializer=sterling_dot_v1_dot_retrieval__pb2.DeleteResponse.SerializeToString,
+            ),
+            'UpdateAttributes': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateAttributes,
+                    request_deserializer=sterling_dot_v1_dot_retrieval__pb2.UpdateAttributesRequest.FromString,
+                    response_serializer=sterling_dot_v1_dot_retrieval__pb2.UpdateAttributesResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
@@ -194,6 +212,33 @@ class Retrieval:
             '/sterling.v1.Retrieval/Delete',
             sterling_dot_v1_dot_retrieval__pb2.DeleteRequest.SerializeToString,
             sterling_dot_v1_dot_retrieval__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateAttributes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sterling.v1.Retrieval/UpdateAttributes',
+            sterling_dot_v1_dot_retrieval__pb2.UpdateAttributesRequest.SerializeToString,
+            sterling_dot_v1_dot_retrieval__pb2.UpdateAttributesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -175,9 +175,10 @@ def _to_proto(ids: np.ndarray, scores: np.ndarray) -> list[pb.QueryResult]:
 class RetrievalServicer(pb_grpc.RetrievalServicer):
     """``sterling.v1.Retrieval`` over a ``Router``."""
 
-    def __init__(self, router: Router, *, backend_name: str = "local") -> None:
+    def __init__(self, router: Router, *, backend_name: str = "local", updates=None) -> None:
         self.router = router
         self.backend_name = backend_name
+        self.updates = updates  # a ``sterling.cluster.live.LiveShards`` when the server takes updates
 
     def _deadline(self, request: pb.RetrieveRequest, context) -> float | None:
         budgets = []
@@ -204,6 +205,8 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             if len(request.filters):
                 where = [f or None for f in request.filters]
             adaptive = {pb.ADAPTIVE_MODE_OFF: False, pb.ADAPTIVE_MODE_ON: True}.get(request.adaptive)
+            if request.min_version:
+                self._wait_for_version(request, context)
             res = self.router.retrieve(
                 query=query, user_features=user, k=int(request.k), nprobe=int(request.nprobe) or None,
                 where=where, exact=not request.approximate_filter, adaptive=adaptive,
@@ -225,17 +228,64 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         except Exception as e:  # every error becomes a status; the server keeps serving
             _abort(context, e)
 
+    def _wait_for_version(self, request, context) -> None:
+        """Read-your-writes: block until ``min_version`` is applied everywhere, up to the deadline."""
+        from sterling.model.errors import VersionTimeoutError
+
+        current = self.updates.version if self.updates is not None else int(self.router.head.index.version)
+        if current >= request.min_version:
+            return
+        if self.updates is None:
+            raise VersionTimeoutError(
+                f"min_version {request.min_version} is above this server's version {current}, and it takes no "
+                "updates (start it with --data-dir)"
+            )
+        self.updates.wait_for_version(request.min_version, self._deadline(request, context))
+
+    def _need_updates(self, rpc: str):
+        if self.updates is None:
+            raise NotImplementedYetError(
+                f"{rpc} needs a server that keeps an update log: start it with `sterling serve --model M "
+                "--data-dir DIR`; or rebuild the artifact and re-shard to change items"
+            )
+        return self.updates
+
     def Upsert(self, request_iterator, context):
-        _abort(context, NotImplementedYetError(
-            "Upsert is defined in sterling.v1 but this model has no streaming updates yet; rebuild the "
-            "artifact with `sterling build` and re-shard (`sterling shard`) to change items"
-        ))
+        try:
+            updates = self._need_updates("Upsert")
+            n, version = 0, updates.version
+            for req in request_iterator:  # one atomic, durable batch per message
+                ids = list(req.ids)
+                if not ids:
+                    continue
+                x = _matrix(req.embeddings, len(ids), "embeddings")
+                attrs = None
+                if len(req.attributes):
+                    if len(req.attributes) != len(ids):
+                        raise_invalid(f"{len(ids)} ids but {len(req.attributes)} attribute lists; give one per id "
+                                      "or none")
+                    attrs = [list(a.terms) for a in req.attributes]
+                done, version = updates.upsert(ids, x, attrs)
+                n += done
+            return pb.UpsertResponse(upserted=n, model_version=version)
+        except Exception as e:
+            _abort(context, e)
 
     def Delete(self, request, context):
-        _abort(context, NotImplementedYetError(
-            "Delete is defined in sterling.v1 but this model has no streaming updates yet; rebuild the "
-            "artifact without the items and re-shard"
-        ))
+        try:
+            n, version = self._need_updates("Delete").delete(list(request.ids))
+            return pb.DeleteResponse(deleted=n, model_version=version)
+        except Exception as e:
+            _abort(context, e)
+
+    def UpdateAttributes(self, request, context):
+        try:
+            n, version = self._need_updates("UpdateAttributes").update_attributes(
+                list(request.ids), [list(a.terms) for a in request.attributes]
+            )
+            return pb.UpdateAttributesResponse(updated=n, model_version=version)
+        except Exception as e:
+            _abort(context, e)
 
     def Info(self, request, context):
         try:
@@ -245,7 +295,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             return pb.InfoResponse(
                 dim=idx.dim, nlist=idx.nlist, default_nprobe=idx.default_nprobe(), max_k=self.router.config.max_k,
                 items=sum(int(s["items"]) for s in shards),
-                model_version=int(idx.version),
+                model_version=self.updates.version if self.updates is not None else int(idx.version),
                 has_user_tower=tower is not None,
                 user_feature_dim=tower.config.input_dim if tower is not None else 0,
                 shards=[
@@ -255,6 +305,8 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                     for s in shards
                 ],
                 backend=self.backend_name,
+                updatable=self.updates is not None,
+                applied_batches=self.updates.applied_batches if self.updates is not None else 0,
             )
         except Exception as e:
             _abort(context, e)
@@ -284,8 +336,10 @@ class RetrievalServer:
         >>> srv.stop()
     """
 
-    def __init__(self, router: Router, config: ServerConfig | None = None, *, backend_name: str = "local") -> None:
+    def __init__(self, router: Router, config: ServerConfig | None = None, *, backend_name: str = "local",
+                 updates=None) -> None:
         self.router = router
+        self.updates = updates
         self.config = config or ServerConfig()
         self.backend_name = backend_name
         self.port: int | None = None
@@ -314,7 +368,7 @@ class RetrievalServer:
             futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sterling-grpc"),
             options=opts, interceptors=interceptors, maximum_concurrent_rpcs=threads,
         )
-        servicer = RetrievalServicer(self.router, backend_name=self.backend_name)
+        servicer = RetrievalServicer(self.router, backend_name=self.backend_name, updates=self.updates)
         server.add_generic_rpc_handlers((guarded_service_handler(servicer, self.admission, self.metrics),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(

@@ -22,6 +22,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "sterling.launch.plan_cmd",
     "sterling.launch.shard_cmd",
     "sterling.launch.serve_cmd",
+    "sterling.launch.update_cmd",
     "sterling.launch.launch_cmd",
     "sterling.launch.bench_cmd",
 )

@@ -101,6 +101,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="artifact written by `sterling build`")
     p.add_argument("--shards", type=int, default=1, help="in-memory document shards searched concurrently")
+    p.add_argument("--data-dir", help="take Upsert/Delete/UpdateAttributes: snapshots and the update log live "
+                   "here (one sub-directory per shard); a restart with the same DIR recovers before SERVING")
+    p.add_argument("--snapshot-every", type=int, default=1000, help="update batches between snapshots")
     add_server_arguments(p)
     p.set_defaults(func=run)
 
@@ -117,11 +120,21 @@ def run(args: argparse.Namespace) -> int:
         from sterling.model.errors import InvalidInputError
 
         raise InvalidInputError(f"--shards ({args.shards}) must be ≥ 1")
-    router = local_router(args.model, num_shards=args.shards, config=router_config_from_args(args))
-    srv = RetrievalServer(router, server_cfg, backend_name="local").start()
+    updates = None
+    if args.data_dir:
+        from sterling.cluster.live import live_router
+
+        router, updates = live_router(args.model, data_dir=args.data_dir, num_shards=args.shards,
+                                      config=router_config_from_args(args), snapshot_every=args.snapshot_every)
+        version = updates.version
+    else:
+        router = local_router(args.model, num_shards=args.shards, config=router_config_from_args(args))
+        version = int(router.head.index.version)
+    srv = RetrievalServer(router, server_cfg, backend_name="local", updates=updates).start()
     metrics = f"; metrics on http://{args.host}:{srv.metrics_port}/metrics" if srv.metrics_port is not None else ""
+    logged = f", updates logged in {args.data_dir}" if updates else ""
     print(f"sterling serve: listening on {srv.address} ({args.shards} shard(s), model version "
-          f"{int(router.head.index.version)}){metrics}; Ctrl-C to stop", flush=True)
-    srv.wait_for_signal()
+          f"{version}{logged}){metrics}; Ctrl-C to stop", flush=True)
+    srv.wait_for_signal(on_stop=updates.close if updates is not None else None)
     print("sterling serve: stopped", file=sys.stderr, flush=True)
     return 0

@@ -25,6 +25,8 @@ __all__ = [
     "CorruptArtifactError",
     "ForeignArtifactError",
     "UnsupportedVersionError",
+    "CorruptLogError",
+    "VersionTimeoutError",
 ]
 
 
@@ -114,3 +116,11 @@ class ForeignArtifactError(ArtifactError):
 
 class UnsupportedVersionError(ArtifactError):
     """An artifact written by a newer, incompatible format version."""
+
+
+class CorruptLogError(SterlingError):
+    """An update log that cannot be replayed onto its snapshot (records missing)."""
+
+
+class VersionTimeoutError(SterlingError):
+    """A read asked for a version (``min_version``) not reached before its deadline."""

@@ -30,15 +30,29 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from sterling.model import bloom as bloom_mod
 from sterling.model.attributes import validate_term
 from sterling.model.errors import InvalidAttributeError, InvalidInputError
 
-__all__ = ["UpdateStats", "update_attributes"]
+__all__ = [
+    "PreparedUpsert",
+    "SlotMap",
+    "UpdateStats",
+    "apply_delete",
+    "apply_upsert",
+    "footprint",
+    "install_layout",
+    "free_slots_needed",
+    "prepare_upsert",
+    "repack",
+    "update_attributes",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,20 +136,17 @@ def update_attributes(index, ids, attributes: Sequence[Sequence[str]]) -> Update
 
 
 def _positions_of(index, id_list: list[int]) -> list[int]:
-    """External ids → slot positions (one sort of ``item_ids``)."""
+    """External ids → slot positions (the index's ``SlotMap``; built once, kept current)."""
     if not id_list:
         return []
-    want = torch.tensor(id_list, dtype=torch.int64)
-    sorted_ids, order = torch.sort(index.item_ids)
-    at = torch.searchsorted(sorted_ids, want).clamp(max=sorted_ids.numel() - 1)
-    found = (sorted_ids[at] == want) & (want >= 0)
-    if not bool(found.all()):
-        missing = id_list[int((~found).nonzero()[0])]
+    pos = slot_map(index).lookup(id_list)
+    if min(pos) < 0:
+        missing = id_list[pos.index(min(pos))]
         raise InvalidInputError(
             f"id {missing} is not in the index; update_attributes changes existing items — "
             "add new items with an upsert"
         )
-    return order[at].tolist()
+    return pos
 
 
 def _splice(index, grown: dict[int, list[int]]) -> None:
@@ -154,3 +165,498 @@ def _splice(index, grown: dict[int, list[int]]) -> None:
     pieces.append(old_ids[prev:])
     index.attr_ids = torch.cat(pieces).to(old_ids.device)
     index.attr_offsets = offsets + torch.cumsum(delta, 0).to(offsets.device)
+
+
+# ----------------------------------------------------------------------------------------
+# Upserts, deletes and re-packing (see the module docstring of ``sterling.model.live`` for
+# how these are made atomic and durable; the functions here are the single-threaded core).
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedUpsert:
+    """An upsert batch validated and encoded, ready to apply (pure function of its input).
+
+    Attributes:
+        ids: [n] int64 external ids, unique, ≥ 0.
+        codes: [n, D] int8 quantized vectors (the index's scheme: per-row scale).
+        scales: [n] fp32 per-row scales.
+        lists: [n] int64 nearest list of each item.
+        attributes: one list of terms per item, or ``None`` (existing items keep
+            their terms, new items get none).
+    """
+
+    ids: torch.Tensor
+    codes: torch.Tensor
+    scales: torch.Tensor
+    lists: torch.Tensor
+    attributes: list[list[str]] | None
+
+
+def check_batch_ids(ids, what: str) -> torch.Tensor:
+    """[n] external ids as int64: non-negative, unique within the batch."""
+    from sterling.model.build import check_ids
+
+    if isinstance(ids, int):
+        ids = [ids]
+    try:
+        t = torch.as_tensor(ids)
+    except (TypeError, ValueError) as e:
+        raise InvalidInputError(f"{what} ids must be a list/array of integers, got {type(ids).__name__}") from e
+    if t.is_floating_point() or t.dtype == torch.bool:
+        raise InvalidInputError(f"{what} ids must be integers, got dtype {t.dtype}")
+    t = t.reshape(-1).to(torch.int64)
+    check_ids(t)
+    return t
+
+
+def prepare_upsert(index, ids, embeddings, attributes=None) -> PreparedUpsert:
+    """Validate and encode one upsert batch (no change to ``index``).
+
+    Args:
+        index: the ``ItemIndex`` the batch is for (dimension, metric, centroids).
+        ids: [n] external ids, unique, ≥ 0.
+        embeddings: [n, D] float vectors (finite).
+        attributes: ``None`` or one list of ``feature:value`` terms per item.
+    Raises:
+        DuplicateIdError, DimensionMismatchError, NonFiniteError,
+        InvalidAttributeError, InvalidInputError.
+    """
+    from sterling.kernels import quantize_int8
+    from sterling.model.config import Metric
+    from sterling.model.errors import DimensionMismatchError, NonFiniteError
+    from sterling.model.kmeans import assign
+
+    id_t = check_batch_ids(ids, "upsert")
+    x = torch.as_tensor(embeddings)
+    if x.ndim == 1 and id_t.numel() == 1:
+        x = x[None]
+    if x.ndim != 2 or x.shape[0] != id_t.numel():
+        raise DimensionMismatchError(
+            f"upsert embeddings have shape {tuple(x.shape)}; give one row per id: [{id_t.numel()}, {index.dim}]"
+        )
+    if x.shape[1] != index.dim:
+        raise DimensionMismatchError(
+            f"upsert embeddings have dimension {x.shape[1]} but the index has dimension {index.dim}; "
+            "encode items with the model the index was built from"
+        )
+    if not x.is_floating_point():
+        raise InvalidInputError(f"upsert embeddings must be floating point, got {x.dtype}")
+    x = x.detach().float().cpu()
+    finite = torch.isfinite(x).all(dim=1)
+    if not bool(finite.all()):
+        bad = int(id_t[int((~finite).nonzero()[0])])
+        raise NonFiniteError(f"embedding of id {bad} contains NaN or inf; fix or drop that item")
+    if Metric(index.config.metric) is Metric.COSINE:
+        x = torch.nn.functional.normalize(x, dim=1)
+    lists = []
+    if attributes is not None:
+        lists = list(attributes)
+        if len(lists) != id_t.numel():
+            raise InvalidInputError(
+                f"{id_t.numel()} ids but {len(lists)} attribute lists; give one list of terms per id"
+            )
+        for i, terms in zip(id_t.tolist(), lists):
+            if isinstance(terms, str):
+                raise InvalidAttributeError(f"attributes of id {i} are a string {terms!r}; give a list of terms")
+            for term in terms:
+                if term not in index.vocab_index:
+                    validate_term(term, where=f" of id {i}")
+        lists = [list(dict.fromkeys(terms)) for terms in lists]
+    centroids = index.centroids.detach().float().cpu()
+    codes, scales = quantize_int8(x)
+    return PreparedUpsert(
+        ids=id_t,
+        codes=codes,
+        scales=scales,
+        lists=assign(x, centroids) if id_t.numel() else torch.zeros(0, dtype=torch.int64),
+        attributes=None if attributes is None else lists,
+    )
+
+
+class SlotMap:
+    """Where each item lives and which slots are free, kept up to date by the update ops.
+
+    * id → slot: a sorted snapshot of ``item_ids`` (binary search) plus a dict
+      of changes since; rebuilt from ``item_ids`` when the dict grows large.
+    * free slots: one stack per list (slots with ``item_ids == −1``).
+
+    Rebuilt from the index tensors whenever the layout is replaced (re-pack).
+    """
+
+    _REBUILD_AFTER = 1 << 17
+
+    def __init__(self, index) -> None:
+        self.rebuild(index)
+
+    def rebuild(self, index) -> None:
+        ids = index.item_ids.cpu().numpy()
+        live = np.flatnonzero(ids >= 0)
+        order = np.argsort(ids[live], kind="stable")
+        self._sorted = ids[live][order]
+        self._slot = live[order]
+        self._delta: dict[int, int] = {}
+        offs = index.list_offsets.cpu().numpy()
+        free = np.flatnonzero(ids < 0)
+        cut = np.searchsorted(free, offs)
+        # pop() takes the lowest free slot first
+        self.free = [free[cut[i] : cut[i + 1]][::-1].tolist() for i in range(len(offs) - 1)]
+        self.list_of_slot = None
+        self._offs = offs
+
+    def lists_of(self, slots: list[int]) -> list[int]:
+        """The list each slot belongs to."""
+        return (np.searchsorted(self._offs, slots, side="right") - 1).tolist()
+
+    def lookup(self, ids: list[int]) -> list[int]:
+        """Slot of each id, −1 where absent."""
+        out = []
+        if len(self._sorted):
+            at = np.searchsorted(self._sorted, ids).clip(max=len(self._sorted) - 1)
+            base = np.where(self._sorted[at] == ids, self._slot[at], -1).tolist()
+        else:
+            base = [-1] * len(ids)
+        for i, b in zip(ids, base):
+            out.append(self._delta.get(i, b))
+        return out
+
+    def set(self, item: int, slot: int) -> None:
+        self._delta[item] = slot
+
+    def maybe_compact(self, index) -> None:
+        if len(self._delta) > self._REBUILD_AFTER:
+            self.rebuild(index)
+
+
+def slot_map(index) -> SlotMap:
+    """The index's ``SlotMap`` (created on first use; lives as long as the layout)."""
+    sm = index.__dict__.get("_slot_map")
+    if sm is None or sm._offs.shape[0] != index.list_offsets.numel() or not torch.equal(
+        torch.from_numpy(sm._offs), index.list_offsets.cpu()
+    ):
+        sm = index.__dict__["_slot_map"] = SlotMap(index)
+    return sm
+
+
+def free_slots_needed(index, batch: PreparedUpsert) -> tuple[torch.Tensor, bool]:
+    """([nlist] free slots each list needs for ``batch``, whether every list has them now).
+
+    A list needs one slot per batch item assigned to it, less the slots its
+    items that the batch moves or replaces will free. When some list lacks
+    room, ``repack(index, extra=needed)`` makes it.
+    """
+    sm = slot_map(index)
+    nl = index.nlist
+    want = torch.bincount(batch.lists, minlength=nl)
+    old = [s for s in sm.lookup(batch.ids.tolist()) if s >= 0]
+    if old:
+        want -= torch.bincount(torch.tensor(sm.lists_of(old)), minlength=nl)
+    want = want.clamp(min=0)
+    have = torch.tensor([len(f) for f in sm.free], dtype=torch.int64)
+    return want, bool((want <= have).all())
+
+
+def apply_upsert(index, batch: PreparedUpsert, *, exclusive=nullcontext) -> int:
+    """Write a prepared batch into free slots of its lists, in place; bumps ``version``.
+
+    Every list must have room (``free_slots_needed``; grow it with
+    ``repack`` first). An id already present leaves its old slot free
+    (tombstoned: alive bit 0, id −1). Everything is worked out first
+    (slots, Bloom rows, CSR entries, alive bytes — reads only); the tensors
+    are written inside ``exclusive()`` (the caller's writer guard), so
+    concurrent readers are held off only for the writes. Returns the new version.
+    """
+    sm = slot_map(index)
+    id_list = batch.ids.tolist()
+    old = sm.lookup(id_list)
+    old_slots = [s for s in old if s >= 0]
+    if batch.attributes is None:
+        encoded = _terms_of_slots(index, old)
+    else:
+        encoded = _encode_terms(index, id_list, batch.attributes)
+    for s, lst in zip(old_slots, sm.lists_of(old_slots)):
+        sm.free[lst].append(s)
+    new_pos = []
+    for lst in batch.lists.tolist():
+        free = sm.free[lst]
+        if not free:
+            raise InvalidInputError(f"list {lst} has no free slot; re-pack the index before this upsert")
+        new_pos.append(free.pop())
+    for i, p in zip(id_list, new_pos):
+        sm.set(i, p)
+    taken = set(new_pos)
+    freed = torch.tensor(sorted(s for s in old_slots if s not in taken), dtype=torch.int64)
+    pos = torch.tensor(new_pos, dtype=torch.int64)
+    sig = _signatures(index, encoded)
+    # exact CSR: grown into new arrays (written before they are swapped in), else in place
+    n_terms = torch.tensor([len(t) for t in encoded], dtype=torch.int64)
+    offs = index.attr_offsets.cpu()
+    grown = None
+    short = (n_terms > offs[pos + 1] - offs[pos]).nonzero().squeeze(1).tolist()
+    if short:
+        grown = _grown_csr(index, [(new_pos[r], encoded[r]) for r in short])
+    attr_ids, attr_offsets = grown if grown is not None else (index.attr_ids, index.attr_offsets)
+    dst_free, _ = _slot_ranges(attr_offsets, freed)
+    dst_new, fill = _csr_fill(attr_offsets, pos, encoded, attr_ids.dtype)
+    alive_at, alive_bytes = _alive_after(index, set_live=pos, set_dead=freed)
+    if grown is not None:
+        attr_ids[dst_free] = -1
+        attr_ids[dst_new] = fill
+    dev = index.codes.device
+    with exclusive():
+        if grown is not None:
+            index.attr_ids, index.attr_offsets = grown
+        else:
+            index.attr_ids[dst_free.to(dev)] = -1
+            index.attr_ids[dst_new.to(dev)] = fill.to(dev)
+        if freed.numel():
+            f = freed.to(dev)
+            index.item_ids[f] = -1
+            index.scales[f] = 0.0
+            index.bloom[f] = 0
+        p = pos.to(dev)
+        index.codes[p] = batch.codes.to(dev)
+        index.scales[p] = batch.scales.to(dev)
+        index.item_ids[p] = batch.ids.to(dev)
+        index.bloom[p] = sig.to(dev)
+        index.alive[alive_at.to(dev)] = alive_bytes.to(dev)
+        index.version += 1
+        version = int(index.version)
+    sm.maybe_compact(index)
+    return version
+
+
+def apply_delete(index, ids: torch.Tensor, *, exclusive=nullcontext) -> tuple[int, int]:
+    """Tombstone items by external id (absent ids are ignored); bumps ``version``.
+
+    Returns (items deleted, new version).
+    """
+    sm = slot_map(index)
+    id_list = ids.tolist()
+    old = sm.lookup(id_list)
+    gone = [s for s in old if s >= 0]
+    for s, lst in zip(gone, sm.lists_of(gone)):
+        sm.free[lst].append(s)
+    for i, s in zip(id_list, old):
+        if s >= 0:
+            sm.set(i, -1)
+    freed = torch.tensor(sorted(gone), dtype=torch.int64)
+    dst_free, _ = _slot_ranges(index.attr_offsets, freed)
+    alive_at, alive_bytes = _alive_after(index, set_live=freed[:0], set_dead=freed)
+    dev = index.codes.device
+    with exclusive():
+        if freed.numel():
+            f = freed.to(dev)
+            index.item_ids[f] = -1
+            index.scales[f] = 0.0
+            index.bloom[f] = 0
+            index.attr_ids[dst_free.to(dev)] = -1
+            index.alive[alive_at.to(dev)] = alive_bytes.to(dev)
+        index.version += 1
+        version = int(index.version)
+    return len(gone), version
+
+
+def _slot_ranges(attr_offsets: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(every CSR entry index of the slots ``pos`` [n], slot length [n]), on the CPU."""
+    offs = attr_offsets.cpu()
+    start = offs[pos]
+    length = offs[pos + 1] - start
+    total = int(length.sum())
+    if not total:
+        return torch.zeros(0, dtype=torch.int64), length
+    first = torch.cumsum(length, 0) - length
+    dst = torch.repeat_interleave(start - first, length) + torch.arange(total)
+    return dst, length
+
+
+_SHIFTS = torch.tensor([1 << b for b in range(8)], dtype=torch.int64)
+
+
+def _alive_after(index, *, set_live: torch.Tensor, set_dead: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(byte indices, new byte values) of the alive bitmask once ``set_live`` are alive and
+    ``set_dead`` are not (every other bit as ``item_ids`` says now: alive ⇔ id ≥ 0)."""
+    touched = torch.cat([set_live, set_dead])
+    if touched.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.uint8)
+    byte = torch.unique(touched >> 3)
+    cap = index.capacity
+    rows = (byte[:, None] * 8 + torch.arange(8)).reshape(-1)
+    ok = rows < cap
+    live = (index.item_ids.cpu()[rows.clamp(max=cap - 1)] >= 0) & ok
+    live[torch.isin(rows, set_dead)] = False
+    live[torch.isin(rows, set_live)] = True
+    return byte, (live.reshape(-1, 8).to(torch.int64) * _SHIFTS).sum(1).to(torch.uint8)
+
+
+def _terms_of_slots(index, slots: list[int]) -> list[list[int]]:
+    """Vocabulary ids of each slot's exact list (padding dropped); ``[]`` for −1."""
+    have = [s for s in slots if s >= 0]
+    dst, length = _slot_ranges(index.attr_offsets, torch.tensor(have, dtype=torch.int64))
+    vals = index.attr_ids.cpu()[dst].tolist() if dst.numel() else []
+    per, at = {}, 0
+    for s, L in zip(have, length.tolist()):
+        per[s] = [t for t in dict.fromkeys(vals[at : at + L]) if t >= 0]
+        at += L
+    return [per[s] if s >= 0 else [] for s in slots]
+
+
+def _encode_terms(index, id_list: list[int], lists: list[list[str]]) -> list[list[int]]:
+    out = []
+    for terms in lists:
+        tids = []
+        for term in terms:
+            tid = index.vocab_index.get(term)
+            if tid is None:
+                tid = index.vocab_index[term] = len(index.vocab)
+                index.vocab.append(term)
+            tids.append(tid)
+        out.append(tids)
+    return out
+
+
+def _signatures(index, encoded: list[list[int]]) -> torch.Tensor:
+    """[n, W] Bloom rows: the OR of each item's term words."""
+    n_terms = torch.tensor([len(t) for t in encoded], dtype=torch.int64)
+    sig = torch.zeros(len(encoded), index.bloom_spec.words, dtype=torch.int64)
+    flat = torch.tensor([t for tids in encoded for t in tids], dtype=torch.int64)
+    if flat.numel():
+        used, inv = torch.unique(flat, return_inverse=True)
+        words = bloom_mod.term_words([index.vocab[t] for t in used.tolist()], index.bloom_spec)  # [U, W]
+        per = words[inv]  # [nnz, W]
+        first = torch.cumsum(n_terms, 0) - n_terms
+        for j in range(int(n_terms.max())):  # OR the j-th term of every row at once
+            has = n_terms > j
+            sig[has] |= per[first[has] + j]
+    return sig
+
+
+def _csr_fill(attr_offsets: torch.Tensor, pos: torch.Tensor, encoded: list[list[int]], dtype):
+    """(CSR entry indices of slots ``pos``, their values): each list padded to its slot with a
+    repeat of its last id, or −1 when empty (duplicates do not change set membership)."""
+    dst, length = _slot_ranges(attr_offsets, pos)
+    fill: list[int] = []
+    for tids, L in zip(encoded, length.tolist()):
+        if L:
+            fill.extend(tids)
+            fill.extend([tids[-1] if tids else -1] * (L - len(tids)))
+    return dst, torch.tensor(fill, dtype=dtype)
+
+
+def _grown_csr(index, short: list[tuple[int, list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A re-laid-out copy of the CSR (one O(nnz) pass): the short slots get their length, and
+    every slot at least ``reserve`` entries — the 99th percentile of list lengths or the
+    longest list of this batch, at most 32 — so later upserts, which land in slots other
+    items freed, write in place instead of growing the CSR again (``repack`` trims it back)."""
+    offs = index.attr_offsets.cpu().numpy()
+    old_len = np.diff(offs)
+    live = old_len[index.item_ids.cpu().numpy() >= 0]
+    p99 = int(np.quantile(live, 0.99)) if live.size else 0
+    reserve = min(32, max([p99] + [len(t) for _, t in short]))
+    new_len = np.maximum(old_len, reserve)
+    for p, tids in short:
+        new_len[p] = max(new_len[p], len(tids))
+    return _relayout_csr(index.attr_ids, offs, new_len, keep=None)
+
+
+def _relayout_csr(attr_ids: torch.Tensor, offs: np.ndarray, new_len: np.ndarray, keep) -> tuple:
+    """Copy each slot's list into a CSR with ``new_len`` entries per slot (padding −1).
+
+    ``keep`` (optional): [n_slots] source slot of each new slot (re-pack); default identity.
+    """
+    src = attr_ids.cpu().numpy()
+    if keep is None:
+        keep = np.arange(len(offs) - 1)
+    src_start = offs[:-1][keep]
+    src_len = np.minimum(np.diff(offs)[keep], new_len)
+    new_offs = np.zeros(len(new_len) + 1, dtype=np.int64)
+    np.cumsum(new_len, out=new_offs[1:])
+    out = np.full(int(new_offs[-1]), -1, dtype=src.dtype)
+    n = int(src_len.sum())
+    if n:
+        rep_dst = np.repeat(new_offs[:-1] - np.concatenate([[0], np.cumsum(src_len)[:-1]]), src_len)
+        rep_src = np.repeat(src_start - np.concatenate([[0], np.cumsum(src_len)[:-1]]), src_len)
+        j = np.arange(n)
+        out[rep_dst + j] = src[rep_src + j]
+    dev = attr_ids.device
+    return torch.from_numpy(out).to(dev), torch.from_numpy(new_offs).to(dev)
+
+
+def repack(index, *, extra: torch.Tensor | None = None, slack: float | None = None) -> dict[str, torch.Tensor]:
+    """A compacted layout of ``index``: live items only, per-list slack reserved again.
+
+    Reads the index without changing it (safe while queries run); the caller
+    swaps the result in with ``install_layout``. List ``l`` gets
+    ``live_l + max(ceil(live_l · slack), extra_l)`` slots (at least one
+    spare slot in a non-empty list); free slots hold
+    no attribute entries, live items keep their terms (padding dropped).
+
+    Args:
+        extra: [nlist] slots a list must have free afterwards (overflow).
+        slack: spare fraction per list (default ``config.list_slack``).
+    Returns:
+        new tensors for every layout buffer (centroids and version unchanged).
+    """
+    slack = index.config.list_slack if slack is None else slack
+    ids = index.item_ids.cpu()
+    offs = index.list_offsets.cpu()
+    nl = index.nlist
+    live = (ids >= 0).nonzero().squeeze(1)  # in list order
+    lst = torch.searchsorted(offs, live, right=True) - 1
+    sizes = torch.bincount(lst, minlength=nl)
+    spare = torch.ceil(sizes.double() * slack).long()
+    spare = torch.where(sizes > 0, spare.clamp(min=1), spare)  # lists a shard does not hold stay empty
+    if extra is not None:
+        spare = torch.maximum(spare, extra.cpu().long())
+    caps = sizes + spare
+    new_offs = torch.zeros(nl + 1, dtype=torch.int64)
+    torch.cumsum(caps, 0, out=new_offs[1:])
+    size_off = torch.zeros(nl + 1, dtype=torch.int64)
+    torch.cumsum(sizes, 0, out=size_off[1:])
+    dest = new_offs[lst] + (torch.arange(live.numel()) - size_off[lst])
+    cap = int(new_offs[-1])
+    dev = index.codes.device
+    codes = torch.zeros(cap, index.dim, dtype=index.codes.dtype)
+    codes[dest] = index.codes.cpu()[live]
+    scales = torch.zeros(cap, dtype=index.scales.dtype)
+    scales[dest] = index.scales.cpu()[live]
+    item_ids = torch.full((cap,), -1, dtype=torch.int64)
+    item_ids[dest] = ids[live]
+    bloom = torch.zeros(cap, index.bloom.shape[1], dtype=index.bloom.dtype)
+    bloom[dest] = index.bloom.cpu()[live]
+    # exact lists without their padding (−1 entries and trailing repeats)
+    aoffs = index.attr_offsets.cpu().numpy()
+    a = index.attr_ids.cpu().numpy()
+    slot_of_entry = np.repeat(np.arange(len(aoffs) - 1), np.diff(aoffs))
+    first = np.zeros(a.size, dtype=bool)
+    first[aoffs[:-1][np.diff(aoffs) > 0]] = True
+    prev = np.concatenate([[-2], a[:-1]])
+    keep_entry = (a >= 0) & (first | (a != prev))
+    counts = np.bincount(slot_of_entry[keep_entry], minlength=len(aoffs) - 1)
+    tight = a[keep_entry]
+    tight_offs = np.zeros(len(aoffs), dtype=np.int64)
+    np.cumsum(counts, out=tight_offs[1:])
+    new_len = np.zeros(cap, dtype=np.int64)
+    dest_np, live_np = dest.numpy(), live.numpy()
+    new_len[dest_np] = counts[live_np]
+    source = np.zeros(cap, dtype=np.int64)
+    source[dest_np] = live_np
+    attr_ids, attr_offsets = _relayout_csr(torch.from_numpy(tight), tight_offs, new_len, keep=source)
+    from sterling.kernels import pack_bits
+
+    out = {
+        "list_offsets": new_offs, "codes": codes, "scales": scales, "item_ids": item_ids,
+        "bloom": bloom, "attr_ids": attr_ids, "attr_offsets": attr_offsets, "alive": pack_bits(item_ids >= 0),
+    }
+    return {n: t.to(dev) for n, t in out.items()}
+
+
+def install_layout(index, layout: dict[str, torch.Tensor]) -> None:
+    """Swap a ``repack`` result into ``index`` (the caller excludes concurrent queries)."""
+    for name, t in layout.items():
+        setattr(index, name, t)
+    index.__dict__.pop("_slot_map", None)
+
+
+def footprint(index) -> int:
+    """Bytes held by the index's buffers."""
+    return sum(t.numel() * t.element_size() for t in index.tensors().values())

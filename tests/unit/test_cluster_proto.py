@@ -24,7 +24,7 @@ def test_protocol_declares_the_issue_surface():
 
     svc = pb.DESCRIPTOR.services_by_name["Retrieval"]
     assert svc.full_name == "sterling.v1.Retrieval"
-    assert {m.name for m in svc.methods} == {"Retrieve", "Upsert", "Delete", "Info"}
+    assert {m.name for m in svc.methods} == {"Retrieve", "Upsert", "Delete", "UpdateAttributes", "Info"}
     assert svc.methods_by_name["Upsert"].client_streaming
     req = pb.RetrieveRequest.DESCRIPTOR
     assert {"query_embedding", "user_features", "filter", "k", "nprobe", "deadline_ms", "require_complete"} <= set(

@@ -1,0 +1,381 @@
+"""``LiveModel``: a serving model that takes upserts and deletes in place, durably.
+
+Write path of one batch (``upsert`` / ``delete`` / ``update_attributes``)::
+
+    validate + encode (no lock) → append to the update log (sequence number)
+    → fsync (group commit: one fsync for every writer waiting) → apply to the
+    index tensors in sequence order, under the exclusive side of the guard
+    → version + 1 → return the version (the batch is now durable and visible)
+
+Readers (``search``, ``__call__``) hold the shared side of a reader/writer
+guard for the whole search, so a query sees every item of a batch entirely
+before or entirely after it, never torn. Writers queue behind the
+guard's writer preference, so a stream of queries cannot starve them. The
+batch's slots, Bloom rows, CSR entries and alive bytes are worked out before
+the exclusive side is taken; only the tensor writes happen under it.
+
+Capacity: an upsert writes into free slots of its item's nearest list (slack
+reserved at build time, ``IndexConfig.list_slack``, and slots freed by
+deletes and moves). When a list has no free slot left the batch first
+re-packs the whole index with fresh slack per list (documented re-pack: the
+new layout is built while queries keep running, then swapped in under the
+guard in one step). ``compact()`` does the same to reclaim tombstones and
+return memory; it runs in a background thread when the index holds more
+than ``compact_waste`` free slots per live item.
+
+Durability (``data_dir``): ``snapshot-<seq>.st`` files (the ordinary model
+artifact, written to a temp file and renamed; ``meta.log_seq`` is the last
+batch it contains) and the update log (``sterling.model.wal``). Recovery =
+the newest snapshot (else the model given) + replay of the log records after
+it. A snapshot starts a new log segment and deletes the segments and older
+snapshots it covers. An interrupted snapshot leaves only a temp file, which
+recovery deletes.
+
+Example:
+    >>> live = LiveModel.open(RetrievalModel.load("m.st"), LiveModel.Config(data_dir="data"))
+    >>> v = live.upsert([1001, 1002], xb_new, [["lang:en"], ["lang:fr"]])
+    >>> out = live(query=xq, k=100, min_version=v)   # read-your-writes
+    >>> live.delete([17]); live.snapshot(); live.close()
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sterling.model import updates as upd
+from sterling.model.artifact import read_artifact, write_artifact
+from sterling.model.errors import ArtifactError, InvalidInputError, VersionTimeoutError
+from sterling.model.retrieval import RetrievalModel, RetrievalOutput
+from sterling.model.wal import LogRecord, RecordKind, UpdateLog
+
+__all__ = ["LiveModel", "ReadWriteGuard"]
+
+log = logging.getLogger("sterling.live")
+
+
+class ReadWriteGuard:
+    """Many readers or one writer; a waiting writer blocks new readers (no starvation)."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting = 0
+
+    @contextmanager
+    def read(self):
+        with self._cv:
+            while self._writer or self._waiting:
+                self._cv.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._readers -= 1
+                if not self._readers:
+                    self._cv.notify_all()
+
+    @contextmanager
+    def write(self):
+        with self._cv:
+            self._waiting += 1
+            while self._writer or self._readers:
+                self._cv.wait()
+            self._waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._writer = False
+                self._cv.notify_all()
+
+
+class LiveModel:
+    """A ``RetrievalModel`` plus the guard, update log and snapshots that keep it fresh."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config:
+        """
+        Args:
+            data_dir: where snapshots and the log live; ``None`` = in memory only
+                (updates are applied but not durable).
+            snapshot_every: take a snapshot after this many batches (0 = only
+                when ``snapshot()`` is called).
+            fsync: fsync the log per batch (group commit). Off only for tests
+                and benchmarks that measure the apply path alone.
+            compact_waste: free slots per live item above which a background
+                compaction starts (0 = never automatically).
+        """
+
+        data_dir: str | Path | None = None
+        snapshot_every: int = 0
+        fsync: bool = True
+        compact_waste: float = 1.0
+
+        def __post_init__(self) -> None:
+            if self.snapshot_every < 0:
+                raise InvalidInputError(f"snapshot_every ({self.snapshot_every}) must be ≥ 0")
+            if self.compact_waste < 0:
+                raise InvalidInputError(f"compact_waste ({self.compact_waste}) must be ≥ 0")
+
+    def __init__(self, model: RetrievalModel, config: Config, *, wal: UpdateLog | None, applied: int) -> None:
+        self.model = model
+        self.config = config
+        self.guard = ReadWriteGuard()
+        self._wal = wal
+        self._seq_lock = threading.Lock()  # assigns sequence numbers; log order = apply order
+        self._next_seq = applied + 1
+        self._applied = applied
+        self._apply_cv = threading.Condition()
+        self._since_snapshot = 0
+        self._compactor: threading.Thread | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------ open / recover
+    @classmethod
+    def open(cls, model: RetrievalModel | str | Path, config: Config | None = None) -> LiveModel:
+        """Recover from ``config.data_dir`` (newest snapshot + log), else start from ``model``."""
+        config = config or cls.Config()
+        if config.data_dir is None:
+            m = model if isinstance(model, RetrievalModel) else RetrievalModel.load(model)
+            return cls(m, config, wal=None, applied=0)
+        d = Path(config.data_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        for tmp in d.glob("snapshot-*.st.tmp-*"):
+            log.warning("deleting %s, left by an interrupted snapshot", tmp)
+            tmp.unlink()
+        m, covered = None, 0
+        for seq, path in reversed(_snapshots(d)):
+            try:
+                m = RetrievalModel.load(path)
+                covered = int(read_artifact(path, verify=False)[0]["meta"].get("log_seq", seq))
+                break
+            except ArtifactError as e:
+                log.error("snapshot %s is unreadable (%s); trying an older one", path, e)
+        if m is None:
+            m = model if isinstance(model, RetrievalModel) else RetrievalModel.load(model)
+        wal = UpdateLog.open(d, fsync=config.fsync)
+        live = cls(m, config, wal=wal, applied=covered)
+        n = 0
+        for rec in wal.replay(after=covered):
+            live._apply_record(rec)
+            live._applied = rec.seq
+            n += 1
+        live._next_seq = max(live._applied, wal.last_seq) + 1
+        if n:
+            log.info("recovered %s: snapshot at sequence %d + %d logged batches → version %d",
+                     d, covered, n, live.version)
+        return live
+
+    @property
+    def version(self) -> int:
+        return int(self.model.index.version)
+
+    @property
+    def index(self):
+        """The served ``ItemIndex`` (read it under ``guard.read()`` while writers run)."""
+        return self.model.index
+
+    @property
+    def tower(self):
+        return self.model.tower
+
+    def holding(self, ids: list[int]) -> list[bool]:
+        """Whether each external id is in the index now."""
+        with self.guard.read():
+            return [s >= 0 for s in upd.slot_map(self.model.index).lookup(ids)]
+
+    @property
+    def applied_seq(self) -> int:
+        """Sequence number of the last batch applied (and durable)."""
+        return self._applied
+
+    # ------------------------------------------------------------------ reads
+    def __call__(self, *, min_version: int = 0, timeout: float | None = None, **kwargs) -> RetrievalOutput:
+        """``RetrievalModel.forward`` under the read guard; waits for ``min_version`` first."""
+        if min_version:
+            self.wait_for_version(min_version, timeout)
+        with self.guard.read():
+            return self.model(**kwargs)
+
+    def search(self, xq, **kwargs) -> RetrievalOutput:
+        return self(query=xq, **kwargs)
+
+    def wait_for_version(self, version: int, timeout: float | None) -> None:
+        """Block until ``version`` is applied; ``VersionTimeoutError`` after ``timeout`` seconds."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._apply_cv:
+            while self.version < version:
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    raise VersionTimeoutError(
+                        f"version {version} not reached within the deadline (at {self.version}); "
+                        "retry later or with a longer deadline"
+                    )
+                self._apply_cv.wait(left)
+
+    # ----------------------------------------------------------------- writes
+    def upsert(self, ids, embeddings, attributes=None) -> int:
+        """Insert or replace items; returns the version that contains them (durable)."""
+        batch = upd.prepare_upsert(self.model.index, ids, embeddings, attributes)
+        meta = batch.attributes
+        vec = np.ascontiguousarray(torch.as_tensor(embeddings).detach().float().cpu().reshape(batch.ids.numel(), self.model.index.dim).numpy())
+        return self._commit(RecordKind.UPSERT, batch.ids.numpy(), vec, meta, prepared=batch)
+
+    def delete(self, ids) -> int:
+        """Delete items by id (absent ids are ignored); returns the version without them."""
+        id_t = upd.check_batch_ids(ids, "delete")
+        return self._commit(RecordKind.DELETE, id_t.numpy(), np.zeros((id_t.numel(), 0), np.float32), None)
+
+    def update_attributes(self, ids, attributes) -> int:
+        """Replace the terms of existing items (``sterling.model.updates.update_attributes``)."""
+        id_t = upd.check_batch_ids(ids, "update_attributes")
+        lists = [list(dict.fromkeys(t)) for t in attributes]
+        upd._positions_of(self.model.index, id_t.tolist())  # unknown ids fail before logging
+        for i, terms in zip(id_t.tolist(), lists):
+            if isinstance(terms, str):
+                raise InvalidInputError(f"attributes of id {i} are a string; give a list of terms")
+            for term in terms:
+                upd.validate_term(term, where=f" of id {i}")
+        if len(lists) != id_t.numel():
+            raise InvalidInputError(f"{id_t.numel()} ids but {len(lists)} attribute lists")
+        return self._commit(RecordKind.ATTRIBUTES, id_t.numpy(), np.zeros((id_t.numel(), 0), np.float32), lists)
+
+    def _commit(self, kind: RecordKind, ids: np.ndarray, vec: np.ndarray, meta, *, prepared=None) -> int:
+        if self._closed:
+            raise InvalidInputError("this LiveModel is closed; open the data directory again")
+        with self._seq_lock:
+            seq = self._next_seq
+            self._next_seq += 1
+            rec = LogRecord(kind, seq, ids, vec, meta)
+            if self._wal is not None:
+                self._wal.append(rec)
+        if self._wal is not None:
+            self._wal.sync(seq)
+        with self._apply_cv:
+            while self._applied != seq - 1:
+                self._apply_cv.wait()
+        try:
+            self._apply_record(rec, prepared)
+        finally:
+            with self._apply_cv:
+                self._applied = seq
+                self._apply_cv.notify_all()
+        self._after_batch()
+        return self.version
+
+    def _apply_record(self, rec: LogRecord, prepared=None) -> None:
+        index = self.model.index
+        if rec.kind is RecordKind.UPSERT:
+            batch = prepared or upd.prepare_upsert(index, rec.ids, torch.from_numpy(rec.vectors), rec.meta)
+            needed, fits = upd.free_slots_needed(index, batch)
+            if not fits:
+                layout = upd.repack(index, extra=needed)  # queries keep running meanwhile
+                with self.guard.write():
+                    upd.install_layout(index, layout)
+            upd.apply_upsert(index, batch, exclusive=self.guard.write)
+        elif rec.kind is RecordKind.DELETE:
+            upd.apply_delete(index, torch.from_numpy(rec.ids), exclusive=self.guard.write)
+        else:
+            with self.guard.write():
+                upd.update_attributes(index, torch.from_numpy(rec.ids), rec.meta)
+
+    def _after_batch(self) -> None:
+        self._since_snapshot += 1
+        if self.config.snapshot_every and self._since_snapshot >= self.config.snapshot_every:
+            self.snapshot()
+        waste = self.config.compact_waste
+        index = self.model.index
+        if waste and self._compactor is None:
+            live = max(index.num_items, 1)
+            if index.capacity > (1.0 + index.config.list_slack + waste) * live:
+                self._compactor = threading.Thread(target=self._background_compact, daemon=True)
+                self._compactor.start()
+
+    def _background_compact(self) -> None:
+        try:
+            self.compact()
+        except Exception:  # pragma: no cover - logged, the index keeps serving
+            log.exception("background compaction failed; the index keeps its current layout")
+        finally:
+            self._compactor = None
+
+    # ----------------------------------------------------------- maintenance
+    def compact(self) -> int:
+        """Re-pack every list (live items only, fresh slack); returns bytes freed.
+
+        Queries keep running while the new layout is built; writers wait.
+        """
+        index = self.model.index
+        with self._seq_lock:  # no new batches; the pending ones finish first
+            with self._apply_cv:
+                while self._applied != self._next_seq - 1:
+                    self._apply_cv.wait()
+            before = upd.footprint(index)
+            layout = upd.repack(index)
+            with self.guard.write():
+                upd.install_layout(index, layout)
+            return before - upd.footprint(index)
+
+    def snapshot(self) -> Path | None:
+        """Write the whole model as of the last applied batch; truncate the log it covers."""
+        if self._wal is None:
+            return None
+        d = Path(self.config.data_dir)
+        with self._seq_lock:  # no new batches; the pending ones finish first
+            with self._apply_cv:
+                while self._applied != self._next_seq - 1:
+                    self._apply_cv.wait()
+            covered = self._wal.rotate()
+            with self.guard.read():  # a consistent copy; queries continue
+                tensors, meta = _model_parts(self.model)
+            self._since_snapshot = 0
+        path = d / f"snapshot-{covered:020d}.st"
+        write_artifact(path, kind="retrieval_model", meta={**meta, "log_seq": covered}, tensors=tensors)
+        for seq, old in _snapshots(d):
+            if seq < covered:
+                old.unlink()
+        self._wal.truncate(covered)
+        return path
+
+    def close(self) -> None:
+        t = self._compactor
+        if t is not None:
+            t.join()
+        self._closed = True
+        if self._wal is not None:
+            self._wal.close()
+
+
+def _model_parts(model: RetrievalModel) -> tuple[dict[str, torch.Tensor], dict]:
+    """Copies of the model's tensors and its artifact metadata (as ``RetrievalModel.save``)."""
+    from dataclasses import asdict
+
+    index = model.index
+    tensors = {f"index.{n}": t.detach().clone() for n, t in index.tensors().items()}
+    meta: dict = {"index": index.meta(), "tower": None}
+    meta["index"]["vocab"] = list(index.vocab)
+    if model.tower is not None:
+        tensors.update({f"tower.{n}": t.detach().clone() for n, t in model.tower.state_dict().items()})
+        meta["tower"] = asdict(model.tower.config)
+    return tensors, meta
+
+
+def _snapshots(d: Path) -> list[tuple[int, Path]]:
+    out = []
+    for p in d.glob("snapshot-*.st"):
+        try:
+            out.append((int(p.stem.split("-")[1]), p))
+        except (IndexError, ValueError):
+            continue
+    return sorted(out)
