@@ -107,7 +107,8 @@ class MoLArch(OverArch):
 
     Gates are ``softmax(G_u(u) + G_x(x) + W·logits)``: the item part is
     cached, so per candidate only the P·Q logits and a (PQ × PQ) mix are
-    computed. ``hidden`` = gated logits [B, K, P·Q]; the heads weigh them
+    computed. ``hidden`` = gated logits [B, K, P·Q] and a cached item bias
+    (popularity the logQ-corrected towers leave out); the heads weigh them
     per task.
     """
 
@@ -127,9 +128,9 @@ class MoLArch(OverArch):
         self.f_u = nn.Linear(D, P * d)
         self.f_x = nn.Linear(D, Q * d)
         self.g_u = nn.Sequential(nn.Linear(D, 64), nn.ReLU(), nn.Linear(64, P * Q))
-        self.g_x = nn.Sequential(nn.Linear(D, 64), nn.ReLU(), nn.Linear(64, P * Q))
+        self.g_x = nn.Sequential(nn.Linear(D, 64), nn.ReLU(), nn.Linear(64, P * Q + 1))  # gates + item bias
         self.g_l = nn.Linear(P * Q, P * Q, bias=False)
-        self.cache_dim, self.hidden_dim = Q * d + P * Q, P * Q
+        self.cache_dim, self.hidden_dim = Q * d + P * Q + 1, P * Q + 1
 
     def item_side(self, v):
         Q, d = self.config.p_x, self.config.d
@@ -142,12 +143,13 @@ class MoLArch(OverArch):
         fu = F.normalize(self.f_u(u).view(B, P, d), dim=2)  # [B, P, d]
         fx = x[..., : Q * d].reshape(B, K * Q, d)
         logits = torch.bmm(fx, fu.transpose(1, 2)).reshape(B, K, Q * P)  # [B, K, QP], (q, p) order
-        gates = torch.softmax(x[..., Q * d :] + self.g_u(u).unsqueeze(1) + self.g_l(logits), dim=2)
-        return gates * logits
+        gx = x[..., Q * d :]
+        gates = torch.softmax(gx[..., :-1] + self.g_u(u).unsqueeze(1) + self.g_l(logits), dim=2)
+        return torch.cat([gates * logits, gx[..., -1:]], dim=2)
 
     def flops_per_candidate(self) -> int:
         P, Q, d = self.config.p_q, self.config.p_x, self.config.d
-        return 2 * (P * Q * d + (P * Q) ** 2)
+        return 2 * (P * Q * d + (P * Q) ** 2 + P * Q)
 
 
 class AttentionArch(OverArch):

@@ -10,8 +10,8 @@
    target is dropped from the user's history in every example.
 3. ``build_index`` over the item tower's embeddings.
 4. OverArch + heads: each user's top-``k0_train`` retrieved items (seen
-   items dropped, B positives inserted) with a listwise softmax loss per
-   task; item-side projections are computed from the frozen item
+   items dropped; B positives among them are the labels) with a listwise
+   softmax loss per task; item-side projections are computed from the frozen item
    embeddings during training and cached at the end.
 
 Deterministic for a fixed ``seed`` (torch, numpy and the index's k-means).
@@ -55,9 +55,10 @@ class TrainConfig:
     history_max: int = 50
     overarch: str = "mol"
     overarch_options: dict = field(default_factory=dict)
-    overarch_epochs: int = 30
+    overarch_epochs: int = 15
     overarch_lr: float = 3e-3
-    k0_train: int = 200
+    patience: int = 4
+    k0_train: int = 400
     user_batch: int = 128
     k0: int = 1000
     cache_dtype: str = "fp32"
@@ -346,50 +347,75 @@ def train_overarch(model: LearnedRetrievalModel, data: Dataset, E: torch.Tensor,
     task_mat = np.stack([data.inter.tasks[t] for t in data.tasks], axis=1)
     for r in b_rows[data.positive[b_rows]]:
         pos_of_user.setdefault(uix[int(data.user_row[r])], []).append((int(data.item_row[r]), task_mat[r] > 0))
-    for i, plist in pos_of_user.items():
-        row = cand[i]
+    for i, plist in pos_of_user.items():  # positives the index did not retrieve are not inserted: a
+        row = cand[i]                      # reranker trained on them learns "low index score ⇒ positive"
         for item, tv in plist:
             hit = np.flatnonzero(row == item)
-            if len(hit) == 0:  # insert the positive in place of the lowest-ranked candidate not yet a positive
-                free = np.flatnonzero(lab[i].sum(1) == 0)
-                if len(free) == 0:
-                    continue
-                j = free[-1]
-                row[j] = item
-            else:
-                j = hit[0]
-            lab[i, j] = np.maximum(lab[i, j], tv.astype(np.float32))
+            if len(hit):
+                lab[i, hit[0]] = np.maximum(lab[i, hit[0]], tv.astype(np.float32))
     cand_t = torch.from_numpy(cand)
     valid = cand_t >= 0
     lab_t = torch.from_numpy(lab)
     params = [*model.overarch.parameters(), *model.heads.parameters()]
     opt = torch.optim.Adam(params, lr=cfg.overarch_lr)
-    losses = []
+
+    def batch_loss(b: torch.Tensor) -> torch.Tensor | None:
+        c, vmask, y = cand_t[b], valid[b], lab_t[b]
+        u = U[b]
+        v = E[c.clamp(min=0)]  # [B, K, D]
+        prior = torch.bmm(v, u.unsqueeze(2)).squeeze(2).masked_fill(~vmask, 0.0)  # the index's score, unquantized
+        x = model.overarch.item_side(v.reshape(-1, v.shape[2])).view(*c.shape, -1)
+        logits = model.heads(model.overarch(u, x, vmask), prior).masked_fill(~vmask.unsqueeze(2), float("-inf"))
+        logp = torch.log_softmax(logits, dim=1).masked_fill(~vmask.unsqueeze(2), 0.0)  # over candidates
+        npos = y.sum(1)  # [B, T]
+        has = npos > 0
+        return -((logp * y).sum(1)[has] / npos[has]).mean() if bool(has.any()) else None
+
+    # a tenth of the users validates each epoch; the best epoch is kept (epoch 0 = ranking by the index)
+    perm0 = rng.permutation(len(users))
+    n_val = len(users) // 10 if len(users) >= 20 else 0
+    val, fit = torch.from_numpy(perm0[:n_val]), perm0[n_val:]
+
+    def val_loss() -> float:
+        if n_val == 0:
+            return 0.0
+        with torch.no_grad():
+            tot = [batch_loss(val[s : s + 512]) for s in range(0, n_val, 512)]
+        tot = [float(t) for t in tot if t is not None]
+        return sum(tot) / max(len(tot), 1)
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {**{f"o.{n}": t.clone() for n, t in model.overarch.state_dict().items()},
+                **{f"h.{n}": t.clone() for n, t in model.heads.state_dict().items()}}
+
+    best, best_epoch = val_loss(), 0
+    best_state = snapshot()
+    losses, vals = [], [round(best, 4)]
     bar = tqdm(range(cfg.overarch_epochs), desc=f"overarch ({model.overarch.kind})", disable=not cfg.progress)
-    for _ in bar:
-        perm = rng.permutation(len(users))
+    for epoch in bar:
+        perm = fit[rng.permutation(len(fit))]
         tot, cnt = 0.0, 0
         for s in range(0, len(perm), cfg.user_batch):
-            b = torch.from_numpy(perm[s : s + cfg.user_batch])
-            c, vmask, y = cand_t[b], valid[b], lab_t[b]
-            u = U[b]
-            v = E[c.clamp(min=0)]  # [B, K, D]
-            prior = torch.bmm(v, u.unsqueeze(2)).squeeze(2).masked_fill(~vmask, 0.0)  # exact index score
-            x = model.overarch.item_side(v.reshape(-1, v.shape[2])).view(*c.shape, -1)
-            logits = model.heads(model.overarch(u, x, vmask), prior).masked_fill(~vmask.unsqueeze(2), float("-inf"))
-            logp = torch.log_softmax(logits, dim=1).masked_fill(~vmask.unsqueeze(2), 0.0)  # over candidates
-            npos = y.sum(1)  # [B, T]
-            has = npos > 0
-            if not bool(has.any()):
+            loss = batch_loss(torch.from_numpy(perm[s : s + cfg.user_batch]))
+            if loss is None:
                 continue
-            loss = -((logp * y).sum(1)[has] / npos[has]).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             tot += float(loss.detach())
             cnt += 1
         losses.append(tot / max(cnt, 1))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        vals.append(round(val_loss(), 4))
+        if n_val == 0 or vals[-1] < best:
+            best, best_epoch = vals[-1], epoch + 1
+            best_state = snapshot()
+        elif epoch + 1 - best_epoch >= cfg.patience:
+            break
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", val=f"{vals[-1]:.3f}")
+    model.overarch.load_state_dict({n[2:]: t for n, t in best_state.items() if n.startswith("o.")})
+    model.heads.load_state_dict({n[2:]: t for n, t in best_state.items() if n.startswith("h.")})
+    log["overarch_val_loss"] = vals
+    log["overarch_best_epoch"] = best_epoch
     log["overarch_loss"] = [round(x, 4) for x in losses]
 
 
@@ -469,45 +495,86 @@ def truth_sets(data: Dataset, mask: np.ndarray) -> dict[str, dict[int, set[int]]
     return out
 
 
+def _mask_seen(ids: np.ndarray, users: np.ndarray, seen: dict[int, set[int]]) -> np.ndarray:
+    """[B, K] bool: id ∈ that user's seen set."""
+    out = np.zeros(ids.shape, bool)
+    for i, u in enumerate(users.tolist()):
+        s = seen.get(u)
+        if s:
+            out[i] = np.isin(ids[i], np.fromiter(s, np.int64, len(s)))
+    return out
+
+
 @torch.no_grad()
-def recommend(model: LearnedRetrievalModel, data: Dataset, user_ids: np.ndarray, *, k: int, k0: int,
-              exclude: tuple[np.ndarray, np.ndarray] | None, formula: str | None = None, batch: int = 256):
-    """Both stages for these users: {"ann": (ids [U, k], scores), "full": (ids, values)} with seen items dropped."""
-    id_to_row = _id_to_row(data)
-    urows = data.users.row_of(user_ids)
-    seen = exclude if exclude is not None else (np.zeros(0, np.int64), np.zeros(len(data.users) + 1, np.int64))
-    out = {"ann": ([], []), "full": ([], [])}
+def recommend(model: LearnedRetrievalModel, user_ids: np.ndarray, *, k: int, k0: int,
+              seen: dict[int, set[int]] | None = None, formulas: tuple[str | None, ...] = (None,), batch: int = 256):
+    """Both stages for users of the artifact's users table, seen items dropped.
+
+    Returns ``{"ann": (ids [U, k], scores), "full": (ids, values), "full:<formula>": …}``:
+    ``ann`` ranks by the index score alone; ``full`` reranks K0 candidates with
+    OverArch + heads + the model's Value Model formula, ``full:<f>`` with formula ``f``.
+    """
+    seen = seen or {}
+    n_items = model.index.num_items
+    stages = ["ann", *("full" if f is None else f"full:{f}" for f in formulas)]
+    out: dict[str, tuple[list, list]] = {st: ([], []) for st in stages}
+
+    def put(stage, sc, ids):
+        tv, ti = sc.topk(min(k, sc.shape[1]), dim=1)
+        out[stage][0].append(torch.gather(ids, 1, ti).masked_fill(torch.isneginf(tv), -1).numpy())
+        out[stage][1].append(tv.numpy())
+
     for s in range(0, len(user_ids), batch):
-        ur = urows[s : s + batch]
-        u = model.user_tower(*data.user_inputs(ur, data.history_ab))
-        sc, rows = _retrieve(model, u, k, seen, ur, id_to_row)
-        out["ann"][0].append(np.where(rows >= 0, data.item_ids[np.maximum(rows, 0)], -1))
-        out["ann"][1].append(sc)
-        sc0, rows0 = _retrieve(model, u, max(k0, k), seen, ur, id_to_row)
-        cids = torch.from_numpy(np.where(rows0 >= 0, data.item_ids[np.maximum(rows0, 0)], -1))
-        prior = torch.from_numpy(np.where(np.isneginf(sc0), 0.0, sc0).astype(np.float32))
-        logits, valid = model.rerank_logits(u, cids, prior)
-        values = model.value_model(torch.sigmoid(logits), formula).masked_fill(~valid, float("-inf"))
-        tv, ti = values.topk(min(k, values.shape[1]), dim=1)
-        ids = torch.gather(cids, 1, ti).masked_fill(torch.isneginf(tv), -1)
-        out["full"][0].append(ids.numpy())
-        out["full"][1].append(tv.numpy())
+        users = np.asarray(user_ids[s : s + batch], dtype=np.int64)
+        u = model.user_embedding(user_ids=torch.from_numpy(users))
+        extra = max((len(seen.get(int(x), ())) for x in users), default=0)
+        sc, ids = model.candidates(u, min(n_items, k + extra))
+        drop = torch.from_numpy(_mask_seen(ids.numpy(), users, seen)) | (ids < 0)
+        put("ann", sc.masked_fill(drop, float("-inf")), ids)
+        sc, ids = model.candidates(u, min(n_items, max(k0, k) + extra))
+        drop = torch.from_numpy(_mask_seen(ids.numpy(), users, seen)) | (ids < 0)
+        logits, valid = model.rerank_logits(u, ids, sc.masked_fill(drop, 0.0))
+        probs = torch.sigmoid(logits)
+        for f, stage in zip(formulas, stages[1:]):
+            put(stage, model.value_model(probs, f).masked_fill(~valid | drop, float("-inf")), ids)
     return {st: (np.concatenate(a), np.concatenate(b)) for st, (a, b) in out.items()}
 
 
-def evaluate(model: LearnedRetrievalModel, data: Dataset, *, k: int = 100, k0: int = 1000,
-             mask: np.ndarray | None = None, exclude: bool = True, formula: str | None = None):
-    """(metrics {stage: {task: {recall@k, ndcg@k}}}, recs) on the held-out split (``mask``, default data.test)."""
-    mask = data.test if mask is None else mask
-    truth = truth_sets(data, mask)
+def seen_sets(user_id: np.ndarray, item_id: np.ndarray) -> dict[int, set[int]]:
+    out: dict[int, set[int]] = {}
+    for u, i in zip(user_id.tolist(), item_id.tolist()):
+        out.setdefault(u, set()).add(i)
+    return out
+
+
+def evaluate_interactions(model: LearnedRetrievalModel, test: Interactions, *, k: int = 100, k0: int = 1000,
+                          exclude: Interactions | None = None, formula: str | None = None):
+    """(metrics {stage: {task: {recall@k, ndcg@k, users}}}, (users, recs)) on a test interactions set."""
+    truth: dict[str, dict[int, set[int]]] = {}
+    pos = np.zeros(len(test), bool)
+    for t, v in test.tasks.items():
+        truth[t] = seen_sets(test.user_id[v > 0], test.item_id[v > 0])
+        pos |= v > 0
+    truth["all"] = seen_sets(test.user_id[pos], test.item_id[pos])
     users = np.array(sorted(truth["all"]), dtype=np.int64)
-    seen = None
-    if exclude:
-        tr = ~mask
-        seen = _csr_from_pairs(data.user_row[tr], data.item_row[tr], len(data.users), np.zeros(int(tr.sum()), np.int64), 1 << 30)
-    recs = recommend(model, data, users, k=k, k0=k0, exclude=seen, formula=formula)
+    seen = seen_sets(exclude.user_id, exclude.item_id) if exclude is not None else None
+    tasks = [t for t in test.tasks if t in model.tasks]
+    recs = recommend(model, users, k=k, k0=k0, seen=seen, formulas=(formula, *tasks))
     metrics = {}
-    for stage, (ids, _) in recs.items():
-        lists = {int(u): [int(i) for i in row if i >= 0] for u, row in zip(users, ids)}
-        metrics[stage] = {t: ranking_metrics(lists, truth[t], k) for t in truth}
+    for stage in ("ann", "full"):
+        metrics[stage] = {}
+        for t in truth:
+            # per task, the full stage ranks by that task's head; "all" by the Value Model formula
+            ids = recs[f"full:{t}" if stage == "full" and t in tasks else stage][0]
+            lists = {int(u): [int(i) for i in row if i >= 0] for u, row in zip(users, ids)}
+            metrics[stage][t] = ranking_metrics(lists, truth[t], k)
+    recs = {st: recs[st] for st in ("ann", "full")}
     return metrics, (users, recs)
+
+
+def evaluate(model: LearnedRetrievalModel, data: Dataset, *, k: int = 100, k0: int = 1000,
+             exclude: bool = True, formula: str | None = None):
+    """Metrics and recs on the dataset's held-out split, excluding each user's training interactions."""
+    return evaluate_interactions(model, data.inter.take(np.flatnonzero(data.test)), k=k, k0=k0,
+                                 exclude=data.inter.take(np.flatnonzero(~data.test)) if exclude else None,
+                                 formula=formula)
