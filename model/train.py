@@ -47,11 +47,12 @@ class TrainConfig:
     dim: int = 64
     emb_dim: int = 32
     hidden_dims: tuple[int, ...] = (128,)
-    tower_epochs: int = 12
+    tower_epochs: int = 6
     batch_size: int = 512
     lr: float = 3e-3
-    temperature: float = 0.05
+    temperature: float = 0.1
     sampled_negatives: int = 256
+    logq_correction: bool = True
     history_max: int = 50
     overarch: str = "mol"
     overarch_options: dict = field(default_factory=dict)
@@ -275,7 +276,8 @@ def train_towers(data: Dataset, cfg: TrainConfig, log: dict) -> tuple[Tower, Tow
             logits = u @ v.T / cfg.temperature  # [B, B + S]
             ir_t, cand_t = torch.from_numpy(ir), torch.from_numpy(cand)
             expected = torch.cat([log_q[ir_t] + math.log(len(b)), torch.full((len(neg),), math.log(len(neg) / n_items))])
-            logits = logits - expected
+            if cfg.logq_correction:
+                logits = logits - expected
             same = ir_t[:, None] == cand_t[None, :]
             same[torch.arange(len(b)), torch.arange(len(b))] = False
             logits = logits.masked_fill(same, float("-inf"))
