@@ -141,10 +141,13 @@ class MoLArch(OverArch):
         B, K, _ = x.shape
         P, Q, d = self.config.p_q, self.config.p_x, self.config.d
         fu = F.normalize(self.f_u(u).view(B, P, d), dim=2)  # [B, P, d]
-        fx = x[..., : Q * d].reshape(B, K * Q, d)
-        logits = torch.bmm(fx, fu.transpose(1, 2)).reshape(B, K, Q * P)  # [B, K, QP], (q, p) order
+        # logits[b,k,(q,p)] = ⟨fx[b,k,q], fu[b,p]⟩ = x[b,k,:Qd] @ M_u with M_u[(q,d),(r,p)] = δ_qr fu[p,d];
+        # the gate's logit mix g_l(logits) = x @ (M_u W_lᵀ) rides in the same GEMM: one [K, Qd] × [Qd, 2QP] per user
+        m = torch.einsum("qr,bpd->bqdrp", torch.eye(Q, dtype=fu.dtype), fu).reshape(B, Q * d, Q * P)
+        y = torch.bmm(x[..., : Q * d], torch.cat([m, m @ self.g_l.weight.T], dim=2))  # [B, K, 2QP]
+        logits, mix = y[..., : Q * P], y[..., Q * P :]
         gx = x[..., Q * d :]
-        gates = torch.softmax(gx[..., :-1] + self.g_u(u).unsqueeze(1) + self.g_l(logits), dim=2)
+        gates = torch.softmax(gx[..., :-1] + self.g_u(u).unsqueeze(1) + mix, dim=2)
         return torch.cat([gates * logits, gx[..., -1:]], dim=2)
 
     def flops_per_candidate(self) -> int:
