@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-fpr", type=float, default=1e-3, help="Bloom false-positive target per term")
     p.add_argument("--list-slack", type=float, default=0.0, help="spare slots per list for upserts (fraction)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--from-checkpoint", metavar="MODEL",
+                   help="a `sterling train` artifact: re-embed --catalog (an items .parquet, docs/data.md) "
+                   "with its item tower and write the model over the new catalog")
     p.set_defaults(func=run)
 
 
@@ -36,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from sterling.model.catalog import open_catalog
 
     console = Console(stderr=True)
+    if args.from_checkpoint:
+        return _from_checkpoint(args, console)
     config = IndexConfig(
         nlist=args.nlist,
         metric=args.metric,
@@ -66,4 +71,21 @@ def run(args: argparse.Namespace) -> int:
     ]:
         table.add_row(k, str(v))
     console.print(table)
+    return 0
+
+
+def _from_checkpoint(args: argparse.Namespace, console) -> int:
+    from sterling.model.config import IndexConfig
+    from sterling.model.data import read_features
+    from sterling.model.learned import LearnedRetrievalModel
+
+    model = LearnedRetrievalModel.load(args.from_checkpoint)
+    items = read_features(args.catalog, "item_id")
+    cfg = IndexConfig(nlist=args.nlist, metric=model.index.metric, target_fpr=args.target_fpr,
+                      list_slack=args.list_slack, seed=args.seed)
+    t0 = time.perf_counter()
+    new = model.with_catalog(items, index_config=cfg)
+    new.save(args.out)
+    console.print(f"re-embedded {new.index.num_items:,} items with the trained item tower in "
+                  f"{time.perf_counter() - t0:.1f} s → {args.out} ({os.path.getsize(args.out) / 1e6:,.1f} MB)")
     return 0

@@ -238,6 +238,57 @@ class LearnedRetrievalModel(nn.Module):
             task_scores = torch.cat([task_scores, task_scores.new_zeros(ids.shape[0], pad, scores.shape[2])], 1)
         return LearnedOutput(ids, top_v, task_scores, int(self.index.version), ann_ids, ann_scores)
 
+    # -------------------------------------------------------- new catalogs
+    @torch.no_grad()
+    def with_catalog(self, items, *, index_config=None) -> LearnedRetrievalModel:
+        """The same model over a new item catalog: re-embed it with the trained item tower.
+
+        Args:
+            items: a ``FeatureTable`` with the columns the item tower was
+                trained on (``read_features(path, "item_id")``); values unseen
+                in training use the hashed out-of-vocabulary rows.
+            index_config: ``IndexConfig`` for the new index (default: the current one, nlist re-chosen).
+        """
+        from sterling.model.build import build_index
+        from sterling.model.config import IndexConfig
+        from sterling.model.data import DataError, Vocab
+
+        if self.item_tower is None:
+            raise ArtifactError("this model has no item tower to re-embed a catalog with")
+        vocabs = {k: Vocab.from_meta(v) for k, v in self.extra_meta.get("vocabs", {}).items()}
+        vals, lens = [], []
+        for key in self.item_tower.keys:
+            if key == "item_id":
+                raw, offs = items.ids, np.arange(len(items) + 1, dtype=np.int64)
+            elif key in items.sparse:
+                raw, offs = items.sparse[key]
+            else:
+                raise DataError(f"{items.path}: the item tower needs sparse column {key!r}; add it to the items table")
+            mapped = vocabs[f"item.{key}"].lookup(raw)
+            vals.append(mapped)
+            lens.append(np.diff(offs))
+        dd = self.item_tower.config.dense_dim
+        dense = torch.from_numpy(np.concatenate(list(items.dense.values()), axis=1)) if items.dense else None
+        if dd and (dense is None or dense.shape[1] != dd):
+            raise DataError(f"{items.path}: the item tower needs {dd} dense values per item")
+        E = []
+        step = 8192
+        off = [np.concatenate([[0], np.cumsum(ln)]) for ln in lens]
+        for s in range(0, len(items), step):
+            e = min(s + step, len(items))
+            kjt = make_kjt(self.item_tower.keys, [v[o[s]:o[e]] for v, o in zip(vals, off)], [ln[s:e] for ln in lens])
+            E.append(self.item_tower(kjt, None if dense is None else dense[s:e]))
+        E = torch.cat(E)
+        cfg = index_config or IndexConfig.from_dict({**self.index.config.to_dict(), "nlist": None})
+        ids = torch.from_numpy(np.array(items.ids, dtype=np.int64))
+        index = build_index(E, ids=ids, attributes=items.attributes, config=cfg)
+        cache = EmbeddingCache.build(ids, self.overarch.item_side(E), self.cache.dtype_name)
+        return LearnedRetrievalModel(
+            index=index, user_tower=self.user_tower, overarch=self.overarch, heads=self.heads, cache=cache,
+            users=self.users, item_tower=self.item_tower, value_formula=self.value_model.default, k0=self.k0,
+            extra_meta=self.extra_meta,
+        )
+
     # ------------------------------------------------------------- artifact
     def save(self, path: str | Path) -> None:
         """One artifact: index, towers, vocabularies (meta), cache, OverArch, heads, users table, Value Model."""

@@ -248,3 +248,28 @@ def test_bad_requests_raise_typed_errors(tiny_model):
         model(user_ids=model.users.ids[:1], k=50, k0=10)
     with pytest.raises(FormulaError):
         model(user_ids=model.users.ids[:1], k=5, value_formula="nope")
+
+
+def test_rebuilding_from_the_checkpoint_reproduces_the_trained_index(tiny_model, tiny_rec_files):
+    from sterling.model.data import read_features
+
+    model, _ = tiny_model
+    items = read_features(tiny_rec_files["items"], "item_id")
+    again = model.with_catalog(items, index_config=model.index.config)
+    assert torch.equal(again.index.codes, model.index.codes) and torch.equal(again.cache.data, model.cache.data)
+    users = model.users.ids[:6]
+    a, b = model(user_ids=users, k=10, k0=50), again(user_ids=users, k=10, k0=50)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.values, b.values)
+    # a smaller catalog: only its items come back
+    keep = items.ids[::2]
+    sub = items.__class__(ids=keep, sparse={k: _take_rows(v, o, np.arange(0, len(items), 2)) for k, (v, o) in items.sparse.items()},
+                          dense={k: v[::2] for k, v in items.dense.items()}, attributes=items.attributes[::2])
+    out = model.with_catalog(sub)(user_ids=users, k=10, k0=50)
+    assert set(out.ids[out.ids >= 0].tolist()) <= set(keep.tolist())
+
+
+def _take_rows(values, offsets, rows):
+    from sterling.model.data import csr_take
+
+    v, ln = csr_take(values, offsets, rows)
+    return v, np.concatenate([[0], np.cumsum(ln)]).astype(np.int64)
