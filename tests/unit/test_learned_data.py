@@ -146,3 +146,19 @@ def test_split_by_time_holds_out_each_users_latest_records(records, fraction):
         n = len(rows)
         want = 0 if n < 3 else max(1, round(fraction * n))
         assert {i for i in rows if held[i]} == set(order[n - want :])
+
+
+def test_movielens_100k_converts_from_the_installed_wheel(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("recbole") is None:
+        pytest.skip("recbole (the MovieLens-100k carrier) is not installed")
+    from sterling.model.movielens import write_movielens_100k
+
+    p = write_movielens_100k(tmp_path)
+    inter = read_interactions(p["interactions"])
+    users, items = read_features(p["users"], "user_id"), read_features(p["items"], "item_id")
+    check_references(inter, users=users, items=items)
+    assert (len(inter), len(users), len(items)) == (100_000, 943, 1682)
+    assert set(inter.tasks) == {"watch", "like"} and 0.4 < inter.tasks["like"].mean() < 0.7
+    assert all(t.split(":")[0] in {"genre", "decade"} for a in items.attributes for t in a)
