@@ -162,3 +162,15 @@ def test_movielens_100k_converts_from_the_installed_wheel(tmp_path):
     assert (len(inter), len(users), len(items)) == (100_000, 943, 1682)
     assert set(inter.tasks) == {"watch", "like"} and 0.4 < inter.tasks["like"].mean() < 0.7
     assert all(t.split(":")[0] in {"genre", "decade"} for a in items.attributes for t in a)
+
+
+def test_index_path_and_learned_module_import_without_torchrec():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import sterling.model as m; m.ItemIndex; m.build_index; m.LearnedRetrievalModel; "
+        "import sterling.model.data, sterling.model.value_model, sterling.model.overarch; "
+        "assert 'torchrec' not in sys.modules, sorted(k for k in sys.modules if 'torchrec' in k)[:3]"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
