@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-k", type=int, default=262_144, help="largest k a search of this model may ask for")
     p.add_argument("--max-filter-terms", type=int, default=256, help="most terms in one filter expression")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling and k-means")
+    p.add_argument("--from-checkpoint", metavar="MODEL",
+                   help="a `sterling train` artifact: re-embed --catalog (an items .parquet, docs/data.md) "
+                   "with its item tower and write the model over the new catalog")
     p.set_defaults(func=run)
 
 
@@ -57,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
     from sterling.model.catalog import open_catalog
 
     console = Console(stderr=True)
+    if args.from_checkpoint:
+        return _from_checkpoint(args, console)
     config = IndexConfig(
         nlist=args.nlist,
         metric=args.metric,
@@ -91,4 +96,22 @@ def run(args: argparse.Namespace) -> int:
     ]:
         table.add_row(k, str(v))
     console.print(table)
+    return 0
+
+
+def _from_checkpoint(args: argparse.Namespace, console) -> int:
+    from sterling.model.config import IndexConfig
+    from sterling.model.data import read_features
+    from sterling.model.learned import LearnedRetrievalModel
+
+    check_output_path(args.out)
+    model = LearnedRetrievalModel.load(args.from_checkpoint)
+    items = read_features(args.catalog, "item_id")
+    cfg = IndexConfig(nlist=args.nlist, metric=model.index.metric, target_fpr=args.target_fpr,
+                      list_slack=args.list_slack, seed=args.seed)
+    t0 = time.perf_counter()
+    new = model.with_catalog(items, index_config=cfg)
+    new.save(args.out)
+    console.print(f"re-embedded {new.index.num_items:,} items with the trained item tower in "
+                  f"{time.perf_counter() - t0:.1f} s → {args.out} ({os.path.getsize(args.out) / 1e6:,.1f} MB)")
     return 0

@@ -25,6 +25,8 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "sterling.launch.update_cmd",
     "sterling.launch.launch_cmd",
     "sterling.launch.bench_cmd",
+    "sterling.launch.train_cmd",
+    "sterling.launch.eval_cmd",
 )
 
 

@@ -1,4 +1,4 @@
-"""sterling.model — single-device ``nn.Module``s: the item index, towers, the retrieval model.
+"""sterling.model — single-device ``nn.Module``s: the item index, towers, the retrieval models.
 
 Never imports torch.distributed, Ray or gRPC (distribution is applied from
 ``sterling.sharding`` / ``sterling.cluster``). Names are resolved lazily so
@@ -15,10 +15,12 @@ __all__ = [
     "Attributes",
     "IndexConfig",
     "ItemIndex",
+    "LearnedRetrievalModel",
     "Metric",
     "RetrievalModel",
     "RetrievalOutput",
     "SterlingError",
+    "TrainConfig",
     "UserTower",
     "build_index",
     "parse_filter",
@@ -29,6 +31,8 @@ _WHERE = {
     "IndexConfig": "config",
     "Metric": "config",
     "ItemIndex": "index",
+    "LearnedRetrievalModel": "learned",
+    "TrainConfig": "train",
     "RetrievalModel": "retrieval",
     "RetrievalOutput": "retrieval",
     "UserTower": "retrieval",
@@ -44,7 +48,9 @@ if TYPE_CHECKING:
     from sterling.model.errors import SterlingError
     from sterling.model.filter import parse_filter
     from sterling.model.index import ItemIndex
+    from sterling.model.learned import LearnedRetrievalModel
     from sterling.model.retrieval import RetrievalModel, RetrievalOutput, UserTower
+    from sterling.model.train import TrainConfig
 
 
 def __getattr__(name: str):

@@ -85,7 +85,7 @@ def test_cli_reports_bad_input_cleanly(tmp_path, capsys):
 
 
 def test_demo_command_prints_its_table(capsys):
-    rc = main(["demo", "--items", "20000", "--dim", "16", "--queries", "50", "--nlist", "64"])
+    rc = main(["demo", "--items", "20000", "--dim", "16", "--queries", "50", "--nlist", "64", "--no-learned"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "recall@100" in out and "VIOLATION" not in out and "bit-identical results: yes" in out

@@ -1,0 +1,42 @@
+"""Multi-task heads: one logit per task column for every candidate."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sterling.model.errors import InvalidInputError
+
+__all__ = ["TaskHeads"]
+
+
+class TaskHeads(nn.Module):
+    """[B, K, H] OverArch features (+ [B, K] retrieval score) → [B, K, T] per-task logits.
+
+    ``logit_t = w_t · h + a_t · prior``: the index's own score is a learned
+    per-task residual (``a_t`` starts at ``prior_scale``, the two-tower
+    softmax temperature's inverse) and ``w_t`` starts near zero, so an
+    untrained OverArch ranks exactly like the index and training only adds.
+    ``tasks`` fixes the output order.
+
+    Example:
+        >>> heads = TaskHeads(16, ["click", "like"])
+        >>> logits = heads(torch.randn(2, 100, 16))  # [2, 100, 2]
+    """
+
+    def __init__(self, hidden_dim: int, tasks: list[str], prior_scale: float = 20.0) -> None:
+        super().__init__()
+        if not tasks or len(set(tasks)) != len(tasks):
+            raise InvalidInputError(f"tasks must be a non-empty list of distinct names, got {tasks}")
+        self.tasks = list(tasks)
+        self.proj = nn.Linear(hidden_dim, len(tasks))
+        self.prior_scale = nn.Parameter(torch.full((len(tasks),), float(prior_scale)))
+        with torch.no_grad():
+            self.proj.weight.normal_(0.0, 1e-3)
+            self.proj.bias.zero_()
+
+    def forward(self, h: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.proj(h)
+        if prior is not None:
+            out = out + prior.unsqueeze(-1) * self.prior_scale
+        return out
