@@ -198,7 +198,6 @@ def test_fuzzed_requests_never_crash_hang_or_answer_wrong(fuzz_server, channel, 
     canary = synthetic_queries(cluster_catalog, 2, seed=5).numpy()
     client = Client(fuzz_server.address, timeout_s=30)
     before = client.retrieve(query=canary, k=10, nprobe=8, where="lang:en")
-    rss0 = _rss_mb()
     seen: dict[str, int] = {}
 
     @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
@@ -218,9 +217,26 @@ def test_fuzzed_requests_never_crash_hang_or_answer_wrong(fuzz_server, channel, 
     assert sum(seen.values()) == FUZZ_EXAMPLES
     assert seen.get("OK", 0) >= FUZZ_EXAMPLES // 20, seen  # the valid paths were exercised too
     assert seen.get("INVALID_ARGUMENT", 0) >= FUZZ_EXAMPLES // 10, seen
-    after = client.retrieve(query=canary, k=10, nprobe=8, where="lang:en")
+    for _ in range(50):  # a replica that missed a fuzzed 1 ms deadline is marked unhealthy until re-probed
+        after = client.retrieve(query=canary, k=10, nprobe=8, where="lang:en")
+        if not after.partial:
+            break
+        time.sleep(0.2)
     assert np.array_equal(before.ids, after.ids) and np.array_equal(before.scores, after.scores)
-    assert _rss_mb() - rss0 < 300, "memory grew while fuzzing"
+    # Memory: hypothesis and the oracle keep their own data, so the server's growth is measured on a
+    # further seeded fuzz phase with neither (2,000 messages of the same kinds, junk filters included).
+    import random as _random
+
+    from sterling.launch.bench_reliability import random_message
+
+    rng = _random.Random(1)
+    valid = pb.RetrieveRequest(query_embedding=canary[0].tolist(), k=10, filter="lang:en").SerializeToString()
+    for _ in range(200):
+        _raw_call(channel, random_message(rng, DIM, valid))
+    rss1 = _rss_mb()
+    for _ in range(2000):
+        assert _raw_call(channel, random_message(rng, DIM, valid))[0] in ALLOWED
+    assert _rss_mb() - rss1 < 50, "the server's memory grew while fuzzing"
     client.close()
 
 
