@@ -266,15 +266,16 @@ class LiveModel:
             while self._applied != seq - 1:
                 self._apply_cv.wait()
         try:
-            self._apply_record(rec, prepared)
+            version = self._apply_record(rec, prepared)
         finally:
             with self._apply_cv:
                 self._applied = seq
                 self._apply_cv.notify_all()
         self._after_batch()
-        return self.version
+        return version  # this batch's version (later batches may already be applied)
 
-    def _apply_record(self, rec: LogRecord, prepared=None) -> None:
+    def _apply_record(self, rec: LogRecord, prepared=None) -> int:
+        """Apply one logged batch; returns the version it produced."""
         index = self.model.index
         if rec.kind is RecordKind.UPSERT:
             batch = prepared or upd.prepare_upsert(index, rec.ids, torch.from_numpy(rec.vectors), rec.meta)
@@ -283,12 +284,12 @@ class LiveModel:
                 layout = upd.repack(index, extra=needed)  # queries keep running meanwhile
                 with self.guard.write():
                     upd.install_layout(index, layout)
-            upd.apply_upsert(index, batch, exclusive=self.guard.write)
-        elif rec.kind is RecordKind.DELETE:
-            upd.apply_delete(index, torch.from_numpy(rec.ids), exclusive=self.guard.write)
-        else:
-            with self.guard.write():
-                upd.update_attributes(index, torch.from_numpy(rec.ids), rec.meta)
+            return upd.apply_upsert(index, batch, exclusive=self.guard.write)
+        if rec.kind is RecordKind.DELETE:
+            return upd.apply_delete(index, torch.from_numpy(rec.ids), exclusive=self.guard.write)[1]
+        with self.guard.write():
+            upd.update_attributes(index, torch.from_numpy(rec.ids), rec.meta)
+            return int(index.version)
 
     def _after_batch(self) -> None:
         self._since_snapshot += 1

@@ -2,8 +2,8 @@
 
 Imports torch and Sterling once, then for every ``round`` line on stdin forks
 a child that recovers ``DIR`` (``LiveModel.open``), then writes deterministic
-batches (``batch(seed, seq)``) forever while a thread snapshots every few
-milliseconds; after each acknowledged batch it prints ``ACK <seq>``. The
+batches (``batch(seed, seq)``) forever while a thread snapshots (back to back or
+after up to 80 ms); after each acknowledged batch it prints ``ACK <seq>``. The
 test reads ``PID``/``READY``/``ACK`` lines, kills the child with SIGKILL at a
 random moment, and the harness prints ``DONE`` once the child is reaped.
 
@@ -16,6 +16,7 @@ import os
 import random
 import sys
 import threading
+import time
 
 import torch
 
@@ -46,8 +47,11 @@ def _child(base: str, data_dir: str, seed: int) -> None:
     live = LiveModel.open(base, LiveModel.Config(data_dir=data_dir, compact_waste=0.5))
     _say(f"READY {live.applied_seq}")
 
-    def snapshots():
+    def snapshots():  # often enough to be killed mid-snapshot, rarely enough to leave log after it
+        r = random.Random(os.getpid())
         while True:
+            if r.random() < 0.5:
+                time.sleep(r.uniform(0.0, 0.08))
             live.snapshot()
 
     threading.Thread(target=snapshots, daemon=True).start()
