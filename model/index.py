@@ -436,6 +436,16 @@ class ItemIndex(nn.Module):
         """Host-side list sizes for the GPU path, read back once per list layout."""
         return self._cached("list_stats", [self.list_offsets], ListStats.of)
 
+    def _fused_exact(self, xq: torch.Tensor, filters: CompiledFilters) -> bool:
+        """Whether the compiled CPU scan can take this batch's filter, exact checks included."""
+        return (
+            cpu_scan.HAVE_NUMBA
+            and xq.device.type == "cpu"
+            and self.codes.device.type == "cpu"
+            and self.capacity < 1 << 31
+            and filters.term_words.shape[0] <= cpu_scan.MAX_TERMS
+        )
+
     def _scan_verified(self, xq, probe, k, filters, qprog, must_verify, seen):
         """IVF scan with the Bloom pass; exact check of the survivors where required.
 
@@ -444,6 +454,18 @@ class ItemIndex(nn.Module):
         scan had more candidates.
         """
         scan = self._scan_args()
+        if self._fused_exact(xq, filters):
+            # the compiled scan checks these programs exactly: its results are final
+            prog_exact = torch.zeros(len(filters.programs), dtype=torch.bool)
+            rows = must_verify & (qprog >= 0)
+            prog_exact[qprog[rows]] = True
+            sf = ScanFilter(self.bloom, filters.term_words, filters.programs, qprog, exact=prog_exact,
+                            attr_ids=self.attr_ids, attr_offsets=self.attr_offsets, term_vocab=filters.term_vocab)
+            counts = torch.zeros(xq.shape[0], 2, dtype=torch.int64)
+            s, p = ivf_topk(xq, probe, k=k, scan_filter=sf, counts=counts, fused=True, **scan)
+            if seen is not None:
+                seen[:, :2] += counts
+            return s, p
         if not bool(must_verify.any()):
             counts = None if seen is None else seen[:, :2]
             return ivf_topk(
