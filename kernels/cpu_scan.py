@@ -43,6 +43,7 @@ bitmask of batch terms with vocabulary id v); qprog [B] int64, −1 = unfiltered
 
 MAX_TERMS = 63  # term hits are an int64 bitmask per item
 NEG_BITS = np.uint32(0xFF800000)  # fp32 −inf: "no candidate" in the score buffer
+TT_TERMS = 8  # programs over at most this many distinct terms are evaluated by a truth table
 GROUP_MIN = 4  # queries of one list sharing a program, from which its eligible items are compacted
 SERIAL_ITEMS = 32_768  # items scanned below which one thread does the whole search
 
@@ -274,6 +275,41 @@ if HAVE_NUMBA:
                 h |= vocab_bits[v]
         return h
 
+    @njit(cache=True, nogil=True)
+    def _truth_tables(flt):  # pragma: no cover - compiled
+        """Per program: its distinct terms (≤ ``TT_TERMS``, else length −1) and its truth table over
+        them, in the program's semantics (exact where ``flt.need_exact``, else Bloom). One table
+        lookup per item replaces interpreting the postfix program."""
+        P = flt.lens.shape[0]
+        terms = np.zeros((P, TT_TERMS), dtype=np.int64)
+        tlen = np.zeros(P, dtype=np.int64)
+        tab = np.zeros((P, 1 << TT_TERMS), dtype=np.bool_)
+        stack = np.empty(flt.ops.shape[1] + 1, dtype=np.bool_)
+        for pr in range(P):
+            m = 0
+            for j in range(flt.lens[pr]):
+                if flt.ops[pr, j] == 0:
+                    a = flt.args[pr, j]
+                    seen = False
+                    for u in range(min(m, TT_TERMS)):
+                        if terms[pr, u] == a:
+                            seen = True
+                    if not seen:
+                        if m < TT_TERMS:
+                            terms[pr, m] = a
+                        m += 1
+            if m > TT_TERMS:
+                tlen[pr] = -1
+                continue
+            tlen[pr] = m
+            for idx in range(1 << m):
+                h = np.int64(0)
+                for u in range(m):
+                    if (idx >> u) & 1:
+                        h |= np.int64(1) << terms[pr, u]
+                tab[pr, idx] = _eval_prog(flt.ops[pr], flt.args[pr], flt.lens[pr], h, stack, flt.need_exact[pr])
+        return terms, tlen, tab
+
     @njit(cache=True)
     def _groups(p0, p1, pair_q, qprog):  # pragma: no cover - compiled
         """A list's pairs grouped by program: (pair order [p1 - p0], group programs, group starts)."""
@@ -360,16 +396,16 @@ if HAVE_NUMBA:
 
     @njit(fastmath=True, cache=True)
     def _scan_list_filtered(  # pragma: no cover - compiled
-        li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pair_col, pair_flat, flt, cmp,
+        li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pair_col, pair_flat, flt, tt, cmp,
         flat, bmax, counts,
     ):
         """Scan one probed list for a batch where some of its queries are filtered.
 
         The filter runs once per (list, distinct program), not per query: each
-        item's Bloom term hits are computed once, each program the list's queries
-        use is evaluated once into an eligibility row (exactly, from the CSR
-        attributes, where ``flt.need_exact`` asks for it and Bloom let the item
-        through). A program shared by ``GROUP_MIN`` or more of the list's queries
+        item's term hits are computed once — from its CSR attributes (exact) for
+        the programs ``flt.need_exact`` marks, from its Bloom words for the
+        others — and each program the list's queries use is evaluated once (a
+        truth-table lookup) into an eligibility row. A program shared by ``GROUP_MIN`` or more of the list's queries
         has its eligible items compacted (positions into ``cmp.pmap``) and
         dequantized once; its queries are scored 4 × 2 on the compacted block,
         block maxima written as they go — the unfiltered fast path, over fewer
@@ -386,7 +422,15 @@ if HAVE_NUMBA:
         ng = gprog.shape[0]
         mask = np.empty((ng, n), dtype=np.bool_)
         stack = np.empty(flt.ops.shape[1] + 1, dtype=np.bool_)
-        any_prog = gprog[ng - 1] >= 0
+        tt_terms, tt_len, tt_tab = tt
+        need_b = False
+        need_e = False
+        for g in range(ng):
+            if gprog[g] >= 0:
+                if flt.need_exact[gprog[g]]:
+                    need_e = True
+                else:
+                    need_b = True
         nlive = 0
         for i in range(n):
             p = s + i
@@ -395,21 +439,23 @@ if HAVE_NUMBA:
                     mask[g, i] = False
                 continue
             nlive += 1
-            hb = _bloom_hits(flt.bloom, flt.term_words, p) if any_prog else np.int64(0)
-            he = np.int64(0)
-            have_he = False
+            hb = _bloom_hits(flt.bloom, flt.term_words, p) if need_b else np.int64(0)
+            he = _exact_hits(flt.attr_ids, flt.attr_offsets, flt.vocab_bits, p) if need_e else np.int64(0)
             for g in range(ng):
                 pr = gprog[g]
                 if pr < 0:
                     mask[g, i] = True
                     continue
-                ok = _eval_prog(flt.ops[pr], flt.args[pr], flt.lens[pr], hb, stack, False)
-                if ok and flt.need_exact[pr]:
-                    if not have_he:
-                        he = _exact_hits(flt.attr_ids, flt.attr_offsets, flt.vocab_bits, p)
-                        have_he = True
-                    ok = _eval_prog(flt.ops[pr], flt.args[pr], flt.lens[pr], he, stack, True)
-                mask[g, i] = ok
+                ex = flt.need_exact[pr]
+                h = he if ex else hb
+                tl = tt_len[pr]
+                if tl >= 0:
+                    idx = 0
+                    for u in range(tl):
+                        idx |= ((h >> tt_terms[pr, u]) & 1) << u
+                    mask[g, i] = tt_tab[pr, idx]
+                else:
+                    mask[g, i] = _eval_prog(flt.ops[pr], flt.args[pr], flt.lens[pr], h, stack, ex)
         mo = cmp[5][li]
         for g in range(ng):
             g0 = gstart[g]
@@ -473,7 +519,7 @@ if HAVE_NUMBA:
 
     @njit(fastmath=True, cache=True)
     def _scan_list(  # pragma: no cover - compiled
-        li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pair_col, pair_flat, flt, cmp,
+        li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pair_col, pair_flat, flt, tt, cmp,
         flat, bmax, counts,
     ):
         """Scan one probed list for every query of the batch that probes it.
@@ -493,7 +539,7 @@ if HAVE_NUMBA:
             return
         if _any_filtered(p0, p1, pair_q, flt.qprog) or not _all_alive(alive, s, n):
             _scan_list_filtered(li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pair_col,
-                                pair_flat, flt, cmp, flat, bmax, counts)
+                                pair_flat, flt, tt, cmp, flat, bmax, counts)
             return
         for pi in range(p0, p1):
             counts[pi, 0] = n
@@ -869,8 +915,9 @@ if HAVE_NUMBA:
         (pair_n, pair_nb, pair_start, colq, lists, lstart, pair_flat, pair_q, pcol, pflat,
          flat, bmax, counts, most, order) = _prologue(probe, list_offsets, flat_buf, bmax_buf)
         cmp = _compact_state(order, pair_n, pair_nb, lists, lstart, pair_q, flt.qprog, list_offsets, alive)
+        tt = _truth_tables(flt)
         for li in prange(lists.shape[0]):
-            _scan_list(li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pcol, pflat, flt, cmp,
+            _scan_list(li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pcol, pflat, flt, tt, cmp,
                        flat, bmax, counts)
         _add_counts(pair_q, counts, qcounts)
         T = max(1, min(probe.shape[0], threads))
@@ -886,8 +933,9 @@ if HAVE_NUMBA:
         (pair_n, pair_nb, pair_start, colq, lists, lstart, pair_flat, pair_q, pcol, pflat,
          flat, bmax, counts, most, order) = _prologue(probe, list_offsets, flat_buf, bmax_buf)
         cmp = _compact_state(order, pair_n, pair_nb, lists, lstart, pair_q, flt.qprog, list_offsets, alive)
+        tt = _truth_tables(flt)
         for li in range(lists.shape[0]):
-            _scan_list(li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pcol, pflat, flt, cmp,
+            _scan_list(li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pcol, pflat, flt, tt, cmp,
                        flat, bmax, counts)
         _add_counts(pair_q, counts, qcounts)
         _select_share(0, 1, bmax, flat, k, colq, pair_start, pair_flat, cmp, item_ids, with_ids,
