@@ -3,10 +3,13 @@
 Compiled with numba when it is installed (``HAVE_NUMBA``); callers fall back
 to the op-by-op PyTorch path otherwise. One parallel task per probed list:
 a list probed by several queries is dequantized once into a scratch buffer
-(one probed by fewer than four is scored straight from its codes), each item's Bloom
-term hits are computed once as a bitmask over the batch's terms, and every
-query of the batch that probes the list is then scored against it, with its
-filter program evaluated on the bitmask (Bloom semantics: NOT is "maybe").
+(one probed by fewer than four is scored straight from its codes). A list
+with filtered queries is filtered once per distinct program, not per query
+(``_scan_list_filtered``): term hits per item (exact from the CSR attributes
+for programs marked ``need_exact``, else Bloom with NOT = "maybe"), one
+truth-table lookup per program, and a program shared by four or more of the
+list's queries has its eligible items compacted and scored 4 × 2 like an
+unfiltered list.
 
 A score depends on the query, the item and the code path that scored it
 (int8 direct, 4x2 dot, or single-query remainder), which the batch and the
