@@ -3,10 +3,13 @@
 Compiled with numba when it is installed (``HAVE_NUMBA``); callers fall back
 to the op-by-op PyTorch path otherwise. One parallel task per probed list:
 a list probed by several queries is dequantized once into a scratch buffer
-(one probed by fewer than four is scored straight from its codes), each item's Bloom
-term hits are computed once as a bitmask over the batch's terms, and every
-query of the batch that probes the list is then scored against it, with its
-filter program evaluated on the bitmask (Bloom semantics: NOT is "maybe").
+(one probed by fewer than four is scored straight from its codes). A list
+with filtered queries is filtered once per distinct program, not per query
+(``_scan_list_filtered``): term hits per item (exact from the CSR attributes
+for programs marked ``need_exact``, else Bloom with NOT = "maybe"), one
+truth-table lookup per program, and a program shared by four or more of the
+list's queries has its eligible items compacted and scored 4 × 2 like an
+unfiltered list.
 
 A score depends on the query, the item and the code path that scored it
 (int8 direct, 4x2 dot, or single-query remainder), which the batch and the
@@ -17,12 +20,34 @@ batch computes bit-identical scores to the single-process model.
 from __future__ import annotations
 
 import threading
+from collections import namedtuple
 
 import numpy as np
 
-__all__ = ["HAVE_NUMBA", "MAX_TERMS", "fused_topk", "programs_to_arrays"]
+__all__ = ["HAVE_NUMBA", "MAX_TERMS", "KernelFilter", "fused_topk", "kernel_filter", "programs_to_arrays"]
+
+KernelFilter = namedtuple(
+    "KernelFilter",
+    ["bloom", "term_words", "ops", "args", "lens", "need_exact", "attr_ids", "attr_offsets", "vocab_bits", "qprog"],
+)
+KernelFilter.__doc__ = """A batch's filter as the compiled scan reads it (numpy arrays).
+
+bloom [N_cap, W] int64 item signatures; term_words [T, W] int64 of the batch's
+terms; ops/args [P, L] and lens [P]: the postfix programs; need_exact [P] bool:
+programs evaluated exactly in the scan (Bloom first, then the CSR attributes
+``attr_ids`` / ``attr_offsets`` of the Bloom survivors; ``vocab_bits[v]`` is the
+bitmask of batch terms with vocabulary id v); qprog [B] int64, −1 = unfiltered.
+"""
+
+# Per-pair facts the filtered scan rewrites for the selection: a pair whose eligible items were
+# compacted has pair_n / pair_nb of the compacted run and pair_map = its offset in pmap (else −1).
+# (a plain tuple: numba's parallel lowering cannot pass a namedtuple made in compiled code)
+# cmp = (order, pair_n, pair_nb, pair_map, pmap, map_off)
 
 MAX_TERMS = 63  # term hits are an int64 bitmask per item
+NEG_BITS = np.uint32(0xFF800000)  # fp32 −inf: "no candidate" in the score buffer
+TT_TERMS = 8  # programs over at most this many distinct terms are evaluated by a truth table
+GROUP_MIN = 4  # queries of one list sharing a program, from which its eligible items are compacted
 SERIAL_ITEMS = 32_768  # items scanned below which one thread does the whole search
 
 try:  # optional: the device image and minimal installs have no numba
@@ -49,30 +74,6 @@ def programs_to_arrays(programs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 if HAVE_NUMBA:
-
-    @njit(cache=True, inline="always")
-    def _eval_bloom(ops, args, length, hits, stack):  # pragma: no cover - compiled
-        sp = 0
-        for j in range(length):
-            op = ops[j]
-            if op == 0:  # OP_TERM
-                stack[sp] = ((hits >> args[j]) & 1) == 1
-                sp += 1
-            elif op == 1:  # OP_TRUE
-                stack[sp] = True
-                sp += 1
-            elif op == 2:  # OP_FALSE
-                stack[sp] = False
-                sp += 1
-            elif op == 3:  # OP_NOT: a Bloom match cannot decide a negation
-                stack[sp - 1] = True
-            elif op == 4:  # OP_AND
-                sp -= 1
-                stack[sp - 1] = stack[sp - 1] and stack[sp]
-            else:  # OP_OR
-                sp -= 1
-                stack[sp - 1] = stack[sp - 1] or stack[sp]
-        return stack[0]
 
     @njit(fastmath=True, cache=True, inline="always")
     def _dot1(xq, q, blk, i):  # pragma: no cover - compiled
@@ -179,75 +180,35 @@ if HAVE_NUMBA:
         return True
 
     @njit(fastmath=True, cache=True, inline="always")
-    def _scan_pair_direct(  # pragma: no cover - compiled
-        xq, q, codes, scales, alive, s, n, bloom, term_words, ops, args, length, prog, flat, base,
-        bmax, c0, counts, pi, stack, live_all,
-    ):
-        """One query × one list straight from the int8 codes (no dequantized copy).
-
-        Unfiltered and fully alive (the common case): one tight dot loop, then
-        block maxima over the just-written scores (hot in L1). Otherwise the
-        item's eligibility is decided first and ineligible items skip the dot.
-        """
+    def _scan_pair_plain(xq, q, codes, scales, s, n, flat, base, bmax, c0):  # pragma: no cover - compiled
+        """One query × one fully alive list straight from the int8 codes (no dequantized copy):
+        one tight dot loop, four items per step, then block maxima over the just-written scores."""
         D = xq.shape[1]
-        T = term_words.shape[0]
-        W = term_words.shape[1]
         neg = np.float32(-np.inf)
-        if prog < 0 and live_all:
-            i = 0
-            while i + 4 <= n:  # four items per step: each loaded query value feeds four FMAs
-                a0 = np.float32(0.0)
-                a1 = np.float32(0.0)
-                a2 = np.float32(0.0)
-                a3 = np.float32(0.0)
-                p = s + i
-                for d in range(D):
-                    x = xq[q, d]
-                    a0 += x * np.float32(codes[p, d])
-                    a1 += x * np.float32(codes[p + 1, d])
-                    a2 += x * np.float32(codes[p + 2, d])
-                    a3 += x * np.float32(codes[p + 3, d])
-                flat[base + i] = a0 * scales[p]
-                flat[base + i + 1] = a1 * scales[p + 1]
-                flat[base + i + 2] = a2 * scales[p + 2]
-                flat[base + i + 3] = a3 * scales[p + 3]
-                i += 4
-            while i < n:
-                acc = np.float32(0.0)
-                for d in range(D):
-                    acc += xq[q, d] * np.float32(codes[s + i, d])
-                flat[base + i] = acc * scales[s + i]
-                i += 1
-            nlive = n
-            nelig = n
-        else:
-            nlive = 0
-            nelig = 0
-            for i in range(n):
-                p = s + i
-                ok = live_all or ((alive[p >> 3] >> (p & 7)) & 1) == 1
-                if ok:
-                    nlive += 1
-                    if prog >= 0:
-                        h = np.int64(0)
-                        for t in range(T):
-                            hit = True
-                            for w in range(W):
-                                tw = term_words[t, w]
-                                if (bloom[p, w] & tw) != tw:
-                                    hit = False
-                                    break
-                            if hit:
-                                h |= np.int64(1) << t
-                        ok = _eval_bloom(ops, args, length, h, stack)
-                if ok:
-                    nelig += 1
-                    acc = np.float32(0.0)
-                    for d in range(D):
-                        acc += xq[q, d] * np.float32(codes[p, d])
-                    flat[base + i] = acc * scales[p]
-                else:
-                    flat[base + i] = neg
+        i = 0
+        while i + 4 <= n:  # each loaded query value feeds four FMAs
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            p = s + i
+            for d in range(D):
+                x = xq[q, d]
+                a0 += x * np.float32(codes[p, d])
+                a1 += x * np.float32(codes[p + 1, d])
+                a2 += x * np.float32(codes[p + 2, d])
+                a3 += x * np.float32(codes[p + 3, d])
+            flat[base + i] = a0 * scales[p]
+            flat[base + i + 1] = a1 * scales[p + 1]
+            flat[base + i + 2] = a2 * scales[p + 2]
+            flat[base + i + 3] = a3 * scales[p + 3]
+            i += 4
+        while i < n:
+            acc = np.float32(0.0)
+            for d in range(D):
+                acc += xq[q, d] * np.float32(codes[s + i, d])
+            flat[base + i] = acc * scales[s + i]
+            i += 1
         nf = n >> 4
         for j in range(nf):
             m = neg
@@ -261,20 +222,317 @@ if HAVE_NUMBA:
                 v = flat[base + i]
                 m = v if v > m else m
             bmax[q, c0 + nf] = m
-        counts[pi, 0] = nlive
-        counts[pi, 1] = nelig
+
+    @njit(cache=True, inline="always")
+    def _eval_prog(ops, args, length, hits, stack, exact):  # pragma: no cover - compiled
+        """Evaluate one postfix program on a term-hit bitmask.
+
+        ``exact``: the hits are the item's true terms, NOT negates. Otherwise they
+        are Bloom hits and NOT is "maybe" (True): a Bloom match cannot decide a negation.
+        """
+        sp = 0
+        for j in range(length):
+            op = ops[j]
+            if op == 0:  # OP_TERM
+                stack[sp] = ((hits >> args[j]) & 1) == 1
+                sp += 1
+            elif op == 1:  # OP_TRUE
+                stack[sp] = True
+                sp += 1
+            elif op == 2:  # OP_FALSE
+                stack[sp] = False
+                sp += 1
+            elif op == 3:  # OP_NOT
+                stack[sp - 1] = (not stack[sp - 1]) if exact else True
+            elif op == 4:  # OP_AND
+                sp -= 1
+                stack[sp - 1] = stack[sp - 1] and stack[sp]
+            else:  # OP_OR
+                sp -= 1
+                stack[sp - 1] = stack[sp - 1] or stack[sp]
+        return stack[0]
+
+    @njit(cache=True, inline="always")
+    def _bloom_hits(bloom, term_words, p):  # pragma: no cover - compiled
+        """Bitmask of the batch's terms whose Bloom words are all set in item p's signature."""
+        h = np.int64(0)
+        for t in range(term_words.shape[0]):
+            hit = True
+            for w in range(term_words.shape[1]):
+                tw = term_words[t, w]
+                if (bloom[p, w] & tw) != tw:
+                    hit = False
+                    break
+            if hit:
+                h |= np.int64(1) << t
+        return h
+
+    @njit(cache=True, inline="always")
+    def _exact_hits(attr_ids, attr_offsets, vocab_bits, p):  # pragma: no cover - compiled
+        """Bitmask of the batch's terms item p really has (its CSR attribute ids → term bits)."""
+        h = np.int64(0)
+        V = vocab_bits.shape[0]
+        for a in range(attr_offsets[p], attr_offsets[p + 1]):
+            v = attr_ids[a]
+            if 0 <= v < V:
+                h |= vocab_bits[v]
+        return h
+
+    @njit(cache=True, nogil=True)
+    def _truth_tables(flt):  # pragma: no cover - compiled
+        """Per program: its distinct terms (≤ ``TT_TERMS``, else length −1) and its truth table over
+        them, in the program's semantics (exact where ``flt.need_exact``, else Bloom). One table
+        lookup per item replaces interpreting the postfix program."""
+        P = flt.lens.shape[0]
+        terms = np.zeros((P, TT_TERMS), dtype=np.int64)
+        tlen = np.zeros(P, dtype=np.int64)
+        tab = np.zeros((P, 1 << TT_TERMS), dtype=np.bool_)
+        stack = np.empty(flt.ops.shape[1] + 1, dtype=np.bool_)
+        for pr in range(P):
+            m = 0
+            for j in range(flt.lens[pr]):
+                if flt.ops[pr, j] == 0:
+                    a = flt.args[pr, j]
+                    seen = False
+                    for u in range(min(m, TT_TERMS)):
+                        if terms[pr, u] == a:
+                            seen = True
+                    if not seen:
+                        if m < TT_TERMS:
+                            terms[pr, m] = a
+                        m += 1
+            if m > TT_TERMS:
+                tlen[pr] = -1
+                continue
+            tlen[pr] = m
+            for idx in range(1 << m):
+                h = np.int64(0)
+                for u in range(m):
+                    if (idx >> u) & 1:
+                        h |= np.int64(1) << terms[pr, u]
+                tab[pr, idx] = _eval_prog(flt.ops[pr], flt.args[pr], flt.lens[pr], h, stack, flt.need_exact[pr])
+        return terms, tlen, tab
+
+    @njit(cache=True)
+    def _groups(p0, p1, pair_q, qprog):  # pragma: no cover - compiled
+        """A list's pairs grouped by program: (pair order [p1 - p0], group programs, group starts)."""
+        m = p1 - p0
+        progs = np.empty(m, dtype=np.int64)
+        for j in range(m):
+            progs[j] = qprog[pair_q[p0 + j]]
+        srt = np.argsort(progs, kind="mergesort")
+        ng = 0
+        for j in range(m):
+            if j == 0 or progs[srt[j]] != progs[srt[j - 1]]:
+                ng += 1
+        gprog = np.empty(ng, dtype=np.int64)
+        gstart = np.empty(ng + 1, dtype=np.int64)
+        g = 0
+        for j in range(m):
+            if j == 0 or progs[srt[j]] != progs[srt[j - 1]]:
+                gprog[g] = progs[srt[j]]
+                gstart[g] = j
+                g += 1
+        gstart[ng] = m
+        return srt, gprog, gstart
+
+    @njit(cache=True, nogil=True)
+    def _map_offsets(lists, lstart, pair_q, qprog, list_offsets, alive):  # pragma: no cover - compiled
+        """Offsets of each list's compacted eligible positions: one run of n per program group of
+        ≥ ``GROUP_MIN`` pairs, in the lists ``_scan_list`` sends to ``_scan_list_filtered``."""
+        nl = lists.shape[0]
+        off = np.zeros(nl + 1, dtype=np.int64)
+        for li in range(nl):
+            p0 = lstart[li]
+            p1 = lstart[li + 1]
+            n = list_offsets[lists[li] + 1] - list_offsets[lists[li]]
+            use = 0
+            s = list_offsets[lists[li]]
+            if n > 0 and (_any_filtered(p0, p1, pair_q, qprog) or not _all_alive(alive, s, n)):
+                _, _, gstart = _groups(p0, p1, pair_q, qprog)
+                for g in range(gstart.shape[0] - 1):
+                    if gstart[g + 1] - gstart[g] >= GROUP_MIN:
+                        use += n
+            off[li + 1] = off[li] + use
+        return off
+
+    @njit(cache=True, inline="always")
+    def _any_filtered(p0, p1, pair_q, qprog):  # pragma: no cover - compiled
+        for r in range(p0, p1):
+            if qprog[pair_q[r]] >= 0:
+                return True
+        return False
+
+    @njit(fastmath=True, cache=True, inline="always")
+    def _dot1_track(xq, q, blk, m, flat, base, bmax, c0):  # pragma: no cover - compiled
+        """One query × a dequantized block of m items, with its 16-item block maxima."""
+        neg = np.float32(-np.inf)
+        mx = neg
+        for i in range(m):
+            a = _dot1(xq, q, blk, i)
+            flat[base + i] = a
+            mx = a if a > mx else mx
+            if (i & 15) == 15 or i == m - 1:
+                bmax[q, c0 + (i >> 4)] = mx
+                mx = neg
+
+    @njit(fastmath=True, cache=True, inline="always")
+    def _score_masked(xq, q, codes, scales, s, n, mask, g, flat, base, bmax, c0):  # pragma: no cover - compiled
+        """One query × one list straight from the codes; items outside ``mask[g]`` score −inf, unscored."""
+        D = xq.shape[1]
+        neg = np.float32(-np.inf)
+        mx = neg
+        for i in range(n):
+            if mask[g, i]:
+                p = s + i
+                acc = np.float32(0.0)
+                for d in range(D):
+                    acc += xq[q, d] * np.float32(codes[p, d])
+                v = acc * scales[p]
+                flat[base + i] = v
+                mx = v if v > mx else mx
+            else:
+                flat[base + i] = neg
+            if (i & 15) == 15 or i == n - 1:
+                bmax[q, c0 + (i >> 4)] = mx
+                mx = neg
+
+    @njit(fastmath=True, cache=True)
+    def _scan_list_filtered(  # pragma: no cover - compiled
+        li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pair_col, pair_flat, flt, tt, cmp,
+        flat, bmax, counts,
+    ):
+        """Scan one probed list for a batch where some of its queries are filtered.
+
+        The filter runs once per (list, distinct program), not per query: each
+        item's term hits are computed once — from its CSR attributes (exact) for
+        the programs ``flt.need_exact`` marks, from its Bloom words for the
+        others — and each program the list's queries use is evaluated once (a
+        truth-table lookup) into an eligibility row. A program shared by ``GROUP_MIN`` or more of the list's queries
+        has its eligible items compacted (positions into ``cmp.pmap``) and
+        dequantized once; its queries are scored 4 × 2 on the compacted block,
+        block maxima written as they go — the unfiltered fast path, over fewer
+        items. Smaller groups score straight from the codes, skipping ineligible items.
+        """
+        D = xq.shape[1]
+        lst = lists[li]
+        s = list_offsets[lst]
+        n = list_offsets[lst + 1] - s
+        p0 = lstart[li]
+        p1 = lstart[li + 1]
+        live_all = _all_alive(alive, s, n)
+        srt, gprog, gstart = _groups(p0, p1, pair_q, flt.qprog)
+        ng = gprog.shape[0]
+        mask = np.empty((ng, n), dtype=np.bool_)
+        stack = np.empty(flt.ops.shape[1] + 1, dtype=np.bool_)
+        tt_terms, tt_len, tt_tab = tt
+        need_b = False
+        need_e = False
+        for g in range(ng):
+            if gprog[g] >= 0:
+                if flt.need_exact[gprog[g]]:
+                    need_e = True
+                else:
+                    need_b = True
+        nlive = 0
+        for i in range(n):
+            p = s + i
+            if not (live_all or ((alive[p >> 3] >> (p & 7)) & 1) == 1):
+                for g in range(ng):
+                    mask[g, i] = False
+                continue
+            nlive += 1
+            hb = _bloom_hits(flt.bloom, flt.term_words, p) if need_b else np.int64(0)
+            he = _exact_hits(flt.attr_ids, flt.attr_offsets, flt.vocab_bits, p) if need_e else np.int64(0)
+            for g in range(ng):
+                pr = gprog[g]
+                if pr < 0:
+                    mask[g, i] = True
+                    continue
+                ex = flt.need_exact[pr]
+                h = he if ex else hb
+                tl = tt_len[pr]
+                if tl >= 0:
+                    idx = 0
+                    for u in range(tl):
+                        idx |= ((h >> tt_terms[pr, u]) & 1) << u
+                    mask[g, i] = tt_tab[pr, idx]
+                else:
+                    mask[g, i] = _eval_prog(flt.ops[pr], flt.args[pr], flt.lens[pr], h, stack, ex)
+        mo = cmp[5][li]
+        for g in range(ng):
+            g0 = gstart[g]
+            g1 = gstart[g + 1]
+            ident = gprog[g] < 0 and live_all
+            nelig = nlive
+            if gprog[g] >= 0:
+                nelig = 0
+                for i in range(n):
+                    nelig += mask[g, i]
+            if g1 - g0 >= GROUP_MIN:
+                m = 0
+                if ident:
+                    m = n
+                    blk = np.empty((n, D), dtype=np.float32)
+                    for i in range(n):
+                        sc = scales[s + i]
+                        for d in range(D):
+                            blk[i, d] = codes[s + i, d] * sc
+                else:
+                    for i in range(n):
+                        if mask[g, i]:
+                            cmp[4][mo + m] = s + i
+                            m += 1
+                    blk = np.empty((m, D), dtype=np.float32)
+                    for j in range(m):
+                        p = cmp[4][mo + j]
+                        sc = scales[p]
+                        for d in range(D):
+                            blk[j, d] = codes[p, d] * sc
+                j = g0
+                while j + 4 <= g1:
+                    r0 = p0 + srt[j]
+                    r1 = p0 + srt[j + 1]
+                    r2 = p0 + srt[j + 2]
+                    r3 = p0 + srt[j + 3]
+                    _dot4x2(xq, pair_q[r0], pair_q[r1], pair_q[r2], pair_q[r3], blk, flat,
+                            pair_flat[r0], pair_flat[r1], pair_flat[r2], pair_flat[r3], m,
+                            bmax, pair_col[r0], pair_col[r1], pair_col[r2], pair_col[r3], True)
+                    j += 4
+                while j < g1:
+                    r = p0 + srt[j]
+                    _dot1_track(xq, pair_q[r], blk, m, flat, pair_flat[r], bmax, pair_col[r])
+                    j += 1
+                for j in range(g0, g1):
+                    r = p0 + srt[j]
+                    qp = cmp[0][r]
+                    cmp[1][qp] = m
+                    cmp[2][qp] = (m + 15) // 16
+                    cmp[3][qp] = -1 if ident else mo
+                    counts[r, 0] = nlive
+                    counts[r, 1] = m
+                mo += n
+            else:
+                for j in range(g0, g1):
+                    r = p0 + srt[j]
+                    _score_masked(xq, pair_q[r], codes, scales, s, n, mask, g, flat, pair_flat[r], bmax,
+                                  pair_col[r])
+                    counts[r, 0] = nlive
+                    counts[r, 1] = nelig
 
     @njit(fastmath=True, cache=True)
     def _scan_list(  # pragma: no cover - compiled
-        li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pair_col, pair_flat,
-        bloom, term_words, prog_ops, prog_args, prog_len, qprog, flat, bmax, counts,
+        li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pair_col, pair_flat, flt, tt, cmp,
+        flat, bmax, counts,
     ):
-        """Scan one probed list for every query of the batch that probes it."""
+        """Scan one probed list for every query of the batch that probes it.
+
+        Lists with a filtered query or a dead item go to ``_scan_list_filtered``.
+        Otherwise: probed by fewer than four queries, each is scored straight
+        from the codes; by more, the list is dequantized once and scored four
+        queries × two items per step.
+        """
         D = xq.shape[1]
-        T = term_words.shape[0]
-        W = term_words.shape[1]
-        P = prog_len.shape[0]
-        neg = np.float32(-np.inf)
         lst = lists[li]
         s = list_offsets[lst]
         n = list_offsets[lst + 1] - s
@@ -282,112 +540,31 @@ if HAVE_NUMBA:
         p1 = lstart[li + 1]
         if n == 0:
             return
-        if p1 - p0 < 4:  # few queries share this block: score the int8 codes directly
-            stack = np.empty(prog_ops.shape[1] + 1, dtype=np.bool_)
-            live_all = _all_alive(alive, s, n)
-            for pi in range(p0, p1):
-                q = pair_q[pi]
-                prog = qprog[q]
-                pr = max(prog, 0)
-                _scan_pair_direct(
-                    xq, q, codes, scales, alive, s, n, bloom, term_words, prog_ops[pr],
-                    prog_args[pr], prog_len[pr], prog, flat, pair_flat[pi], bmax, pair_col[pi],
-                    counts, pi, stack, live_all,
-                )
+        if _any_filtered(p0, p1, pair_q, flt.qprog) or not _all_alive(alive, s, n):
+            _scan_list_filtered(li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pair_col,
+                                pair_flat, flt, tt, cmp, flat, bmax, counts)
             return
-        # enough queries share the block: dequantize it once
+        for pi in range(p0, p1):
+            counts[pi, 0] = n
+            counts[pi, 1] = n
+        if p1 - p0 < GROUP_MIN:
+            for pi in range(p0, p1):
+                _scan_pair_plain(xq, pair_q[pi], codes, scales, s, n, flat, pair_flat[pi], bmax, pair_col[pi])
+            return
         blk = np.empty((n, D), dtype=np.float32)
         for i in range(n):
             sc = scales[s + i]
             for d in range(D):
                 blk[i, d] = codes[s + i, d] * sc
-        # ok[0] = alive; ok[1 + p] = alive and Bloom-eligible for program p
-        used = np.zeros(P + 1, dtype=np.bool_)
-        used[0] = True
-        for pi in range(p0, p1):
-            used[qprog[pair_q[pi]] + 1] = True
-        any_prog = False
-        for pp in range(P):
-            if used[pp + 1]:
-                any_prog = True
-        all_live = _all_alive(alive, s, n)
-        plain = all_live and not any_prog  # nothing to mask: maxima come with the dots
-        if not plain:
-            ok = np.zeros((P + 1, n), dtype=np.bool_)
-            for i in range(n):
-                p = s + i
-                ok[0, i] = ((alive[p >> 3] >> (p & 7)) & 1) == 1
-            if any_prog:
-                hits = np.zeros(n, dtype=np.int64)
-                for i in range(n):
-                    h = np.int64(0)
-                    for t in range(T):
-                        hit = True
-                        for w in range(W):
-                            tw = term_words[t, w]
-                            if (bloom[s + i, w] & tw) != tw:
-                                hit = False
-                                break
-                        if hit:
-                            h |= np.int64(1) << t
-                    hits[i] = h
-                stack = np.empty(prog_ops.shape[1] + 1, dtype=np.bool_)
-                for pp in range(P):
-                    if used[pp + 1]:
-                        for i in range(n):
-                            ok[pp + 1, i] = ok[0, i] and _eval_bloom(
-                                prog_ops[pp], prog_args[pp], prog_len[pp], hits[i], stack
-                            )
-        else:
-            ok = np.zeros((1, 1), dtype=np.bool_)
-        # scores, four queries per pass over the block
         pi = p0
         while pi + 4 <= p1:
             _dot4x2(xq, pair_q[pi], pair_q[pi + 1], pair_q[pi + 2], pair_q[pi + 3], blk, flat,
                     pair_flat[pi], pair_flat[pi + 1], pair_flat[pi + 2], pair_flat[pi + 3], n,
-                    bmax, pair_col[pi], pair_col[pi + 1], pair_col[pi + 2], pair_col[pi + 3], plain)
+                    bmax, pair_col[pi], pair_col[pi + 1], pair_col[pi + 2], pair_col[pi + 3], True)
             pi += 4
-        done4 = pi if plain else p0
         while pi < p1:
-            q = pair_q[pi]
-            base = pair_flat[pi]
-            for i in range(n):
-                acc = np.float32(0.0)
-                for d in range(D):
-                    acc += xq[q, d] * blk[i, d]
-                flat[base + i] = acc
+            _dot1_track(xq, pair_q[pi], blk, n, flat, pair_flat[pi], bmax, pair_col[pi])
             pi += 1
-        # mask, count and block maxima (pairs not already finished by _dot4x2)
-        for pi in range(p0, done4):
-            counts[pi, 0] = n
-            counts[pi, 1] = n
-        for pi in range(done4, p1):
-            q = pair_q[pi]
-            base = pair_flat[pi]
-            c0 = pair_col[pi]
-            row = qprog[q] + 1
-            nlive = 0
-            nelig = 0
-            m = neg
-            for i in range(n):
-                if plain:
-                    good = True
-                else:
-                    good = ok[row, i]
-                    if ok[0, i]:
-                        nlive += 1
-                if good:
-                    nelig += 1
-                    v = flat[base + i]
-                    if v > m:
-                        m = v
-                else:
-                    flat[base + i] = neg
-                if (i & 15) == 15 or i == n - 1:
-                    bmax[q, c0 + (i >> 4)] = m
-                    m = neg
-            counts[pi, 0] = n if plain else nlive
-            counts[pi, 1] = nelig
 
     @njit(cache=True, inline="always")
     def _kth_largest(vals, m, kk):  # pragma: no cover - compiled
@@ -421,7 +598,7 @@ if HAVE_NUMBA:
 
     @njit(cache=True)
     def _select_query(  # pragma: no cover - compiled
-        q, bmax, flat, k, colq, pair_nb, pair_n, pair_flat, pair_start, item_ids, with_ids,
+        q, bmax, flat, k, colq, pair_nb, pair_n, pair_flat, pair_start, pair_map, pmap, item_ids, with_ids,
         out_s, out_p, out_i, keys, tmp, pos, cid,
     ):
         """Stages B and C for one query: top-k blocks by maximum, then top-k items among them.
@@ -460,13 +637,15 @@ if HAVE_NUMBA:
                 if row[colq[q, j] + b] >= beta:
                     first = 16 * b
                     cnt = min(16, pair_n[p] - first)
+                    mp = pair_map[p]
                     for i in range(cnt):
                         f = pair_flat[p] + first + i
-                        if flat[f] > neg:
+                        if fu[f] != NEG_BITS:  # bit test: immune to fast-math assumptions about inf
                             keys[m] = (np.uint64(_desc_key(fu[f])) << np.uint64(32)) | np.uint64(m)
-                            pos[m] = pair_start[p] + first + i
+                            at = pair_start[p] + first + i if mp < 0 else pmap[mp + first + i]
+                            pos[m] = at
                             if with_ids:
-                                cid[m] = item_ids[pair_start[p] + first + i]  # sequential read
+                                cid[m] = item_ids[at]  # sequential read (increasing positions)
                             m += 1
         kk = min(k, m)
         _pad(q, kk, k, with_ids, out_s, out_p, out_i)
@@ -692,7 +871,7 @@ if HAVE_NUMBA:
     def _prologue(probe, list_offsets, flat_buf, bmax_buf):  # pragma: no cover - compiled
         """Layout plus the score buffer and block maxima, shaped from the callers' scratch."""
         B, P = probe.shape
-        (pair_n, pair_nb, pair_start, col, width, _, lists, lstart, pair_flat, total,
+        (pair_n, pair_nb, pair_start, col, width, order, lists, lstart, pair_flat, total,
          pair_q, pcol, pflat) = _layout(probe, list_offsets)
         flat = flat_buf[:total]
         bmax = bmax_buf[: B * max(width, 1)].reshape(B, max(width, 1))
@@ -701,7 +880,7 @@ if HAVE_NUMBA:
         for q in range(B):
             most = max(most, pair_n[q * P : (q + 1) * P].sum())
         return (pair_n, pair_nb, pair_start, col.reshape(B, P), lists, lstart, pair_flat, pair_q, pcol, pflat,
-                flat, bmax, np.zeros((B * P, 2), dtype=np.int64), most)
+                flat, bmax, np.zeros((B * P, 2), dtype=np.int64), most, order)
 
     @njit(cache=True, nogil=True)
     def _add_counts(pair_q, counts, qcounts):  # pragma: no cover - compiled
@@ -710,9 +889,14 @@ if HAVE_NUMBA:
             qcounts[pair_q[r], 1] += counts[r, 1]
 
     @njit(cache=True, nogil=True)
+    def _compact_state(order, pair_n, pair_nb, lists, lstart, pair_q, qprog, list_offsets, alive):  # pragma: no cover
+        map_off = _map_offsets(lists, lstart, pair_q, qprog, list_offsets, alive)
+        return (order, pair_n, pair_nb, np.full(pair_n.shape[0], -1, dtype=np.int64),
+                np.empty(map_off[-1], dtype=np.int64), map_off)
+
+    @njit(cache=True, nogil=True)
     def _select_share(  # pragma: no cover - compiled
-        t, T, bmax, flat, k, colq, pair_nb, pair_n, pair_flat, pair_start, item_ids, with_ids,
-        out_s, out_p, out_i, most,
+        t, T, bmax, flat, k, colq, pair_start, pair_flat, cmp, item_ids, with_ids, out_s, out_p, out_i, most,
     ):
         """Select queries t, t + T, t + 2T, … with one scratch allocation."""
         keys = np.empty(most, dtype=np.uint64)
@@ -720,52 +904,82 @@ if HAVE_NUMBA:
         pos = np.empty(most, dtype=np.int64)
         cid = np.empty(most if with_ids else 0, dtype=np.int64)
         for q in range(t, bmax.shape[0], T):
-            _select_query(q, bmax, flat, k, colq, pair_nb, pair_n, pair_flat, pair_start, item_ids, with_ids,
-                          out_s, out_p, out_i, keys, tmp, pos, cid)
+            _select_query(q, bmax, flat, k, colq, cmp[2], cmp[1], pair_flat, pair_start, cmp[3],
+                          cmp[4], item_ids, with_ids, out_s, out_p, out_i, keys, tmp, pos, cid)
 
     # Two drivers, one body: the same helpers in a parallel region (large
     # batches) or on the calling thread (small ones: no thread team to wake).
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def _run_parallel(  # pragma: no cover - compiled
-        xq, probe, codes, scales, list_offsets, alive, k, bloom, term_words, ops, args, lens, qprog,
-        item_ids, with_ids, out_s, out_p, out_i, qcounts, threads, flat_buf, bmax_buf,
+        xq, probe, codes, scales, list_offsets, alive, k, flt, item_ids, with_ids, out_s, out_p, out_i, qcounts,
+        threads, flat_buf, bmax_buf,
     ):
         (pair_n, pair_nb, pair_start, colq, lists, lstart, pair_flat, pair_q, pcol, pflat,
-         flat, bmax, counts, most) = _prologue(probe, list_offsets, flat_buf, bmax_buf)
+         flat, bmax, counts, most, order) = _prologue(probe, list_offsets, flat_buf, bmax_buf)
+        cmp = _compact_state(order, pair_n, pair_nb, lists, lstart, pair_q, flt.qprog, list_offsets, alive)
+        tt = _truth_tables(flt)
         for li in prange(lists.shape[0]):
-            _scan_list(li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pcol, pflat,
-                       bloom, term_words, ops, args, lens, qprog, flat, bmax, counts)
+            _scan_list(li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pcol, pflat, flt, tt, cmp,
+                       flat, bmax, counts)
         _add_counts(pair_q, counts, qcounts)
         T = max(1, min(probe.shape[0], threads))
         for t in prange(T):  # one scratch per thread, queries dealt round-robin
-            _select_share(t, T, bmax, flat, k, colq, pair_nb, pair_n, pair_flat, pair_start, item_ids, with_ids,
+            _select_share(t, T, bmax, flat, k, colq, pair_start, pair_flat, cmp, item_ids, with_ids,
                           out_s, out_p, out_i, most)
 
     @njit(fastmath=True, cache=True, nogil=True)
     def _run_serial(  # pragma: no cover - compiled
-        xq, probe, codes, scales, list_offsets, alive, k, bloom, term_words, ops, args, lens, qprog,
-        item_ids, with_ids, out_s, out_p, out_i, qcounts, threads, flat_buf, bmax_buf,
+        xq, probe, codes, scales, list_offsets, alive, k, flt, item_ids, with_ids, out_s, out_p, out_i, qcounts,
+        threads, flat_buf, bmax_buf,
     ):
         (pair_n, pair_nb, pair_start, colq, lists, lstart, pair_flat, pair_q, pcol, pflat,
-         flat, bmax, counts, most) = _prologue(probe, list_offsets, flat_buf, bmax_buf)
+         flat, bmax, counts, most, order) = _prologue(probe, list_offsets, flat_buf, bmax_buf)
+        cmp = _compact_state(order, pair_n, pair_nb, lists, lstart, pair_q, flt.qprog, list_offsets, alive)
+        tt = _truth_tables(flt)
         for li in range(lists.shape[0]):
-            _scan_list(li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pcol, pflat,
-                       bloom, term_words, ops, args, lens, qprog, flat, bmax, counts)
+            _scan_list(li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pcol, pflat, flt, tt, cmp,
+                       flat, bmax, counts)
         _add_counts(pair_q, counts, qcounts)
-        _select_share(0, 1, bmax, flat, k, colq, pair_nb, pair_n, pair_flat, pair_start, item_ids, with_ids,
+        _select_share(0, 1, bmax, flat, k, colq, pair_start, pair_flat, cmp, item_ids, with_ids,
                       out_s, out_p, out_i, most)
 
 
-def fused_topk(
-    xq, probe, codes, scales, list_offsets, alive, k, bloom=None, term_words=None, programs=(), qprog=None, *,
-    item_ids=None, parallel=None,
-):
+def kernel_filter(
+    bloom, term_words, programs, qprog, *, exact=None, attr_ids=None, attr_offsets=None, term_vocab=None,
+) -> KernelFilter:
+    """Numpy arrays → the ``KernelFilter`` the compiled scan takes.
+
+    ``exact`` ([P] bool, optional) marks programs to evaluate exactly in the
+    scan; it needs the CSR attributes (``attr_ids`` [nnz], ``attr_offsets``
+    [N_cap + 1]) and the batch terms' vocabulary ids ``term_vocab`` [T].
+    Without it every program is a Bloom pass (NOT = "maybe").
+    """
+    if term_words.shape[0] > MAX_TERMS:
+        raise ValueError(f"the compiled scan takes at most {MAX_TERMS} distinct terms per batch")
+    if term_words.shape[0] == 0:
+        term_words = np.zeros((0, max(bloom.shape[1], 1)), dtype=np.int64)
+    ops, args, lens = programs_to_arrays(programs)
+    P = lens.shape[0]
+    if exact is None or not bool(np.any(exact)):
+        need = np.zeros(P, dtype=np.bool_)
+        attr_ids, attr_offsets, vocab_bits = _NO_ATTR, _NO_OFFS, _NO_IDS
+    else:
+        need = np.zeros(P, dtype=np.bool_)
+        need[: len(exact)] = np.asarray(exact, dtype=np.bool_)
+        tv = np.asarray(term_vocab, dtype=np.int64)
+        vocab_bits = np.zeros(int(tv.max()) + 1 if tv.size else 1, dtype=np.int64)
+        for t, v in enumerate(tv.tolist()):
+            vocab_bits[v] |= np.int64(1) << np.int64(t)
+    return KernelFilter(bloom, term_words, ops, args, lens, need, attr_ids, attr_offsets, vocab_bits,
+                        np.ascontiguousarray(qprog, dtype=np.int64))
+
+
+def fused_topk(xq, probe, codes, scales, list_offsets, alive, k, filt=None, *, item_ids=None, parallel=None):
     """Layout, scan and selection in one compiled call (numpy in, numpy out).
 
-    The filter (``bloom`` [N_cap, W] words, the batch's ``term_words``
-    [T, W], postfix ``programs`` and ``qprog`` [B], −1 = unfiltered) is
-    optional: left out, every query is unfiltered.
+    ``filt`` (a ``KernelFilter``, see ``kernel_filter``) is optional: left
+    out, every query is unfiltered.
 
     ``parallel`` (default: by the amount of work) runs the lists and then the
     queries across numba's threads; small searches stay on the calling
@@ -775,15 +989,12 @@ def fused_topk(
 
     Returns (scores [B, k] fp32, positions [B, k] int64, counts [B, 2] int64,
     ids [B, k] int64 or None): counts are, per query, the live items scanned
-    and how many of them passed the Bloom pass.
+    and how many of them passed the scan's filter (Bloom, or exact where
+    ``filt.need_exact`` says so).
     """
     B, P = probe.shape
-    if qprog is None:
-        bloom, term_words, programs = _NO_BLOOM, _NO_TERMS, ()
-        qprog = np.full(B, -1, dtype=np.int64)
-    elif term_words.shape[0] == 0:
-        term_words = np.zeros((0, max(bloom.shape[1], 1)), dtype=np.int64)
-    ops, args, lens = programs_to_arrays(programs)
+    if filt is None:
+        filt = kernel_filter(_NO_BLOOM, _NO_TERMS, (), np.full(B, -1, dtype=np.int64))
     out_s = np.empty((B, k), dtype=np.float32)  # each query pads its own row past its results
     out_p = np.empty((B, k), dtype=np.int64)
     with_ids = item_ids is not None
@@ -796,9 +1007,8 @@ def fused_topk(
     flat = _SCRATCH.take(max(total, 1))
     bmax = _SCRATCH.take(max(B * max(width, 1), 1))
     try:
-        run(xq, probe, codes, scales, list_offsets, alive, k, bloom, term_words, ops, args, lens, qprog,
-            item_ids if with_ids else _NO_IDS, with_ids, out_s, out_p, out_i, counts, numba.get_num_threads(),
-            flat, bmax)
+        run(xq, probe, codes, scales, list_offsets, alive, k, filt, item_ids if with_ids else _NO_IDS, with_ids,
+            out_s, out_p, out_i, counts, numba.get_num_threads(), flat, bmax)
     finally:
         _SCRATCH.give(flat)
         _SCRATCH.give(bmax)
@@ -840,3 +1050,5 @@ _SCRATCH = _ScratchPool()
 _NO_IDS = np.zeros(1, dtype=np.int64)
 _NO_BLOOM = np.zeros((1, 1), dtype=np.int64)  # "no filter" arguments of the compiled scan
 _NO_TERMS = np.zeros((0, 1), dtype=np.int64)
+_NO_ATTR = np.zeros(1, dtype=np.int32)
+_NO_OFFS = np.zeros(1, dtype=np.int64)

@@ -132,12 +132,37 @@ class ScanFilter:
         term_words: [T, W] int64 words of the batch's distinct terms.
         programs: postfix programs over those terms (``kernels.filter_eval``).
         qprog: [B] int64 program per query, −1 = unfiltered.
+        exact: optional [P] bool — programs the fused CPU scan evaluates
+            exactly (Bloom first, then the CSR attributes of the survivors),
+            so their results need no later check. Needs ``attr_ids``,
+            ``attr_offsets`` and ``term_vocab``. Other backends ignore it and
+            stay a Bloom pass (the caller verifies).
+        attr_ids: [nnz] int32 CSR attribute ids per position.
+        attr_offsets: [N_cap + 1] int64 CSR offsets.
+        term_vocab: [T] int64 vocabulary id of each batch term.
     """
 
     bloom: torch.Tensor
     term_words: torch.Tensor
     programs: list
     qprog: torch.Tensor
+    exact: torch.Tensor | None = None
+    attr_ids: torch.Tensor | None = None
+    attr_offsets: torch.Tensor | None = None
+    term_vocab: torch.Tensor | None = None
+
+    def kernel_filter(self):
+        """The numpy ``cpu_scan.KernelFilter`` of this filter (CPU tensors)."""
+        from sterling.kernels import cpu_scan
+
+        ex = self.exact
+        return cpu_scan.kernel_filter(
+            self.bloom.numpy(), self.term_words.numpy(), self.programs, self.qprog.numpy(),
+            exact=None if ex is None else ex.numpy(),
+            attr_ids=None if ex is None else self.attr_ids.numpy(),
+            attr_offsets=None if ex is None else self.attr_offsets.numpy(),
+            term_vocab=None if ex is None else self.term_vocab.numpy(),
+        )
 
 
 def ivf_topk(
@@ -218,11 +243,9 @@ def ivf_topk(
     if fused and not can_fuse:
         raise RuntimeError("the fused CPU scan needs numba, CPU tensors, < 2**32 items and ≤ 63 filter terms")
     if fused:
-        sf = scan_filter
-        filt = () if sf is None else (sf.bloom.numpy(), sf.term_words.numpy(), sf.programs, sf.qprog.numpy())
         out_s, out_p, pc, out_i = cpu_scan.fused_topk(
             xq.contiguous().numpy(), probe.contiguous().numpy(), codes.numpy(), scales.numpy(),
-            list_offsets.numpy(), alive.numpy(), k, *filt,
+            list_offsets.numpy(), alive.numpy(), k, None if scan_filter is None else scan_filter.kernel_filter(),
             item_ids=None if item_ids is None else item_ids.numpy(),
         )
         if counts is not None:

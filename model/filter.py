@@ -51,10 +51,13 @@ __all__ = [
     "CompiledFilters",
     "compile_filters",
     "DEFAULT_MAX_TERMS",
+    "MAX_DEPTH",
+    "check_program_terms",
     "UnknownFeatureError",
 ]
 
 DEFAULT_MAX_TERMS = 256
+MAX_DEPTH = 64  # nesting of parentheses and NOTs one expression may have
 _FEATURE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*\Z")
 
 
@@ -166,6 +169,7 @@ class _Parser:
         self.i = 0
         self.max_terms = max_terms
         self.n_terms = 0
+        self.depth = 0
 
     def peek(self) -> _Tok:
         return self.toks[self.i]
@@ -200,12 +204,25 @@ class _Parser:
             parts.append(self.parse_unary())
         return parts[0] if len(parts) == 1 else And(tuple(parts))
 
+    def nest(self, tok: _Tok) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise FilterTooLargeError(
+                f"filter nests parentheses and NOTs more than {MAX_DEPTH} deep (the limit, MAX_DEPTH) at "
+                f"position {tok.pos}; flatten it (NOT NOT x is x; (a AND (b AND c)) is a AND b AND c)"
+            )
+
     def parse_unary(self) -> Node:
         tok = self.take()
         if tok.kind == "NOT":
-            return Not(self.parse_unary())
+            self.nest(tok)
+            node = Not(self.parse_unary())
+            self.depth -= 1
+            return node
         if tok.kind == "(":
+            self.nest(tok)
             node = self.parse_or()
+            self.depth -= 1
             close = self.take()
             if close.kind != ")":
                 raise self.fail("missing ')' to close the '(' opened at position " f"{tok.pos}", close)
@@ -319,6 +336,22 @@ def compile_filters(
     term_words = term_words_fn(names)
     term_vocab = torch.tensor([vocab_index[t] for t in names], dtype=torch.int64)
     return CompiledFilters(programs, term_words, term_vocab, query_program)
+
+
+def check_program_terms(filters: CompiledFilters, limit: int, *, backend: str) -> None:
+    """Raise ``FilterTooLargeError`` when a program has more distinct terms than ``backend`` takes.
+
+    Called when a batch's filters compile, so the limit surfaces as a typed
+    input error naming it, never as an error from inside a kernel.
+    """
+    for p, program in enumerate(filters.programs):
+        n = len({arg for op, arg in program if op == OP_TERM})
+        if n > limit:
+            raise FilterTooLargeError(
+                f"filter {p} of the batch has {n} distinct terms; the {backend} scan takes at most {limit} per "
+                f"expression (its truth table has 2^{limit} entries). Split the expression, or search a CPU copy "
+                "of the index (no per-expression limit there)"
+            )
 
 
 _FEATURES_CACHE: dict[int, tuple[int, frozenset[str]]] = {}

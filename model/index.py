@@ -36,7 +36,7 @@ from sterling.model.errors import (
     LimitExceededError,
     NonFiniteError,
 )
-from sterling.model.filter import CompiledFilters, compile_filters
+from sterling.model.filter import CompiledFilters, check_program_terms, compile_filters
 
 __all__ = ["ItemIndex", "prepare_queries"]
 # Blocks at least this long evaluate only the programs their queries need (see _eligible_fn).
@@ -163,13 +163,19 @@ class ItemIndex(nn.Module):
 
     # --------------------------------------------------------------- search
     def compile_filters(self, where, batch: int) -> CompiledFilters:
-        return compile_filters(
+        """Compile the batch's filters; limits of the backend that will scan them are checked here."""
+        filters = compile_filters(
             where,
             batch,
             vocab_index=self.vocab_index,
             term_words_fn=lambda terms: bloom_mod.term_words(terms, self.bloom_spec),
             max_terms=self.config.max_filter_terms,
         )
+        if self.codes.device.type == "cuda":
+            from sterling.kernels.triton_ivf import MAX_PROGRAM_TERMS
+
+            check_program_terms(filters, MAX_PROGRAM_TERMS, backend="GPU (Triton)")
+        return filters
 
     def _check_k_nprobe(self, k, nprobe) -> tuple[int, int]:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
@@ -233,9 +239,13 @@ class ItemIndex(nn.Module):
         # detached and every buffer is a constant, so no autograd graph is recorded)
         xq = prepare_queries(xq, self.dim, self.metric)
         k, nprobe = self._check_k_nprobe(k, nprobe)
+        dev = self.codes.device
+        if xq.device != dev:  # queries go to the index, results come back on the index's device
+            xq = xq.to(dev)
         B = xq.shape[0]
         unfiltered = where is None or (isinstance(where, str) and not where.strip())
         filters = None if unfiltered else self.compile_filters(where, B)
+        qprog_all = None if filters is None else filters.query_program.to(dev)
         adaptive = self.config.adaptive_filter if adaptive is None else adaptive
         avg = max(1, self.capacity // max(self.nlist, 1))
         scanned = nprobe * avg
@@ -251,13 +261,13 @@ class ItemIndex(nn.Module):
                 probe = probe_lists(xq[rows], self.centroids, nprobe)
                 s, _, ids = ivf_topk(xq[rows], probe, k=k, item_ids=self.item_ids, **self._scan_args())
                 return s, ids
-            s, p = self._search_chunk(xq[rows], k, nprobe, filters, filters.query_program[rows], exact, adaptive)
+            s, p = self._search_chunk(xq[rows], k, nprobe, filters, qprog_all[rows], exact, adaptive)
             return s, self.positions_to_ids(p)
 
         if step >= B:  # one chunk (the common case): no copies
             return chunk(slice(0, B))
-        out_s = torch.empty(B, k)
-        out_i = torch.empty(B, k, dtype=torch.int64)
+        out_s = torch.empty(B, k, device=dev)
+        out_i = torch.empty(B, k, dtype=torch.int64, device=dev)
         for s in range(0, B, step):
             rows = slice(s, s + step)
             out_s[rows], out_i[rows] = chunk(rows)
@@ -339,7 +349,7 @@ class ItemIndex(nn.Module):
                 sig = self.bloom[start:end]
                 if 4 * len(want) >= P or end - start < _PER_PROGRAM_MIN_ITEMS:
                     plan = filters.plan(bloom=True)
-                    ev = plan.eval(bloom_term_hits(sig, filters.term_words[plan.terms]))
+                    ev = plan.eval(bloom_term_hits(sig, filters.term_words[plan.terms].to(sig.device)))
                     new = {p: ev[p] for p in range(P)}
                 else:
                     new = {}
@@ -347,7 +357,7 @@ class ItemIndex(nn.Module):
                         plan = filters._plans.get(("one", p))
                         if plan is None:
                             plan = filters._plans[("one", p)] = FilterPlan.build([filters.programs[p]], bloom=True)
-                        new[p] = plan.eval(bloom_term_hits(sig, filters.term_words[plan.terms]))[0]
+                        new[p] = plan.eval(bloom_term_hits(sig, filters.term_words[plan.terms].to(sig.device)))[0]
                 used = filters._plans.get("block_bytes", 0) + (end - start) * len(new)
                 if used <= 1 << 26:  # cache at most 64 MB of Bloom results per batch
                     rows.update(new)
@@ -383,9 +393,10 @@ class ItemIndex(nn.Module):
         need = (ok & (fprog >= 0)).nonzero().squeeze(1)
         if need.numel():
             plan = filters.plan(bloom=False)
-            hits = exact_term_hits(self.attr_ids, self.attr_offsets, flat[need], filters.term_vocab[plan.terms])
+            term_vocab = filters.term_vocab[plan.terms].to(flat.device)
+            hits = exact_term_hits(self.attr_ids, self.attr_offsets, flat[need], term_vocab)
             ev = plan.eval(hits)  # [P, M]
-            ok[need] = ev[fprog[need], torch.arange(need.numel())]
+            ok[need] = ev[fprog[need], torch.arange(need.numel(), device=flat.device)]
         return ok.reshape(b, K)
 
     def _search_chunk(self, xq, k, nprobe, filters, qprog, exact, adaptive):
@@ -407,10 +418,11 @@ class ItemIndex(nn.Module):
         filtered = qprog >= 0
         if not bool(filtered.any()):
             return ivf_topk(xq, probe, k=k, eligible=None, **self._scan_args())
-        has_not = torch.tensor([any(op == OP_NOT for op, _ in p) for p in filters.programs] + [False])
+        dev = xq.device
+        has_not = torch.tensor([any(op == OP_NOT for op, _ in p) for p in filters.programs] + [False]).to(dev)
         must_verify = filtered & (exact | has_not[qprog])
         # per query: live items scanned, Bloom survivors, candidates checked, passed
-        seen = torch.zeros(xq.shape[0], 4, dtype=torch.int64)
+        seen = torch.zeros(xq.shape[0], 4, dtype=torch.int64, device=dev)
         seen[:, 2:] = 1
         out_s, out_p = self._scan_verified(xq, probe, k, filters, qprog, must_verify, seen)
         if not adaptive:
@@ -449,6 +461,16 @@ class ItemIndex(nn.Module):
         """Host-side list sizes for the GPU path, read back once per list layout."""
         return self._cached("list_stats", [self.list_offsets], ListStats.of)
 
+    def _fused_exact(self, xq: torch.Tensor, filters: CompiledFilters) -> bool:
+        """Whether the compiled CPU scan can take this batch's filter, exact checks included."""
+        return (
+            cpu_scan.HAVE_NUMBA
+            and xq.device.type == "cpu"
+            and self.codes.device.type == "cpu"
+            and self.capacity < 1 << 31
+            and filters.term_words.shape[0] <= cpu_scan.MAX_TERMS
+        )
+
     def _scan_verified(self, xq, probe, k, filters, qprog, must_verify, seen):
         """IVF scan with the Bloom pass; exact check of the survivors where required.
 
@@ -457,21 +479,34 @@ class ItemIndex(nn.Module):
         scan had more candidates.
         """
         scan = self._scan_args()
+        if self._fused_exact(xq, filters):
+            # the compiled scan checks these programs exactly: its results are final
+            prog_exact = torch.zeros(len(filters.programs), dtype=torch.bool)
+            rows = must_verify & (qprog >= 0)
+            prog_exact[qprog[rows]] = True
+            sf = ScanFilter(self.bloom, filters.term_words, filters.programs, qprog, exact=prog_exact,
+                            attr_ids=self.attr_ids, attr_offsets=self.attr_offsets, term_vocab=filters.term_vocab)
+            counts = torch.zeros(xq.shape[0], 2, dtype=torch.int64)
+            s, p = ivf_topk(xq, probe, k=k, scan_filter=sf, counts=counts, fused=True, **scan)
+            if seen is not None:
+                seen[:, :2] += counts
+            return s, p
         if not bool(must_verify.any()):
             counts = None if seen is None else seen[:, :2]
             return ivf_topk(
                 xq, probe, k=k, eligible=self._eligible_fn(filters, qprog, counts),
                 scan_filter=self._scan_filter(filters, qprog), counts=counts, **scan,
             )
-        b = xq.shape[0]
-        out_s = torch.full((b, k), float("-inf"))
-        out_p = torch.full((b, k), -1, dtype=torch.int64)
-        pending = torch.arange(b)
+        b, dev = xq.shape[0], xq.device
+        out_s = torch.full((b, k), float("-inf"), device=dev)
+        out_p = torch.full((b, k), -1, dtype=torch.int64, device=dev)
+        pending = torch.arange(b, device=dev)
         k_scan = k + max(16, k // 8)
         first = True
         while pending.numel():
             sub_prog = qprog[pending]
-            counts = torch.zeros(pending.numel(), 2, dtype=torch.int64) if first and seen is not None else None
+            counts = (torch.zeros(pending.numel(), 2, dtype=torch.int64, device=dev)
+                      if first and seen is not None else None)
             elig = self._eligible_fn(filters, sub_prog, counts)
             s, p = ivf_topk(
                 xq[pending], probe[pending], k=k_scan, eligible=elig,
@@ -500,7 +535,7 @@ class ItemIndex(nn.Module):
         cand = []
         step = 1 << 20
         plan = FilterPlan.build([filters.programs[prog]], bloom=True)
-        words = filters.term_words[plan.terms]
+        words = filters.term_words[plan.terms].to(self.bloom.device)
         for start in range(0, self.capacity, step):
             end = min(start + step, self.capacity)
             ok = plan.eval(bloom_term_hits(self.bloom[start:end], words))[0]
@@ -508,11 +543,11 @@ class ItemIndex(nn.Module):
             cand.append(ok.nonzero().squeeze(1) + start)
         pos = torch.cat(cand)
         if verify and pos.numel():
-            keep = self.verify(pos[None, :], torch.tensor([prog]), filters)[0]
+            keep = self.verify(pos[None, :], torch.full((1,), prog, dtype=torch.int64, device=pos.device), filters)[0]
             pos = pos[keep]
-        b = xq.shape[0]
-        out_s = torch.full((b, k), float("-inf"))
-        out_p = torch.full((b, k), -1, dtype=torch.int64)
+        b, dev = xq.shape[0], xq.device
+        out_s = torch.full((b, k), float("-inf"), device=dev)
+        out_p = torch.full((b, k), -1, dtype=torch.int64, device=dev)
         for s in range(0, pos.numel(), step):
             blk = pos[s : s + step]
             sc = (xq @ self.codes[blk].float().T) * self.scales[blk]

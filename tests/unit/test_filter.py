@@ -130,3 +130,37 @@ def test_approximate_mode_can_leak_false_positives_but_exact_mode_never_does():
     bad = [i for i in approx[0].tolist() if i >= 0 and not {"lang:ja", "country:JP"} <= terms[row_of[i]]]
     assert bad, "expected Bloom false positives with exact=False at FPR 0.5"
     assert all({"lang:ja", "country:JP"} <= terms[row_of[i]] for i in exact[0].tolist() if i >= 0)
+
+
+@pytest.mark.parametrize(
+    "expr",
+    ["(" * 3000 + "lang:en" + ")" * 3000, "NOT " * 5000 + "lang:en", "(" * 65 + "lang:en" + ")" * 65,
+     "NOT (" * 40 + "lang:en" + ")" * 40],
+)
+def test_deep_nesting_raises_a_typed_error_naming_the_limit(expr):
+    from sterling.model.filter import MAX_DEPTH
+
+    with pytest.raises(FilterTooLargeError, match=str(MAX_DEPTH)):
+        parse_filter(expr)
+
+
+def test_nesting_up_to_the_limit_parses_to_the_same_answer():
+    from sterling.model.filter import MAX_DEPTH
+
+    assert parse_filter("(" * MAX_DEPTH + "lang:en" + ")" * MAX_DEPTH) == parse_filter("lang:en")
+    node = parse_filter("NOT " * MAX_DEPTH + "lang:en")
+    for _ in range(MAX_DEPTH):
+        assert isinstance(node, Not)
+        node = node.child
+    assert node == parse_filter("lang:en")
+
+
+def test_program_term_limit_is_a_typed_error_at_compile_time():
+    from sterling.model.filter import check_program_terms, compile_filters
+
+    vocab = {f"f:{i}": i for i in range(20)}
+    f = compile_filters(" OR ".join(f"f:{i}" for i in range(13)), 2, vocab_index=vocab,
+                        term_words_fn=lambda t: torch.zeros(len(t), 1, dtype=torch.int64))
+    check_program_terms(f, 13, backend="test")
+    with pytest.raises(FilterTooLargeError, match="at most 12"):
+        check_program_terms(f, 12, backend="test")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -140,3 +141,57 @@ def test_radix_sort_and_select_equal_numpy(n):
     for kk in {1, n // 3 + 1, n}:
         assert cpu_scan._kth_smallest_heap(words, n, kk) == ref[kk - 1]
         assert cpu_scan._kth_smallest_radix(words, n, kk) == ref[kk - 1]
+
+
+def _exact_eligible(index, f, qprog):
+    """Oracle eligibility from the exact attribute store (``ItemIndex.verify``), per query row."""
+
+    def eligible(rows, start, end):
+        pos = torch.arange(start, end).expand(len(rows), -1)
+        return index.verify(pos, qprog[rows], f)
+
+    return eligible
+
+
+@needs_numba
+@pytest.mark.parametrize("k", [1, 10, 250, 3000])
+@pytest.mark.parametrize("nprobe", [2, 6, 32])
+def test_fused_scan_with_exact_programs_equals_the_exact_reference(setup, k, nprobe):
+    """Exact in-scan filtering (compacted groups of >= 4 queries and direct scoring of smaller
+    ones, tombstones, unfiltered queries in the same batch) = per-query reference over the exact set."""
+    index, xq, f, args = setup
+    probe = probe_lists(xq, index.centroids, nprobe)
+    sf = ScanFilter(index.bloom, f.term_words, f.programs, f.query_program,
+                    exact=torch.ones(len(f.programs), dtype=torch.bool), attr_ids=index.attr_ids,
+                    attr_offsets=index.attr_offsets, term_vocab=f.term_vocab)
+    counts = torch.zeros(24, 2, dtype=torch.int64)
+    fused = ivf_topk(xq, probe, k=k, scan_filter=sf, counts=counts, fused=True, **args)
+    eligible = _exact_eligible(index, f, f.query_program)
+    ref = ivf_topk_reference(xq, probe, k=k, eligible=eligible, **args)
+    _same(fused, ref)
+    # counts: live items scanned and how many of them are exactly eligible
+    alive = torch.from_numpy(np.unpackbits(args["alive"].numpy(), bitorder="little")).bool()
+    offs = index.list_offsets.tolist()
+    for q in range(24):
+        pos = torch.cat([torch.arange(offs[lst], offs[lst + 1]) for lst in probe[q].tolist()])
+        live = pos[alive[pos]]
+        ok = index.verify(live[None, :], f.query_program[q : q + 1], f)[0]
+        assert counts[q].tolist() == [live.numel(), int(ok.sum())]
+
+
+@needs_numba
+def test_a_shared_program_is_compacted_and_scored_like_the_reference():
+    """A batch where every query shares one program (the compacted 4x2 path everywhere)."""
+    c = synthetic_catalog(5000, 16, seed=9)
+    index = build_index(c.embeddings, ids=c.ids, attributes=c.attributes, config=IndexConfig(nlist=8))
+    xq = c.embeddings[:37] + 0.01
+    for where in ["lang:en AND NOT policy:blocked", "NOT lang:en", "country:US OR device:tv", "lang:zz"]:
+        f = index.compile_filters(where, 37)
+        probe = probe_lists(xq, index.centroids, 5)
+        sf = ScanFilter(index.bloom, f.term_words, f.programs, f.query_program,
+                        exact=torch.ones(len(f.programs), dtype=torch.bool), attr_ids=index.attr_ids,
+                        attr_offsets=index.attr_offsets, term_vocab=f.term_vocab)
+        args = dict(codes=index.codes, scales=index.scales, list_offsets=index.list_offsets, alive=index.alive)
+        fused = ivf_topk(xq, probe, k=50, scan_filter=sf, fused=True, **args)
+        ref = ivf_topk_reference(xq, probe, k=50, eligible=_exact_eligible(index, f, f.query_program), **args)
+        _same(fused, ref)
