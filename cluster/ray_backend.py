@@ -7,8 +7,9 @@ plan assigned it to (replicas of a shard go to different hosts when the
 plan — or the default layout — says so). Actors have ``max_restarts``: a
 restarted actor re-runs its constructor, which memory-maps its slice again
 before ``ready()`` can answer, so the router's health probe only sees it
-healthy once it can serve. (Streaming updates are not in the model yet;
-when they are, the constructor replays the update log after the snapshot.)
+healthy once it can serve. Ray shards do not take streaming updates yet
+(``sterling serve --data-dir`` does, docs/updates.md); when they do, the
+constructor replays the shard's update log after its snapshot.
 
 Example:
     >>> ray.init(address="auto")
