@@ -35,11 +35,25 @@ class RetrieveResult:
     timing: dict = field(default_factory=dict)
 
 
+_FAILOVER_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{
+        "name": [{"service": "sterling.v1.Retrieval", "method": m} for m in ("Retrieve", "Info")],
+        "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.05s", "maxBackoff": "0.5s",
+                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"]},
+    }],
+})
+
+
 class Client:
     """A channel to a Sterling router (``sterling serve`` or ``sterling launch ray``).
 
     Args:
-        address: ``HOST:PORT``.
+        address: ``HOST:PORT``, or several routers serving the same model
+            as ``IP:PORT,IP:PORT`` (IPv4 literals): calls are spread round
+            robin, and a ``Retrieve``/``Info`` that finds its router gone
+            (``UNAVAILABLE``) is retried on another, so one router can
+            restart while the others serve.
         token: bearer token, sent as ``authorization: Bearer <token>``.
         root_certificates: PEM bytes of the CA that signed the server
             certificate; turns TLS on.
@@ -55,6 +69,9 @@ class Client:
                 ("grpc.max_send_message_length", max_message_bytes)]
         if server_name:
             opts.append(("grpc.ssl_target_name_override", server_name))
+        if "," in address:
+            opts += [("grpc.service_config", _FAILOVER_CONFIG), ("grpc.enable_retries", 1)]
+            address = "ipv4:" + address
         if root_certificates is not None:
             creds = grpc.ssl_channel_credentials(root_certificates, client_key, client_cert)
             self.channel = grpc.secure_channel(address, creds, options=opts)

@@ -18,14 +18,25 @@ One run, loopback only, bounded in count and time:
    p99 of admitted calls, the refused fraction, and the recovery time (from
    the end of the overload until a call is back within 2× the unloaded p50).
 
-``acknowledged_writes_lost`` is reported as 0 of 0: this build has no
-write path (streaming updates) to lose writes from. Prints one JSON line.
+5. **writes**: ``sterling serve --data-dir`` in a child process (2 shards,
+   a snapshot every few batches) takes ``--writes`` Upsert/Delete batches
+   over gRPC; once half are acknowledged the server is killed with SIGKILL
+   mid-stream, restarted on the same directory, and an exact filtered read
+   (every upserted item carries the term ``bench:w``) counts acknowledged
+   upserts missing (``acknowledged_writes_lost``) and acknowledged deletes
+   that came back (``deleted_ids_reappeared``); both must be 0. The batch in
+   flight at the kill is unacknowledged and counted in neither.
+
+Prints one JSON line; exits 1 when any of these checks fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import queue
+import signal
 import subprocess
 import sys
 import tempfile
@@ -49,6 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--soak-factor", type=float, default=2.0, help="offered load as a multiple of the sustainable rate")
     p.add_argument("--soak-max-calls", type=int, default=5000, help="cap on calls in the overload phase")
     p.add_argument("--batch", type=int, default=16, help="queries per soak request")
+    p.add_argument("--writes", type=int, default=60, help="Upsert/Delete batches sent to the killed server")
     p.add_argument("--seed", type=int, default=0, help="fuzzer seed")
     p.add_argument("--out", help="append the JSON line to this file")
     p.set_defaults(func=run)
@@ -199,6 +211,108 @@ def _faults(model_path: Path, work: Path) -> list[dict]:
     return out
 
 
+def _start_serve(model_path: Path, data_dir: Path, log_path: Path, timeout_s: float = 180.0):
+    """``sterling serve --data-dir`` as a child process: (process, address) once it listens."""
+    cmd = [sys.executable, "-m", "sterling.launch.cli", "serve", "--model", str(model_path), "--data-dir",
+           str(data_dir), "--shards", "2", "--snapshot-every", "7", "--port", "0", "--workers", "2"]
+    log = open(log_path, "a")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log.close()
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] and None, daemon=True).start()
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            line = lines.get(timeout=0.5)
+        except queue.Empty:
+            if proc.poll() is not None:
+                break
+            continue
+        if "listening on " in line:
+            return proc, line.split("listening on ", 1)[1].split()[0]
+    proc.kill()
+    proc.wait(timeout=30)
+    raise RuntimeError(f"sterling serve did not start; see {log_path}: {log_path.read_text()[-2000:]}")
+
+
+def _writes(model_path: Path, work: Path, *, batches: int, dim: int, nlist: int, seed: int) -> dict:
+    """Acknowledged writes across a SIGKILL of ``sterling serve --data-dir`` and a restart (see module doc)."""
+    import grpc
+    import numpy as np
+
+    from sterling.cluster.client import Client
+
+    rng = np.random.default_rng(seed + 99)
+    base_id = 10**9
+    ops: list[tuple[str, np.ndarray]] = []
+    live_ids: list[int] = []
+    for b in range(batches):  # fresh ids for every upsert; deletes take ids upserted earlier, never re-upserted
+        if b % 3 == 2 and live_ids:
+            pick = rng.choice(len(live_ids), min(5, len(live_ids)), replace=False)
+            gone = [live_ids[i] for i in sorted(pick, reverse=True)]
+            for i in sorted(pick, reverse=True):
+                live_ids.pop(i)
+            ops.append(("delete", np.array(gone)))
+        else:
+            ids = base_id + np.arange(20 * b, 20 * (b + 1))
+            live_ids.extend(ids.tolist())
+            ops.append(("upsert", ids))
+    vectors = rng.standard_normal((batches, 20, dim)).astype(np.float32)
+    data_dir, log_path = work / "live-data", work / "serve.log"
+    acked: list[int] = []
+    half = threading.Event()
+    proc, address = _start_serve(model_path, data_dir, log_path)
+    try:
+        def writer():
+            with Client(address, timeout_s=30) as c:
+                for b, (kind, ids) in enumerate(ops):
+                    try:
+                        if kind == "upsert":
+                            c.upsert([(ids, vectors[b], [["bench:w"]] * len(ids))])
+                        else:
+                            c.delete(ids)
+                    except grpc.RpcError:
+                        return
+                    acked.append(b)
+                    if len(acked) >= batches // 2:
+                        half.set()
+            half.set()
+
+        t = threading.Thread(target=writer, daemon=True)
+        t.start()
+        half.wait(300)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        t.join(60)
+        killed_after = len(acked)
+        t0 = time.perf_counter()
+        proc, address = _start_serve(model_path, data_dir, log_path)
+        recovery_s = time.perf_counter() - t0
+        done = set(acked)
+        in_flight = set(ops[killed_after][1].tolist()) if killed_after < len(ops) else set()
+        present, absent = set(), set()
+        for b, (kind, ids) in enumerate(ops):
+            if b in done:
+                (present.update if kind == "upsert" else present.difference_update)(ids.tolist())
+                if kind == "delete":
+                    absent.update(ids.tolist())
+        present -= in_flight
+        with Client(address, timeout_s=30) as c:
+            c.wait_ready(30)
+            q = rng.standard_normal((1, dim)).astype(np.float32)
+            got = c.retrieve(query=q, k=20 * batches + 1, nprobe=nlist, where="bench:w", adaptive=False)
+        seen = set(got.ids.reshape(-1).tolist()) - {-1}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    return {"batches_sent": killed_after + (killed_after < len(ops)), "acknowledged": killed_after,
+            "killed_after_acks": killed_after, "acknowledged_ids_upserted": len(present),
+            "acknowledged_ids_deleted": len(absent), "acknowledged_writes_lost": len(present - seen),
+            "deleted_ids_reappeared": len(absent & seen), "restart_to_serving_s": round(recovery_s, 2)}
+
+
 def run(args: argparse.Namespace) -> int:
     import random
 
@@ -260,8 +374,10 @@ def run(args: argparse.Namespace) -> int:
             faults = _faults(model_path, work)
             result["faults"] = faults
             result["faults_injected"] = len(faults)
-            result["acknowledged_writes_lost"] = 0
-            result["writes_acknowledged"] = 0  # no write path in this build (streaming updates not merged)
+            writes = _writes(model_path, work, batches=args.writes, dim=args.dim, nlist=args.nlist, seed=args.seed)
+            result["writes"] = writes
+            result["acknowledged_writes_lost"] = writes["acknowledged_writes_lost"]
+            result["writes_acknowledged"] = writes["acknowledged"]
 
             xq = synthetic_queries(cat, args.batch, seed=12).numpy()
             rate, p50 = sustainable_rate(srv.address, xq)
@@ -297,7 +413,8 @@ def run(args: argparse.Namespace) -> int:
         with open(args.out, "a") as f:
             f.write(line + "\n")
     ok = (result["fuzz"]["crashes"] == 0 and result["fuzz"]["hangs"] == 0 and result["fuzz"]["canary_identical"]
-          and all(not f["corrupt_state_served"] and f["typed_error"] for f in result["faults"]))
+          and all(not f["corrupt_state_served"] and f["typed_error"] for f in result["faults"])
+          and result["acknowledged_writes_lost"] == 0 and result["writes"]["deleted_ids_reappeared"] == 0)
     return 0 if ok else 1
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "CorruptArtifactError",
     "ForeignArtifactError",
     "UnsupportedVersionError",
+    "SnapshotError",
     "CorruptLogError",
     "VersionTimeoutError",
 ]
@@ -116,6 +117,10 @@ class ForeignArtifactError(ArtifactError):
 
 class UnsupportedVersionError(ArtifactError):
     """An artifact written by a newer, incompatible format version."""
+
+
+class SnapshotError(ArtifactError):
+    """A snapshot that could not be written (disk full, I/O error); the log still holds its batches."""
 
 
 class CorruptLogError(SterlingError):

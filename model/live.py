@@ -52,7 +52,12 @@ import torch
 
 from sterling.model import updates as upd
 from sterling.model.artifact import read_artifact, write_artifact
-from sterling.model.errors import ArtifactError, InvalidInputError, VersionTimeoutError
+from sterling.model.errors import (
+    ArtifactError,
+    InvalidInputError,
+    SnapshotError,
+    VersionTimeoutError,
+)
 from sterling.model.retrieval import RetrievalModel, RetrievalOutput
 from sterling.model.wal import LogRecord, RecordKind, UpdateLog
 
@@ -294,7 +299,10 @@ class LiveModel:
     def _after_batch(self) -> None:
         self._since_snapshot += 1
         if self.config.snapshot_every and self._since_snapshot >= self.config.snapshot_every:
-            self.snapshot()
+            try:
+                self.snapshot()
+            except SnapshotError:  # the batch is durable in the log; a later batch retries the snapshot
+                log.exception("automatic snapshot failed; updates stay durable in the log")
         waste = self.config.compact_waste
         index = self.model.index
         if waste and self._compactor is None:
@@ -329,7 +337,11 @@ class LiveModel:
             return before - upd.footprint(index)
 
     def snapshot(self) -> Path | None:
-        """Write the whole model as of the last applied batch; truncate the log it covers."""
+        """Write the whole model as of the last applied batch; truncate the log it covers.
+
+        Raises ``SnapshotError`` when the file cannot be written (disk full);
+        nothing is deleted then, so recovery still finds every batch.
+        """
         if self._wal is None:
             return None
         d = Path(self.config.data_dir)
@@ -342,7 +354,14 @@ class LiveModel:
                 tensors, meta = _model_parts(self.model)
             self._since_snapshot = 0
         path = d / f"snapshot-{covered:020d}.st"
-        write_artifact(path, kind="retrieval_model", meta={**meta, "log_seq": covered}, tensors=tensors)
+        try:
+            write_artifact(path, kind="retrieval_model", meta={**meta, "log_seq": covered}, tensors=tensors)
+        except OSError as e:  # disk full, quota, I/O error: write_artifact removed its temp file
+            raise SnapshotError(
+                f"snapshot {path} could not be written ({e.strerror or e}); the previous snapshot and the "
+                "update log still hold every acknowledged batch. Free space in the data directory and call "
+                "snapshot() again"
+            ) from e
         for seq, old in _snapshots(d):
             if seq < covered:
                 old.unlink()
