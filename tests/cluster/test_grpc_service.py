@@ -85,7 +85,7 @@ def test_malformed_requests_get_clear_status_codes_and_the_server_keeps_serving(
     assert_same_topk(res.ids, res.scores, ref.ids, ref.scores)
 
 
-def test_update_rpcs_are_declared_but_unimplemented(client):
+def test_update_rpcs_answer_unimplemented_without_data_dir(client):
     assert _code(lambda: client.stub.Delete(pb.DeleteRequest(ids=[1]))) == grpc.StatusCode.UNIMPLEMENTED
     assert _code(lambda: client.stub.Upsert(iter([pb.UpsertRequest(ids=[1])]))) == grpc.StatusCode.UNIMPLEMENTED
 
