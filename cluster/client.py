@@ -69,8 +69,15 @@ class Client:
                 ("grpc.max_send_message_length", max_message_bytes)]
         if server_name:
             opts.append(("grpc.ssl_target_name_override", server_name))
-        if "," in address:
-            opts += [("grpc.service_config", _FAILOVER_CONFIG), ("grpc.enable_retries", 1)]
+        # Several routers: a call that finds every router down at once (one
+        # restarting, the other not yet reconnected) waits, within its deadline,
+        # for any of them to come back instead of failing fast; reconnect
+        # attempts start at 100 ms so a restarted router is picked up quickly.
+        self._wait_for_ready = "," in address
+        if self._wait_for_ready:
+            opts += [("grpc.service_config", _FAILOVER_CONFIG), ("grpc.enable_retries", 1),
+                     ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                     ("grpc.max_reconnect_backoff_ms", 1000)]
             address = "ipv4:" + address
         if root_certificates is not None:
             creds = grpc.ssl_channel_credentials(root_certificates, client_key, client_cert)
@@ -80,6 +87,10 @@ class Client:
         self.stub = pb_grpc.RetrievalStub(self.channel)
         self.timeout_s = timeout_s
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+
+    def _call_options(self, timeout_s: float | None) -> dict:
+        return {"timeout": timeout_s or self.timeout_s, "metadata": self._metadata,
+                "wait_for_ready": self._wait_for_ready}
 
     def close(self) -> None:
         self.channel.close()
@@ -116,7 +127,7 @@ class Client:
             req.filter = where
         if adaptive is not None:
             req.adaptive = pb.ADAPTIVE_MODE_ON if adaptive else pb.ADAPTIVE_MODE_OFF
-        resp = self.stub.Retrieve(req, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
+        resp = self.stub.Retrieve(req, **self._call_options(timeout_s))
         return from_response(resp, k)
 
     def upsert(self, batches, *, timeout_s: float | None = None) -> pb.UpsertResponse:
@@ -130,19 +141,19 @@ class Client:
                     msg.attributes.extend(pb.Attributes(terms=list(t)) for t in attrs)
                 yield msg
 
-        return self.stub.Upsert(messages(), timeout=timeout_s or self.timeout_s, metadata=self._metadata)
+        return self.stub.Upsert(messages(), **self._call_options(timeout_s))
 
     def delete(self, ids, *, timeout_s: float | None = None) -> pb.DeleteResponse:
         req = pb.DeleteRequest(ids=[int(i) for i in ids])
-        return self.stub.Delete(req, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
+        return self.stub.Delete(req, **self._call_options(timeout_s))
 
     def update_attributes(self, ids, attributes, *, timeout_s: float | None = None) -> pb.UpdateAttributesResponse:
         req = pb.UpdateAttributesRequest(ids=[int(i) for i in ids],
                                          attributes=[pb.Attributes(terms=list(t)) for t in attributes])
-        return self.stub.UpdateAttributes(req, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
+        return self.stub.UpdateAttributes(req, **self._call_options(timeout_s))
 
     def info(self) -> pb.InfoResponse:
-        return self.stub.Info(pb.InfoRequest(), timeout=self.timeout_s, metadata=self._metadata)
+        return self.stub.Info(pb.InfoRequest(), **self._call_options(None))
 
 
 def from_response(resp: pb.RetrieveResponse, k: int) -> RetrieveResult:
