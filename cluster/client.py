@@ -169,7 +169,10 @@ def from_response(resp: pb.RetrieveResponse, k: int) -> RetrieveResult:
         ids=ids, scores=scores, version=resp.model_version, partial=resp.partial,
         missing_shards=list(resp.missing_shards),
         version_skew={v.shard: v.version for v in resp.version_skew},
-        timing={"total_ms": t.total_ms, "encode_ms": t.encode_ms, "fanout_ms": t.fanout_ms, "merge_ms": t.merge_ms},
+        timing={"total_ms": t.total_ms, "encode_ms": t.encode_ms, "fanout_ms": t.fanout_ms, "merge_ms": t.merge_ms,
+                "shards": [{"shard": s.shard, "replica": s.replica, "ms": s.ms, "probe_ms": s.probe_ms,
+                            "filter_ms": s.filter_ms, "scan_ms": s.scan_ms, "rerank_ms": s.rerank_ms}
+                           for s in t.shards]},
     )
 
 

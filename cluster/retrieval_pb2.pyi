@@ -73,14 +73,22 @@ class ShardVersion(_message.Message):
     def __init__(self, shard: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ShardTiming(_message.Message):
-    __slots__ = ("shard", "replica", "ms")
+    __slots__ = ("shard", "replica", "ms", "probe_ms", "filter_ms", "scan_ms", "rerank_ms")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     MS_FIELD_NUMBER: _ClassVar[int]
+    PROBE_MS_FIELD_NUMBER: _ClassVar[int]
+    FILTER_MS_FIELD_NUMBER: _ClassVar[int]
+    SCAN_MS_FIELD_NUMBER: _ClassVar[int]
+    RERANK_MS_FIELD_NUMBER: _ClassVar[int]
     shard: int
     replica: int
     ms: float
-    def __init__(self, shard: _Optional[int] = ..., replica: _Optional[int] = ..., ms: _Optional[float] = ...) -> None: ...
+    probe_ms: float
+    filter_ms: float
+    scan_ms: float
+    rerank_ms: float
+    def __init__(self, shard: _Optional[int] = ..., replica: _Optional[int] = ..., ms: _Optional[float] = ..., probe_ms: _Optional[float] = ..., filter_ms: _Optional[float] = ..., scan_ms: _Optional[float] = ..., rerank_ms: _Optional[float] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("total_ms", "encode_ms", "fanout_ms", "merge_ms", "shards")

@@ -186,7 +186,7 @@ class Router:
             timing={
                 "total_ms": (t_merge - t0) * 1e3, "encode_ms": (t_enc - t0) * 1e3,
                 "fanout_ms": (t_fan - t_enc) * 1e3, "merge_ms": (t_merge - t_fan) * 1e3,
-                "shards": [(s, fo.replies[s].replica, fo.replies[s].ms) for s in order],
+                "shards": [(s, fo.replies[s].replica, fo.replies[s].ms, fo.replies[s].stages) for s in order],
             },
         )
 

@@ -28,7 +28,7 @@ from sterling.cluster import retrieval_pb2 as pb
 from sterling.cluster import retrieval_pb2_grpc as pb_grpc
 from sterling.cluster.admission import Admission, AdmissionConfig, guarded_service_handler
 from sterling.cluster.errors import ClusterConfigError, NotImplementedYetError, status_code_name
-from sterling.cluster.metrics import make_metrics
+from sterling.cluster.metrics import NullMetrics, make_metrics
 from sterling.cluster.router import Router
 
 __all__ = ["SERVICE_NAME", "SecurityConfig", "ServerConfig", "RetrievalServicer", "RetrievalServer"]
@@ -175,8 +175,9 @@ def _to_proto(ids: np.ndarray, scores: np.ndarray) -> list[pb.QueryResult]:
 class RetrievalServicer(pb_grpc.RetrievalServicer):
     """``sterling.v1.Retrieval`` over a ``Router``."""
 
-    def __init__(self, router: Router, *, backend_name: str = "local", updates=None) -> None:
+    def __init__(self, router: Router, *, backend_name: str = "local", updates=None, metrics=None) -> None:
         self.router = router
+        self.metrics = metrics if metrics is not None else NullMetrics()
         self.backend_name = backend_name
         self.updates = updates  # a ``sterling.cluster.live.LiveShards`` when the server takes updates
 
@@ -222,7 +223,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 timing=pb.Timing(
                     total_ms=t["total_ms"], encode_ms=t["encode_ms"], fanout_ms=t["fanout_ms"],
                     merge_ms=t["merge_ms"],
-                    shards=[pb.ShardTiming(shard=s, replica=r, ms=ms) for s, r, ms in t["shards"]],
+                    shards=[_shard_timing(*row) for row in t["shards"]],
                 ),
             )
         except Exception as e:  # every error becomes a status; the server keeps serving
@@ -250,11 +251,16 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             )
         return self.updates
 
+    def _updated(self, kind: str, t0: float) -> None:
+        """Update lag of one batch: arrival to durable and visible (the apply is synchronous)."""
+        self.metrics.update(kind, time.perf_counter() - t0, applied_batches=self.updates.applied_batches)
+
     def Upsert(self, request_iterator, context):
         try:
             updates = self._need_updates("Upsert")
             n, version = 0, updates.version
             for req in request_iterator:  # one atomic, durable batch per message
+                t0 = time.perf_counter()
                 ids = list(req.ids)
                 if not ids:
                     continue
@@ -266,6 +272,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                                       "or none")
                     attrs = [list(a.terms) for a in req.attributes]
                 done, version = updates.upsert(ids, x, attrs)
+                self._updated("upsert", t0)
                 n += done
             return pb.UpsertResponse(upserted=n, model_version=version)
         except Exception as e:
@@ -273,16 +280,20 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
 
     def Delete(self, request, context):
         try:
+            t0 = time.perf_counter()
             n, version = self._need_updates("Delete").delete(list(request.ids))
+            self._updated("delete", t0)
             return pb.DeleteResponse(deleted=n, model_version=version)
         except Exception as e:
             _abort(context, e)
 
     def UpdateAttributes(self, request, context):
         try:
+            t0 = time.perf_counter()
             n, version = self._need_updates("UpdateAttributes").update_attributes(
                 list(request.ids), [list(a.terms) for a in request.attributes]
             )
+            self._updated("attributes", t0)
             return pb.UpdateAttributesResponse(updated=n, model_version=version)
         except Exception as e:
             _abort(context, e)
@@ -310,6 +321,12 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             )
         except Exception as e:
             _abort(context, e)
+
+
+def _shard_timing(shard: int, replica: int, ms: float, stages: dict[str, float]) -> pb.ShardTiming:
+    return pb.ShardTiming(shard=shard, replica=replica, ms=ms, probe_ms=stages.get("probe", 0.0),
+                          filter_ms=stages.get("filter", 0.0), scan_ms=stages.get("scan", 0.0),
+                          rerank_ms=stages.get("rerank", 0.0))
 
 
 def raise_invalid(msg: str):
@@ -368,7 +385,8 @@ class RetrievalServer:
             futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sterling-grpc"),
             options=opts, interceptors=interceptors, maximum_concurrent_rpcs=threads,
         )
-        servicer = RetrievalServicer(self.router, backend_name=self.backend_name, updates=self.updates)
+        servicer = RetrievalServicer(self.router, backend_name=self.backend_name, updates=self.updates,
+                                     metrics=self.metrics)
         server.add_generic_rpc_handlers((guarded_service_handler(servicer, self.admission, self.metrics),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -408,7 +426,9 @@ class RetrievalServer:
             return
         status = health_pb2.HealthCheckResponse
         self._health.set(SERVICE_NAME, status.SERVING if complete else status.NOT_SERVING)
-        self.metrics.model(version=int(self.router.head.index.version), complete=complete, shard_items={})
+        healthy = {s: sum(h) for s, h in enumerate(self.router.backend.healthy())}
+        self.metrics.model(version=int(self.router.head.index.version), complete=complete, shard_items={},
+                           healthy_replicas=healthy)
 
     def stop(self, grace: float = 2.0) -> None:
         if self._server is None or self._stopped.is_set():

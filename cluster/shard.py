@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from sterling.model.retrieval import RetrievalModel
+from sterling.model.stages import record_stages
 
 __all__ = ["ShardRequest", "ShardReply", "ShardServer"]
 
@@ -42,6 +43,7 @@ class ShardReply:
     scores: np.ndarray
     version: int
     ms: float
+    stages: dict[str, float] = field(default_factory=dict)  # exclusive ms per search stage
 
 
 _SHARD_MAX_K = 1 << 24  # far above any RouterConfig.max_k; the router refuses larger k first
@@ -76,13 +78,14 @@ class ShardServer:
 
     def search(self, req: ShardRequest) -> ShardReply:
         t0 = time.perf_counter()
-        out = self.model(
-            query=torch.from_numpy(np.ascontiguousarray(req.xq, dtype=np.float32)),
-            k=req.k, nprobe=req.nprobe, where=req.where, exact=req.exact, adaptive=False,
-        )
+        with record_stages() as st:
+            out = self.model(
+                query=torch.from_numpy(np.ascontiguousarray(req.xq, dtype=np.float32)),
+                k=req.k, nprobe=req.nprobe, where=req.where, exact=req.exact, adaptive=False,
+            )
         return ShardReply(
             shard=self.shard, replica=self.replica, ids=out.ids.numpy(), scores=out.scores.numpy(),
-            version=out.version, ms=(time.perf_counter() - t0) * 1e3,
+            version=out.version, ms=(time.perf_counter() - t0) * 1e3, stages=st.ms(),
         )
 
     def warmup(self) -> None:

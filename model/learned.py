@@ -27,6 +27,7 @@ from sterling.model.errors import ArtifactError, InvalidInputError
 from sterling.model.heads import TaskHeads
 from sterling.model.index import ItemIndex
 from sterling.model.overarch import OverArch, overarch_from_meta, overarch_meta
+from sterling.model.stages import staged
 from sterling.model.towers import Tower, make_kjt
 from sterling.model.value_model import ValueModel
 
@@ -169,6 +170,7 @@ class LearnedRetrievalModel(nn.Module):
         self.extra_meta = dict(extra_meta or {})
 
     # --------------------------------------------------------------- stages
+    @staged("tower")
     def user_embedding(self, *, query=None, user_ids=None, kjt=None, dense=None) -> torch.Tensor:
         """[B, D]: a given embedding, or the user tower over a KJT (+ dense) or over users-table rows."""
         given = sum(x is not None for x in (query, user_ids, kjt))
@@ -193,6 +195,7 @@ class LearnedRetrievalModel(nn.Module):
         k0 = int(min(k0, max(self.index.num_items, 1)))
         return self.index.search(u.detach(), k=k0, nprobe=nprobe or self.nprobe_for(k0), where=where, exact=exact)
 
+    @staged("rerank")
     def rerank_logits(
         self, u: torch.Tensor, cand_ids: torch.Tensor, prior: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
