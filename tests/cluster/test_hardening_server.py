@@ -282,8 +282,8 @@ def test_metrics_count_requests_by_method_and_status(fuzz_server, channel, clust
     assert d("sterling_request_seconds_count", method="Retrieve") == 10
     assert d("sterling_stage_seconds_count", stage="fanout") == 5
     assert d("sterling_stage_seconds_count", stage="tower") == 5
-    for st in ("shard", "probe", "scan"):  # each of the 2 shards reports its own stages
-        assert d("sterling_stage_seconds_count", stage=st) == 10, st
+    for name in ("shard", "probe", "scan"):  # each of the 2 shards reports its own stages
+        assert d("sterling_stage_seconds_count", stage=name) == 10, name
     assert d("sterling_stage_seconds_count", stage="filter") == 0  # no filter was sent
     for s in (0, 1):
         assert _sample(t1, "sterling_shard_healthy_replicas", shard=s) == 1
