@@ -273,3 +273,21 @@ def _take_rows(values, offsets, rows):
 
     v, ln = csr_take(values, offsets, rows)
     return v, np.concatenate([[0], np.cumsum(ln)]).astype(np.int64)
+
+
+_TOKENS = ["click", "like", "views", "(", ")", ",", "+", "-", "*", "/", "<", ">", "==", "min", "max", "pow", "log",
+           "exp", "0", "1e308", "-1e-45", "nan", "inf", "2.5.1", "'", "__class__", ".", "**", "\x00", "é", " "]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=60), st.lists(st.sampled_from(_TOKENS), max_size=25).map(" ".join)))
+def test_random_value_formulas_give_scores_or_a_formula_error(text):
+    """Fuzzed formulas (random text and token soup): a [B, N] score tensor or a typed
+    ``FormulaError`` (syntax, unknown task, too long); never another exception."""
+    vm = ValueModel(["click", "like"])
+    s = torch.tensor([[[0.2, 0.9], [0.0, 0.5]]])
+    try:
+        out = vm(s, text)
+    except FormulaError:
+        return
+    assert out.shape == (1, 2) and out.dtype == torch.float32
