@@ -28,6 +28,7 @@ from sterling.cluster import retrieval_pb2 as pb
 from sterling.cluster import retrieval_pb2_grpc as pb_grpc
 from sterling.cluster.admission import Admission, AdmissionConfig, guarded_service_handler
 from sterling.cluster.errors import ClusterConfigError, NotImplementedYetError, status_code_name
+from sterling.cluster.learned_head import SparseInput
 from sterling.cluster.metrics import NullMetrics, make_metrics
 from sterling.cluster.router import Router
 
@@ -164,12 +165,27 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     context.abort(getattr(grpc.StatusCode, code), str(exc))
 
 
-def _to_proto(ids: np.ndarray, scores: np.ndarray) -> list[pb.QueryResult]:
+def _to_proto(ids: np.ndarray, scores: np.ndarray, task_scores: np.ndarray | None = None,
+              tasks: tuple[str, ...] = ()) -> list[pb.QueryResult]:
     out = []
-    for row_ids, row_s in zip(ids, scores):
+    for q, (row_ids, row_s) in enumerate(zip(ids, scores)):
         n = int((row_ids >= 0).sum())  # results are packed at the front
-        out.append(pb.QueryResult(ids=row_ids[:n].tolist(), scores=row_s[:n].tolist()))
+        r = pb.QueryResult(ids=row_ids[:n].tolist(), scores=row_s[:n].tolist())
+        if task_scores is not None:
+            r.task_scores.extend(pb.TaskScores(task=t, scores=task_scores[q, :n, i].tolist())
+                                 for i, t in enumerate(tasks))
+        out.append(r)
     return out
+
+
+def _index_model_only(user_ids, sparse, request) -> dict:
+    """An index model takes no learned-model fields: refuse them by name rather than ignore them."""
+    sent = [n for n, present in (("user_ids", user_ids is not None), ("sparse_features", sparse is not None),
+                                 ("k0", bool(request.k0)), ("value_formula", bool(request.value_formula))) if present]
+    if sent:
+        raise_invalid(f"{', '.join(sent)} need a learned model (`sterling train`); this server serves an index "
+                      "model: send query_embedding or user_features")
+    return {}
 
 
 class RetrievalServicer(pb_grpc.RetrievalServicer):
@@ -193,15 +209,27 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
     def Retrieve(self, request, context):
         try:
             B = request.batch_size or 1
-            query = user = None
+            query = user = user_ids = sparse = None
+            learned = self.router.learned is not None
             if len(request.query_embedding) and len(request.user_features):
                 raise_invalid("send query_embedding or user_features, not both")
             if len(request.query_embedding):
                 query = _matrix(request.query_embedding, B, "query_embedding")
             elif len(request.user_features):
                 user = _matrix(request.user_features, B, "user_features")
-            else:
-                raise_invalid("the request has neither query_embedding nor user_features")
+            if len(request.user_ids):
+                user_ids = np.asarray(request.user_ids, dtype=np.int64)
+                if len(user_ids) != B:
+                    raise_invalid(f"{len(user_ids)} user_ids for batch_size {B}; send one per query")
+            if request.HasField("sparse_features"):
+                sf = request.sparse_features
+                sparse = SparseInput(keys=tuple(sf.keys), lengths=np.asarray(sf.lengths, dtype=np.int32),
+                                     values=np.asarray(sf.values, dtype=np.int64))
+                if sparse.batch != B or len(sf.lengths) % max(len(sf.keys), 1):
+                    raise_invalid(f"{len(sf.lengths)} sparse lengths for {len(sf.keys)} keys and batch_size {B}; "
+                                  "send len(keys) × batch_size lengths")
+            if query is None and user is None and user_ids is None and sparse is None:
+                raise_invalid("the request has no query_embedding, user_features, user_ids or sparse_features")
             where: str | list[str | None] | None = request.filter or None
             if len(request.filters):
                 where = [f or None for f in request.filters]
@@ -212,10 +240,13 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 query=query, user_features=user, k=int(request.k), nprobe=int(request.nprobe) or None,
                 where=where, exact=not request.approximate_filter, adaptive=adaptive,
                 deadline_s=self._deadline(request, context), require_complete=request.require_complete,
+                **({"user_ids": user_ids, "sparse": sparse, "k0": int(request.k0) or None,
+                    "value_formula": request.value_formula or None} if learned else
+                   _index_model_only(user_ids, sparse, request)),
             )
             t = res.timing
             return pb.RetrieveResponse(
-                results=_to_proto(res.ids, res.scores),
+                results=_to_proto(res.ids, res.scores, res.task_scores, res.tasks),
                 model_version=res.version,
                 partial=res.partial,
                 missing_shards=res.missing,
@@ -302,13 +333,18 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         try:
             idx = self.router.head.index
             tower = self.router.head.tower
+            learned = self.router.learned
             shards = self.router.backend.shard_infos()
             return pb.InfoResponse(
                 dim=idx.dim, nlist=idx.nlist, default_nprobe=idx.default_nprobe(), max_k=self.router.config.max_k,
                 items=sum(int(s["items"]) for s in shards),
                 model_version=self.updates.version if self.updates is not None else int(idx.version),
-                has_user_tower=tower is not None,
-                user_feature_dim=tower.config.input_dim if tower is not None else 0,
+                has_user_tower=tower is not None or learned is not None,
+                user_feature_dim=(learned.dense_dim if learned is not None
+                                  else tower.config.input_dim if tower is not None else 0),
+                **({"tasks": learned.tasks, "default_k0": learned.model.k0,
+                    "default_value_formula": learned.value_model.default, "sparse_keys": list(learned.sparse_keys),
+                    "max_k0": self.router.config.max_k0} if learned is not None else {}),
                 shards=[
                     pb.ShardInfo(shard=s["shard"], list_start=s["lists"][0], list_end=s["lists"][1],
                                  items=int(s["items"]), version=int(s["version"]), replicas=s["replicas"],

@@ -17,6 +17,8 @@ def add_server_arguments(p: argparse.ArgumentParser, *, default_port: int = 5005
     p.add_argument("--host", default="127.0.0.1", help="bind address (non-loopback needs --tls-* and --token-file)")
     p.add_argument("--port", type=int, default=default_port, help="gRPC port; 0 = any free port")
     p.add_argument("--max-k", type=int, default=10_000, help="largest k a request may ask for")
+    p.add_argument("--max-k0", type=int, default=100_000,
+                   help="most candidates a learned model's OverArch may rerank per query (request field k0)")
     p.add_argument("--max-batch", type=int, default=4096, help="most queries in one request")
     p.add_argument("--max-results", type=int, default=4_000_000,
                    help="most result entries (batch × k) in one request (RESOURCE_EXHAUSTED above)")
@@ -85,7 +87,7 @@ def router_config_from_args(args: argparse.Namespace):
     from sterling.cluster.router import RouterConfig
 
     try:
-        return RouterConfig(max_k=args.max_k, max_batch=args.max_batch, max_results=args.max_results,
+        return RouterConfig(max_k=args.max_k, max_k0=args.max_k0, max_batch=args.max_batch, max_results=args.max_results,
                             default_deadline_ms=args.deadline_ms, adaptive=args.adaptive)
     except ValueError as e:
         raise ClusterConfigError(str(e).replace("RouterConfig.", "--").replace("_", "-")) from e
@@ -99,7 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--shards N slices the model in memory into N document shards searched concurrently "
         "(answers equal `sterling launch ray`). Prints the address; stops on SIGINT/SIGTERM.",
     )
-    p.add_argument("--model", required=True, help="artifact written by `sterling build`")
+    p.add_argument("--model", required=True, help="artifact written by `sterling build` or `sterling train`")
     p.add_argument("--shards", type=int, default=1, help="in-memory document shards searched concurrently")
     p.add_argument("--data-dir", help="take Upsert/Delete/UpdateAttributes: snapshots and the update log live "
                    "here (one sub-directory per shard); a restart with the same DIR recovers before SERVING")
@@ -123,6 +125,16 @@ def run(args: argparse.Namespace) -> int:
     updates = None
     if args.data_dir:
         from sterling.cluster.live import live_router
+        from sterling.model.artifact import read_header
+
+        if read_header(args.model).get("kind") == "learned_retrieval_model":
+            from sterling.cluster.errors import NotImplementedYetError
+
+            raise NotImplementedYetError(
+                f"{args.model} is a learned model: serving it with --data-dir (updates) needs item features for the "
+                "OverArch cache, which the update log does not carry yet; serve it without --data-dir, or retrain "
+                "(`sterling train`) to change its catalog"
+            )
 
         router, updates = live_router(args.model, data_dir=args.data_dir, num_shards=args.shards,
                                       config=router_config_from_args(args), snapshot_every=args.snapshot_every)

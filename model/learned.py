@@ -123,6 +123,12 @@ class UserTable(nn.Module):
         return make_kjt(self.keys, vals, lens), dense
 
 
+def nprobe_for_k0(k0: int, *, capacity: int, nlist: int, default: int) -> int:
+    """Lists to probe so that about 2·K0 of ``capacity`` slots in ``nlist`` lists are scanned (≥ ``default``)."""
+    per_list = max(1, capacity // max(nlist, 1))
+    return int(min(nlist, max(default, math.ceil(2 * k0 / per_list))))
+
+
 class LearnedOutput(NamedTuple):
     ids: torch.Tensor  # [B, k] int64, −1 padded
     values: torch.Tensor  # [B, k] fp32 Value Model scores, −inf padded
@@ -187,13 +193,14 @@ class LearnedRetrievalModel(nn.Module):
 
     def nprobe_for(self, k0: int) -> int:
         """Lists to probe so that about 2·K0 items are scanned (at least the index default)."""
-        per_list = max(1, self.index.capacity // max(self.index.nlist, 1))
-        return int(min(self.index.nlist, max(self.index.default_nprobe(), math.ceil(2 * k0 / per_list))))
+        return nprobe_for_k0(k0, capacity=self.index.capacity, nlist=self.index.nlist,
+                             default=self.index.default_nprobe())
 
-    def candidates(self, u: torch.Tensor, k0: int, *, nprobe=None, where=None, exact=True):
+    def candidates(self, u: torch.Tensor, k0: int, *, nprobe=None, where=None, exact=True, adaptive=None):
         """(scores [B, K0], ids [B, K0]) from the index; the query is detached (the index is a constant)."""
         k0 = int(min(k0, max(self.index.num_items, 1)))
-        return self.index.search(u.detach(), k=k0, nprobe=nprobe or self.nprobe_for(k0), where=where, exact=exact)
+        return self.index.search(u.detach(), k=k0, nprobe=nprobe or self.nprobe_for(k0), where=where, exact=exact,
+                                 adaptive=adaptive)
 
     @staged("rerank")
     def rerank_logits(
@@ -221,12 +228,27 @@ class LearnedRetrievalModel(nn.Module):
         where: str | list[str | None] | None = None,
         value_formula: str | None = None,
         exact: bool = True,
+        adaptive: bool | None = None,
     ) -> LearnedOutput:
+        k0 = self.k0_for(k, k0)
+        u = self.user_embedding(query=query, user_ids=user_ids, kjt=kjt, dense=dense)
+        ann_scores, ann_ids = self.candidates(u, k0, nprobe=nprobe, where=where, exact=exact, adaptive=adaptive)
+        return self.rank(u, ann_scores, ann_ids, k, value_formula)
+
+    def k0_for(self, k: int, k0: int | None) -> int:
+        """Candidates the OverArch reranks: ``k0``, or the model's default (at least k)."""
         k0 = int(k0 or max(self.k0, k))
         if k0 < k:
             raise InvalidInputError(f"k0 ({k0}) must be ≥ k ({k}): the OverArch reranks K0 candidates down to k")
-        u = self.user_embedding(query=query, user_ids=user_ids, kjt=kjt, dense=dense)
-        ann_scores, ann_ids = self.candidates(u, k0, nprobe=nprobe, where=where, exact=exact)
+        return k0
+
+    def rank(self, u: torch.Tensor, ann_scores: torch.Tensor, ann_ids: torch.Tensor, k: int,
+             value_formula: str | None = None) -> LearnedOutput:
+        """OverArch + heads + Value Model over [B, K0] index candidates (−1 pads) → the top k.
+
+        The second half of ``forward``; a router runs it on the candidates it
+        merged from document shards.
+        """
         logits, valid = self.rerank_logits(u, ann_ids, ann_scores)
         scores = torch.sigmoid(logits)
         values = self.value_model(scores, value_formula).masked_fill(~valid, float("-inf"))
