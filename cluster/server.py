@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from sterling.cluster import retrieval_pb2 as pb
 from sterling.cluster import retrieval_pb2_grpc as pb_grpc
 from sterling.cluster.admission import Admission, AdmissionConfig, guarded_service_handler
+from sterling.cluster.batching import Batcher, BatchingConfig
 from sterling.cluster.errors import ClusterConfigError, NotImplementedYetError, status_code_name
 from sterling.cluster.learned_head import SparseInput
 from sterling.cluster.metrics import NullMetrics, make_metrics
@@ -90,6 +91,8 @@ class ServerConfig:
         admission: queue and in-flight bounds (``sterling.cluster.admission``).
         metrics_port: serve Prometheus ``/metrics`` on this port (0 = any free
             one, read ``RetrievalServer.metrics_port``); None = no HTTP endpoint.
+        batching: dynamic batching of concurrent ``Retrieve`` calls
+            (``sterling.cluster.batching``); ``max_wait_ms=0`` turns it off.
     """
 
     host: str = "127.0.0.1"
@@ -99,6 +102,7 @@ class ServerConfig:
     security: SecurityConfig | None = None
     admission: AdmissionConfig | None = None
     metrics_port: int | None = None
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -191,8 +195,10 @@ def _index_model_only(user_ids, sparse, request) -> dict:
 class RetrievalServicer(pb_grpc.RetrievalServicer):
     """``sterling.v1.Retrieval`` over a ``Router``."""
 
-    def __init__(self, router: Router, *, backend_name: str = "local", updates=None, metrics=None) -> None:
+    def __init__(self, router: Router, *, backend_name: str = "local", updates=None, metrics=None,
+                 batching: BatchingConfig | None = None) -> None:
         self.router = router
+        self.batcher = Batcher(router.retrieve, batching or BatchingConfig(max_wait_ms=0))
         self.metrics = metrics if metrics is not None else NullMetrics()
         self.backend_name = backend_name
         self.updates = updates  # a ``sterling.cluster.live.LiveShards`` when the server takes updates
@@ -236,7 +242,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             adaptive = {pb.ADAPTIVE_MODE_OFF: False, pb.ADAPTIVE_MODE_ON: True}.get(request.adaptive)
             if request.min_version:
                 self._wait_for_version(request, context)
-            res = self.router.retrieve(
+            res = self.batcher.retrieve(
                 query=query, user_features=user, k=int(request.k), nprobe=int(request.nprobe) or None,
                 where=where, exact=not request.approximate_filter, adaptive=adaptive,
                 deadline_s=self._deadline(request, context), require_complete=request.require_complete,
@@ -390,8 +396,9 @@ class RetrievalServer:
     """
 
     def __init__(self, router: Router, config: ServerConfig | None = None, *, backend_name: str = "local",
-                 updates=None) -> None:
+                 updates=None, close_backend: bool = True) -> None:
         self.router = router
+        self.close_backend = close_backend  # False: the router's shards outlive this server (stop() leaves them)
         self.updates = updates
         self.config = config or ServerConfig()
         self.backend_name = backend_name
@@ -422,7 +429,7 @@ class RetrievalServer:
             options=opts, interceptors=interceptors, maximum_concurrent_rpcs=threads,
         )
         servicer = RetrievalServicer(self.router, backend_name=self.backend_name, updates=self.updates,
-                                     metrics=self.metrics)
+                                     metrics=self.metrics, batching=cfg.batching)
         server.add_generic_rpc_handlers((guarded_service_handler(servicer, self.admission, self.metrics),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -472,7 +479,8 @@ class RetrievalServer:
         self._health.enter_graceful_shutdown()
         self._server.stop(grace).wait(grace + 1)
         self.metrics.close()
-        self.router.backend.close()
+        if self.close_backend:
+            self.router.backend.close()
         self._stopped.set()
 
     def wait_for_signal(self, *, on_stop=None) -> None:

@@ -33,6 +33,10 @@ def add_server_arguments(p: argparse.ArgumentParser, *, default_port: int = 5005
     p.add_argument("--max-client-in-flight", type=int, default=0,
                    help="places (running + queued) one client may hold; 0 = no per-client limit")
     p.add_argument("--max-message-mb", type=int, default=64, help="largest request or response in MiB")
+    p.add_argument("--batch-wait-ms", type=float, default=1.0,
+                   help="dynamic batching: while a search runs, concurrent Retrieve calls wait up to this long to "
+                   "share the next one (a call finding the server idle never waits); 0 = off")
+    p.add_argument("--batch-max-queries", type=int, default=64, help="dynamic batching: most queries per shared search")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus /metrics on this port (0 = any free port; default: off)")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
@@ -62,7 +66,17 @@ def server_config_from_args(args: argparse.Namespace):
         raise ClusterConfigError(f"--max-message-mb ({args.max_message_mb}) must be ≥ 1")
     return ServerConfig(host=args.host, port=args.port, workers=args.workers,
                         max_message_bytes=args.max_message_mb << 20, security=sec, admission=admission,
-                        metrics_port=args.metrics_port)
+                        metrics_port=args.metrics_port, batching=_batching(args))
+
+
+def _batching(args: argparse.Namespace):
+    from sterling.cluster.batching import BatchingConfig
+    from sterling.cluster.errors import ClusterConfigError
+
+    try:
+        return BatchingConfig(max_wait_ms=args.batch_wait_ms, max_queries=args.batch_max_queries)
+    except ValueError as e:
+        raise ClusterConfigError(f"{e}; use --batch-wait-ms ≥ 0 (0 = off) and --batch-max-queries ≥ 1") from e
 
 
 def check_servable(path: str) -> None:
