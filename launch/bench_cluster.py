@@ -17,6 +17,8 @@ import threading
 import time
 from pathlib import Path
 
+from sterling.benchmarks.evaluation import percentiles_ms
+
 __all__ = ["register", "run"]
 
 
@@ -39,13 +41,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma list of router dynamic-batching waits to compare (0 = batching off)")
     p.add_argument("--out", help="append the JSON lines to this file")
     p.set_defaults(func=run)
-
-
-def _pcts(lat_s: list[float]) -> tuple[float, float]:
-    import numpy as np
-
-    a = np.asarray(lat_s) * 1e3
-    return float(np.percentile(a, 50)), float(np.percentile(a, 99))
 
 
 def _inprocess(model, reqs, args) -> dict:
@@ -73,7 +68,7 @@ def _inprocess(model, reqs, args) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    p50, p99 = _pcts(lat)
+    p50, p99 = percentiles_ms(lat)
     return {"qps": len(reqs) * args.batch / wall, "p50_ms": p50, "p99_ms": p99, "ids": ids}
 
 
@@ -112,7 +107,7 @@ def _through_router(address: str, reqs, args) -> dict:
     wall = time.perf_counter() - t0
     for c in clients:
         c.close()
-    p50, p99 = _pcts(lat)
+    p50, p99 = percentiles_ms(lat)
     return {"qps": len(reqs) * args.batch / wall, "p50_ms": p50, "p99_ms": p99, "ids": ids,
             "partial": int(np.sum(partial))}
 

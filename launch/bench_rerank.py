@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sterling.benchmarks.evaluation import best_time
+
 __all__ = ["register", "run", "implicit_recs"]
 
 
@@ -153,16 +155,6 @@ def _read_bandwidth(torch) -> float:
     return x.numel() * 4 / best
 
 
-def _best_time(fn, rounds: int = 5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def compiled_rows(built, u, cand, prior, torch) -> list[dict]:
     """Each OverArch + heads compiled (``torch.compile``, inductor, static shapes) vs eager, same inputs."""
     rows = []
@@ -179,8 +171,8 @@ def compiled_rows(built, u, cand, prior, torch) -> list[dict]:
         torch.testing.assert_close(compiled(), eager(), rtol=1e-4, atol=1e-4)  # same function, same answer
         te, tc = float("inf"), float("inf")
         for _ in range(3):  # interleaved
-            te = min(te, _best_time(eager, 3))
-            tc = min(tc, _best_time(compiled, 3))
+            te = min(te, best_time(eager, 3)[0])
+            tc = min(tc, best_time(compiled, 3)[0])
         n = cand.numel()
         rows.append({"overarch": kind, "mode": "torch.compile vs eager (excl. gather)",
                      "eager_candidates_per_s": round(n / te), "compiled_candidates_per_s": round(n / tc),

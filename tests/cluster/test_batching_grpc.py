@@ -8,13 +8,13 @@ import threading
 import numpy as np
 import torch
 
+from sterling.benchmarks.evaluation import assert_same_topk
 from sterling.cluster.batching import BatchingConfig
 from sterling.cluster.client import Client
 from sterling.cluster.embedded import local_router
 from sterling.cluster.router import RouterConfig
 from sterling.cluster.server import RetrievalServer, ServerConfig
 from sterling.model.synthetic import synthetic_queries
-from tests.cluster.topk_compare import assert_same_topk
 
 FILTERS = [None, "lang:en", "lang:en AND NOT policy:blocked", "lang:fr OR lang:de"]
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from sterling.benchmarks.evaluation import assert_same_topk
 from sterling.cluster.client import Client
 from sterling.cluster.live import live_router
 from sterling.cluster.router import RouterConfig
@@ -26,7 +27,6 @@ from sterling.model import IndexConfig, RetrievalModel, build_index
 from sterling.model.live import LiveModel
 from tests.cluster.test_grpc_service import _read_address, _sterling
 from tests.cluster.test_hardening_server import _sample, _scrape
-from tests.cluster.topk_compare import assert_same_topk
 
 D, N, NLIST, K, NPROBE = 16, 4000, 16, 50, 16
 

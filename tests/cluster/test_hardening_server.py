@@ -28,6 +28,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sterling.benchmarks.evaluation import assert_same_topk
 from sterling.cluster import retrieval_pb2 as pb
 from sterling.cluster.admission import AdmissionConfig
 from sterling.cluster.client import Client
@@ -37,7 +38,6 @@ from sterling.cluster.router import RouterConfig
 from sterling.cluster.server import RetrievalServer, ServerConfig
 from sterling.launch.bench_reliability import soak, sustainable_rate
 from sterling.model.synthetic import synthetic_queries
-from tests.cluster.topk_compare import assert_same_topk
 
 MAX_K = 200
 DIM = 32

@@ -9,10 +9,10 @@ import time
 import numpy as np
 import pytest
 
+from sterling.benchmarks.evaluation import assert_same_topk
 from sterling.cluster.client import Client
 from sterling.model.synthetic import synthetic_queries
 from tests.cluster.test_grpc_service import _read_address, _sterling
-from tests.cluster.topk_compare import assert_same_topk
 
 ray = pytest.importorskip("ray")
 

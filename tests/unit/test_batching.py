@@ -8,12 +8,12 @@ import time
 import numpy as np
 import pytest
 
+from sterling.benchmarks.evaluation import assert_same_topk
 from sterling.cluster.batching import Batcher, BatchingConfig
 from sterling.cluster.embedded import local_router
 from sterling.model import RetrievalModel
 from sterling.model.errors import FilterSyntaxError, NonFiniteError
 from sterling.model.synthetic import synthetic_queries
-from tests.cluster.topk_compare import assert_same_topk
 
 FILTERS = [None, "lang:en", "lang:en AND NOT policy:blocked", "lang:fr OR lang:de", None, "lang:de"]
 

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from sterling.benchmarks.evaluation import assert_same_topk
 from sterling.cluster.backends import LocalBackend
 from sterling.cluster.embedded import local_router
 from sterling.cluster.errors import (
@@ -28,7 +29,6 @@ from sterling.model.errors import (
 )
 from sterling.model.synthetic import synthetic_queries
 from sterling.sharding.documents import balanced_list_ranges, slice_model
-from tests.cluster.topk_compare import assert_same_topk
 
 
 class _Slow(ShardServer):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from sterling.benchmarks.evaluation import assert_same_topk
 from sterling.cluster.merge import merge_topk
 from sterling.cluster.shard import ShardRequest, ShardServer
 from sterling.model import RetrievalModel
@@ -19,7 +20,6 @@ from sterling.sharding.documents import (
     slice_model,
     write_shards,
 )
-from tests.cluster.topk_compare import assert_same_topk
 
 
 @pytest.fixture(scope="module")
