@@ -142,7 +142,11 @@ class Router:
         adaptive: bool | None = None,
         deadline_s: float | None = None,
         require_complete: bool = False,
+        shard_min_versions: list[int] | None = None,
     ) -> RouterResult:
+        """Merged top-k. ``shard_min_versions[s]``: shard ``s`` answers only from a replica at that version
+        or later (the acknowledged version of each shard that takes updates), so no answer is staler than
+        an acknowledged write."""
         t0 = time.monotonic()
         budget = deadline_s if deadline_s is not None else self.config.default_deadline_ms / 1e3
         deadline = t0 + budget
@@ -154,7 +158,8 @@ class Router:
         filters = self.head.index.compile_filters(where, B)  # validates; raises FilterError
         t_enc = time.monotonic()
         xq_np = xq.numpy()
-        req = ShardRequest(xq=xq_np, k=k, nprobe=nprobe, where=where, exact=exact)
+        floors = None if shard_min_versions is None else tuple(int(v) for v in shard_min_versions)
+        req = ShardRequest(xq=xq_np, k=k, nprobe=nprobe, where=where, exact=exact, min_versions=floors)
         fo = self.backend.fan_out(req, deadline)
         t_fan = time.monotonic()
         if fo.missing and (require_complete or not fo.replies):
@@ -176,7 +181,7 @@ class Router:
         use_adaptive = self.config.adaptive if adaptive is None else adaptive
         if use_adaptive and not missing:
             ids, scores, nprobe_used = self._widen(xq_np, ids, scores, k, nprobe, where, exact, filters, deadline,
-                                                   versions)
+                                                   versions, floors)
         t_merge = time.monotonic()
         counts = Counter(versions.values())
         version = counts.most_common(1)[0][0] if counts else int(self.head.index.version)
@@ -190,7 +195,7 @@ class Router:
             },
         )
 
-    def _widen(self, xq, ids, scores, k, nprobe, where, exact, filters, deadline, versions):
+    def _widen(self, xq, ids, scores, k, nprobe, where, exact, filters, deadline, versions, floors=None):
         """Global selectivity adaptation: double nprobe for filtered queries short of k results.
 
         Runs on the merged answer, so the decision uses the global eligible
@@ -209,7 +214,8 @@ class Router:
             rows = np.nonzero(short)[0]
             sub_where = [where[i] for i in rows] if isinstance(where, (list, tuple)) else where
             fo = self.backend.fan_out(
-                ShardRequest(xq=xq[rows], k=k, nprobe=wide, where=sub_where, exact=exact), deadline
+                ShardRequest(xq=xq[rows], k=k, nprobe=wide, where=sub_where, exact=exact, min_versions=floors),
+                deadline,
             )
             if fo.missing:
                 break

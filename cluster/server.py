@@ -211,6 +211,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 query=query, user_features=user, k=int(request.k), nprobe=int(request.nprobe) or None,
                 where=where, exact=not request.approximate_filter, adaptive=adaptive,
                 deadline_s=self._deadline(request, context), require_complete=request.require_complete,
+                shard_min_versions=self.updates.shard_versions() if self.updates is not None else None,
             )
             t = res.timing
             return pb.RetrieveResponse(
@@ -307,6 +308,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 backend=self.backend_name,
                 updatable=self.updates is not None,
                 applied_batches=self.updates.applied_batches if self.updates is not None else 0,
+                replica_logs=[pb.ReplicaLog(**r) for r in self.updates.replica_states()] if self.updates else [],
             )
         except Exception as e:
             _abort(context, e)
