@@ -11,8 +11,9 @@ so losing a node's disk loses one replica, not the shard.
 * it numbers the shard's batches (``seq`` = 1, 2, 3, …) and sends each
   ``LogRecord`` to every in-sync replica at once; the batch is acknowledged
   when every in-sync replica has logged (fsync) and applied it — or, when some
-  failed, once at least one did; the failed ones drop out of sync (and out of
-  the read rotation) until they are caught up;
+  fail or lag more than ``straggler_s`` behind the first, once at least one
+  did; those drop out of sync (and out of the read rotation) until they are
+  caught up;
 * catch-up (``rejoin``, run by the backend's health prober when a replica
   answers ``ready()`` again, i.e. after its own snapshot + log recovery): the
   batches the replica lacks come from an in-sync peer's log
@@ -62,14 +63,17 @@ class ReplicatedShard:
     Args:
         backend: the ``RayBackend`` (actors ``backend.actors[shard]``, health marks).
         shard: the shard number.
-        write_timeout_s: how long a batch waits for a replica before that
-            replica is taken out of sync (the batch is acknowledged by the others).
+        write_timeout_s: how long a batch waits for its first replica.
+        straggler_s: once one replica has the batch durable, how much longer the
+            others get before they are taken out of sync (and caught up later) —
+            a replica that Ray is restarting does not stall the stream.
     """
 
-    def __init__(self, backend, shard: int, *, write_timeout_s: float = 30.0) -> None:
+    def __init__(self, backend, shard: int, *, write_timeout_s: float = 30.0, straggler_s: float = 1.0) -> None:
         self.backend = backend
         self.shard = shard
         self.write_timeout_s = write_timeout_s
+        self.straggler_s = straggler_s
         self._lock = threading.RLock()  # one batch or catch-up at a time
         self._vcv = threading.Condition()  # acknowledged version
         self.seq = 0
@@ -216,14 +220,22 @@ class ReplicatedShard:
                 )
             rec = LogRecord(kind, self.seq + 1, ids, vec, meta)
             refs = {self.actors[r].apply.remote(rec): r for r in range(len(self.actors)) if self.in_sync[r]}
-            ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=self.write_timeout_s)
-            done = set(ready)
+            pending, done = list(refs), set()
+            end = time.monotonic() + self.write_timeout_s
+            while pending:  # all in-sync replicas, or: after the first one, stragglers get straggler_s more
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+                if ready and not done:
+                    end = min(end, time.monotonic() + self.straggler_s)
+                done.update(ready)
             ok: dict[int, tuple[int, int]] = {}
             bad_input: InvalidInputError | None = None
             refused: set[int] = set()
             for ref, r in refs.items():
                 if ref not in done:
-                    self._drop(r, f"batch {rec.seq} not applied within {self.write_timeout_s:.0f} s")
+                    self._drop(r, f"batch {rec.seq} not applied in time")
                     continue
                 try:
                     ok[r] = tuple(ray.get(ref, timeout=0))
