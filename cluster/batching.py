@@ -15,7 +15,8 @@ client pays nothing for batching.
 Semantics are the un-batched ones: each caller gets exactly the rows of its
 own queries (the router's answer for a query does not depend on the other
 queries of the batch: per-query filters, per-query top-k); the group runs
-within the *earliest* deadline of its members. If the group's call fails, each
+within the *earliest* deadline of its members and reads at least the *newest*
+per-shard version floor any member carries (read-your-writes holds for each). If the group's call fails, each
 member is re-run alone, so one bad request (a NaN, a filter syntax error)
 gets its own typed error and never fails its neighbours.
 """
@@ -175,6 +176,9 @@ class Batcher:
             w = c.kwargs.get("where")
             wheres += list(w) if isinstance(w, (list, tuple)) else [w] * c.rows
         merged["where"] = wheres if any(w for w in wheres) else None
+        floors = [c.kwargs["shard_min_versions"] for c in calls if c.kwargs.get("shard_min_versions") is not None]
+        if floors:  # the freshest floor of the group: no member reads older than its acknowledged writes
+            merged["shard_min_versions"] = [max(v) for v in zip(*floors)]
         deadlines = [c.deadline for c in calls if c.deadline is not None]
         if deadlines:
             merged["deadline_s"] = max(0.0, min(deadlines) - time.monotonic())

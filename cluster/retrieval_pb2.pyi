@@ -215,7 +215,7 @@ class ShardInfo(_message.Message):
     def __init__(self, shard: _Optional[int] = ..., list_start: _Optional[int] = ..., list_end: _Optional[int] = ..., items: _Optional[int] = ..., version: _Optional[int] = ..., replicas: _Optional[int] = ..., healthy_replicas: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("dim", "nlist", "default_nprobe", "max_k", "items", "model_version", "has_user_tower", "user_feature_dim", "shards", "backend", "tasks", "default_k0", "default_value_formula", "sparse_keys", "max_k0", "updatable", "applied_batches")
+    __slots__ = ("dim", "nlist", "default_nprobe", "max_k", "items", "model_version", "has_user_tower", "user_feature_dim", "shards", "backend", "tasks", "default_k0", "default_value_formula", "sparse_keys", "max_k0", "updatable", "applied_batches", "replica_logs")
     DIM_FIELD_NUMBER: _ClassVar[int]
     NLIST_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_NPROBE_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +233,7 @@ class InfoResponse(_message.Message):
     MAX_K0_FIELD_NUMBER: _ClassVar[int]
     UPDATABLE_FIELD_NUMBER: _ClassVar[int]
     APPLIED_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_LOGS_FIELD_NUMBER: _ClassVar[int]
     dim: int
     nlist: int
     default_nprobe: int
@@ -250,4 +251,19 @@ class InfoResponse(_message.Message):
     max_k0: int
     updatable: bool
     applied_batches: int
-    def __init__(self, dim: _Optional[int] = ..., nlist: _Optional[int] = ..., default_nprobe: _Optional[int] = ..., max_k: _Optional[int] = ..., items: _Optional[int] = ..., model_version: _Optional[int] = ..., has_user_tower: _Optional[bool] = ..., user_feature_dim: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., backend: _Optional[str] = ..., tasks: _Optional[_Iterable[str]] = ..., default_k0: _Optional[int] = ..., default_value_formula: _Optional[str] = ..., sparse_keys: _Optional[_Iterable[str]] = ..., max_k0: _Optional[int] = ..., updatable: _Optional[bool] = ..., applied_batches: _Optional[int] = ...) -> None: ...
+    replica_logs: _containers.RepeatedCompositeFieldContainer[ReplicaLog]
+    def __init__(self, dim: _Optional[int] = ..., nlist: _Optional[int] = ..., default_nprobe: _Optional[int] = ..., max_k: _Optional[int] = ..., items: _Optional[int] = ..., model_version: _Optional[int] = ..., has_user_tower: _Optional[bool] = ..., user_feature_dim: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., backend: _Optional[str] = ..., tasks: _Optional[_Iterable[str]] = ..., default_k0: _Optional[int] = ..., default_value_formula: _Optional[str] = ..., sparse_keys: _Optional[_Iterable[str]] = ..., max_k0: _Optional[int] = ..., updatable: _Optional[bool] = ..., applied_batches: _Optional[int] = ..., replica_logs: _Optional[_Iterable[_Union[ReplicaLog, _Mapping]]] = ...) -> None: ...
+
+class ReplicaLog(_message.Message):
+    __slots__ = ("shard", "replica", "seq", "version", "in_sync")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    IN_SYNC_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    replica: int
+    seq: int
+    version: int
+    in_sync: bool
+    def __init__(self, shard: _Optional[int] = ..., replica: _Optional[int] = ..., seq: _Optional[int] = ..., version: _Optional[int] = ..., in_sync: _Optional[bool] = ...) -> None: ...

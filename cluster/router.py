@@ -153,6 +153,7 @@ class Router:
         sparse: SparseInput | None = None,
         k0: int | None = None,
         value_formula: str | None = None,
+        shard_min_versions: list[int] | None = None,
     ) -> RouterResult:
         """Top-k per query over every shard (see ``RetrievalModel.forward`` for the arguments).
 
@@ -161,6 +162,10 @@ class Router:
         part), gathers ``k0`` candidates per query from the shards and reranks
         them with the OverArch, heads and Value Model (``value_formula``);
         ``task_scores`` then holds the per-task probabilities of the top k.
+
+        ``shard_min_versions[s]``: shard ``s`` answers only from a replica at that version
+        or later (the acknowledged version of each shard that takes updates), so no answer is staler than
+        an acknowledged write.
         """
         t0 = time.monotonic()
         budget = deadline_s if deadline_s is not None else self.config.default_deadline_ms / 1e3
@@ -188,7 +193,8 @@ class Router:
             self.learned.value_model.compile(value_formula or self.learned.value_model.default)  # typed errors
         t_enc = time.monotonic()
         xq_np = xq.detach().numpy()
-        req = ShardRequest(xq=xq_np, k=k_shard, nprobe=nprobe, where=where, exact=exact)
+        floors = None if shard_min_versions is None else tuple(int(v) for v in shard_min_versions)
+        req = ShardRequest(xq=xq_np, k=k_shard, nprobe=nprobe, where=where, exact=exact, min_versions=floors)
         fo = self.backend.fan_out(req, deadline)
         t_fan = time.monotonic()
         if fo.missing and (require_complete or not fo.replies):
@@ -210,7 +216,7 @@ class Router:
         use_adaptive = self.config.adaptive if adaptive is None else adaptive
         if use_adaptive and not missing:
             ids, scores, nprobe_used = self._widen(xq_np, ids, scores, k_shard, nprobe, where, exact, filters,
-                                                   deadline, versions)
+                                                   deadline, versions, floors)
         t_merge = time.monotonic()
         task_scores, tasks, rerank_ms = None, (), 0.0
         if self.learned is not None:
@@ -231,7 +237,7 @@ class Router:
             },
         )
 
-    def _widen(self, xq, ids, scores, k, nprobe, where, exact, filters, deadline, versions):
+    def _widen(self, xq, ids, scores, k, nprobe, where, exact, filters, deadline, versions, floors=None):
         """Global selectivity adaptation: double nprobe for filtered queries short of k results.
 
         Runs on the merged answer, so the decision uses the global eligible
@@ -250,7 +256,8 @@ class Router:
             rows = np.nonzero(short)[0]
             sub_where = [where[i] for i in rows] if isinstance(where, (list, tuple)) else where
             fo = self.backend.fan_out(
-                ShardRequest(xq=xq[rows], k=k, nprobe=wide, where=sub_where, exact=exact), deadline
+                ShardRequest(xq=xq[rows], k=k, nprobe=wide, where=sub_where, exact=exact, min_versions=floors),
+                deadline,
             )
             if fo.missing:
                 break

@@ -249,6 +249,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 **({"user_ids": user_ids, "sparse": sparse, "k0": int(request.k0) or None,
                     "value_formula": request.value_formula or None} if learned else
                    _index_model_only(user_ids, sparse, request)),
+                shard_min_versions=self.updates.shard_versions() if self.updates is not None else None,
             )
             t = res.timing
             return pb.RetrieveResponse(
@@ -360,6 +361,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 backend=self.backend_name,
                 updatable=self.updates is not None,
                 applied_batches=self.updates.applied_batches if self.updates is not None else 0,
+                replica_logs=[pb.ReplicaLog(**r) for r in self.updates.replica_states()] if self.updates else [],
             )
         except Exception as e:
             _abort(context, e)

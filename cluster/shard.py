@@ -31,6 +31,7 @@ class ShardRequest:
     nprobe: int
     where: str | list[str | None] | None = None
     exact: bool = True
+    min_versions: tuple[int, ...] | None = None  # per shard: answer only from this version on (else ReplicaBehindError)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -78,6 +79,15 @@ class ShardServer:
 
     def search(self, req: ShardRequest) -> ShardReply:
         t0 = time.perf_counter()
+        if req.min_versions is not None and self.shard < len(req.min_versions):
+            have, need = int(self.model.index.version), int(req.min_versions[self.shard])
+            if have < need:
+                from sterling.cluster.errors import ReplicaBehindError
+
+                raise ReplicaBehindError(
+                    f"shard {self.shard} replica {self.replica} is at version {have}, below the acknowledged "
+                    f"{need} (catching up); ask another replica"
+                )
         with record_stages() as st:
             out = self.model(
                 query=torch.from_numpy(np.ascontiguousarray(req.xq, dtype=np.float32)),
