@@ -51,8 +51,11 @@ __all__ = [
     "PER_ITEM_TENSORS",
     "TierLayout",
     "TieredStorage",
+    "artifact_list_stats",
     "list_bytes",
     "measure_probe_freq",
+    "pick_fast",
+    "retier_artifact",
 ]
 
 PAGE_BYTES: int = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -163,12 +166,18 @@ class TierLayout:
 def list_bytes(tensors: dict[str, torch.Tensor], list_offsets: np.ndarray) -> np.ndarray:
     """Bytes each list owns over the per-item tensors: [nlist] int64."""
     off = np.asarray(list_offsets, dtype=np.int64)
-    n = off[1:] - off[:-1]
-    total = np.zeros(n.shape[0], dtype=np.int64)
+    return sum(_partition_bytes(tensors, off).values(), np.zeros(off.shape[0] - 1, dtype=np.int64))
+
+
+def _partition_bytes(tensors: dict[str, torch.Tensor], off: np.ndarray) -> dict[str, np.ndarray]:
+    """Per tensor, the bytes each list owns ([nlist] each, summing to the tensor's bytes)."""
+    out = {}
     for name, (s, e) in _byte_ranges(tensors, off).items():
-        del name
-        total += e - s
-    return total
+        b = (e - s).astype(np.int64)
+        if name == "attr_offsets" and b.size:
+            b[:-1] -= tensors[name].element_size()  # a boundary offset belongs to the next list
+        out[name] = b
+    return out
 
 
 def _byte_ranges(tensors: dict[str, torch.Tensor], off: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -336,21 +345,74 @@ class TieredStorage:
 
 
 def pick_fast(probe_freq: np.ndarray, nbytes: np.ndarray, budget: int) -> np.ndarray:
-    """Hottest lists first (probes per query; ties by list id) while their bytes fit ``budget``.
+    """The planner's choice (``sterling.planner.tiers.pick_fast``): hottest lists that fit ``budget``."""
+    from sterling.planner.tiers import pick_fast as planner_pick
 
-    A list that does not fit is skipped and smaller colder ones may still be
-    taken (greedy knapsack by density: every byte of a list is read when it is
-    probed, so its density is its probe frequency).
+    return planner_pick(probe_freq, nbytes, budget)
+
+
+_ALWAYS = ("centroids", "list_offsets", "alive", "version")
+
+
+def _index_tensors(h: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    prefix = "" if h["kind"] == "item_index" else "index."
+    return {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)}
+
+
+def artifact_list_stats(path) -> dict:
+    """An artifact's real lists without loading it: bytes per list of each per-item tensor,
+    probe statistics and the bytes of the always-resident tensors.
+
+    Returns ``{"bytes_by_tensor": {name: [nlist] int64}, "probe_freq": [nlist], "nprobe",
+    "measured": bool, "always": int, "fast": [nlist] bool | None}``; an artifact
+    without probe statistics (built before they were recorded) gets a uniform
+    frequency and ``measured=False``.
     """
-    order = np.lexsort((np.arange(probe_freq.shape[0]), -np.asarray(probe_freq)))
-    fast = np.zeros(probe_freq.shape[0], dtype=bool)
-    left = int(budget)
-    for lst in order.tolist():
-        b = int(nbytes[lst])
-        if b <= left:
-            fast[lst] = True
-            left -= b
-    return fast
+    from sterling.model.artifact import read_artifact
+    from sterling.model.errors import ArtifactError
+
+    h, tensors = read_artifact(path, verify=False)
+    if "index" not in h["meta"]:
+        raise ArtifactError(f"{path} holds a {h['kind']!r}, which has no item index")
+    own = _index_tensors(h, tensors)
+    off = own["list_offsets"].numpy().astype(np.int64)
+    nlist = off.shape[0] - 1
+    bytes_by_tensor = _partition_bytes(own, off)
+    layout = TierLayout.from_meta(h["meta"]["index"].get("tiers"), nlist)
+    cfg = h["meta"]["index"].get("config", {})
+    if layout is None:
+        nprobe = int(cfg.get("nprobe") or max(1, nlist // 8))
+        freq, measured, fast = np.full(nlist, nprobe / nlist), False, None
+    else:
+        nprobe, freq, measured, fast = layout.nprobe, layout.probe_freq, layout.queries > 0, layout.fast
+    always = sum(own[n].numel() * own[n].element_size() for n in _ALWAYS if n in own)
+    return {"bytes_by_tensor": bytes_by_tensor, "probe_freq": freq, "nprobe": nprobe, "measured": measured,
+            "always": int(always), "fast": fast}
+
+
+def retier_artifact(path, fast: np.ndarray, out=None) -> None:
+    """Rewrite an artifact with a tier per list (atomic: temp file + rename; the data is unchanged)."""
+    from sterling.model.artifact import read_artifact, write_artifact
+    from sterling.model.errors import ArtifactError
+
+    h, tensors = read_artifact(path, verify=True)
+    if "index" not in h["meta"]:
+        raise ArtifactError(f"{path} holds a {h['kind']!r}, which has no item index")
+    own = _index_tensors(h, tensors)
+    nlist = int(own["centroids"].shape[0])
+    fast = np.asarray(fast, dtype=bool)
+    if fast.shape != (nlist,):
+        raise InvalidInputError(
+            f"the tier mask covers {fast.shape[0] if fast.ndim else 0} lists but {path} has {nlist}; "
+            "plan with `sterling plan --model` on this artifact"
+        )
+    meta = dict(h["meta"])
+    index_meta = dict(meta["index"])
+    layout = TierLayout.from_meta(index_meta.get("tiers"), nlist) or TierLayout(
+        probe_freq=np.zeros(nlist), nprobe=0, queries=0, source="none")
+    index_meta["tiers"] = layout.with_fast(fast).to_meta()
+    meta["index"] = index_meta
+    write_artifact(path if out is None else out, kind=h["kind"], meta=meta, tensors=tensors)
 
 
 def readvise_willneed(t: torch.Tensor) -> None:  # pragma: no cover - hint only

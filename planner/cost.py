@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+from sterling.planner.devices import CPU_MMAP_COLD_BW
 from sterling.planner.inventory import IndexModelConfig
 from sterling.planner.types import (
     CostEstimate,
@@ -70,6 +71,8 @@ def tier_bandwidth(topo: Topology, tier: MemoryTier) -> float:
         if dev.kind is DeviceKind.CPU:
             return host_share
         return min(dev.host_link_bw, host_share)
+    if tier is MemoryTier.MMAP:
+        return CPU_MMAP_COLD_BW
     return topo.remote_bw
 
 
