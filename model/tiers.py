@@ -229,6 +229,15 @@ class TieredStorage:
     cold_scanned: int = 0
     releases: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _runs_cache: dict = field(default_factory=dict)
+    _mask_key: bytes = b""
+    _cold_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def _set_mask(self, fast: np.ndarray) -> None:
+        self.fast = np.asarray(fast, dtype=bool).copy()
+        self._mask_key = np.packbits(self.fast).tobytes()
+        self._runs_cache = {}
+        self._cold_bytes = np.where(self.fast, 0, self.list_bytes)
 
     @classmethod
     def build(cls, tensors: dict[str, torch.Tensor], fast: np.ndarray, cold_window: int) -> TieredStorage:
@@ -244,7 +253,7 @@ class TieredStorage:
         st = cls(fast=np.zeros(off.shape[0] - 1, dtype=bool), cold_window=int(cold_window), regions=regions,
                  list_bytes=list_bytes(tensors, off))
         st.observed = np.zeros(off.shape[0] - 1, dtype=np.int64)
-        st.fast = np.asarray(fast, dtype=bool).copy()
+        st._set_mask(fast)
         return st
 
     # ------------------------------------------------------------- pages
@@ -286,25 +295,33 @@ class TieredStorage:
             idx = np.clip(pages * PAGE_BYTES - r.base, 0, r.nbytes - 1)
             flat[idx] = flat[idx]  # a write of the same byte: the kernel copies the page in
 
+    def _cold_runs(self, region: _Region) -> list[tuple[int, int]]:
+        """(address, length) of the page runs only slow lists own, wholly inside the tensor (cached per mask)."""
+        key = (region.name, self._mask_key)
+        hit = self._runs_cache.get(key)
+        if hit is not None:
+            return hit
+        p0, mask = self._page_masks(region, self.fast)
+        # only pages wholly inside this tensor: an edge page is shared with its neighbour
+        lo = -(-region.base // PAGE_BYTES) - p0
+        hi = (region.base + region.nbytes) // PAGE_BYTES - p0
+        cold = ~mask
+        cold[: max(lo, 0)] = False
+        cold[max(hi, 0) :] = False
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], cold.astype(np.int8), [0]))))
+        runs = [((p0 + int(a)) * PAGE_BYTES, int(b - a) * PAGE_BYTES) for a, b in zip(edges[::2], edges[1::2])]
+        self._runs_cache[key] = runs
+        return runs
+
     def release(self, tensors: dict[str, torch.Tensor]) -> int:
         """Drop the slow lists' pages from this process (they re-fault from the file). Returns bytes advised."""
         done = 0
         for r in self.regions:
             if not self._clean(r, tensors):
                 continue
-            p0, mask = self._page_masks(r, self.fast)
-            # only pages wholly inside this tensor: an edge page is shared with its neighbour
-            lo = -(-r.base // PAGE_BYTES) - p0
-            hi = (r.base + r.nbytes) // PAGE_BYTES - p0
-            cold = ~mask
-            cold[: max(lo, 0)] = False
-            cold[max(hi, 0) :] = False
-            if not cold.any():
-                continue
-            edges = np.flatnonzero(np.diff(np.concatenate(([0], cold.astype(np.int8), [0]))))
-            for a, b in zip(edges[::2], edges[1::2]):
-                if madvise((p0 + int(a)) * PAGE_BYTES, int(b - a) * PAGE_BYTES, _MADV_DONTNEED):
-                    done += int(b - a) * PAGE_BYTES
+            for addr, length in self._cold_runs(r):
+                if madvise(addr, length, _MADV_DONTNEED):
+                    done += length
         self.cold_scanned = 0
         self.releases += 1
         return done
@@ -312,10 +329,11 @@ class TieredStorage:
     # ------------------------------------------------------------ serving
     def observe(self, probe: np.ndarray, tensors: dict[str, torch.Tensor]) -> None:
         """Count one batch's probes [B, nprobe]; release the slow tier when its window is spent."""
-        counts = np.bincount(np.asarray(probe).reshape(-1), minlength=self.fast.shape[0])
+        probe = np.asarray(probe)
+        counts = np.bincount(probe.reshape(-1), minlength=self.fast.shape[0])
         self.observed += counts
-        self.queries_observed += int(np.asarray(probe).shape[0])
-        cold = int(counts[~self.fast] @ self.list_bytes[~self.fast]) if counts.size else 0
+        self.queries_observed += int(probe.shape[0])
+        cold = int(np.minimum(counts, 1) @ self._cold_bytes)  # a list shared by the batch is read once
         if cold:
             self.cold_scanned += cold
             if self.cold_scanned > self.cold_window and self._lock.acquire(blocking=False):
@@ -340,7 +358,7 @@ class TieredStorage:
             raise InvalidInputError(f"tier mask has {fast.shape[0]} lists; the index has {self.fast.shape[0]}")
         with self._lock:
             self.promote(tensors, fast & ~self.fast)
-            self.fast = fast.copy()
+            self._set_mask(fast)
             self.release(tensors)
 
 

@@ -221,3 +221,20 @@ def test_online_retier_keeps_answers_equal_while_queries_run(built, artifact, sm
     # the observed probes decide: lists the reader probed most are fast
     obs = t.tiering.observed
     assert obs[fast].mean() >= obs[~fast].mean()
+
+
+def test_a_model_artifact_serves_with_its_recorded_tiers(built, tmp_path, small_catalog):
+    from sterling.model import RetrievalModel
+    from sterling.model.tiers import retier_artifact
+
+    path = tmp_path / "model.st"
+    RetrievalModel(built).save(path)
+    assert RetrievalModel.load(path).index.tiering is None  # probe statistics only: nothing applied
+    fast = np.arange(64) % 2 == 1
+    retier_artifact(path, fast)
+    model = RetrievalModel.load(path)
+    np.testing.assert_array_equal(model.index.tiering.fast, fast)
+    xq = small_catalog.embeddings[:12]
+    _same(model.index.search(xq, k=10, where="lang:en"), built.search(xq, k=10, where="lang:en"))
+    with pytest.raises(InvalidInputError):
+        retier_artifact(path, np.ones(3, dtype=bool))
