@@ -78,6 +78,10 @@ CPU_FP32_FLOPS: float = 24e9  # FLOP/s, measured sgemm, 2 threads
 # pass over pages still in the page cache ran at 12-13 GB/s, as fast as anonymous memory.
 # The planner assumes the cold case: a slow tier exists because the page cache cannot hold it.
 CPU_MMAP_COLD_BW: float = 1.44e9  # bytes/s
+# Fixed cost of one separate read of evicted pages (a list's run of one tensor, or one gathered
+# row's page): fitted from `sterling bench tiers` all-slow vs all-fast, cold cache, on the dev box
+# (see BENCHMARKS.md); the planner's split prediction is then checked on the split layout.
+CPU_MMAP_READ_S: float = 35e-6  # seconds
 
 
 def _gpu(

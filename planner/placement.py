@@ -32,6 +32,7 @@ from sterling.planner.tiers import (
     COLD_WINDOW_BYTES,
     ListStats,
     TierSplit,
+    slow_reads_per_batch,
     split_lists,
     split_placements,
 )
@@ -227,9 +228,13 @@ class _Planner:
                 specs, self._capacity_for(specs, num_shards), kind=self.topo.device.kind,
                 allow_scan_spill=self.targets.allow_scan_spill,
             )
+        slow_reads = 0.0
+        if split is not None:
+            slow_reads = slow_reads_per_batch(split, self.list_stats.subset(start, start + lists),
+                                              batch=self.cfg.batch, k=min(self.cfg.k0, self.cfg.items))
         cost = estimate_cost(
             topo=self.topo, cfg=self.cfg, placements=placements,
-            shard_fraction=fraction, num_shards=num_shards, replicas=replicas,
+            shard_fraction=fraction, num_shards=num_shards, replicas=replicas, slow_reads=slow_reads,
         )
         ev = _Eval(num_shards, placements, overflow, cost, split)
         if replicas == 1:
@@ -244,7 +249,8 @@ class _Planner:
         used = sum(p.nbytes for p in placements if p.tier is MemoryTier.DRAM)
         budget = self.capacity.dram - used - self.cold_window
         split = split_lists(stats, budget, fast=self.force_fast, cold_window=self.cold_window)
-        placements = split_placements(split, stats, k0=min(self.cfg.k0, self.cfg.items), other=placements)
+        placements = split_placements(split, stats, k0=min(self.cfg.k0, self.cfg.items), batch=self.cfg.batch,
+                                      other=placements)
         return placements, overflow, split
 
     def _capacity_for(self, specs: Sequence[TensorSpec], num_shards: int) -> Storage:
@@ -299,6 +305,7 @@ def plan(
     plan_sparse: bool = True,
     list_stats: ListStats | None = None,
     cold_window: int = COLD_WINDOW_BYTES,
+    list_fast=None,
 ) -> Plan:
     """Plan a deployment of ``cfg`` on at most ``topo.hosts`` hosts.
 
@@ -307,7 +314,9 @@ def plan(
     IVF lists of an artifact) lets a CPU host keep the lists queries probe
     most in DRAM and serve the rest from the memory-mapped artifact
     (``planner/tiers.py``) instead of adding hosts; ``cold_window`` is the
-    slow-tier bytes a serving process keeps mapped at a time.
+    slow-tier bytes a serving process keeps mapped at a time; ``list_fast``
+    ([nlist] bool) imposes a split instead of choosing one (to predict a
+    given layout, e.g. all lists fast or all slow).
 
     Example:
         >>> from sterling.planner import IndexModelConfig, make_topology, plan
@@ -319,6 +328,7 @@ def plan(
     inventory = inventory if inventory is not None else inventory_from_config(cfg)
     pl = _Planner(cfg, topo, targets, inventory, list_stats)
     pl.cold_window = int(cold_window)
+    pl.force_fast = list_fast
     g = topo.gpus_per_host
     world = topo.world_size
     nlist = pl.nlist

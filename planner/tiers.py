@@ -31,6 +31,7 @@ __all__ = [
     "ListRange",
     "TierSplit",
     "pick_fast",
+    "slow_reads_per_batch",
     "split_lists",
 ]
 
@@ -204,11 +205,14 @@ def split_lists(
                      always=int(stats.always), probe_freq=stats.probe_freq, list_bytes=lb)
 
 
-def split_placements(split: TierSplit, stats: ListStats, *, k0: int, filtered: bool = False,
+def split_placements(split: TierSplit, stats: ListStats, *, k0: int, batch: int = 1, filtered: bool = False,
                      other: Sequence[Placement] = ()) -> tuple[Placement, ...]:
     """Placements of the per-item tensors under ``split`` (bytes per query weighted by probe frequency).
 
-    Scanned tensors (codes, scales) are read whole for each probed list; the
+    Scanned tensors (codes, scales) are read whole once per batch for each
+    list at least one of the batch's ``batch`` queries probes (the scan reads
+    a list shared by several queries once): list l with per-query probe
+    probability f_l is read with probability 1 − (1 − f_l)^batch. The
     gathered tail (ids, exact attributes) for the K0 survivors, which come
     from the fast tier in proportion to the probes that land there. ``other``
     (the always-resident tensors) is passed through. With ``filtered`` the
@@ -227,10 +231,23 @@ def split_placements(split: TierSplit, stats: ListStats, *, k0: int, filtered: b
             if not nbytes:
                 continue
             if name in scanned:
-                bpq = float((freq[mask] * b[mask]).sum())
+                read = 1.0 - (1.0 - np.minimum(freq[mask], 1.0)) ** max(1, int(batch))
+                bpq = float((read * b[mask]).sum()) / max(1, int(batch))
             else:
                 share = fast_share if tier is split.fast_tier else 1.0 - fast_share
                 per_item = float(b.sum()) / max(1.0, float(items.sum()) if items is not None else 1.0)
                 bpq = k0 * share * max(per_item, 8.0)
             out.append(Placement(name=name, tier=tier, nbytes=nbytes, bytes_per_query=bpq))
     return tuple(out)
+
+
+def slow_reads_per_batch(split: TierSplit, stats: ListStats, *, batch: int, k: int, filtered: bool = False) -> float:
+    """Expected separate reads from the slow tier per batch: one per (slow list read, scanned tensor),
+    plus one per result row gathered from a slow list (its id page)."""
+    freq = np.minimum(stats.probe_freq, 1.0)
+    slow = ~split.fast
+    lists = float((1.0 - (1.0 - freq[slow]) ** max(1, int(batch))).sum())
+    scanned = len((SCANNED | {"bloom"} if filtered else SCANNED) & set(stats.bytes_by_tensor))
+    total = float(freq.sum()) or 1.0
+    slow_share = float(freq[slow].sum()) / total
+    return lists * scanned + max(1, int(batch)) * k * slow_share
