@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from sterling.launch import cli
 from sterling.model import IndexConfig, ItemIndex, build_index
 from sterling.model.artifact import read_artifact
-from sterling.planner import IndexModelConfig, MemoryTier, make_topology, plan
+from sterling.planner import IndexModelConfig, MemoryTier, PlanTargets, make_topology, plan
 from sterling.planner.io import load_plan
 from sterling.planner.tiers import ListStats, split_lists
 
@@ -68,7 +68,7 @@ def test_plan_from_an_artifact_splits_lists_instead_of_adding_hosts(artifact, tm
     cfg = IndexModelConfig(items=20_000, dim=32, nlist=64, nprobe=8, k0=10, attrs_per_item=0, cache_dim=0,
                            tower_params=0)
     topo = make_topology("cpu", host_dram_bytes=int((total // 2 + (1 << 20)) / 0.8))
-    p = plan(cfg, topo, list_stats=stats, cold_window=1 << 20)
+    p = plan(cfg, topo, PlanTargets(p99_ms=None), list_stats=stats, cold_window=1 << 20)
     assert p.num_shards == 1
     split = p.devices[0].tiers
     assert 0 < split["fast_lists"] < 64
@@ -86,7 +86,7 @@ def test_plan_json_records_tier_and_bytes_per_tensor_and_list_range_and_plots_it
     out, png = tmp_path / "plan.json", tmp_path / "plan.png"
     size = artifact.stat().st_size
     assert cli.main(["plan", "--model", str(artifact), "--gpu", "cpu", "--host-dram-gb", f"{(size / 2 + 2**20) / 0.8e9:.6f}",
-                     "--cold-window-mb", "1", "--k0", "10", "--out", str(out), "--plot", str(png), "--quiet"]) == 0
+                     "--cold-window-mb", "1", "--k0", "10", "--p99-ms", "0", "--out", str(out), "--plot", str(png), "--quiet"]) == 0
     raw = json.loads(out.read_text())
     tiers = raw["devices"][0]["tiers"]
     assert set(tiers["tensors"]) >= {"codes", "scales", "bloom", "item_ids", "attr_ids", "attr_offsets"}
@@ -103,7 +103,7 @@ def test_retier_writes_the_plans_split_atomically_and_the_data_is_unchanged(arti
     out = tmp_path / "plan.json"
     size = artifact.stat().st_size
     assert cli.main(["plan", "--model", str(artifact), "--gpu", "cpu", "--host-dram-gb", f"{(size / 3 + 2**20) / 0.8e9:.6f}",
-                     "--cold-window-mb", "1", "--out", str(out), "--quiet"]) == 0
+                     "--cold-window-mb", "1", "--p99-ms", "0", "--out", str(out), "--quiet"]) == 0
     copy = tmp_path / "m.st"
     copy.write_bytes(artifact.read_bytes())
     assert cli.main(["retier", "--model", str(copy), "--plan", str(out)]) == 0
