@@ -70,15 +70,18 @@ def run(args: argparse.Namespace) -> int:
     stats = artifact_list_stats(args.model)
     lb = sum(stats["bytes_by_tensor"].values())
     nlist = lb.shape[0]
+    window = None
     if args.plan is not None:
-        fast = fast_mask_of_plan(load_plan(args.plan), nlist)
+        plan = load_plan(args.plan)
+        fast = fast_mask_of_plan(plan, nlist)
+        window = plan.devices[0].tiers.get("cold_window_bytes")
     elif args.all is not None:
         fast = np.full(nlist, args.all == "fast")
     else:
         if args.fast_mb < 0:
             raise InvalidInputError(f"--fast-mb ({args.fast_mb}) must be >= 0")
         fast = pick_fast(stats["probe_freq"], lb, int(args.fast_mb * 1e6))
-    retier_artifact(args.model, fast, out=args.out)
+    retier_artifact(args.model, fast, out=args.out, cold_window=window)
     hot = float(stats["probe_freq"][fast].sum() / max(stats["probe_freq"].sum(), 1e-300))
     print(f"{args.out or args.model}: {int(fast.sum())} of {nlist} lists resident "
           f"({int(lb[fast].sum()) / 1e6:.1f} MB, {hot:.0%} of probes), {int((~fast).sum())} memory-mapped "

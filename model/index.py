@@ -609,12 +609,14 @@ class ItemIndex(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, *, verify: bool = True, tiers: bool | None = None,
-             cold_window: int = DEFAULT_COLD_WINDOW) -> ItemIndex:
+             cold_window: int | None = None) -> ItemIndex:
         """Load an index artifact (or the index of a model artifact), memory-mapped.
 
         ``tiers``: apply the artifact's memory tiers (``apply_tiers``); the
         default applies them when the artifact records a tier for each list
         (``sterling retier``), else every list is left as mapped.
+        ``cold_window``: default the planned one recorded by ``sterling retier``, else
+        ``DEFAULT_COLD_WINDOW``.
         """
         h, tensors = read_artifact(path, verify=verify)
         if "index" not in h["meta"]:
@@ -624,13 +626,17 @@ class ItemIndex(nn.Module):
         index = cls.from_parts(h["meta"]["index"], own)
         index.mark_mapped()
         if tiers or (tiers is None and index.tier_layout is not None and index.tier_layout.fast is not None):
-            index.apply_tiers(cold_window=cold_window)
+            index.apply_tiers(cold_window=index._recorded_window() if cold_window is None else cold_window)
         return index
 
     # ---------------------------------------------------------------- tiers
     def mark_mapped(self) -> None:
         """Record the current buffers as views of the memory-mapped artifact (done by ``load``)."""
         self._mapped = {n: getattr(self, n).data_ptr() for n in PER_ITEM_TENSORS}
+
+    def _recorded_window(self) -> int:
+        w = self.tier_layout.cold_window if self.tier_layout is not None else None
+        return DEFAULT_COLD_WINDOW if w is None else int(w)
 
     def _tier_tensors(self) -> dict[str, torch.Tensor]:
         return {n: getattr(self, n) for n in (*PER_ITEM_TENSORS, "list_offsets")}
@@ -680,8 +686,9 @@ class ItemIndex(nn.Module):
         st.release(tensors)
         self._tiering = st
         layout = self.tier_layout
-        self.tier_layout = (layout.with_fast(fast) if layout is not None else
-                            TierLayout(probe_freq=np.zeros(self.nlist), nprobe=0, queries=0, fast=fast))
+        self.tier_layout = (layout.with_fast(fast, int(cold_window)) if layout is not None else
+                            TierLayout(probe_freq=np.zeros(self.nlist), nprobe=0, queries=0, fast=fast,
+                                       cold_window=int(cold_window)))
         return st
 
     def retier(self, fast) -> None:

@@ -142,7 +142,7 @@ class RetrievalModel(nn.Module):
         )
         index.mark_mapped()
         if index.tier_layout is not None and index.tier_layout.fast is not None:
-            index.apply_tiers()  # the artifact records a tier per list (`sterling retier`)
+            index.apply_tiers(cold_window=index._recorded_window())  # recorded by `sterling retier`
         tower = None
         if h["meta"].get("tower"):
             tower = UserTower(UserTower.Config(**h["meta"]["tower"]))

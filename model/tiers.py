@@ -119,6 +119,7 @@ class TierLayout:
     queries: int
     source: str = "items"
     fast: np.ndarray | None = None
+    cold_window: int | None = None  # slow-tier bytes mapped at a time, as planned (None = the default)
 
     def __post_init__(self) -> None:
         self.probe_freq = np.asarray(self.probe_freq, dtype=np.float64)
@@ -135,9 +136,10 @@ class TierLayout:
     def nlist(self) -> int:
         return int(self.probe_freq.shape[0])
 
-    def with_fast(self, fast: np.ndarray | None) -> TierLayout:
+    def with_fast(self, fast: np.ndarray | None, cold_window: int | None = None) -> TierLayout:
         return TierLayout(probe_freq=self.probe_freq, nprobe=self.nprobe, queries=self.queries,
-                          source=self.source, fast=fast)
+                          source=self.source, fast=fast,
+                          cold_window=self.cold_window if cold_window is None else int(cold_window))
 
     def to_meta(self) -> dict:
         d = {
@@ -148,6 +150,8 @@ class TierLayout:
         }
         if self.fast is not None:
             d["fast"] = "".join("1" if f else "0" for f in self.fast.tolist())
+        if self.cold_window is not None:
+            d["cold_window"] = int(self.cold_window)
         return d
 
     @classmethod
@@ -160,7 +164,8 @@ class TierLayout:
         if mask is not None and mask.shape[0] != nlist:
             mask = None
         return cls(probe_freq=np.asarray(d["probe_freq"]), nprobe=int(d.get("nprobe", 1)),
-                   queries=int(d.get("queries", 0)), source=str(d.get("source", "items")), fast=mask)
+                   queries=int(d.get("queries", 0)), source=str(d.get("source", "items")), fast=mask,
+                   cold_window=None if d.get("cold_window") is None else int(d["cold_window"]))
 
 
 def list_bytes(tensors: dict[str, torch.Tensor], list_offsets: np.ndarray) -> np.ndarray:
@@ -408,7 +413,7 @@ def artifact_list_stats(path) -> dict:
             "always": int(always), "fast": fast}
 
 
-def retier_artifact(path, fast: np.ndarray, out=None) -> None:
+def retier_artifact(path, fast: np.ndarray, out=None, *, cold_window: int | None = None) -> None:
     """Rewrite an artifact with a tier per list (atomic: temp file + rename; the data is unchanged)."""
     from sterling.model.artifact import read_artifact, write_artifact
     from sterling.model.errors import ArtifactError
@@ -428,7 +433,7 @@ def retier_artifact(path, fast: np.ndarray, out=None) -> None:
     index_meta = dict(meta["index"])
     layout = TierLayout.from_meta(index_meta.get("tiers"), nlist) or TierLayout(
         probe_freq=np.zeros(nlist), nprobe=0, queries=0, source="none")
-    index_meta["tiers"] = layout.with_fast(fast).to_meta()
+    index_meta["tiers"] = layout.with_fast(fast, cold_window).to_meta()
     meta["index"] = index_meta
     write_artifact(path if out is None else out, kind=h["kind"], meta=meta, tensors=tensors)
 

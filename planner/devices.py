@@ -79,9 +79,11 @@ CPU_FP32_FLOPS: float = 24e9  # FLOP/s, measured sgemm, 2 threads
 # The planner assumes the cold case: a slow tier exists because the page cache cannot hold it.
 CPU_MMAP_COLD_BW: float = 1.44e9  # bytes/s
 # Fixed cost of one separate read of evicted pages (a list's run of one tensor, or one gathered
-# row's page): fitted from `sterling bench tiers` all-slow vs all-fast, cold cache, on the dev box
-# (see BENCHMARKS.md); the planner's split prediction is then checked on the split layout.
-CPU_MMAP_READ_S: float = 35e-6  # seconds
+# row's page): fitted on the dev box from `sterling bench tiers` (300k x 64, nlist 1024, nprobe 32,
+# batch 16, cold cache): all-slow minus all-fast = 25.1 ms per batch, of which 6.6 ms are its
+# 7.6 MB at CPU_MMAP_COLD_BW x 0.8, leaving 18.5 ms for 924 expected reads ≈ 20 µs each. The
+# split layout (not used for the fit) checks it: see BENCHMARKS.md.
+CPU_MMAP_READ_S: float = 20e-6  # seconds
 
 
 def _gpu(

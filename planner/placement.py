@@ -21,6 +21,7 @@ are assumed equal-sized (the cluster code balances real lists by bytes).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -251,6 +252,8 @@ class _Planner:
         split = split_lists(stats, budget, fast=self.force_fast, cold_window=self.cold_window)
         placements = split_placements(split, stats, k0=min(self.cfg.k0, self.cfg.items), batch=self.cfg.batch,
                                       other=placements)
+        slow = sum(p.bytes_per_query for p in placements if p.tier is split.slow_tier) * self.cfg.batch
+        split = dataclasses.replace(split, batch_slow_bytes=int(math.ceil(slow)))
         return placements, overflow, split
 
     def _capacity_for(self, specs: Sequence[TensorSpec], num_shards: int) -> Storage:

@@ -111,11 +111,14 @@ class TierSplit:
     always: int
     probe_freq: np.ndarray | None = None  # [nlist], for the plot
     list_bytes: np.ndarray | None = None  # [nlist]
+    batch_slow_bytes: int = 0  # slow-tier bytes one batch scans (mapped until the batch ends)
 
     @property
     def resident_bytes(self) -> int:
-        """What a serving process keeps resident for the index: fast pages + small tensors + slow window."""
-        return self.fast_pages_bytes + self.always + (self.cold_window if (~self.fast).any() else 0)
+        """What a serving process keeps resident for the index: fast pages + small tensors + the slow
+        window, or one batch's slow scan when that is larger (a batch's pages stay mapped while it runs)."""
+        slow = max(self.cold_window, self.batch_slow_bytes) if (~self.fast).any() else 0
+        return self.fast_pages_bytes + self.always + slow
 
     def to_dict(self) -> dict:
         return {
@@ -127,6 +130,7 @@ class TierSplit:
             "resident_bytes": self.resident_bytes,
             "fast_pages_bytes": self.fast_pages_bytes,
             "cold_window_bytes": self.cold_window,
+            "batch_slow_bytes": self.batch_slow_bytes,
             "always_resident_bytes": self.always,
             "tensors": self.bytes_by_tensor,
             "ranges": [r.to_dict() for r in self.ranges],

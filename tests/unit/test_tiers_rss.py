@@ -5,7 +5,7 @@ statistics from a query sample, ``sterling plan --model --gpu cpu`` with a
 DRAM budget of about a quarter of it splits the lists, ``sterling retier``
 writes the split into the artifact, and a fresh subprocess loads it (tiers
 applied on load; the slow tier is mapped, not pre-faulted) and answers
-queries that probe every list many times over. Its RSS, read from
+queries that probe every list many times over. Its RSS between batches, read from
 /proc/self/status (VmRSS = RssAnon + RssFile + RssShmem) after every batch,
 less the RSS before loading (interpreter, torch, numba already compiled),
 must stay under the plan's ``resident_bytes`` + 10%. What the baseline
@@ -18,6 +18,12 @@ process's RSS; they are reported, not counted.
 
 The same run without tiers would fault the whole artifact in; the test
 checks that it would have exceeded the bound, so it can fail.
+
+Not bounded: the peak *inside* a batch (VmHWM, reset at the baseline through
+/proc/self/clear_refs, printed). While a batch runs the kernel maps 64 KB
+around every fault (fault-around) and reads ahead, so a batch maps more of
+the slow tier than it scans; the planner's ``batch_slow_bytes`` counts only
+the scanned bytes.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ def status():
     with open("/proc/self/status") as f:
         for line in f:
             k, _, v = line.partition(":")
-            if k in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+            if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
                 out[k] = int(v.split()[0]) * 1024
     return out
 
@@ -57,6 +63,8 @@ for _ in range(20):
     warm.search(torch.randn(B, 64, generator=g), k=10, nprobe=nprobe)
 del warm
 base = status()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset VmHWM: the peak from here on includes the pages a batch maps while it runs
 index = ItemIndex.load(path, verify=False, tiers=tiers)
 peak = status()
 seen = np.zeros(index.nlist, dtype=np.int64)
@@ -68,7 +76,7 @@ for r in range(rounds):
     now = status()
     if now["VmRSS"] > peak["VmRSS"]:
         peak = now
-print(json.dumps({"base": base, "peak": peak, "lists_probed": int((seen > 0).sum()), "nlist": index.nlist,
+print(json.dumps({"base": base, "peak": peak, "end": status(), "lists_probed": int((seen > 0).sum()), "nlist": index.nlist,
                   "fast_resident": index.tiering.fast_resident_bytes() if index.tiering else None}))
 """
 
@@ -115,11 +123,12 @@ def test_rss_of_a_tiered_process_stays_under_the_planned_resident_bytes(tmp_path
     m = _serve(path, tiers=True)
     assert m["lists_probed"] == m["nlist"], "the queries must reach every list, slow ones included"
     measured = m["peak"]["VmRSS"] - m["base"]["VmRSS"]
+    inside = m["end"]["VmHWM"] - m["base"]["VmRSS"]  # peak inside a batch: reported, not bounded (see above)
     anon = m["peak"]["RssAnon"] - m["base"]["RssAnon"]
     file_ = m["peak"]["RssFile"] - m["base"]["RssFile"]
     print(f"\nartifact {size / 1e6:.1f} MB; planned resident {predicted / 1e6:.2f} MB; measured RSS delta "
           f"{measured / 1e6:.2f} MB (anon {anon / 1e6:.2f}, file {file_ / 1e6:.2f}); "
-          f"fast pages {m['fast_resident'] / 1e6:.2f} MB")
+          f"fast pages {m['fast_resident'] / 1e6:.2f} MB; peak inside a batch (VmHWM) {inside / 1e6:.2f} MB")
     assert measured <= 1.10 * predicted, (measured, predicted)
     assert m["fast_resident"] <= split["fast_pages_bytes"]
 
