@@ -20,6 +20,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "sterling.launch.build_cmd",
     "sterling.launch.query_cmd",
     "sterling.launch.plan_cmd",
+    "sterling.launch.retier_cmd",
     "sterling.launch.shard_cmd",
     "sterling.launch.serve_cmd",
     "sterling.launch.update_cmd",

@@ -50,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="a saved Sterling artifact: take items, dim, nlist and tensor sizes from it")
     what.add_argument("--bits", type=int, default=8, choices=(4, 8, 16, 32), help="bits per code value")
     what.add_argument("--nlist", type=int, default=None, help="IVF lists (default 4·√N)")
-    what.add_argument("--nprobe", type=int, default=32, help="lists probed per query")
+    what.add_argument("--nprobe", type=int, default=None,
+                      help="lists probed per query (default: the artifact's with --model, else 32)")
     what.add_argument("--k0", type=int, default=10_000, help="candidates kept for exact filter / OverArch")
     what.add_argument("--k", type=int, default=1_000, help="results returned per query")
     what.add_argument("--batch", type=int, default=16, help="queries per batch")
@@ -70,6 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     hw.add_argument("--p99-ms", type=float, default=100.0, help="p99 latency target (0 = none)")
     hw.add_argument("--allow-spill", action="store_true",
                     help="let the scan path (codes) spill to host DRAM instead of adding GPUs")
+    hw.add_argument("--cold-window-mb", type=float, default=32.0,
+                    help="CPU tiers (--model, --gpu cpu): slow-tier MB a serving process keeps mapped at a time")
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, default=None, help="write the plan JSON here")
     out.add_argument("--plot", type=Path, default=None, help="write a memory-per-device chart (PNG)")
@@ -102,11 +105,16 @@ def run(args: argparse.Namespace) -> int:
         sparse = sparse_tables_from_yaml(data)
 
     inventory = None
+    list_stats = None
     if args.model is not None:
         from sterling.model.artifact import read_header
 
         header = read_header(args.model)
+        list_stats = _list_stats(args)
+        if args.nprobe is None:
+            args.nprobe = list_stats.nprobe
         cfg, inventory = inventory_from_header(header, nprobe=args.nprobe, k0=args.k0, batch=args.batch)
+        list_stats = _at_nprobe(list_stats, cfg.nprobe)
         if args.items is not None and args.items != cfg.items:
             raise errors.InvalidPlanConfigError(
                 f"--items {args.items:,} disagrees with the artifact ({cfg.items:,}); drop --items"
@@ -115,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         if args.items is None or args.dim is None:
             raise errors.InvalidPlanConfigError("give --items and --dim, or --model ARTIFACT")
         cfg = IndexModelConfig(
-            items=args.items, dim=args.dim, nlist=args.nlist, nprobe=args.nprobe, k0=args.k0,
+            items=args.items, dim=args.dim, nlist=args.nlist, nprobe=args.nprobe or 32, k0=args.k0,
             k=args.k, batch=args.batch, code_bits=args.bits, attrs_per_item=args.attrs_per_item,
             cache_dim=args.cache_dim, tower_params=args.tower_params,
             overarch_params=args.overarch_params, sparse_tables=sparse,
@@ -136,7 +144,10 @@ def run(args: argparse.Namespace) -> int:
     targets = PlanTargets(
         qps=args.qps, p99_ms=args.p99_ms or None, allow_scan_spill=args.allow_spill,
     )
-    result = plan(cfg, topo, targets, inventory=inventory)
+    if args.cold_window_mb < 0:
+        raise errors.InvalidPlanConfigError(f"--cold-window-mb ({args.cold_window_mb}) must be >= 0")
+    result = plan(cfg, topo, targets, inventory=inventory, list_stats=list_stats,
+                  cold_window=int(args.cold_window_mb * 2**20))
     console = Console(width=None if sys.stdout.isatty() else 140)
     if args.quiet:
         for i, d in enumerate(result.decisions, 1):
@@ -152,3 +163,25 @@ def run(args: argparse.Namespace) -> int:
         plot_plan(result, args.plot)
         console.print(f"wrote {args.plot}", markup=False, highlight=False)
     return 0
+
+
+def _list_stats(args: argparse.Namespace):
+    """The artifact's real lists (bytes per list, probe statistics) as the planner's ``ListStats``."""
+    from sterling.model.tiers import artifact_list_stats
+    from sterling.planner.tiers import ListStats
+
+    d = artifact_list_stats(args.model)
+    return ListStats(bytes_by_tensor=d["bytes_by_tensor"], probe_freq=d["probe_freq"], nprobe=d["nprobe"],
+                     always=d["always"])
+
+
+def _at_nprobe(stats, nprobe: int):
+    """Probe frequencies measured at the build's nprobe, rescaled to the planned one (≤ 1 per list)."""
+    import numpy as np
+
+    from sterling.planner.tiers import ListStats
+
+    if nprobe == stats.nprobe or stats.nprobe <= 0:
+        return stats
+    freq = np.minimum(stats.probe_freq * (nprobe / stats.nprobe), 1.0)
+    return ListStats(bytes_by_tensor=stats.bytes_by_tensor, probe_freq=freq, nprobe=nprobe, always=stats.always)

@@ -30,6 +30,7 @@ from sterling.model.errors import (
 )
 from sterling.model.index import ItemIndex
 from sterling.model.kmeans import assign, spherical_kmeans
+from sterling.model.tiers import TierLayout, measure_probe_freq
 
 __all__ = ["build_index", "check_ids"]
 
@@ -54,6 +55,7 @@ def build_index(
     config: IndexConfig | None = None,
     *,
     progress: bool = False,
+    query_sample=None,
 ) -> ItemIndex:
     """Build an ``ItemIndex``.
 
@@ -65,6 +67,9 @@ def build_index(
             ``Attributes`` CSR.
         config: ``IndexConfig`` (default: auto nlist, inner product).
         progress: show progress bars.
+        query_sample: [Q, D] queries like the ones the index will serve, to
+            measure how often each list is probed (the memory tiers keep the
+            hottest lists resident). Default: up to 4096 catalog items.
     """
     config = config or IndexConfig()
     src = as_source(embeddings, ids, attributes)
@@ -90,6 +95,8 @@ def build_index(
     sample = src.take_rows(rows)
     _check_finite(sample, rows)
     centroids = spherical_kmeans(sample, nlist, iters=config.kmeans_iters, seed=config.seed)
+    tiers = _probe_stats(sample if query_sample is None else query_sample, centroids, config, nlist, D,
+                         source="items" if query_sample is None else "queries")
     del sample
 
     # 2. stream: assign + quantize
@@ -161,7 +168,21 @@ def build_index(
         "version": torch.tensor(1, dtype=torch.int64),
     }
     cfg = IndexConfig.from_dict({**config.to_dict(), "nlist": nlist})
-    return ItemIndex(config=cfg, vocab=attrs.vocab, bloom_spec=spec, tensors=tensors)
+    return ItemIndex(config=cfg, vocab=attrs.vocab, bloom_spec=spec, tensors=tensors, tiers=tiers)
+
+
+# Queries the build-time probe statistics are measured on (at most).
+PROBE_SAMPLE = 4096
+
+
+def _probe_stats(xq, centroids: torch.Tensor, config: IndexConfig, nlist: int, D: int, *, source: str) -> TierLayout:
+    """Expected probes per query of each list, on ``xq`` (the first ``PROBE_SAMPLE`` rows)."""
+    from sterling.model.index import prepare_queries
+
+    xq = prepare_queries(xq, D, Metric(config.metric))[:PROBE_SAMPLE]
+    nprobe = config.nprobe or max(1, nlist // 8)
+    freq = measure_probe_freq(xq, centroids, nprobe)
+    return TierLayout(probe_freq=freq, nprobe=min(nprobe, nlist), queries=int(xq.shape[0]), source=source)
 
 
 def _check_finite(x: torch.Tensor, rows: torch.Tensor) -> None:

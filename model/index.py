@@ -38,6 +38,7 @@ from sterling.model.errors import (
 )
 from sterling.model.filter import CompiledFilters, check_program_terms, compile_filters
 from sterling.model.stages import stage, staged
+from sterling.model.tiers import PER_ITEM_TENSORS, TieredStorage, TierLayout, pick_fast
 
 __all__ = ["ItemIndex", "prepare_queries"]
 # Blocks at least this long evaluate only the programs their queries need (see _eligible_fn).
@@ -59,6 +60,9 @@ _SMALL_BATCH = 32  # unfiltered CPU batches up to this size take the lean path
 
 # Scores one search chunk may hold (fp32: 256 MiB); bounds memory at any B, nprobe and k.
 _CHUNK_BUDGET = 1 << 26
+# Slow-tier bytes a tiered index scans between two releases of its mapped pages (the resident
+# window the planner adds to the fast tier; ``planner.tiers.COLD_WINDOW_BYTES`` is the same).
+DEFAULT_COLD_WINDOW = 32 << 20
 
 
 def prepare_queries(xq, dim: int, metric: Metric) -> torch.Tensor:
@@ -126,6 +130,7 @@ class ItemIndex(nn.Module):
         vocab: list[str],
         bloom_spec: bloom_mod.BloomSpec,
         tensors: dict[str, torch.Tensor],
+        tiers: TierLayout | None = None,
     ) -> None:
         super().__init__()
         missing = [b for b in _BUFFERS if b not in tensors]
@@ -137,6 +142,9 @@ class ItemIndex(nn.Module):
         self.vocab = list(vocab)
         self.vocab_index = {t: i for i, t in enumerate(self.vocab)}
         self.bloom_spec = bloom_spec
+        self.tier_layout = tiers if tiers is not None and tiers.nlist == self.nlist else None
+        self._tiering: TieredStorage | None = None
+        self._mapped: dict[str, int] = {}  # buffer → data_ptr, for buffers that are views of the artifact
 
     # ---------------------------------------------------------------- shape
     @property
@@ -266,6 +274,8 @@ class ItemIndex(nn.Module):
                     probe = probe_lists(xq[rows], self.centroids, nprobe)
                 with stage("scan"):
                     s, _, ids = ivf_topk(xq[rows], probe, k=k, item_ids=self.item_ids, **self._scan_args())
+                if self._tiering is not None:
+                    self._observe(probe)
                 return s, ids
             s, p = self._search_chunk(xq[rows], k, nprobe, filters, qprog_all[rows], exact, adaptive)
             return s, self.positions_to_ids(p)
@@ -301,6 +311,8 @@ class ItemIndex(nn.Module):
                 x, np.ascontiguousarray(probe, dtype=np.int64), views["codes"], views["scales"], views["list_offsets"],
                 views["alive"], k, item_ids=views["item_ids"],
             )
+        if self._tiering is not None:
+            self._observe(probe)
         return torch.from_numpy(s), torch.from_numpy(ids)
 
     def _numpy_views(self) -> dict | None:
@@ -424,41 +436,49 @@ class ItemIndex(nn.Module):
         """
         with stage("probe"):
             probe = probe_lists(xq, self.centroids, nprobe)
-        if filters is None:
-            return ivf_topk(xq, probe, k=k, eligible=None, **self._scan_args())
-        filtered = qprog >= 0
-        if not bool(filtered.any()):
-            return ivf_topk(xq, probe, k=k, eligible=None, **self._scan_args())
-        dev = xq.device
-        has_not = torch.tensor([any(op == OP_NOT for op, _ in p) for p in filters.programs] + [False]).to(dev)
-        must_verify = filtered & (exact | has_not[qprog])
-        # per query: live items scanned, Bloom survivors, candidates checked, passed
-        seen = torch.zeros(xq.shape[0], 4, dtype=torch.int64, device=dev)
-        seen[:, 2:] = 1
-        out_s, out_p = self._scan_verified(xq, probe, k, filters, qprog, must_verify, seen)
-        if not adaptive:
+        try:
+            if filters is None:
+                return ivf_topk(xq, probe, k=k, eligible=None, **self._scan_args())
+            filtered = qprog >= 0
+            if not bool(filtered.any()):
+                return ivf_topk(xq, probe, k=k, eligible=None, **self._scan_args())
+            dev = xq.device
+            has_not = torch.tensor([any(op == OP_NOT for op, _ in p) for p in filters.programs] + [False]).to(dev)
+            must_verify = filtered & (exact | has_not[qprog])
+            # per query: live items scanned, Bloom survivors, candidates checked, passed
+            seen = torch.zeros(xq.shape[0], 4, dtype=torch.int64, device=dev)
+            seen[:, 2:] = 1
+            out_s, out_p = self._scan_verified(xq, probe, k, filters, qprog, must_verify, seen)
+            if not adaptive:
+                return out_s, out_p
+            precision = seen[:, 3].double() / seen[:, 2].double()
+            frac = seen[:, 1].double() / seen[:, 0].clamp(min=1).double() * precision
+            need = torch.where(filtered, nprobe / frac.clamp(min=1e-12).sqrt(), torch.zeros_like(frac))
+            brute = filtered & (need >= 0.5 * self.nlist)
+            widen = filtered & ~brute & (need > 1.25 * nprobe)
+            if bool(widen.any()):
+                rows = widen.nonzero().squeeze(1)
+                # half-steps of nprobe, so each rescan is one batch and the overshoot stays small
+                wide = torch.clamp(torch.ceil(2 * need[rows] / nprobe) * nprobe / 2, max=self.nlist).long()
+                for w in wide.unique().tolist():
+                    sel = rows[wide == w]
+                    with stage("probe"):
+                        p2 = probe_lists(xq[sel], self.centroids, int(w))
+                    out_s[sel], out_p[sel] = self._scan_verified(xq[sel], p2, k, filters, qprog[sel], must_verify[sel], None)
+                    if self._tiering is not None:
+                        self._observe(p2)
+            if bool(brute.any()):
+                rows = brute.nonzero().squeeze(1)
+                for prog in qprog[rows].unique().tolist():
+                    sel = rows[qprog[rows] == prog]
+                    verify = bool(must_verify[sel].any())
+                    out_s[sel], out_p[sel] = self._prefilter_topk(xq[sel], k, filters, prog, verify=verify)
+                if self._tiering is not None:
+                    self._tiering.observe_all(self._tier_tensors())
             return out_s, out_p
-        precision = seen[:, 3].double() / seen[:, 2].double()
-        frac = seen[:, 1].double() / seen[:, 0].clamp(min=1).double() * precision
-        need = torch.where(filtered, nprobe / frac.clamp(min=1e-12).sqrt(), torch.zeros_like(frac))
-        brute = filtered & (need >= 0.5 * self.nlist)
-        widen = filtered & ~brute & (need > 1.25 * nprobe)
-        if bool(widen.any()):
-            rows = widen.nonzero().squeeze(1)
-            # half-steps of nprobe, so each rescan is one batch and the overshoot stays small
-            wide = torch.clamp(torch.ceil(2 * need[rows] / nprobe) * nprobe / 2, max=self.nlist).long()
-            for w in wide.unique().tolist():
-                sel = rows[wide == w]
-                with stage("probe"):
-                    p2 = probe_lists(xq[sel], self.centroids, int(w))
-                out_s[sel], out_p[sel] = self._scan_verified(xq[sel], p2, k, filters, qprog[sel], must_verify[sel], None)
-        if bool(brute.any()):
-            rows = brute.nonzero().squeeze(1)
-            for prog in qprog[rows].unique().tolist():
-                sel = rows[qprog[rows] == prog]
-                verify = bool(must_verify[sel].any())
-                out_s[sel], out_p[sel] = self._prefilter_topk(xq[sel], k, filters, prog, verify=verify)
-        return out_s, out_p
+        finally:
+            if self._tiering is not None:  # after the scan, so a release never precedes the reads
+                self._observe(probe)
 
     def _scan_filter(self, filters: CompiledFilters, qprog: torch.Tensor) -> ScanFilter:
         return ScanFilter(self.bloom, filters.term_words, filters.programs, qprog)
@@ -574,11 +594,14 @@ class ItemIndex(nn.Module):
 
     # ------------------------------------------------------------- artifact
     def meta(self) -> dict:
-        return {
+        meta = {
             "config": self.config.to_dict(),
             "vocab": self.vocab,
             "bloom": {"words": self.bloom_spec.words, "hashes": self.bloom_spec.hashes},
         }
+        if self.tier_layout is not None:
+            meta["tiers"] = self.tier_layout.to_meta()
+        return meta
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in _BUFFERS}
@@ -590,6 +613,8 @@ class ItemIndex(nn.Module):
             vocab=meta["vocab"],
             bloom_spec=bloom_mod.BloomSpec(**meta["bloom"]),
             tensors=tensors,
+            tiers=TierLayout.from_meta(meta.get("tiers"), int(tensors["centroids"].shape[0]))
+            if "centroids" in tensors else None,
         )
 
     def save(self, path: str | Path) -> None:
@@ -597,11 +622,109 @@ class ItemIndex(nn.Module):
         write_artifact(path, kind="item_index", meta={"index": self.meta()}, tensors=self.tensors())
 
     @classmethod
-    def load(cls, path: str | Path, *, verify: bool = True) -> ItemIndex:
-        """Load an index artifact (or the index of a model artifact), memory-mapped."""
+    def load(cls, path: str | Path, *, verify: bool = True, tiers: bool | None = None,
+             cold_window: int | None = None) -> ItemIndex:
+        """Load an index artifact (or the index of a model artifact), memory-mapped.
+
+        ``tiers``: apply the artifact's memory tiers (``apply_tiers``); the
+        default applies them when the artifact records a tier for each list
+        (``sterling retier``), else every list is left as mapped.
+        ``cold_window``: default the planned one recorded by ``sterling retier``, else
+        ``DEFAULT_COLD_WINDOW``.
+        """
         h, tensors = read_artifact(path, verify=verify)
         if "index" not in h["meta"]:
             raise ArtifactError(f"{path} holds a {h['kind']!r}, which has no item index")
         prefix = "" if h["kind"] == "item_index" else "index."
         own = {n[len(prefix) :]: t for n, t in tensors.items() if n.startswith(prefix)}
-        return cls.from_parts(h["meta"]["index"], own)
+        index = cls.from_parts(h["meta"]["index"], own)
+        index.mark_mapped()
+        if tiers or (tiers is None and index.tier_layout is not None and index.tier_layout.fast is not None):
+            index.apply_tiers(cold_window=index._recorded_window() if cold_window is None else cold_window)
+        return index
+
+    # ---------------------------------------------------------------- tiers
+    def mark_mapped(self) -> None:
+        """Record the current buffers as views of the memory-mapped artifact (done by ``load``)."""
+        self._mapped = {n: getattr(self, n).data_ptr() for n in PER_ITEM_TENSORS}
+
+    def _recorded_window(self) -> int:
+        w = self.tier_layout.cold_window if self.tier_layout is not None else None
+        return DEFAULT_COLD_WINDOW if w is None else int(w)
+
+    def _tier_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n) for n in (*PER_ITEM_TENSORS, "list_offsets")}
+
+    def _observe(self, probe) -> None:
+        probe = probe.numpy() if isinstance(probe, torch.Tensor) else probe
+        self._tiering.observe(probe, self._tier_tensors())
+
+    @property
+    def tiering(self) -> TieredStorage | None:
+        """Runtime tier state (None when every list is handled alike)."""
+        return self._tiering
+
+    def apply_tiers(self, fast=None, *, cold_window: int = DEFAULT_COLD_WINDOW) -> TieredStorage:
+        """Split the IVF lists into a resident tier and the memory-mapped artifact (``model/tiers.py``).
+
+        Args:
+            fast: [nlist] bool, True = resident (default: the artifact's layout).
+            cold_window: slow-tier bytes scanned between two releases of their pages.
+        Search results do not change; only which pages stay in memory does.
+        """
+        if fast is None:
+            if self.tier_layout is None or self.tier_layout.fast is None:
+                raise InvalidInputError(
+                    "this index records no tier per list; pass fast=[nlist] bools, or run "
+                    "`sterling retier --model M --plan plan.json` first"
+                )
+            fast = self.tier_layout.fast
+        fast = np.asarray(fast, dtype=bool)
+        if fast.shape != (self.nlist,):
+            raise InvalidInputError(f"fast has shape {fast.shape}; the index has nlist = {self.nlist} lists")
+        if isinstance(cold_window, bool) or not isinstance(cold_window, (int, np.integer)) or cold_window < 0:
+            raise InvalidInputError(f"cold_window ({cold_window!r}) must be a byte count ≥ 0")
+        if self.codes.device.type != "cpu":
+            raise InvalidInputError(
+                f"tiers on {self.codes.device} are not supported: the CPU tiers keep cold lists in the "
+                "memory-mapped artifact; load the index on CPU"
+            )
+        tensors = self._tier_tensors()
+        if not self._mapped or any(tensors[n].data_ptr() != p for n, p in self._mapped.items()):
+            raise InvalidInputError(
+                "the slow tier is the memory-mapped artifact, and this index is not (or no longer) a view "
+                "of one: save it and load it with ItemIndex.load(path)"
+            )
+        st = TieredStorage.build(tensors, fast, int(cold_window))
+        st.promote(tensors)
+        st.release(tensors)
+        self._tiering = st
+        layout = self.tier_layout
+        self.tier_layout = (layout.with_fast(fast, int(cold_window)) if layout is not None else
+                            TierLayout(probe_freq=np.zeros(self.nlist), nprobe=0, queries=0, fast=fast,
+                                       cold_window=int(cold_window)))
+        return st
+
+    def retier(self, fast) -> None:
+        """Move lists between tiers while searches keep running (answers never change)."""
+        if self._tiering is None:
+            self.apply_tiers(fast)
+            return
+        self._tiering.set_fast(np.asarray(fast, dtype=bool), self._tier_tensors())
+        self.tier_layout = self.tier_layout.with_fast(np.asarray(fast, dtype=bool))
+
+    def retier_from_observed(self, fast_bytes: int, *, prior_queries: int = 1000) -> np.ndarray:
+        """Re-pick the fast lists from the probe counts observed while serving.
+
+        The build-time probe statistics count as ``prior_queries`` queries, so
+        a few early queries do not reshuffle the tiers. Returns the new mask.
+        """
+        st = self._tiering
+        if st is None:
+            raise InvalidInputError("the index is not tiered; call apply_tiers first")
+        prior = self.tier_layout.probe_freq if self.tier_layout is not None else np.zeros(self.nlist)
+        n = st.queries_observed
+        freq = (prior * prior_queries + st.observed) / max(1, prior_queries + n)
+        fast = pick_fast(freq, st.list_bytes, int(fast_bytes))
+        self.retier(fast)
+        return fast

@@ -142,6 +142,9 @@ class RetrievalModel(nn.Module):
         index = ItemIndex.from_parts(
             h["meta"]["index"], {n[6:]: t for n, t in tensors.items() if n.startswith("index.")}
         )
+        index.mark_mapped()
+        if index.tier_layout is not None and index.tier_layout.fast is not None:
+            index.apply_tiers(cold_window=index._recorded_window())  # recorded by `sterling retier`
         tower = None
         if h["meta"].get("tower"):
             tower = UserTower(UserTower.Config(**h["meta"]["tower"]))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+from sterling.planner.devices import CPU_MMAP_COLD_BW, CPU_MMAP_READ_S
 from sterling.planner.inventory import IndexModelConfig
 from sterling.planner.types import (
     CostEstimate,
@@ -70,6 +71,8 @@ def tier_bandwidth(topo: Topology, tier: MemoryTier) -> float:
         if dev.kind is DeviceKind.CPU:
             return host_share
         return min(dev.host_link_bw, host_share)
+    if tier is MemoryTier.MMAP:
+        return CPU_MMAP_COLD_BW
     return topo.remote_bw
 
 
@@ -98,8 +101,14 @@ def estimate_cost(
     shard_fraction: float,
     num_shards: int,
     replicas: int = 1,
+    slow_reads: float = 0.0,
 ) -> CostEstimate:
-    """Latency and throughput of one batch on the shard described by ``placements``."""
+    """Latency and throughput of one batch on the shard described by ``placements``.
+
+    ``slow_reads``: separate reads per batch from the memory-mapped tier
+    (``planner.tiers.slow_reads_per_batch``), each costing ``CPU_MMAP_READ_S``
+    on top of its bytes.
+    """
     b = cfg.batch
     dev = topo.device
     per_tier: dict[str, float] = {t.value: 0.0 for t in MemoryTier}
@@ -109,6 +118,7 @@ def estimate_cost(
     for t in MemoryTier:
         if per_tier[t.value]:
             memory_s += per_tier[t.value] / (tier_bandwidth(topo, t) * MEMORY_EFFICIENCY)
+    memory_s += slow_reads * CPU_MMAP_READ_S
     ops = batch_compute_ops(cfg, shard_fraction)
     compute_s = (
         ops["int8"] / (dev.int8_ops * COMPUTE_EFFICIENCY)

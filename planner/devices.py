@@ -73,6 +73,17 @@ L4_PCIE_BW: float = 32e9  # bytes/s per direction, PCIe Gen4 x16
 CPU_DRAM_BW: float = 22e9  # bytes/s, measured read bandwidth, 2 threads
 CPU_INT8_OPS: float = 41e9  # ops/s, measured fbgemm int8 GEMM, 2 threads
 CPU_FP32_FLOPS: float = 24e9  # FLOP/s, measured sgemm, 2 threads
+# Reads through a memory map of a file whose pages were evicted (posix_fadvise DONTNEED):
+# 1.44 GB/s measured on the dev box (256 MB, strided first touch then a full pass); the same
+# pass over pages still in the page cache ran at 12-13 GB/s, as fast as anonymous memory.
+# The planner assumes the cold case: a slow tier exists because the page cache cannot hold it.
+CPU_MMAP_COLD_BW: float = 1.44e9  # bytes/s
+# Fixed cost of one separate read of evicted pages (a list's run of one tensor, or one gathered
+# row's page): fitted on the dev box from `sterling bench tiers` (300k x 64, nlist 1024, nprobe 32,
+# batch 16, cold cache): all-slow minus all-fast = 25.1 ms per batch, of which 6.6 ms are its
+# 7.6 MB at CPU_MMAP_COLD_BW x 0.8, leaving 18.5 ms for 924 expected reads ≈ 20 µs each. The
+# split layout (not used for the fit) checks it: see BENCHMARKS.md.
+CPU_MMAP_READ_S: float = 20e-6  # seconds
 
 
 def _gpu(

@@ -21,6 +21,7 @@ are assumed equal-sized (the cluster code balances real lists by bytes).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,14 @@ from dataclasses import dataclass
 from sterling.planner import errors
 from sterling.planner.cost import estimate_cost
 from sterling.planner.inventory import IndexModelConfig, inventory_from_config
+from sterling.planner.tiers import (
+    COLD_WINDOW_BYTES,
+    ListStats,
+    TierSplit,
+    slow_reads_per_batch,
+    split_lists,
+    split_placements,
+)
 from sterling.planner.types import (
     TIER_ORDER,
     AccessPattern,
@@ -174,6 +183,7 @@ class _Eval:
     placements: tuple[Placement, ...]
     overflow: dict[str, int]
     cost: CostEstimate
+    split: TierSplit | None = None
 
 
 def _list_ranges(nlist: int, num_shards: int) -> list[tuple[int, int]]:
@@ -187,36 +197,64 @@ class _Planner:
         topo: Topology,
         targets: PlanTargets,
         inventory: tuple[TensorSpec, ...],
+        list_stats: ListStats | None = None,
     ) -> None:
+        self.list_stats = list_stats if topo.device.kind is DeviceKind.CPU else None
         self.cfg = cfg
         self.topo = topo
         self.targets = targets
         self.inventory = inventory
         self.nlist = cfg.resolved_nlist
         self.capacity = topo.capacity_per_device()
-        self._cache: dict[tuple[int, int], _Eval] = {}
+        self.cold_window = COLD_WINDOW_BYTES
+        self.force_fast = None
+        self._cache: dict[tuple[int, int, int], _Eval] = {}
 
-    def evaluate(self, num_shards: int, lists: int | None = None, replicas: int = 1) -> _Eval:
-        """Placement and cost for the largest shard when split ``num_shards`` ways."""
+    def evaluate(self, num_shards: int, lists: int | None = None, replicas: int = 1,
+                 start: int = 0) -> _Eval:
+        """Placement and cost for the largest shard when split ``num_shards`` ways
+        (lists ``[start, start + lists)`` when the real lists are known)."""
         if lists is None:
             lists = ceil_div(self.nlist, num_shards)
-        key = (num_shards, lists)
+        key = (num_shards, lists, start)
         if replicas == 1 and key in self._cache:
             return self._cache[key]
         fraction = lists / self.nlist
         specs = [_shard_spec(s, fraction) for s in self.inventory]
-        placements, overflow = place_on_device(
-            specs, self._capacity_for(specs, num_shards), kind=self.topo.device.kind,
-            allow_scan_spill=self.targets.allow_scan_spill,
-        )
+        split = None
+        if self.list_stats is not None:
+            placements, overflow, split = self._place_split(specs, self.list_stats.subset(start, start + lists))
+        else:
+            placements, overflow = place_on_device(
+                specs, self._capacity_for(specs, num_shards), kind=self.topo.device.kind,
+                allow_scan_spill=self.targets.allow_scan_spill,
+            )
+        slow_reads = 0.0
+        if split is not None:
+            slow_reads = slow_reads_per_batch(split, self.list_stats.subset(start, start + lists),
+                                              batch=self.cfg.batch, k=min(self.cfg.k0, self.cfg.items))
         cost = estimate_cost(
             topo=self.topo, cfg=self.cfg, placements=placements,
-            shard_fraction=fraction, num_shards=num_shards, replicas=replicas,
+            shard_fraction=fraction, num_shards=num_shards, replicas=replicas, slow_reads=slow_reads,
         )
-        ev = _Eval(num_shards, placements, overflow, cost)
+        ev = _Eval(num_shards, placements, overflow, cost, split)
         if replicas == 1:
             self._cache[key] = ev
         return ev
+
+    def _place_split(self, specs: Sequence[TensorSpec], stats: ListStats):
+        """CPU host with real lists: the other tensors stay in DRAM, per-item tensors split by list."""
+        per_item = set(stats.bytes_by_tensor)
+        others = [s for s in specs if s.name not in per_item and s.role is not TensorRole.SPARSE]
+        placements, overflow = place_on_device(others, self.capacity, kind=DeviceKind.CPU)
+        used = sum(p.nbytes for p in placements if p.tier is MemoryTier.DRAM)
+        budget = self.capacity.dram - used - self.cold_window
+        split = split_lists(stats, budget, fast=self.force_fast, cold_window=self.cold_window)
+        placements = split_placements(split, stats, k0=min(self.cfg.k0, self.cfg.items), batch=self.cfg.batch,
+                                      other=placements)
+        slow = sum(p.bytes_per_query for p in placements if p.tier is split.slow_tier) * self.cfg.batch
+        split = dataclasses.replace(split, batch_slow_bytes=int(math.ceil(slow)))
+        return placements, overflow, split
 
     def _capacity_for(self, specs: Sequence[TensorSpec], num_shards: int) -> Storage:
         """Per-device capacity left for the index: sparse user tables (planned later by
@@ -268,11 +306,20 @@ def plan(
     *,
     inventory: tuple[TensorSpec, ...] | None = None,
     plan_sparse: bool = True,
+    list_stats: ListStats | None = None,
+    cold_window: int = COLD_WINDOW_BYTES,
+    list_fast=None,
 ) -> Plan:
     """Plan a deployment of ``cfg`` on at most ``topo.hosts`` hosts.
 
     Pure: no devices, no process group. Raises ``InfeasiblePlanError`` with the
-    numbers and numbered remedies when nothing fits.
+    numbers and numbered remedies when nothing fits. ``list_stats`` (the real
+    IVF lists of an artifact) lets a CPU host keep the lists queries probe
+    most in DRAM and serve the rest from the memory-mapped artifact
+    (``planner/tiers.py``) instead of adding hosts; ``cold_window`` is the
+    slow-tier bytes a serving process keeps mapped at a time; ``list_fast``
+    ([nlist] bool) imposes a split instead of choosing one (to predict a
+    given layout, e.g. all lists fast or all slow).
 
     Example:
         >>> from sterling.planner import IndexModelConfig, make_topology, plan
@@ -282,7 +329,9 @@ def plan(
     """
     targets = targets or PlanTargets()
     inventory = inventory if inventory is not None else inventory_from_config(cfg)
-    pl = _Planner(cfg, topo, targets, inventory)
+    pl = _Planner(cfg, topo, targets, inventory, list_stats)
+    pl.cold_window = int(cold_window)
+    pl.force_fast = list_fast
     g = topo.gpus_per_host
     world = topo.world_size
     nlist = pl.nlist
@@ -324,6 +373,20 @@ def plan(
                 f"> {usable_note} in {mem_name} (best single-{unit} layout: "
                 f"{_tier_summary(ev1.placements)})"
             ),
+        ))
+    if ev1.split is not None:
+        sp = ev1.split
+        slow = int((~sp.fast).sum())
+        lb = pl.list_stats.list_bytes
+        hot_share = float(pl.list_stats.probe_freq[sp.fast].sum() / max(pl.list_stats.probe_freq.sum(), 1e-300))
+        decisions.append(Decision(
+            step="up",
+            message=(
+                f"tiers by probe frequency: {int(sp.fast.sum())} hottest lists ({fmt_bytes(int(lb[sp.fast].sum()))}, "
+                f"{hot_share:.0%} of probes) resident in DRAM, {slow} lists "
+                f"({fmt_bytes(int(lb[~sp.fast].sum()))}) served from the memory-mapped artifact; "
+                f"predicted resident {fmt_bytes(sp.resident_bytes)}"
+            ) if slow else f"tiers by probe frequency: all {pl.nlist} lists fit DRAM (resident {fmt_bytes(sp.resident_bytes)})",
         ))
     # (b, c) smallest shard count that fits memory and meets latency
     s = max(1, s_mem if ev1.overflow else 1)
@@ -433,8 +496,9 @@ def plan(
         shards.append(ShardSpec(
             shard=i, list_start=a, list_end=b, fraction=frac, items=round(cfg.items * frac),
         ))
-        ev = pl.evaluate(num_shards, lists=b - a)
-        devices.append(DevicePlan(shard=i, storage=_storage_of(ev.placements), placements=ev.placements))
+        ev = pl.evaluate(num_shards, lists=b - a, start=a if pl.list_stats is not None else 0)
+        devices.append(DevicePlan(shard=i, storage=_storage_of(ev.placements), placements=ev.placements,
+                                  tiers=None if ev.split is None else {**ev.split.to_dict(), "list_start": a}))
     assignments = _assign(num_shards, replicas, g)
     final = pl.evaluate(num_shards, replicas=replicas)
     sparse_tables: tuple[SparseTablePlacement, ...] = ()

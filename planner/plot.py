@@ -11,7 +11,7 @@ from sterling.planner.types import TIER_ORDER, Plan
 __all__ = ["plot_plan", "MAX_BARS"]
 
 MAX_BARS: int = 64
-_COLORS = {"sram": "#2a9d8f", "hbm": "#264653", "dram": "#e9c46a", "remote": "#e76f51"}
+_COLORS = {"sram": "#2a9d8f", "hbm": "#264653", "dram": "#e9c46a", "remote": "#e76f51", "mmap": "#8d99ae"}
 
 
 def plot_plan(plan: Plan, path: str | Path) -> Path:
@@ -24,7 +24,13 @@ def plot_plan(plan: Plan, path: str | Path) -> Path:
     path = Path(path)
     devices = plan.devices[:MAX_BARS]
     labels = [f"s{d.shard}" for d in devices]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(devices) + 2), 4.5))
+    split = devices[0].tiers if devices and devices[0].tiers else None
+    if split is None:
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(devices) + 2), 4.5))
+    else:
+        fig, (ax, ax_lists) = plt.subplots(1, 2, figsize=(max(6.0, 0.35 * len(devices) + 2) + 7, 4.5),
+                                           gridspec_kw={"width_ratios": [1, 2]})
+        _plot_lists(ax_lists, split)
     bottom = [0.0] * len(devices)
     for tier in TIER_ORDER:
         vals = [d.storage.get(tier) / 1e9 for d in devices]
@@ -59,3 +65,35 @@ def plot_plan(plan: Plan, path: str | Path) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+def _plot_lists(ax, split: dict) -> None:
+    """Shard 0's lists, hottest first: bytes per list coloured by tier, and the probes they take."""
+    fast = [c == "1" for c in split["fast"]]
+    ranges = split["ranges"]
+    per_list_freq = list(split.get("probe_freq") or [])
+    per_list_bytes = list(split.get("list_bytes") or [])
+    if len(per_list_freq) != len(fast) or len(per_list_bytes) != len(fast):
+        per_list_freq, per_list_bytes = [0.0] * len(fast), [0.0] * len(fast)
+        for r in ranges:  # only range totals known: spread them evenly over their lists
+            n = max(1, r["end"] - r["start"])
+            for lst in range(r["start"], r["end"]):
+                per_list_freq[lst] = r["probes_per_query"] / n
+                per_list_bytes[lst] = r["nbytes"] / n
+    order = sorted(range(len(fast)), key=lambda i: (-per_list_freq[i], i))
+    xs = list(range(len(order)))
+    colors = [_COLORS[split["fast_tier"]] if fast[i] else _COLORS[split["slow_tier"]] for i in order]
+    ax.bar(xs, [per_list_bytes[i] / 1e6 for i in order], width=1.0, color=colors)
+    ax.set_xlabel("IVF list, by expected probes per query (hottest first)")
+    ax.set_ylabel("MB per list")
+    total = sum(per_list_freq) or 1.0
+    cum, acc = [], 0.0
+    for i in order:
+        acc += per_list_freq[i]
+        cum.append(acc / total)
+    ax2 = ax.twinx()
+    ax2.plot(xs, cum, color="black", linewidth=1)
+    ax2.set_ylabel("share of probes (cumulative)")
+    ax2.set_ylim(0, 1.05)
+    ax.set_title(f"tiers: {split['fast_lists']} lists in {split['fast_tier']}, "
+                 f"{split['slow_lists']} in {split['slow_tier']} (resident {split['resident_bytes'] / 1e6:.1f} MB)")

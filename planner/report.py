@@ -54,7 +54,7 @@ def render_plan(plan: Plan, console: Console | None = None) -> None:
             str(plan.replicas), _hosts_of(plan, s.shard),
         )
     if plan.num_shards > MAX_SHARD_ROWS:
-        devs.add_row(f"… {plan.num_shards - MAX_SHARD_ROWS} more", *[""] * 8)
+        devs.add_row(f"… {plan.num_shards - MAX_SHARD_ROWS} more", *[""] * (4 + len(TIER_ORDER)))
     console.print(devs)
 
     if plan.sparse_tables:

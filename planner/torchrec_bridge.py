@@ -80,7 +80,7 @@ def _add(devices: Sequence[DevicePlan], per_rank: dict[int, list[Placement]]) ->
         storage = d.storage
         for p in extra:
             storage = storage + Storage.of(p.tier, p.nbytes)
-        out.append(DevicePlan(shard=d.shard, storage=storage, placements=d.placements + tuple(extra)))
+        out.append(DevicePlan(shard=d.shard, storage=storage, placements=d.placements + tuple(extra), tiers=d.tiers))
     return tuple(out)
 
 

@@ -46,13 +46,16 @@ class MemoryTier(StrEnum):
     ``sram``: on-chip L2 / shared memory (a persisting-L2 window on GPUs);
     ``hbm``: device memory; ``dram``: the host's DRAM, read by a GPU over
     PCIe or NVLink-C2C (for a CPU deployment it is the main memory);
-    ``remote``: another host's DRAM, read over the network.
+    ``remote``: another host's DRAM, read over the network; ``mmap``: the
+    memory-mapped artifact on a CPU host (page cache, then disk) — the slow
+    tier of a tiered index's cold lists (``planner/tiers.py``).
     """
 
     SRAM = "sram"
     HBM = "hbm"
     DRAM = "dram"
     REMOTE = "remote"
+    MMAP = "mmap"
 
 
 TIER_ORDER: tuple[MemoryTier, ...] = (
@@ -60,6 +63,7 @@ TIER_ORDER: tuple[MemoryTier, ...] = (
     MemoryTier.HBM,
     MemoryTier.DRAM,
     MemoryTier.REMOTE,
+    MemoryTier.MMAP,
 )
 
 
@@ -108,6 +112,7 @@ class Storage:
     hbm: int = 0
     dram: int = 0
     remote: int = 0
+    mmap: int = 0
 
     @classmethod
     def of(cls, tier: MemoryTier | str, nbytes: int) -> Storage:
@@ -117,29 +122,19 @@ class Storage:
         return int(getattr(self, MemoryTier(tier).value))
 
     def __add__(self, other: Storage) -> Storage:
-        return Storage(
-            sram=self.sram + other.sram,
-            hbm=self.hbm + other.hbm,
-            dram=self.dram + other.dram,
-            remote=self.remote + other.remote,
-        )
+        return Storage(**{t.value: self.get(t) + other.get(t) for t in TIER_ORDER})
 
     def __sub__(self, other: Storage) -> Storage:
-        return Storage(
-            sram=self.sram - other.sram,
-            hbm=self.hbm - other.hbm,
-            dram=self.dram - other.dram,
-            remote=self.remote - other.remote,
-        )
+        return Storage(**{t.value: self.get(t) - other.get(t) for t in TIER_ORDER})
 
     def __mul__(self, k: int) -> Storage:
-        return Storage(sram=self.sram * k, hbm=self.hbm * k, dram=self.dram * k, remote=self.remote * k)
+        return Storage(**{t.value: self.get(t) * k for t in TIER_ORDER})
 
     __rmul__ = __mul__
 
     @property
     def total(self) -> int:
-        return self.sram + self.hbm + self.dram + self.remote
+        return sum(self.get(t) for t in TIER_ORDER)
 
     def fits_in(self, capacity: Storage) -> bool:
         return all(self.get(t) <= capacity.get(t) for t in TIER_ORDER)
@@ -235,12 +230,13 @@ class Topology:
     def capacity_per_device(self) -> Storage:
         """Planned bytes per tier for one device (remote DRAM is not bounded here)."""
         if self.device.kind is DeviceKind.CPU:
-            return Storage(dram=self.dram_per_gpu, remote=_UNBOUNDED)
+            return Storage(dram=self.dram_per_gpu, remote=_UNBOUNDED, mmap=_UNBOUNDED)
         return Storage(
             sram=self.device.sram_bytes,
             hbm=self.device.usable_hbm,
             dram=self.dram_per_gpu,
             remote=_UNBOUNDED,
+            mmap=_UNBOUNDED,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -366,13 +362,17 @@ class DevicePlan:
     shard: int
     storage: Storage
     placements: tuple[Placement, ...]
+    tiers: dict[str, Any] | None = None  # per-list split (planner/tiers.py TierSplit.to_dict), when planned from an artifact
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "shard": self.shard,
             "storage": self.storage.to_dict(),
             "placements": [p.to_dict() for p in self.placements],
         }
+        if self.tiers is not None:
+            d["tiers"] = self.tiers
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DevicePlan:
@@ -380,6 +380,7 @@ class DevicePlan:
             shard=int(d["shard"]),
             storage=Storage.from_dict(d["storage"]),
             placements=tuple(Placement.from_dict(p) for p in d["placements"]),
+            tiers=d.get("tiers"),
         )
 
 
