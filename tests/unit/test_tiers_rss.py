@@ -1,6 +1,6 @@
 """A process serving a tiered catalog stays within the planner's predicted resident bytes.
 
-The catalog (random codes, the DESIGN.md §3 layout, ~100 MB) gets probe
+The catalog (random codes, the ItemIndex buffer layout, ~100 MB) gets probe
 statistics from a query sample, ``sterling plan --model --gpu cpu`` with a
 DRAM budget of about a quarter of it splits the lists, ``sterling retier``
 writes the split into the artifact, and a fresh subprocess loads it (tiers
