@@ -188,10 +188,11 @@ class LearnedRetrievalModel(nn.Module):
         per_list = max(1, self.index.capacity // max(self.index.nlist, 1))
         return int(min(self.index.nlist, max(self.index.default_nprobe(), math.ceil(2 * k0 / per_list))))
 
-    def candidates(self, u: torch.Tensor, k0: int, *, nprobe=None, where=None, exact=True):
+    def candidates(self, u: torch.Tensor, k0: int, *, nprobe=None, where=None, exact=True, adaptive=None):
         """(scores [B, K0], ids [B, K0]) from the index; the query is detached (the index is a constant)."""
         k0 = int(min(k0, max(self.index.num_items, 1)))
-        return self.index.search(u.detach(), k=k0, nprobe=nprobe or self.nprobe_for(k0), where=where, exact=exact)
+        return self.index.search(u.detach(), k=k0, nprobe=nprobe or self.nprobe_for(k0), where=where, exact=exact,
+                                 adaptive=adaptive)
 
     def rerank_logits(
         self, u: torch.Tensor, cand_ids: torch.Tensor, prior: torch.Tensor | None = None
@@ -218,12 +219,21 @@ class LearnedRetrievalModel(nn.Module):
         where: str | list[str | None] | None = None,
         value_formula: str | None = None,
         exact: bool = True,
+        adaptive: bool | None = None,
     ) -> LearnedOutput:
         k0 = int(k0 or max(self.k0, k))
         if k0 < k:
             raise InvalidInputError(f"k0 ({k0}) must be ≥ k ({k}): the OverArch reranks K0 candidates down to k")
         u = self.user_embedding(query=query, user_ids=user_ids, kjt=kjt, dense=dense)
-        ann_scores, ann_ids = self.candidates(u, k0, nprobe=nprobe, where=where, exact=exact)
+        ann_scores, ann_ids = self.candidates(u, k0, nprobe=nprobe, where=where, exact=exact, adaptive=adaptive)
+        return self.rerank_topk(u, ann_scores, ann_ids, k=k, value_formula=value_formula)
+
+    def rerank_topk(self, u: torch.Tensor, ann_scores: torch.Tensor, ann_ids: torch.Tensor, *, k: int,
+                    value_formula: str | None = None) -> LearnedOutput:
+        """OverArch → heads → Value Model → top-k over given candidates ([B, D] u, [B, K0] scores and ids).
+
+        The second half of ``forward``; a process group calls it on the merged per-rank candidates.
+        """
         logits, valid = self.rerank_logits(u, ann_ids, ann_scores)
         scores = torch.sigmoid(logits)
         values = self.value_model(scores, value_formula).masked_fill(~valid, float("-inf"))
