@@ -13,7 +13,7 @@ import importlib
 
 __all__ = ["register", "BENCHES"]
 
-BENCHES: tuple[str, ...] = ("ann", "filter", "cluster", "e2e", "scale", "updates", "reliability", "rerank")
+BENCHES: tuple[str, ...] = ("ann", "filter", "cluster", "e2e", "scale", "updates", "reliability", "rerank", "shards")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

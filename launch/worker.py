@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         server_config_from_args,
     )
     from sterling.model.artifact import read_header
-    from sterling.sharding.group import RankGroup, backend_for_device
+    from sterling.sharding.group import RankGroup, backend_for_device, set_rank_threads
 
     p = argparse.ArgumentParser(prog="sterling.launch.worker", description=__doc__)
     add_worker_arguments(p)
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise ClusterConfigError("sterling.launch.worker runs under torchrun (RANK / WORLD_SIZE are not set); "
                                  "use `sterling launch torchrun --nproc-per-node N --model M`")
-    torch.set_num_threads(max(1, args.threads))
+    set_rank_threads(args.threads)
     backend, device = backend_for_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -12,7 +12,6 @@ import os
 import socket
 import time
 
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -28,7 +27,9 @@ def free_port() -> int:
 def _entry(rank: int, world: int, port: int, fn, args) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_DEVICE_TRANSPORT="TCP",
                       RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), TQDM_DISABLE="1")
-    torch.set_num_threads(1)
+    from sterling.sharding.group import set_rank_threads
+
+    set_rank_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
