@@ -26,10 +26,15 @@ import torch.distributed as dist
 
 from sterling.model.errors import InvalidInputError
 
-__all__ = ["CPU_SHARDING_TYPES", "table_constraints", "shard_tower"]
+__all__ = ["CPU_SHARDING_TYPES", "tower_sharding_from_plan", "table_constraints", "shard_tower"]
 
 CPU_SHARDING_TYPES: dict[str, str] = {"table_wise": "fused", "column_wise": "fused", "data_parallel": "dense"}
 _GPU_ONLY = ("row_wise", "table_row_wise", "grid_shard")
+
+
+def tower_sharding_from_plan(plan) -> dict[str, str]:
+    """``{table: sharding_type}`` from a ``sterling.planner.Plan``'s ``sparse_tables`` (what TorchRec planned)."""
+    return {t.name: t.sharding_type for t in plan.sparse_tables}
 
 
 def table_constraints(tower, sharding: Mapping[str, str] | str | None, *, device: torch.device):

@@ -109,3 +109,24 @@ def test_plan_tower_sharding_is_checked():
         table_constraints(tower, {"user_id": "row_wise"}, device=cpu)  # not offered on CPU
     with pytest.raises(InvalidInputError):
         table_constraints(tower, {"nosuch": "table_wise"}, device=cpu)
+    from types import SimpleNamespace
+
+    from sterling.sharding.tower import tower_sharding_from_plan
+
+    plan = SimpleNamespace(sparse_tables=(SimpleNamespace(name="t_user_id", sharding_type="column_wise"),))
+    assert table_constraints(tower, tower_sharding_from_plan(plan), device=cpu)["t_user_id"].sharding_types == \
+        ["column_wise"]
+
+
+def test_a_plan_decides_the_ranks_list_ranges(small_index, tmp_path):
+    from types import SimpleNamespace
+
+    n = small_index.nlist
+    ranges = [(0, 5), (5, n)]  # deliberately not the balanced cut
+    plan = SimpleNamespace(nlist=n, num_shards=2, shards=tuple(
+        SimpleNamespace(shard=i, list_start=a, list_end=b) for i, (a, b) in enumerate(ranges)))
+    RetrievalModel(small_index).save(tmp_path / "m.st")
+    m = write_rank_slices(tmp_path / "m.st", tmp_path / "r", plan=plan, plan_path="plan.json")
+    assert [s.lists for s in m.shards] == ranges and m.plan == "plan.json"
+    with pytest.raises(InvalidInputError):
+        write_rank_slices(tmp_path / "m.st", tmp_path / "r2", world_size=3, plan=plan)
