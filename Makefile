@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml requirements/runtime.txt requirements/dev.txt requireme
 	# torch first and alone: a CPU build from local disk; anything unpinned would pull CUDA.
 	$(PIP) torch==2.13.0
 	$(PIP) -r requirements/runtime.txt -r requirements/dev.txt
-	# torchrec declares the CUDA fbgemm-gpu; take the CPU build and skip its deps (DESIGN.md §5).
+	# torchrec declares the CUDA fbgemm-gpu; take the CPU build and skip its deps (docs/install.md).
 	$(PIP) --no-deps fbgemm-gpu-cpu==1.8.0 torchrec==1.8.0
 	$(PIP) --no-deps -r requirements/dev-nodeps.txt
 	$(PIP) --no-deps --no-build-isolation -e .

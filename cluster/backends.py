@@ -50,14 +50,20 @@ class ShardBackend(ABC):
     """Replica routing over ``num_shards`` shards × their replicas."""
 
     def __init__(self, replicas_per_shard: Sequence[int], *, hedge_fraction: float = 0.5,
-                 probe_interval_s: float = 0.25) -> None:
+                 probe_interval_s: float = 0.25, sick_after_s: float = 0.25) -> None:
         if not replicas_per_shard or min(replicas_per_shard) < 1:
             raise ValueError(f"every shard needs ≥ 1 replica, got {list(replicas_per_shard)}")
         if not 0.0 < hedge_fraction <= 1.0:
             raise ValueError(f"hedge_fraction ({hedge_fraction}) must be in (0, 1]")
         self.num_shards = len(replicas_per_shard)
         self.replicas = list(replicas_per_shard)
+        if sick_after_s < 0:
+            raise ValueError(f"sick_after_s ({sick_after_s}) must be ≥ 0")
         self.hedge_fraction = hedge_fraction
+        # a replica that misses a deadline is marked unhealthy only if it had at
+        # least this long to answer: a 2 ms client deadline says nothing about
+        # the replica, and must not make every replica "sick" at once
+        self.sick_after_s = sick_after_s
         self._healthy = [[True] * r for r in self.replicas]
         self._rr = [itertools.count() for _ in self.replicas]
         self._lock = threading.Lock()
@@ -184,8 +190,9 @@ class ShardBackend(ABC):
         missing = [s for s in range(self.num_shards) if s not in replies]
         for s in missing:
             errors.setdefault(s, "no answer before the deadline")
-        for s, r, _ in pending.values():
-            if s in missing:
+        now = time.monotonic()
+        for s, r, t0 in pending.values():
+            if s in missing and now - t0 >= self.sick_after_s:
                 self._mark(s, r, False)  # missed the deadline: others first until the prober sees it answer
         return FanOutResult(replies=replies, missing=missing, errors=errors)
 
@@ -221,8 +228,8 @@ class LocalBackend(ShardBackend):
     """
 
     def __init__(self, servers: Sequence[Sequence[ShardServer]], *, max_workers: int | None = None,
-                 hedge_fraction: float = 0.5) -> None:
-        super().__init__([len(r) for r in servers], hedge_fraction=hedge_fraction)
+                 hedge_fraction: float = 0.5, sick_after_s: float = 0.25) -> None:
+        super().__init__([len(r) for r in servers], hedge_fraction=hedge_fraction, sick_after_s=sick_after_s)
         self.servers = [list(r) for r in servers]
         for row in self.servers:
             for srv in row:

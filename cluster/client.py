@@ -33,6 +33,8 @@ class RetrieveResult:
     missing_shards: list[int] = field(default_factory=list)
     version_skew: dict[int, int] = field(default_factory=dict)
     timing: dict = field(default_factory=dict)
+    task_scores: np.ndarray | None = None  # [B, k, T] per-task probabilities (learned models)
+    tasks: list[str] = field(default_factory=list)
 
 
 _FAILOVER_CONFIG = json.dumps({
@@ -107,20 +109,43 @@ class Client:
     def retrieve(self, *, query=None, user_features=None, k: int = 10, nprobe: int | None = None,
                  where: str | list[str | None] | None = None, exact: bool = True, adaptive: bool | None = None,
                  deadline_ms: int | None = None, require_complete: bool = False,
-                 timeout_s: float | None = None, min_version: int = 0) -> RetrieveResult:
-        """Top-k per query through the router; raises ``grpc.RpcError`` with the server's status code."""
-        if (query is None) == (user_features is None):
-            raise ValueError("give exactly one of `query` or `user_features`")
-        x = np.asarray(query if query is not None else user_features, dtype=np.float32)
-        if x.ndim == 1:
-            x = x[None]
-        req = pb.RetrieveRequest(k=k, nprobe=nprobe or 0, batch_size=x.shape[0], deadline_ms=deadline_ms or 0,
+                 timeout_s: float | None = None, min_version: int = 0, user_ids=None,
+                 sparse: tuple | None = None, k0: int | None = None,
+                 value_formula: str | None = None) -> RetrieveResult:
+        """Top-k per query through the router; raises ``grpc.RpcError`` with the server's status code.
+
+        The user is a ``query`` embedding [B, D], dense ``user_features`` [B, F]
+        (index models with an MLP tower), or — for a learned model — ``user_ids``
+        [B] (rows of its users table) or ``sparse=(keys, lengths, values)``
+        (a KeyedJaggedTensor's parts, key-major, ``user_features`` its dense
+        part). ``k0`` and ``value_formula`` steer the learned model's rerank;
+        its per-task probabilities come back in ``task_scores``.
+        """
+        users = [n for n, v in (("query", query), ("user_ids", user_ids), ("sparse", sparse)) if v is not None]
+        if len(users) > 1 or (not users and user_features is None) or (query is not None and user_features is not None):
+            raise ValueError("give one of `query`, `user_features`, `user_ids` or `sparse` (+ `user_features`)")
+        req = pb.RetrieveRequest(k=k, nprobe=nprobe or 0, deadline_ms=deadline_ms or 0,
                                  require_complete=require_complete, approximate_filter=not exact,
-                                 min_version=min_version)
-        if query is not None:
-            req.query_embedding.extend(x.reshape(-1).tolist())
-        else:
-            req.user_features.extend(x.reshape(-1).tolist())
+                                 min_version=min_version, k0=k0 or 0, value_formula=value_formula or "")
+        batch = None
+        for name, v in (("query", query), ("user_features", user_features)):
+            if v is not None:
+                x = np.asarray(v, dtype=np.float32)
+                x = x[None] if x.ndim == 1 else x
+                getattr(req, "query_embedding" if name == "query" else "user_features").extend(x.reshape(-1).tolist())
+                batch = x.shape[0]
+        if user_ids is not None:
+            ids = np.asarray(user_ids, dtype=np.int64).reshape(-1)
+            req.user_ids.extend(ids.tolist())
+            batch = len(ids)
+        if sparse is not None:
+            keys, lengths, values = sparse
+            lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+            req.sparse_features.keys.extend(list(keys))
+            req.sparse_features.lengths.extend(lengths.tolist())
+            req.sparse_features.values.extend(np.asarray(values, dtype=np.int64).reshape(-1).tolist())
+            batch = len(lengths) // max(len(keys), 1)
+        req.batch_size = batch or 1
         if isinstance(where, (list, tuple)):
             req.filters.extend([w or "" for w in where])
         elif where:
@@ -160,16 +185,24 @@ def from_response(resp: pb.RetrieveResponse, k: int) -> RetrieveResult:
     B = len(resp.results)
     ids = np.full((B, k), -1, dtype=np.int64)
     scores = np.full((B, k), -np.inf, dtype=np.float32)
+    tasks = [t.task for t in resp.results[0].task_scores] if B and len(resp.results[0].task_scores) else []
+    task_scores = np.zeros((B, k, len(tasks)), dtype=np.float32) if tasks else None
     for q, r in enumerate(resp.results):
         n = len(r.ids)
         ids[q, :n] = r.ids
         scores[q, :n] = r.scores
+        for i, ts in enumerate(r.task_scores):
+            task_scores[q, :n, i] = ts.scores
     t = resp.timing
     return RetrieveResult(
         ids=ids, scores=scores, version=resp.model_version, partial=resp.partial,
         missing_shards=list(resp.missing_shards),
         version_skew={v.shard: v.version for v in resp.version_skew},
-        timing={"total_ms": t.total_ms, "encode_ms": t.encode_ms, "fanout_ms": t.fanout_ms, "merge_ms": t.merge_ms},
+        task_scores=task_scores, tasks=tasks,
+        timing={"total_ms": t.total_ms, "encode_ms": t.encode_ms, "fanout_ms": t.fanout_ms, "merge_ms": t.merge_ms,
+                "shards": [{"shard": s.shard, "replica": s.replica, "ms": s.ms, "probe_ms": s.probe_ms,
+                            "filter_ms": s.filter_ms, "scan_ms": s.scan_ms, "rerank_ms": s.rerank_ms}
+                           for s in t.shards]},
     )
 
 
@@ -192,20 +225,30 @@ def query_remote(args: argparse.Namespace) -> int:
     from sterling.model.errors import InvalidInputError
 
     vec = getattr(args, "vector", None)
-    if vec is None:
-        raise InvalidInputError("with --address, give the query as --vector q.npy (--like needs the artifact)")
+    user_ids = getattr(args, "user_ids", None)
+    if vec is None and not user_ids:
+        raise InvalidInputError("with --address, give the query as --vector q.npy or --user-ids (--like needs the "
+                                "artifact)")
     from sterling.cluster.access import read_token_file
+    from sterling.launch.query_cmd import parse_user_ids, print_learned
     from sterling.model.catalog import load_query_vectors
 
-    x = load_query_vectors(vec)
+    who = {"user_ids": parse_user_ids(user_ids)} if user_ids else {"query": load_query_vectors(vec)}
     token = read_token_file(args.token_file) if getattr(args, "token_file", None) else None
     ca = Path(args.tls_ca).read_bytes() if getattr(args, "tls_ca", None) else None
     with Client(args.address, token=token, root_certificates=ca) as c:
         try:
-            res = c.retrieve(query=x, k=args.k, nprobe=getattr(args, "nprobe", None), where=getattr(args, "where", None),
-                             exact=not getattr(args, "approx", False), deadline_ms=getattr(args, "deadline_ms", 0))
+            res = c.retrieve(k=args.k, nprobe=getattr(args, "nprobe", None), where=getattr(args, "where", None),
+                             exact=not getattr(args, "approx", False), deadline_ms=getattr(args, "deadline_ms", 0),
+                             k0=getattr(args, "k0", 0) or None, value_formula=getattr(args, "value_formula", None),
+                             **who)
         except grpc.RpcError as e:
             raise InvalidInputError(f"{args.address}: {e.code().name}: {e.details()}") from e
+    if res.task_scores is not None:
+        print_learned(res.ids.tolist(), res.scores.tolist(), res.task_scores.tolist(), res.tasks, res.version,
+                      as_json=getattr(args, "json", False),
+                      extra={"partial": res.partial, "missing_shards": res.missing_shards})
+        return 0
     for ids, scores in zip(res.ids.tolist(), res.scores.tolist()):
         hits = [{"id": i, "score": s} for i, s in zip(ids, scores) if i >= 0]
         line = {"version": res.version, "partial": res.partial, "missing_shards": res.missing_shards, "results": hits}

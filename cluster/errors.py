@@ -16,6 +16,8 @@ __all__ = [
     "DeadlineExceededError",
     "NotImplementedYetError",
     "ClusterConfigError",
+    "ReplicaBehindError",
+    "ReplicaOrderError",
     "status_code_name",
 ]
 
@@ -59,13 +61,29 @@ class ClusterConfigError(ClusterError, ValueError):
     """A server or launch configuration that cannot work (e.g. no TLS on a public address)."""
 
 
+class ReplicaBehindError(ClusterError):
+    """A shard replica asked to answer at a version it has not applied yet (it is catching up) → UNAVAILABLE.
+
+    The router then asks another replica of the shard; only when none can
+    answer does the client see UNAVAILABLE.
+    """
+
+
+class ReplicaOrderError(ClusterError):
+    """A replica was sent update batch ``seq`` while it had applied up to another one → UNAVAILABLE.
+
+    Every replica applies a shard's batches in sequence order with no gaps;
+    the router catches the replica up from a peer before it takes writes again.
+    """
+
+
 def status_code_name(exc: BaseException) -> str:
     """The ``grpc.StatusCode`` name for an exception (pure, so unit tests need no gRPC server)."""
     if isinstance(exc, (RequestTooLargeError, OverloadedError)):
         return "RESOURCE_EXHAUSTED"
     if isinstance(exc, InvalidInputError):
         return "INVALID_ARGUMENT"
-    if isinstance(exc, ShardsUnavailableError):
+    if isinstance(exc, (ShardsUnavailableError, ReplicaBehindError, ReplicaOrderError)):
         return "UNAVAILABLE"
     if isinstance(exc, DeadlineExceededError):
         return "DEADLINE_EXCEEDED"

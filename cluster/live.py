@@ -12,10 +12,17 @@ its snapshots and log.
 A crash between two shards' commits of one request leaves the request
 unacknowledged and the shards one batch apart in version; Retrieve then
 reports the skew, and ``min_version`` waits for the lowest shard.
+
+The shards behind ``LiveShards`` need only the ``LiveModel`` write surface
+(``upsert``, ``delete``, ``update_attributes``, ``holding``, ``version``,
+``applied_seq``, ``wait_for_version``): on Ray each one is a
+``sterling.cluster.ray_live.ReplicatedShard`` that sends every numbered batch
+to all replicas of the shard, each a ``LiveReplica`` inside its actor.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import threading
 from pathlib import Path
 
@@ -23,26 +30,44 @@ import numpy as np
 import torch
 
 from sterling.cluster.backends import LocalBackend
+from sterling.cluster.errors import ReplicaOrderError
 from sterling.cluster.router import Router, RouterConfig
 from sterling.cluster.shard import ShardServer
 from sterling.model import updates as upd
 from sterling.model.errors import InvalidInputError
 from sterling.model.live import LiveModel
 from sterling.model.retrieval import RetrievalModel
+from sterling.model.wal import LogRecord, RecordKind
 from sterling.sharding.documents import balanced_list_ranges, slice_model
 
-__all__ = ["LiveShards", "live_router"]
+__all__ = ["LiveReplica", "LiveShards", "live_router"]
 
 
 class LiveShards:
     """The shards' ``LiveModel``s and the routing of update requests to them."""
 
-    def __init__(self, head: RetrievalModel, ranges: list[tuple[int, int]], lives: list[LiveModel]) -> None:
+    def __init__(self, head: RetrievalModel, ranges: list[tuple[int, int]], lives: list, *,
+                 parallel: bool = False) -> None:
         self.head = head
         self.ranges = ranges
         self.lives = lives
         self._starts = np.array([r[0] for r in ranges])
         self._lock = threading.Lock()
+        # remote shards (Ray): the shards of one request commit concurrently, each in its own order
+        self._pool = cf.ThreadPoolExecutor(len(lives), thread_name_prefix="sterling-upd") if parallel else None
+
+    def _each(self, fn) -> None:
+        """``fn(s, live)`` for every shard: in turn, or concurrently when ``parallel`` (first error re-raised)."""
+        if self._pool is None:
+            for s, live in enumerate(self.lives):
+                fn(s, live)
+            return
+        for f in [self._pool.submit(fn, s, live) for s, live in enumerate(self.lives)]:
+            f.result()
+
+    def shard_versions(self) -> list[int]:
+        """Per shard, the version every acknowledged batch is in (reads are answered from it or later)."""
+        return [int(live.version) for live in self.lives]
 
     @classmethod
     def open(cls, model: RetrievalModel, num_shards: int, data_dir: str | Path, *,
@@ -60,6 +85,17 @@ class LiveShards:
         """The lowest shard version (every shard has applied at least this much)."""
         return min(live.version for live in self.lives)
 
+    def replica_states(self) -> list[dict]:
+        """Per replica of every shard: ``shard, replica, seq, version, in_sync`` (in-process shards: one each)."""
+        out = []
+        for s, live in enumerate(self.lives):
+            if hasattr(live, "replica_states"):
+                out.extend(live.replica_states())
+            else:
+                out.append({"shard": s, "replica": 0, "seq": live.applied_seq, "version": live.version,
+                            "in_sync": True})
+        return out
+
     @property
     def applied_batches(self) -> int:
         return sum(live.applied_seq for live in self.lives)
@@ -73,12 +109,15 @@ class LiveShards:
         batch = upd.prepare_upsert(self.head.index, ids, embeddings, attributes)  # validated once here
         owner = np.searchsorted(self._starts, batch.lists.numpy(), side="right") - 1
         x = torch.as_tensor(embeddings).detach().float().reshape(batch.ids.numel(), self.head.index.dim)
+
+        def one(s: int, live) -> None:
+            own = torch.from_numpy(owner == s)
+            attrs = None if batch.attributes is None else [a for a, o in zip(batch.attributes, own.tolist()) if o]
+            live.upsert(batch.ids[own], x[own], attrs)
+            live.delete(batch.ids[~own])
+
         with self._lock:
-            for s, live in enumerate(self.lives):
-                own = torch.from_numpy(owner == s)
-                attrs = None if batch.attributes is None else [a for a, o in zip(batch.attributes, own.tolist()) if o]
-                live.upsert(batch.ids[own], x[own], attrs)
-                live.delete(batch.ids[~own])
+            self._each(one)
         return batch.ids.numel(), self.version
 
     def delete(self, ids) -> tuple[int, int]:
@@ -86,8 +125,7 @@ class LiveShards:
         id_t = upd.check_batch_ids(ids, "delete")
         with self._lock:
             held = sum(sum(live.holding(id_t.tolist())) for live in self.lives)
-            for live in self.lives:
-                live.delete(id_t)
+            self._each(lambda s, live: live.delete(id_t))
         return held, self.version
 
     def update_attributes(self, ids, attributes) -> tuple[int, int]:
@@ -104,14 +142,149 @@ class LiveShards:
                     f"id {missing[0]} is not in the index; UpdateAttributes changes existing items — "
                     "add new items with Upsert"
                 )
-            for live, h in zip(self.lives, held):
-                rows = [j for j, ok in enumerate(h) if ok]
+
+            def one(s: int, live) -> None:
+                rows = [j for j, ok in enumerate(held[s]) if ok]
                 live.update_attributes(id_t[rows], [lists[j] for j in rows])
+
+            self._each(one)
         return id_t.numel(), self.version
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         for live in self.lives:
             live.close()
+
+
+class LiveReplica:
+    """One replica of one document shard that applies the shard's numbered batches (in its Ray actor).
+
+    The router numbers every batch of a shard (1, 2, 3, …) and sends the
+    same ``LogRecord`` to every replica; a replica applies batch ``seq`` only
+    right after ``seq − 1`` (``ReplicaOrderError`` otherwise), so all replicas
+    of a shard hold the same batches in the same order, and the replica's
+    ``LiveModel`` logs it under the same sequence number. Its data directory
+    (snapshots + update log) is its own; a restarted replica recovers from it,
+    then the router catches it up from a peer (``records_after`` from the
+    peer's log, or the peer's whole state when the log no longer reaches back).
+
+    Example:
+        >>> rep = LiveReplica(RetrievalModel.load("shard-0000-of-0002.st"), "data/shard-0000/replica-0",
+        ...                   shard=0, replica=0, lists=(0, 32))
+        >>> rep.apply(LogRecord(RecordKind.DELETE, 1, np.array([7]), np.zeros((1, 0), np.float32)))
+        (1, 2)
+    """
+
+    def __init__(self, model: RetrievalModel, data_dir: str | Path, *, shard: int, replica: int,
+                 lists: tuple[int, int] | None = None, snapshot_every: int = 1000) -> None:
+        self.data_dir = Path(data_dir)
+        self.shard, self.replica, self.lists = shard, replica, lists
+        self._config = LiveModel.Config(data_dir=self.data_dir, snapshot_every=snapshot_every)
+        self._lock = threading.Lock()  # one batch (or catch-up step) at a time; searches run alongside
+        self.live = LiveModel.open(model, self._config)
+        self.server = ShardServer(self.live, shard=shard, replica=replica, lists=lists)
+
+    def applied(self) -> tuple[int, int]:
+        """(sequence number of the last batch applied, version)."""
+        return self.live.applied_seq, self.live.version
+
+    def apply(self, rec: LogRecord) -> tuple[int, int]:
+        """Apply batch ``rec.seq`` (durable when this returns); returns ``applied()``."""
+        with self._lock:
+            return self._apply(rec)
+
+    def apply_many(self, records: list[LogRecord]) -> tuple[int, int]:
+        with self._lock:
+            out = self.applied()
+            for rec in records:
+                out = self._apply(rec)
+            return out
+
+    def _apply(self, rec: LogRecord) -> tuple[int, int]:
+        have = self.live.applied_seq
+        if rec.seq != have + 1:
+            raise ReplicaOrderError(
+                f"shard {self.shard} replica {self.replica} has applied batches up to {have} and was sent "
+                f"batch {rec.seq}; the router catches it up from a peer first"
+            )
+        if rec.kind is RecordKind.UPSERT:
+            version = self.live.upsert(rec.ids, torch.from_numpy(rec.vectors), rec.meta)
+        elif rec.kind is RecordKind.DELETE:
+            version = self.live.delete(rec.ids)
+        else:
+            version = self.live.update_attributes(rec.ids, rec.meta)
+        return self.live.applied_seq, version
+
+    def holding(self, ids: list[int]) -> list[bool]:
+        return self.live.holding(ids)
+
+    def records_after(self, seq: int, limit: int = 256) -> list[LogRecord] | None:
+        """Up to ``limit`` logged batches after ``seq``, in order; ``None`` when the log no longer holds
+        batch ``seq + 1`` (a snapshot covered it): then copy ``state()`` instead."""
+        from sterling.model.wal import _scan
+
+        with self._lock:
+            if seq >= self.live.applied_seq:
+                return []
+            wal = self.live._wal
+            segs = wal.segments()
+            out: list[LogRecord] = []
+            for i, (_first, path) in enumerate(segs):
+                if i + 1 < len(segs) and segs[i + 1][0] <= seq + 1:
+                    continue  # every record of this segment is ≤ seq
+                for _off, payload in _scan(path)[0]:
+                    rec = LogRecord.decode(payload)
+                    if rec.seq > seq:
+                        out.append(rec)
+                        if len(out) >= limit:
+                            break
+                if len(out) >= limit:
+                    break
+            if not out or out[0].seq != seq + 1:
+                return None
+            return out
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict, int]:
+        """(tensors, artifact metadata, sequence number): a consistent copy of this replica's slice."""
+        from sterling.model.live import _model_parts
+
+        with self._lock:
+            with self.live.guard.read():
+                tensors, meta = _model_parts(self.live.model)
+            return {n: t.numpy() for n, t in tensors.items()}, meta, self.live.applied_seq
+
+    def install_state(self, state: tuple[dict[str, np.ndarray], dict, int]) -> tuple[int, int]:
+        """Replace this replica's slice with a peer's ``state()``: written as this directory's newest
+        snapshot (temp + rename) before the old log and snapshots go, so a crash at any point recovers
+        either the old state or the new one."""
+        import os
+
+        from sterling.model.artifact import write_artifact
+        from sterling.model.wal import _segment_name
+
+        tensors, meta, seq = state
+        with self._lock:
+            path = self.data_dir / f"snapshot-{seq:020d}.st"
+            write_artifact(path, kind="retrieval_model", meta={**meta, "log_seq": seq},
+                           tensors={n: torch.from_numpy(np.ascontiguousarray(t)) for n, t in tensors.items()})
+            self.live.close()  # after the write: a failed write leaves this replica as it was
+            for p in self.data_dir.glob("wal-*.log"):
+                p.unlink()
+            for p in self.data_dir.glob("snapshot-*.st"):
+                if p != path:
+                    p.unlink()
+            fd = os.open(self.data_dir / _segment_name(seq + 1), os.O_WRONLY | os.O_CREAT, 0o644)
+            os.fsync(fd)
+            os.close(fd)
+            self.live = LiveModel.open(self.live.model, self._config)  # loads the snapshot just written
+            server = ShardServer(self.live, shard=self.shard, replica=self.replica, lists=self.lists)
+            server.warmup()
+            self.server = server
+            return self.applied()
+
+    def close(self) -> None:
+        self.live.close()
 
 
 def live_router(model: RetrievalModel | str | Path, *, data_dir: str | Path, num_shards: int = 1,

@@ -20,6 +20,10 @@ def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.n
     """
     if not parts:
         raise ValueError("merge_topk needs at least one shard answer")
+    if len(parts) == 1 and parts[0][0].shape[1] == k:  # one shard: already its (score, slot) order, padded
+        ids, scores = parts[0]
+        scores = np.where(ids < 0, np.float32(-np.inf), scores.astype(np.float32, copy=False))
+        return np.where(np.isneginf(scores), -1, ids), scores
     ids = np.concatenate([p[0] for p in parts], axis=1)
     scores = np.concatenate([p[1] for p in parts], axis=1).astype(np.float32, copy=False)
     scores = np.where(ids < 0, np.float32(-np.inf), scores)

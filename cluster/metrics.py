@@ -45,7 +45,9 @@ class NullMetrics:
     def in_flight(self, n: int) -> None: ...
     def rejected(self, reason: str) -> None: ...
     def undecodable(self, method: str) -> None: ...
-    def model(self, *, version: int, complete: bool, shard_items: dict[int, int]) -> None: ...
+    def model(self, *, version: int, complete: bool, shard_items: dict[int, int],
+              healthy_replicas: dict[int, int] | None = None) -> None: ...
+    def update(self, kind: str, seconds: float, *, applied_batches: int) -> None: ...
 
     def close(self) -> None: ...
 
@@ -76,6 +78,14 @@ class ServerMetrics(NullMetrics):
         self._version = Gauge("sterling_model_version", "version of the served model", registry=r)
         self._complete = Gauge("sterling_shards_complete", "1 while every shard has a healthy replica", registry=r)
         self._items = Gauge("sterling_shard_items", "live items per shard", ["shard"], registry=r)
+        self._healthy = Gauge("sterling_shard_healthy_replicas", "replicas of each shard the router routes to first",
+                              ["shard"], registry=r)
+        self._update_lag = Histogram(
+            "sterling_update_lag_seconds", "update lag: an Upsert/Delete/UpdateAttributes batch from its arrival at "
+            "the server to durable and visible to every later Retrieve", ["kind"], buckets=_LATENCY_BUCKETS_S,
+            registry=r)
+        self._applied = Gauge("sterling_applied_batches", "update batches applied since the data directory was "
+                              "created", registry=r)
         self._http = None
 
     def request(self, method: str, code: str, seconds: float) -> None:
@@ -83,14 +93,21 @@ class ServerMetrics(NullMetrics):
         self._latency.labels(method).observe(seconds)
 
     def response(self, method: str, response) -> None:
+        """Stage histograms of one Retrieve: tower (the router's encode), fanout (waiting for
+        shards), merge, total; and per answering shard its own probe, filter, scan and rerank
+        (exclusive times, ``sterling.model.stages``) and its whole search (``shard``)."""
         if method != "Retrieve" or response is None:
             return
         t = response.timing
-        for stage, ms in (("encode", t.encode_ms), ("fanout", t.fanout_ms), ("merge", t.merge_ms),
+        for stage, ms in (("tower", t.encode_ms), ("fanout", t.fanout_ms), ("merge", t.merge_ms),
                           ("total", t.total_ms)):
             self._stage.labels(stage).observe(ms / 1e3)
         for s in t.shards:
             self._stage.labels("shard").observe(s.ms / 1e3)
+            for stage, ms in (("probe", s.probe_ms), ("filter", s.filter_ms), ("scan", s.scan_ms),
+                              ("rerank", s.rerank_ms)):
+                if ms:
+                    self._stage.labels(stage).observe(ms / 1e3)
         if response.model_version:
             self._version.set(response.model_version)
 
@@ -106,11 +123,18 @@ class ServerMetrics(NullMetrics):
     def undecodable(self, method: str) -> None:
         self._undecodable.labels(method).inc()
 
-    def model(self, *, version: int, complete: bool, shard_items: dict[int, int]) -> None:
+    def model(self, *, version: int, complete: bool, shard_items: dict[int, int],
+              healthy_replicas: dict[int, int] | None = None) -> None:
         self._version.set(version)
         self._complete.set(1 if complete else 0)
         for s, n in shard_items.items():
             self._items.labels(str(s)).set(n)
+        for s, n in (healthy_replicas or {}).items():
+            self._healthy.labels(str(s)).set(n)
+
+    def update(self, kind: str, seconds: float, *, applied_batches: int) -> None:
+        self._update_lag.labels(kind).observe(seconds)
+        self._applied.set(applied_batches)
 
     def render(self) -> bytes:
         """The text exposition format (what ``/metrics`` returns)."""

@@ -7,9 +7,9 @@ plan assigned it to (replicas of a shard go to different hosts when the
 plan — or the default layout — says so). Actors have ``max_restarts``: a
 restarted actor re-runs its constructor, which memory-maps its slice again
 before ``ready()`` can answer, so the router's health probe only sees it
-healthy once it can serve. Ray shards do not take streaming updates yet
-(``sterling serve --data-dir`` does, docs/updates.md); when they do, the
-constructor replays the shard's update log after its snapshot.
+healthy once it can serve. With ``data_dir`` each actor also recovers its
+replica's snapshot + update log there, and the router catches it up from a
+peer before it serves again (``sterling.cluster.ray_live``).
 
 Example:
     >>> ray.init(address="auto")
@@ -36,25 +36,81 @@ log = logging.getLogger(__name__)
 
 
 class ShardActor:
-    """The Ray actor body: a ``ShardServer`` over one shard artifact (wrapped with ``ray.remote`` at launch)."""
+    """The Ray actor body: a ``ShardServer`` over one shard artifact (wrapped with ``ray.remote`` at launch).
 
-    def __init__(self, path: str, shard: int, replica: int, threads: int) -> None:
+    With ``data_dir`` the shard takes updates: a ``LiveReplica`` over
+    ``data_dir/shard-<s>/replica-<r>/`` recovers its snapshot + update log in
+    the constructor, so a restarted actor answers ``ready()`` only after that.
+    """
+
+    def __init__(self, path: str, shard: int, replica: int, threads: int, data_dir: str | None = None,
+                 snapshot_every: int = 1000) -> None:
         import torch
 
         from sterling.cluster.shard import ShardServer
 
         torch.set_num_threads(threads)
-        self.server = ShardServer.load(path, shard=shard, replica=replica)
+        self.replica = None
+        if data_dir is None:
+            self.server = ShardServer.load(path, shard=shard, replica=replica)
+        else:
+            from pathlib import Path
+
+            from sterling.cluster.live import LiveReplica
+            from sterling.model.retrieval import RetrievalModel
+            from sterling.sharding.documents import shard_info
+
+            info = shard_info(path)
+            self.replica = LiveReplica(
+                RetrievalModel.load(path), Path(data_dir) / f"shard-{shard:04d}" / f"replica-{replica}",
+                shard=shard, replica=replica, lists=tuple(info["lists"]) if info else None,
+                snapshot_every=snapshot_every,
+            )
+            self.server = self.replica.server
         self.server.warmup()
 
     def search(self, req: ShardRequest) -> ShardReply:
-        return self.server.search(req)
+        server = self.replica.server if self.replica is not None else self.server
+        return server.search(req)
 
     def info(self) -> dict:
-        return self.server.info()
+        server = self.replica.server if self.replica is not None else self.server
+        out = server.info()
+        if self.replica is not None:
+            out["seq"] = self.replica.applied()[0]
+        return out
 
     def ready(self) -> bool:
         return True
+
+    # update path (``sterling.cluster.ray_live``); only with a data_dir
+    def applied(self) -> tuple[int, int]:
+        return self._live().applied()
+
+    def apply(self, rec) -> tuple[int, int]:
+        return self._live().apply(rec)
+
+    def apply_many(self, records) -> tuple[int, int]:
+        return self._live().apply_many(records)
+
+    def records_after(self, seq: int, limit: int):
+        return self._live().records_after(seq, limit)
+
+    def state(self):
+        return self._live().state()
+
+    def install_state(self, state) -> tuple[int, int]:
+        return self._live().install_state(state)
+
+    def holding(self, ids: list[int]) -> list[bool]:
+        return self._live().holding(ids)
+
+    def _live(self):
+        if self.replica is None:
+            from sterling.cluster.errors import NotImplementedYetError
+
+            raise NotImplementedYetError("this shard actor has no data directory; launch with --data-dir")
+        return self.replica
 
     def where(self) -> dict:
         import os
@@ -179,6 +235,7 @@ class RayBackend(ShardBackend):
         super().__init__([len(a) for a in actors], hedge_fraction=hedge_fraction)
         self.actors = [list(a) for a in actors]
         self.placement_group = placement_group
+        self.rejoin = None  # (shard, replica) -> bool: catch a replica up before it is healthy again (ray_live)
 
     @classmethod
     def launch(
@@ -194,6 +251,8 @@ class RayBackend(ShardBackend):
         ready_timeout_s: float = 300.0,
         hedge_fraction: float = 0.5,
         local_ray: bool = False,
+        data_dir: str | None = None,
+        snapshot_every: int = 1000,
     ) -> RayBackend:
         """Create the placement group and one actor per (shard, replica); wait until all are ready.
 
@@ -202,7 +261,9 @@ class RayBackend(ShardBackend):
         node per host, fails when there are fewer nodes) or ``SPREAD``/``PACK``.
         Bundles the cluster's CPUs cannot hold fail at once (``check_capacity``);
         ``local_ray`` says the Ray instance is this process's own, so the
-        error can suggest ``--num-cpus``.
+        error can suggest ``--num-cpus``. ``data_dir``: the shards take updates
+        (``sterling.cluster.ray_live``), each replica keeping its snapshots and
+        log in ``data_dir/shard-<s>/replica-<r>/`` on its node.
         """
         import ray
         from ray.util.placement_group import placement_group
@@ -255,7 +316,8 @@ class RayBackend(ShardBackend):
                         scheduling_strategy=PlacementGroupSchedulingStrategy(
                             placement_group=pg, placement_group_bundle_index=h
                         ),
-                    ).remote(manifest.shards[s].path, s, r, threads_per_actor)
+                    ).remote(manifest.shards[s].path, s, r, threads_per_actor,
+                             None if data_dir is None else str(data_dir), snapshot_every)
                 )
             actors.append(row)
         backend = cls(actors, placement_group=pg, hedge_fraction=hedge_fraction)
@@ -308,7 +370,8 @@ class RayBackend(ShardBackend):
     def _probe(self, shard: int, replica: int, timeout: float) -> bool:
         import ray
 
-        return bool(ray.get(self.actors[shard][replica].ready.remote(), timeout=timeout))
+        ok = bool(ray.get(self.actors[shard][replica].ready.remote(), timeout=timeout))
+        return ok and (self.rejoin is None or bool(self.rejoin(shard, replica)))
 
     def shard_infos(self) -> list[dict]:
         import ray

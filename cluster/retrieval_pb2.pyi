@@ -19,7 +19,7 @@ ADAPTIVE_MODE_OFF: AdaptiveMode
 ADAPTIVE_MODE_ON: AdaptiveMode
 
 class RetrieveRequest(_message.Message):
-    __slots__ = ("query_embedding", "user_features", "batch_size", "filter", "filters", "k", "nprobe", "deadline_ms", "require_complete", "approximate_filter", "adaptive", "min_version")
+    __slots__ = ("query_embedding", "user_features", "batch_size", "filter", "filters", "k", "nprobe", "deadline_ms", "require_complete", "approximate_filter", "adaptive", "k0", "value_formula", "sparse_features", "user_ids", "min_version")
     QUERY_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     USER_FEATURES_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,10 @@ class RetrieveRequest(_message.Message):
     REQUIRE_COMPLETE_FIELD_NUMBER: _ClassVar[int]
     APPROXIMATE_FILTER_FIELD_NUMBER: _ClassVar[int]
     ADAPTIVE_FIELD_NUMBER: _ClassVar[int]
+    K0_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FORMULA_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    USER_IDS_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     query_embedding: _containers.RepeatedScalarFieldContainer[float]
     user_features: _containers.RepeatedScalarFieldContainer[float]
@@ -43,8 +47,12 @@ class RetrieveRequest(_message.Message):
     require_complete: bool
     approximate_filter: bool
     adaptive: AdaptiveMode
+    k0: int
+    value_formula: str
+    sparse_features: SparseFeatures
+    user_ids: _containers.RepeatedScalarFieldContainer[int]
     min_version: int
-    def __init__(self, query_embedding: _Optional[_Iterable[float]] = ..., user_features: _Optional[_Iterable[float]] = ..., batch_size: _Optional[int] = ..., filter: _Optional[str] = ..., filters: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., require_complete: _Optional[bool] = ..., approximate_filter: _Optional[bool] = ..., adaptive: _Optional[_Union[AdaptiveMode, str]] = ..., min_version: _Optional[int] = ...) -> None: ...
+    def __init__(self, query_embedding: _Optional[_Iterable[float]] = ..., user_features: _Optional[_Iterable[float]] = ..., batch_size: _Optional[int] = ..., filter: _Optional[str] = ..., filters: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., require_complete: _Optional[bool] = ..., approximate_filter: _Optional[bool] = ..., adaptive: _Optional[_Union[AdaptiveMode, str]] = ..., k0: _Optional[int] = ..., value_formula: _Optional[str] = ..., sparse_features: _Optional[_Union[SparseFeatures, _Mapping]] = ..., user_ids: _Optional[_Iterable[int]] = ..., min_version: _Optional[int] = ...) -> None: ...
 
 class TaskScores(_message.Message):
     __slots__ = ("task", "scores")
@@ -72,15 +80,33 @@ class ShardVersion(_message.Message):
     version: int
     def __init__(self, shard: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
+class SparseFeatures(_message.Message):
+    __slots__ = ("keys", "lengths", "values")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    lengths: _containers.RepeatedScalarFieldContainer[int]
+    values: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, keys: _Optional[_Iterable[str]] = ..., lengths: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class ShardTiming(_message.Message):
-    __slots__ = ("shard", "replica", "ms")
+    __slots__ = ("shard", "replica", "ms", "probe_ms", "filter_ms", "scan_ms", "rerank_ms")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     MS_FIELD_NUMBER: _ClassVar[int]
+    PROBE_MS_FIELD_NUMBER: _ClassVar[int]
+    FILTER_MS_FIELD_NUMBER: _ClassVar[int]
+    SCAN_MS_FIELD_NUMBER: _ClassVar[int]
+    RERANK_MS_FIELD_NUMBER: _ClassVar[int]
     shard: int
     replica: int
     ms: float
-    def __init__(self, shard: _Optional[int] = ..., replica: _Optional[int] = ..., ms: _Optional[float] = ...) -> None: ...
+    probe_ms: float
+    filter_ms: float
+    scan_ms: float
+    rerank_ms: float
+    def __init__(self, shard: _Optional[int] = ..., replica: _Optional[int] = ..., ms: _Optional[float] = ..., probe_ms: _Optional[float] = ..., filter_ms: _Optional[float] = ..., scan_ms: _Optional[float] = ..., rerank_ms: _Optional[float] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("total_ms", "encode_ms", "fanout_ms", "merge_ms", "shards")
@@ -189,7 +215,7 @@ class ShardInfo(_message.Message):
     def __init__(self, shard: _Optional[int] = ..., list_start: _Optional[int] = ..., list_end: _Optional[int] = ..., items: _Optional[int] = ..., version: _Optional[int] = ..., replicas: _Optional[int] = ..., healthy_replicas: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("dim", "nlist", "default_nprobe", "max_k", "items", "model_version", "has_user_tower", "user_feature_dim", "shards", "backend", "updatable", "applied_batches")
+    __slots__ = ("dim", "nlist", "default_nprobe", "max_k", "items", "model_version", "has_user_tower", "user_feature_dim", "shards", "backend", "tasks", "default_k0", "default_value_formula", "sparse_keys", "max_k0", "updatable", "applied_batches", "replica_logs")
     DIM_FIELD_NUMBER: _ClassVar[int]
     NLIST_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_NPROBE_FIELD_NUMBER: _ClassVar[int]
@@ -200,8 +226,14 @@ class InfoResponse(_message.Message):
     USER_FEATURE_DIM_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_K0_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_VALUE_FORMULA_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_KEYS_FIELD_NUMBER: _ClassVar[int]
+    MAX_K0_FIELD_NUMBER: _ClassVar[int]
     UPDATABLE_FIELD_NUMBER: _ClassVar[int]
     APPLIED_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_LOGS_FIELD_NUMBER: _ClassVar[int]
     dim: int
     nlist: int
     default_nprobe: int
@@ -212,6 +244,26 @@ class InfoResponse(_message.Message):
     user_feature_dim: int
     shards: _containers.RepeatedCompositeFieldContainer[ShardInfo]
     backend: str
+    tasks: _containers.RepeatedScalarFieldContainer[str]
+    default_k0: int
+    default_value_formula: str
+    sparse_keys: _containers.RepeatedScalarFieldContainer[str]
+    max_k0: int
     updatable: bool
     applied_batches: int
-    def __init__(self, dim: _Optional[int] = ..., nlist: _Optional[int] = ..., default_nprobe: _Optional[int] = ..., max_k: _Optional[int] = ..., items: _Optional[int] = ..., model_version: _Optional[int] = ..., has_user_tower: _Optional[bool] = ..., user_feature_dim: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., backend: _Optional[str] = ..., updatable: _Optional[bool] = ..., applied_batches: _Optional[int] = ...) -> None: ...
+    replica_logs: _containers.RepeatedCompositeFieldContainer[ReplicaLog]
+    def __init__(self, dim: _Optional[int] = ..., nlist: _Optional[int] = ..., default_nprobe: _Optional[int] = ..., max_k: _Optional[int] = ..., items: _Optional[int] = ..., model_version: _Optional[int] = ..., has_user_tower: _Optional[bool] = ..., user_feature_dim: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., backend: _Optional[str] = ..., tasks: _Optional[_Iterable[str]] = ..., default_k0: _Optional[int] = ..., default_value_formula: _Optional[str] = ..., sparse_keys: _Optional[_Iterable[str]] = ..., max_k0: _Optional[int] = ..., updatable: _Optional[bool] = ..., applied_batches: _Optional[int] = ..., replica_logs: _Optional[_Iterable[_Union[ReplicaLog, _Mapping]]] = ...) -> None: ...
+
+class ReplicaLog(_message.Message):
+    __slots__ = ("shard", "replica", "seq", "version", "in_sync")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    IN_SYNC_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    replica: int
+    seq: int
+    version: int
+    in_sync: bool
+    def __init__(self, shard: _Optional[int] = ..., replica: _Optional[int] = ..., seq: _Optional[int] = ..., version: _Optional[int] = ..., in_sync: _Optional[bool] = ...) -> None: ...

@@ -28,6 +28,7 @@ from sterling.cluster.errors import (
     RequestTooLargeError,
     ShardsUnavailableError,
 )
+from sterling.cluster.learned_head import LearnedHead, SparseInput
 from sterling.cluster.merge import merge_topk
 from sterling.cluster.shard import ShardRequest
 from sterling.model.errors import InvalidInputError
@@ -43,6 +44,7 @@ class RouterConfig:
 
     Args:
         max_k: largest k a request may ask for.
+        max_k0: most index candidates a learned model's OverArch may rerank per query.
         max_batch: most queries in one request.
         max_results: most result entries (batch × k) in one request; above
             it the request is refused with RESOURCE_EXHAUSTED.
@@ -52,6 +54,7 @@ class RouterConfig:
     """
 
     max_k: int = 10_000
+    max_k0: int = 100_000
     max_batch: int = 4096
     max_results: int = 4_000_000
     default_deadline_ms: int = 5_000
@@ -59,7 +62,7 @@ class RouterConfig:
     max_adaptive_rounds: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("max_k", "max_batch", "max_results", "default_deadline_ms"):
+        for name in ("max_k", "max_k0", "max_batch", "max_results", "default_deadline_ms"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RouterConfig.{name} ({getattr(self, name)}) must be ≥ 1")
         if self.max_adaptive_rounds < 0:
@@ -77,6 +80,8 @@ class RouterResult:
     missing: list[int] = field(default_factory=list)
     version_skew: dict[int, int] = field(default_factory=dict)
     timing: dict = field(default_factory=dict)
+    task_scores: np.ndarray | None = None  # [B, k, T] per-task probabilities (learned models)
+    tasks: tuple[str, ...] = ()
 
 
 class Router:
@@ -87,10 +92,12 @@ class Router:
         >>> res = router.retrieve(query=xq, k=100, where="lang:en")
     """
 
-    def __init__(self, head: RetrievalModel, backend: ShardBackend, config: RouterConfig | None = None) -> None:
+    def __init__(self, head: RetrievalModel, backend: ShardBackend, config: RouterConfig | None = None, *,
+                 learned: LearnedHead | None = None) -> None:
         self.head = head
         self.backend = backend
         self.config = config or RouterConfig()
+        self.learned = learned  # a learned model's towers, OverArch, heads and cache: reranks the merged K0
 
     @property
     def dim(self) -> int:
@@ -142,19 +149,52 @@ class Router:
         adaptive: bool | None = None,
         deadline_s: float | None = None,
         require_complete: bool = False,
+        user_ids=None,
+        sparse: SparseInput | None = None,
+        k0: int | None = None,
+        value_formula: str | None = None,
+        shard_min_versions: list[int] | None = None,
     ) -> RouterResult:
+        """Top-k per query over every shard (see ``RetrievalModel.forward`` for the arguments).
+
+        A router over a learned model (``learned_router``) also takes the user
+        as ``user_ids`` or ``sparse`` features (``user_features`` = their dense
+        part), gathers ``k0`` candidates per query from the shards and reranks
+        them with the OverArch, heads and Value Model (``value_formula``);
+        ``task_scores`` then holds the per-task probabilities of the top k.
+
+        ``shard_min_versions[s]``: shard ``s`` answers only from a replica at that version
+        or later (the acknowledged version of each shard that takes updates), so no answer is staler than
+        an acknowledged write.
+        """
         t0 = time.monotonic()
         budget = deadline_s if deadline_s is not None else self.config.default_deadline_ms / 1e3
         deadline = t0 + budget
-        xq = self.encode(query=query, user_features=user_features)
+        if self.learned is not None:
+            u = self.learned.encode(query=query, dense=user_features, user_ids=user_ids, sparse=sparse)
+            xq = u
+        else:
+            if user_ids is not None or sparse is not None or k0 or value_formula:
+                raise InvalidInputError(
+                    "user_ids, sparse features, k0 and value_formula need a learned model (`sterling train`); "
+                    "this server serves an index model: send query_embedding or user_features"
+                )
+            xq = self.encode(query=query, user_features=user_features)
         B = int(xq.shape[0])
+        nprobe_asked = nprobe
         k, nprobe = self._check(k, nprobe, B)
+        k_shard = k
+        if self.learned is not None:
+            k_shard, nprobe = self.learned.k0_and_nprobe(k, k0, nprobe_asked, B, self.config)
         if isinstance(where, (list, tuple)) and len(where) != B:
             raise InvalidInputError(f"{len(where)} filters for {B} queries; give one per query or one for all")
         filters = self.head.index.compile_filters(where, B)  # validates; raises FilterError
+        if self.learned is not None:
+            self.learned.value_model.compile(value_formula or self.learned.value_model.default)  # typed errors
         t_enc = time.monotonic()
-        xq_np = xq.numpy()
-        req = ShardRequest(xq=xq_np, k=k, nprobe=nprobe, where=where, exact=exact)
+        xq_np = xq.detach().numpy()
+        floors = None if shard_min_versions is None else tuple(int(v) for v in shard_min_versions)
+        req = ShardRequest(xq=xq_np, k=k_shard, nprobe=nprobe, where=where, exact=exact, min_versions=floors)
         fo = self.backend.fan_out(req, deadline)
         t_fan = time.monotonic()
         if fo.missing and (require_complete or not fo.replies):
@@ -169,28 +209,35 @@ class Router:
                 missing=fo.missing,
             )
         order = sorted(fo.replies)
-        ids, scores = merge_topk([(fo.replies[s].ids, fo.replies[s].scores) for s in order], k)
+        ids, scores = merge_topk([(fo.replies[s].ids, fo.replies[s].scores) for s in order], k_shard)
         versions = {s: int(fo.replies[s].version) for s in order}
         missing = list(fo.missing)
 
         use_adaptive = self.config.adaptive if adaptive is None else adaptive
         if use_adaptive and not missing:
-            ids, scores, nprobe_used = self._widen(xq_np, ids, scores, k, nprobe, where, exact, filters, deadline,
-                                                   versions)
+            ids, scores, nprobe_used = self._widen(xq_np, ids, scores, k_shard, nprobe, where, exact, filters,
+                                                   deadline, versions, floors)
         t_merge = time.monotonic()
+        task_scores, tasks, rerank_ms = None, (), 0.0
+        if self.learned is not None:
+            ids, scores, task_scores = self.learned.rank(xq, ids, scores, k, value_formula)
+            tasks = tuple(self.learned.tasks)
+            rerank_ms = (time.monotonic() - t_merge) * 1e3
+        t_end = time.monotonic()
         counts = Counter(versions.values())
         version = counts.most_common(1)[0][0] if counts else int(self.head.index.version)
         skew = dict(versions) if len(counts) > 1 else {}
         return RouterResult(
             ids=ids, scores=scores, version=version, partial=bool(missing), missing=missing, version_skew=skew,
+            task_scores=task_scores, tasks=tasks,
             timing={
-                "total_ms": (t_merge - t0) * 1e3, "encode_ms": (t_enc - t0) * 1e3,
-                "fanout_ms": (t_fan - t_enc) * 1e3, "merge_ms": (t_merge - t_fan) * 1e3,
-                "shards": [(s, fo.replies[s].replica, fo.replies[s].ms) for s in order],
+                "total_ms": (t_end - t0) * 1e3, "encode_ms": (t_enc - t0) * 1e3,
+                "fanout_ms": (t_fan - t_enc) * 1e3, "merge_ms": (t_merge - t_fan) * 1e3, "rerank_ms": rerank_ms,
+                "shards": [(s, fo.replies[s].replica, fo.replies[s].ms, fo.replies[s].stages) for s in order],
             },
         )
 
-    def _widen(self, xq, ids, scores, k, nprobe, where, exact, filters, deadline, versions):
+    def _widen(self, xq, ids, scores, k, nprobe, where, exact, filters, deadline, versions, floors=None):
         """Global selectivity adaptation: double nprobe for filtered queries short of k results.
 
         Runs on the merged answer, so the decision uses the global eligible
@@ -209,7 +256,8 @@ class Router:
             rows = np.nonzero(short)[0]
             sub_where = [where[i] for i in rows] if isinstance(where, (list, tuple)) else where
             fo = self.backend.fan_out(
-                ShardRequest(xq=xq[rows], k=k, nprobe=wide, where=sub_where, exact=exact), deadline
+                ShardRequest(xq=xq[rows], k=k, nprobe=wide, where=sub_where, exact=exact, min_versions=floors),
+                deadline,
             )
             if fo.missing:
                 break

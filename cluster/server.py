@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -27,8 +27,10 @@ from grpc_reflection.v1alpha import reflection
 from sterling.cluster import retrieval_pb2 as pb
 from sterling.cluster import retrieval_pb2_grpc as pb_grpc
 from sterling.cluster.admission import Admission, AdmissionConfig, guarded_service_handler
+from sterling.cluster.batching import Batcher, BatchingConfig
 from sterling.cluster.errors import ClusterConfigError, NotImplementedYetError, status_code_name
-from sterling.cluster.metrics import make_metrics
+from sterling.cluster.learned_head import SparseInput
+from sterling.cluster.metrics import NullMetrics, make_metrics
 from sterling.cluster.router import Router
 
 __all__ = ["SERVICE_NAME", "SecurityConfig", "ServerConfig", "RetrievalServicer", "RetrievalServer"]
@@ -89,6 +91,8 @@ class ServerConfig:
         admission: queue and in-flight bounds (``sterling.cluster.admission``).
         metrics_port: serve Prometheus ``/metrics`` on this port (0 = any free
             one, read ``RetrievalServer.metrics_port``); None = no HTTP endpoint.
+        batching: dynamic batching of concurrent ``Retrieve`` calls
+            (``sterling.cluster.batching``); ``max_wait_ms=0`` turns it off.
     """
 
     host: str = "127.0.0.1"
@@ -98,6 +102,7 @@ class ServerConfig:
     security: SecurityConfig | None = None
     admission: AdmissionConfig | None = None
     metrics_port: int | None = None
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -164,19 +169,37 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     context.abort(getattr(grpc.StatusCode, code), str(exc))
 
 
-def _to_proto(ids: np.ndarray, scores: np.ndarray) -> list[pb.QueryResult]:
+def _to_proto(ids: np.ndarray, scores: np.ndarray, task_scores: np.ndarray | None = None,
+              tasks: tuple[str, ...] = ()) -> list[pb.QueryResult]:
     out = []
-    for row_ids, row_s in zip(ids, scores):
+    for q, (row_ids, row_s) in enumerate(zip(ids, scores)):
         n = int((row_ids >= 0).sum())  # results are packed at the front
-        out.append(pb.QueryResult(ids=row_ids[:n].tolist(), scores=row_s[:n].tolist()))
+        r = pb.QueryResult(ids=row_ids[:n].tolist(), scores=row_s[:n].tolist())
+        if task_scores is not None:
+            r.task_scores.extend(pb.TaskScores(task=t, scores=task_scores[q, :n, i].tolist())
+                                 for i, t in enumerate(tasks))
+        out.append(r)
     return out
+
+
+def _index_model_only(user_ids, sparse, request) -> dict:
+    """An index model takes no learned-model fields: refuse them by name rather than ignore them."""
+    sent = [n for n, present in (("user_ids", user_ids is not None), ("sparse_features", sparse is not None),
+                                 ("k0", bool(request.k0)), ("value_formula", bool(request.value_formula))) if present]
+    if sent:
+        raise_invalid(f"{', '.join(sent)} need a learned model (`sterling train`); this server serves an index "
+                      "model: send query_embedding or user_features")
+    return {}
 
 
 class RetrievalServicer(pb_grpc.RetrievalServicer):
     """``sterling.v1.Retrieval`` over a ``Router``."""
 
-    def __init__(self, router: Router, *, backend_name: str = "local", updates=None) -> None:
+    def __init__(self, router: Router, *, backend_name: str = "local", updates=None, metrics=None,
+                 batching: BatchingConfig | None = None) -> None:
         self.router = router
+        self.batcher = Batcher(router.retrieve, batching or BatchingConfig(max_wait_ms=0))
+        self.metrics = metrics if metrics is not None else NullMetrics()
         self.backend_name = backend_name
         self.updates = updates  # a ``sterling.cluster.live.LiveShards`` when the server takes updates
 
@@ -192,29 +215,45 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
     def Retrieve(self, request, context):
         try:
             B = request.batch_size or 1
-            query = user = None
+            query = user = user_ids = sparse = None
+            learned = self.router.learned is not None
             if len(request.query_embedding) and len(request.user_features):
                 raise_invalid("send query_embedding or user_features, not both")
             if len(request.query_embedding):
                 query = _matrix(request.query_embedding, B, "query_embedding")
             elif len(request.user_features):
                 user = _matrix(request.user_features, B, "user_features")
-            else:
-                raise_invalid("the request has neither query_embedding nor user_features")
+            if len(request.user_ids):
+                user_ids = np.asarray(request.user_ids, dtype=np.int64)
+                if len(user_ids) != B:
+                    raise_invalid(f"{len(user_ids)} user_ids for batch_size {B}; send one per query")
+            if request.HasField("sparse_features"):
+                sf = request.sparse_features
+                sparse = SparseInput(keys=tuple(sf.keys), lengths=np.asarray(sf.lengths, dtype=np.int32),
+                                     values=np.asarray(sf.values, dtype=np.int64))
+                if sparse.batch != B or len(sf.lengths) % max(len(sf.keys), 1):
+                    raise_invalid(f"{len(sf.lengths)} sparse lengths for {len(sf.keys)} keys and batch_size {B}; "
+                                  "send len(keys) × batch_size lengths")
+            if query is None and user is None and user_ids is None and sparse is None:
+                raise_invalid("the request has no query_embedding, user_features, user_ids or sparse_features")
             where: str | list[str | None] | None = request.filter or None
             if len(request.filters):
                 where = [f or None for f in request.filters]
             adaptive = {pb.ADAPTIVE_MODE_OFF: False, pb.ADAPTIVE_MODE_ON: True}.get(request.adaptive)
             if request.min_version:
                 self._wait_for_version(request, context)
-            res = self.router.retrieve(
+            res = self.batcher.retrieve(
                 query=query, user_features=user, k=int(request.k), nprobe=int(request.nprobe) or None,
                 where=where, exact=not request.approximate_filter, adaptive=adaptive,
                 deadline_s=self._deadline(request, context), require_complete=request.require_complete,
+                **({"user_ids": user_ids, "sparse": sparse, "k0": int(request.k0) or None,
+                    "value_formula": request.value_formula or None} if learned else
+                   _index_model_only(user_ids, sparse, request)),
+                shard_min_versions=self.updates.shard_versions() if self.updates is not None else None,
             )
             t = res.timing
             return pb.RetrieveResponse(
-                results=_to_proto(res.ids, res.scores),
+                results=_to_proto(res.ids, res.scores, res.task_scores, res.tasks),
                 model_version=res.version,
                 partial=res.partial,
                 missing_shards=res.missing,
@@ -222,7 +261,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 timing=pb.Timing(
                     total_ms=t["total_ms"], encode_ms=t["encode_ms"], fanout_ms=t["fanout_ms"],
                     merge_ms=t["merge_ms"],
-                    shards=[pb.ShardTiming(shard=s, replica=r, ms=ms) for s, r, ms in t["shards"]],
+                    shards=[_shard_timing(*row) for row in t["shards"]],
                 ),
             )
         except Exception as e:  # every error becomes a status; the server keeps serving
@@ -250,11 +289,16 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             )
         return self.updates
 
+    def _updated(self, kind: str, t0: float) -> None:
+        """Update lag of one batch: arrival to durable and visible (the apply is synchronous)."""
+        self.metrics.update(kind, time.perf_counter() - t0, applied_batches=self.updates.applied_batches)
+
     def Upsert(self, request_iterator, context):
         try:
             updates = self._need_updates("Upsert")
             n, version = 0, updates.version
             for req in request_iterator:  # one atomic, durable batch per message
+                t0 = time.perf_counter()
                 ids = list(req.ids)
                 if not ids:
                     continue
@@ -266,6 +310,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                                       "or none")
                     attrs = [list(a.terms) for a in req.attributes]
                 done, version = updates.upsert(ids, x, attrs)
+                self._updated("upsert", t0)
                 n += done
             return pb.UpsertResponse(upserted=n, model_version=version)
         except Exception as e:
@@ -273,16 +318,20 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
 
     def Delete(self, request, context):
         try:
+            t0 = time.perf_counter()
             n, version = self._need_updates("Delete").delete(list(request.ids))
+            self._updated("delete", t0)
             return pb.DeleteResponse(deleted=n, model_version=version)
         except Exception as e:
             _abort(context, e)
 
     def UpdateAttributes(self, request, context):
         try:
+            t0 = time.perf_counter()
             n, version = self._need_updates("UpdateAttributes").update_attributes(
                 list(request.ids), [list(a.terms) for a in request.attributes]
             )
+            self._updated("attributes", t0)
             return pb.UpdateAttributesResponse(updated=n, model_version=version)
         except Exception as e:
             _abort(context, e)
@@ -291,13 +340,18 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         try:
             idx = self.router.head.index
             tower = self.router.head.tower
+            learned = self.router.learned
             shards = self.router.backend.shard_infos()
             return pb.InfoResponse(
                 dim=idx.dim, nlist=idx.nlist, default_nprobe=idx.default_nprobe(), max_k=self.router.config.max_k,
                 items=sum(int(s["items"]) for s in shards),
                 model_version=self.updates.version if self.updates is not None else int(idx.version),
-                has_user_tower=tower is not None,
-                user_feature_dim=tower.config.input_dim if tower is not None else 0,
+                has_user_tower=tower is not None or learned is not None,
+                user_feature_dim=(learned.dense_dim if learned is not None
+                                  else tower.config.input_dim if tower is not None else 0),
+                **({"tasks": learned.tasks, "default_k0": learned.model.k0,
+                    "default_value_formula": learned.value_model.default, "sparse_keys": list(learned.sparse_keys),
+                    "max_k0": self.router.config.max_k0} if learned is not None else {}),
                 shards=[
                     pb.ShardInfo(shard=s["shard"], list_start=s["lists"][0], list_end=s["lists"][1],
                                  items=int(s["items"]), version=int(s["version"]), replicas=s["replicas"],
@@ -307,9 +361,16 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 backend=self.backend_name,
                 updatable=self.updates is not None,
                 applied_batches=self.updates.applied_batches if self.updates is not None else 0,
+                replica_logs=[pb.ReplicaLog(**r) for r in self.updates.replica_states()] if self.updates else [],
             )
         except Exception as e:
             _abort(context, e)
+
+
+def _shard_timing(shard: int, replica: int, ms: float, stages: dict[str, float]) -> pb.ShardTiming:
+    return pb.ShardTiming(shard=shard, replica=replica, ms=ms, probe_ms=stages.get("probe", 0.0),
+                          filter_ms=stages.get("filter", 0.0), scan_ms=stages.get("scan", 0.0),
+                          rerank_ms=stages.get("rerank", 0.0))
 
 
 def raise_invalid(msg: str):
@@ -337,8 +398,9 @@ class RetrievalServer:
     """
 
     def __init__(self, router: Router, config: ServerConfig | None = None, *, backend_name: str = "local",
-                 updates=None) -> None:
+                 updates=None, close_backend: bool = True) -> None:
         self.router = router
+        self.close_backend = close_backend  # False: the router's shards outlive this server (stop() leaves them)
         self.updates = updates
         self.config = config or ServerConfig()
         self.backend_name = backend_name
@@ -368,7 +430,8 @@ class RetrievalServer:
             futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sterling-grpc"),
             options=opts, interceptors=interceptors, maximum_concurrent_rpcs=threads,
         )
-        servicer = RetrievalServicer(self.router, backend_name=self.backend_name, updates=self.updates)
+        servicer = RetrievalServicer(self.router, backend_name=self.backend_name, updates=self.updates,
+                                     metrics=self.metrics, batching=cfg.batching)
         server.add_generic_rpc_handlers((guarded_service_handler(servicer, self.admission, self.metrics),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -408,7 +471,9 @@ class RetrievalServer:
             return
         status = health_pb2.HealthCheckResponse
         self._health.set(SERVICE_NAME, status.SERVING if complete else status.NOT_SERVING)
-        self.metrics.model(version=int(self.router.head.index.version), complete=complete, shard_items={})
+        healthy = {s: sum(h) for s, h in enumerate(self.router.backend.healthy())}
+        self.metrics.model(version=int(self.router.head.index.version), complete=complete, shard_items={},
+                           healthy_replicas=healthy)
 
     def stop(self, grace: float = 2.0) -> None:
         if self._server is None or self._stopped.is_set():
@@ -416,7 +481,8 @@ class RetrievalServer:
         self._health.enter_graceful_shutdown()
         self._server.stop(grace).wait(grace + 1)
         self.metrics.close()
-        self.router.backend.close()
+        if self.close_backend:
+            self.router.backend.close()
         self._stopped.set()
 
     def wait_for_signal(self, *, on_stop=None) -> None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from sterling.model.retrieval import RetrievalModel
+from sterling.model.stages import record_stages
 
 __all__ = ["ShardRequest", "ShardReply", "ShardServer"]
 
@@ -30,6 +31,7 @@ class ShardRequest:
     nprobe: int
     where: str | list[str | None] | None = None
     exact: bool = True
+    min_versions: tuple[int, ...] | None = None  # per shard: answer only from this version on (else ReplicaBehindError)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -42,6 +44,7 @@ class ShardReply:
     scores: np.ndarray
     version: int
     ms: float
+    stages: dict[str, float] = field(default_factory=dict)  # exclusive ms per search stage
 
 
 _SHARD_MAX_K = 1 << 24  # far above any RouterConfig.max_k; the router refuses larger k first
@@ -76,13 +79,23 @@ class ShardServer:
 
     def search(self, req: ShardRequest) -> ShardReply:
         t0 = time.perf_counter()
-        out = self.model(
-            query=torch.from_numpy(np.ascontiguousarray(req.xq, dtype=np.float32)),
-            k=req.k, nprobe=req.nprobe, where=req.where, exact=req.exact, adaptive=False,
-        )
+        if req.min_versions is not None and self.shard < len(req.min_versions):
+            have, need = int(self.model.index.version), int(req.min_versions[self.shard])
+            if have < need:
+                from sterling.cluster.errors import ReplicaBehindError
+
+                raise ReplicaBehindError(
+                    f"shard {self.shard} replica {self.replica} is at version {have}, below the acknowledged "
+                    f"{need} (catching up); ask another replica"
+                )
+        with record_stages() as st:
+            out = self.model(
+                query=torch.from_numpy(np.ascontiguousarray(req.xq, dtype=np.float32)),
+                k=req.k, nprobe=req.nprobe, where=req.where, exact=req.exact, adaptive=False,
+            )
         return ShardReply(
             shard=self.shard, replica=self.replica, ids=out.ids.numpy(), scores=out.scores.numpy(),
-            version=out.version, ms=(time.perf_counter() - t0) * 1e3,
+            version=out.version, ms=(time.perf_counter() - t0) * 1e3, stages=st.ms(),
         )
 
     def warmup(self) -> None:

@@ -1,1 +1,1 @@
-"""sterling.launch — the `sterling` command line (DESIGN.md §1)."""
+"""sterling.launch — the `sterling` command line."""

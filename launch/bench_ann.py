@@ -20,6 +20,8 @@ import platform
 import time
 from pathlib import Path
 
+from sterling.benchmarks.evaluation import RoaringIndex, best_time, blocked, commit, machine, recall
+
 __all__ = ["register", "run"]
 
 FILTERS = {  # name → expression; selectivities are measured and printed
@@ -68,81 +70,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _recall(found, truth) -> float:
-    hit = total = 0
-    for f, t in zip(found.tolist(), truth.tolist()):
-        t = {x for x in t if x >= 0}
-        hit += len(t & set(f))
-        total += len(t)
-    return hit / max(total, 1)
-
-
-def _timed(fn, repeat: int = 3):
-    fn()  # warm-up
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
-
-
-def _blocked(fns: dict, repeat: int) -> dict:
-    """Best time of each function over ``repeat`` runs, one function after the other, each
-    warmed up right before its own runs: a run never pays for the previous system's worker
-    threads still spinning (OpenMP) on this small machine."""
-    out = {}
-    for name, fn in fns.items():
-        out[name] = _timed(fn, repeat)
-    return out
-
-
-def _roaring_eval(node, postings, universe):
-    from sterling.model.filter import And, Not, Term
-
-    if isinstance(node, Term):
-        return postings.get(node.text, type(universe)())
-    if isinstance(node, Not):
-        return universe - _roaring_eval(node.child, postings, universe)
-    parts = [_roaring_eval(c, postings, universe) for c in node.children]
-    out = parts[0]
-    for p in parts[1:]:
-        out = (out & p) if isinstance(node, And) else (out | p)
-    return out
-
-
-def _machine() -> str:
-    """CPU model and core count, for the record."""
-    import os
-
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} CPUs"
-
-
-def _commit() -> str:
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     import faiss
     import numpy as np
     import torch
-    from pyroaring import BitMap
 
     from sterling.kernels import cpu_scan
     from sterling.model import IndexConfig, build_index, parse_filter
@@ -192,14 +124,14 @@ def run(args: argparse.Namespace) -> int:
     truth = exact(args.k)
     for nprobe in args.nprobe if "unfiltered" in parts else ():
         sq8.nprobe = flat.nprobe = nprobe
-        t_st, (_, i_st) = _timed(lambda nprobe=nprobe: index.search(xq, k=args.k, nprobe=nprobe))
-        t_sq, (_, i_sq) = _timed(lambda: sq8.search(xq_np, args.k))
-        t_fl, (_, i_fl) = _timed(lambda: flat.search(xq_np, args.k), repeat=1)
+        t_st, (_, i_st) = best_time(lambda nprobe=nprobe: index.search(xq, k=args.k, nprobe=nprobe))
+        t_sq, (_, i_sq) = best_time(lambda: sq8.search(xq_np, args.k))
+        t_fl, (_, i_fl) = best_time(lambda: flat.search(xq_np, args.k), repeat=1)
         emit({**base, "bench": "ann", "case": "unfiltered", "batch": args.queries, "k": args.k, "nprobe": nprobe,
               "sterling_qps": args.queries / t_st, "faiss_sq8_qps": args.queries / t_sq,
               "faiss_flat_qps": args.queries / t_fl,
-              "recall_sterling": _recall(i_st, truth), "recall_faiss_sq8": _recall(torch.from_numpy(i_sq), truth),
-              "recall_faiss_flat": _recall(torch.from_numpy(i_fl), truth),
+              "recall_sterling": recall(i_st, truth), "recall_faiss_sq8": recall(torch.from_numpy(i_sq), truth),
+              "recall_faiss_flat": recall(torch.from_numpy(i_fl), truth),
               "speedup_vs_sq8": t_sq / t_st, "speedup_vs_flat": t_fl / t_st})
 
     # batch 1 latency
@@ -223,15 +155,7 @@ def run(args: argparse.Namespace) -> int:
               "speedup_p50_vs_sq8": p50(lat_sq) / p50(lat_st)})
 
     # filtered: Sterling's in-scan filter vs Faiss + per-query roaring bitmap
-    vocab, offs, aids = cat.attributes.vocab, cat.attributes.offsets.tolist(), cat.attributes.ids.tolist()
-    postings: dict[str, BitMap] = {}
-    by_term: dict[int, list[int]] = {}
-    for i in range(args.items):
-        for t in aids[offs[i] : offs[i + 1]]:
-            by_term.setdefault(t, []).append(i)
-    for t, items in by_term.items():
-        postings[vocab[t]] = BitMap(items)
-    universe = BitMap(range(args.items))
+    roaring = RoaringIndex(cat.attributes.ids, cat.attributes.offsets, cat.attributes.vocab, args.items)
 
     def selector(bm):
         """A roaring result as Faiss's IDSelectorBitmap (little-endian bit per id); keep the bits alive."""
@@ -247,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
 
     for name, expr in FILTERS.items() if "filtered" in parts else ():
         node = parse_filter(expr)
-        mask_bm = _roaring_eval(node, postings, universe)
+        mask_bm = roaring.eval(node)
         mask = torch.zeros(args.items, dtype=torch.bool)
         mask[torch.tensor(list(mask_bm), dtype=torch.int64)] = True
         ftruth = exact(args.k, mask)
@@ -255,30 +179,30 @@ def run(args: argparse.Namespace) -> int:
         def faiss_filtered(node=node):
             out = np.empty((args.queries, args.k), dtype=np.int64)
             for q in range(args.queries):
-                bm = _roaring_eval(node, postings, universe)  # per query, as a filter service would
+                bm = roaring.eval(node)  # per query, as a filter service would
                 sel, _bits = selector(bm)
                 params = faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
                 _, i = sq8.search(xq_np[q : q + 1], args.k, params=params)
                 out[q] = i[0]
             return out
 
-        t_st, (_, i_st) = _timed(lambda expr=expr: index.search(xq, k=args.k, nprobe=nprobe, where=expr), repeat=1)
-        t_fx, (_, i_fx) = _timed(
+        t_st, (_, i_st) = best_time(lambda expr=expr: index.search(xq, k=args.k, nprobe=nprobe, where=expr), repeat=1)
+        t_fx, (_, i_fx) = best_time(
             lambda expr=expr: index.search(xq, k=args.k, nprobe=nprobe, where=expr, adaptive=False), repeat=1
         )
-        t_sq, i_sq = _timed(faiss_filtered, repeat=1)
+        t_sq, i_sq = best_time(faiss_filtered, repeat=1)
         emit({**base, "bench": "ann", "case": f"filtered {name}", "expr": expr,
               "eligible": float(mask.float().mean()), "batch": args.queries, "k": args.k, "nprobe": nprobe,
               "sterling_qps": args.queries / t_st, "sterling_fixed_nprobe_qps": args.queries / t_fx,
               "faiss_sq8_roaring_qps": args.queries / t_sq,
-              "recall_sterling": _recall(i_st, ftruth), "recall_sterling_fixed_nprobe": _recall(i_fx, ftruth),
-              "recall_faiss_sq8": _recall(torch.from_numpy(i_sq), ftruth),
+              "recall_sterling": recall(i_st, ftruth), "recall_sterling_fixed_nprobe": recall(i_fx, ftruth),
+              "recall_faiss_sq8": recall(torch.from_numpy(i_sq), ftruth),
               "speedup_vs_sq8": t_sq / t_st, "speedup_fixed_nprobe_vs_sq8": t_sq / t_fx})
 
     if "shared" in parts:
-        _shared_cases(args, emit, base, index, sq8, xq, nprobe, exact, postings, universe, selector, elig_mask)
+        _shared_cases(args, emit, base, index, sq8, xq, nprobe, exact, roaring, selector, elig_mask)
     if "perquery" in parts:
-        _per_query_case(args, emit, base, index, sq8, xq, nprobe, exact, postings, universe, selector, elig_mask)
+        _per_query_case(args, emit, base, index, sq8, xq, nprobe, exact, roaring, selector, elig_mask)
 
     # large k
     nq = min(100, args.queries)
@@ -286,11 +210,11 @@ def run(args: argparse.Namespace) -> int:
         npr = args.large_k_nprobe or min(args.nlist, max(nprobe, -(-k * args.nlist * 2 // args.items)))
         sq8.nprobe = npr
         ltruth = exact(k, q=xq[:nq])
-        t_st, (_, i_st) = _timed(lambda k=k, npr=npr: index.search(xq[:nq], k=k, nprobe=npr), repeat=1)
-        t_sq, (_, i_sq) = _timed(lambda k=k: sq8.search(xq_np[:nq], k), repeat=1)
+        t_st, (_, i_st) = best_time(lambda k=k, npr=npr: index.search(xq[:nq], k=k, nprobe=npr), repeat=1)
+        t_sq, (_, i_sq) = best_time(lambda k=k: sq8.search(xq_np[:nq], k), repeat=1)
         emit({**base, "bench": "ann", "case": "large-k", "batch": nq, "k": k, "nprobe": npr,
               "sterling_qps": nq / t_st, "faiss_sq8_qps": nq / t_sq,
-              "recall_sterling": _recall(i_st, ltruth), "recall_faiss_sq8": _recall(torch.from_numpy(i_sq), ltruth),
+              "recall_sterling": recall(i_st, ltruth), "recall_faiss_sq8": recall(torch.from_numpy(i_sq), ltruth),
               "speedup_vs_sq8": t_sq / t_st})
 
     elapsed = time.perf_counter() - started
@@ -300,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _shared_cases(args, emit, base, index, sq8, xq, nprobe, exact, postings, universe, selector, elig_mask) -> None:
+def _shared_cases(args, emit, base, index, sq8, xq, nprobe, exact, roaring, selector, elig_mask) -> None:
     """One filter for the whole batch: Sterling (fixed nprobe) vs Faiss IVF-SQ8 with ONE bitmap per batch."""
     import faiss
     import numpy as np
@@ -314,15 +238,15 @@ def _shared_cases(args, emit, base, index, sq8, xq, nprobe, exact, postings, uni
     ratios, over = [], []
     for expr in SHARED_FILTERS:
         node = parse_filter(expr)
-        mask = elig_mask(_roaring_eval(node, postings, universe))
+        mask = elig_mask(roaring.eval(node))
         ftruth = exact(args.k, mask, q=xs)
 
         def faiss_shared(node=node):
-            sel, _bits = selector(_roaring_eval(node, postings, universe))  # once per batch
+            sel, _bits = selector(roaring.eval(node))  # once per batch
             _, i = sq8.search(xs_np, args.k, params=faiss.SearchParametersIVF(sel=sel, nprobe=nprobe))
             return i
 
-        res = _blocked({
+        res = blocked({
             "sterling": lambda expr=expr: index.search(xs, k=args.k, nprobe=nprobe, where=expr, adaptive=False)[1],
             "sterling_unfiltered": lambda: index.search(xs, k=args.k, nprobe=nprobe)[1],
             "faiss": faiss_shared,
@@ -334,7 +258,7 @@ def _shared_cases(args, emit, base, index, sq8, xq, nprobe, exact, postings, uni
         emit({**base, "bench": "ann", "case": "shared filter", "expr": expr, "eligible": float(mask.float().mean()),
               "batch": nq, "k": args.k, "nprobe": nprobe, "sterling_ms": t_st * 1e3,
               "sterling_unfiltered_ms": t_un * 1e3, "faiss_sq8_bitmap_ms": t_fa * 1e3,
-              "recall_sterling": _recall(i_st, ftruth), "recall_faiss_sq8": _recall(torch.from_numpy(i_fa), ftruth),
+              "recall_sterling": recall(i_st, ftruth), "recall_faiss_sq8": recall(torch.from_numpy(i_fa), ftruth),
               "ineligible_returned": bad, "speedup_vs_sq8": t_fa / t_st, "filtered_over_unfiltered": t_st / t_un})
     emit({**base, "bench": "ann", "case": "shared filter summary", "batch": nq, "k": args.k, "nprobe": nprobe,
           "min_speedup": min(ratios), "median_speedup": float(np.median(ratios)),
@@ -343,7 +267,7 @@ def _shared_cases(args, emit, base, index, sq8, xq, nprobe, exact, postings, uni
           "target_over_unfiltered_1_5": max(over) <= 1.5})
 
 
-def _per_query_case(args, emit, base, index, sq8, xq, nprobe, exact, postings, universe, selector, elig_mask) -> None:
+def _per_query_case(args, emit, base, index, sq8, xq, nprobe, exact, roaring, selector, elig_mask) -> None:
     """A different filter per query: Sterling's batch vs Faiss + a roaring bitmap built per query."""
     import faiss
     import numpy as np
@@ -358,21 +282,21 @@ def _per_query_case(args, emit, base, index, sq8, xq, nprobe, exact, postings, u
     truth = torch.full((nq, args.k), -1, dtype=torch.int64)
     for e, node in nodes.items():
         rows = torch.tensor([q for q in range(nq) if exprs[q] == e])
-        truth[rows] = exact(args.k, elig_mask(_roaring_eval(node, postings, universe)), q=xs[rows])
+        truth[rows] = exact(args.k, elig_mask(roaring.eval(node)), q=xs[rows])
 
     def faiss_per_query():
         out = np.empty((nq, args.k), dtype=np.int64)
         for q in range(nq):
-            sel, _bits = selector(_roaring_eval(nodes[exprs[q]], postings, universe))
+            sel, _bits = selector(roaring.eval(nodes[exprs[q]]))
             _, i = sq8.search(xs_np[q : q + 1], args.k, params=faiss.SearchParametersIVF(sel=sel, nprobe=nprobe))
             out[q] = i[0]
         return out
 
-    t_st, i_st = _timed(lambda: index.search(xs, k=args.k, nprobe=nprobe, where=exprs, adaptive=False)[1])
-    t_fa, i_fa = _timed(faiss_per_query, repeat=1)
+    t_st, i_st = best_time(lambda: index.search(xs, k=args.k, nprobe=nprobe, where=exprs, adaptive=False)[1])
+    t_fa, i_fa = best_time(faiss_per_query, repeat=1)
     emit({**base, "bench": "ann", "case": "per-query filters", "expr": exprs[0] + " … (40 distinct)",
           "batch": nq, "k": args.k, "nprobe": nprobe, "sterling_ms": t_st * 1e3, "faiss_sq8_bitmap_ms": t_fa * 1e3,
-          "recall_sterling": _recall(i_st, truth), "recall_faiss_sq8": _recall(torch.from_numpy(i_fa), truth),
+          "recall_sterling": recall(i_st, truth), "recall_faiss_sq8": recall(torch.from_numpy(i_fa), truth),
           "speedup_vs_sq8": t_fa / t_st})
 
 
@@ -383,7 +307,7 @@ def _write(path: Path, rows: list[dict], args, elapsed: float) -> None:
         "",
         f"Command: `{cmd}` (CPU, {args.threads} threads, {args.items:,} × {args.dim} synthetic clustered catalog, "
         f"{args.queries} queries, nlist {args.nlist}; Faiss on Sterling's centroids). Measured {time.strftime('%Y-%m-%d')} "
-        f"on {_machine()} at commit {_commit()}; the whole run took {elapsed:.0f} s.",
+        f"on {machine()} at commit {commit()}; the whole run took {elapsed:.0f} s.",
         "",
         "| case | k | nprobe | Sterling | Faiss IVF-SQ8 | ratio | recall Sterling / SQ8 |",
         "|---|---|---|---|---|---|---|",

@@ -17,6 +17,8 @@ import threading
 import time
 from pathlib import Path
 
+from sterling.benchmarks.evaluation import percentiles_ms
+
 __all__ = ["register", "run"]
 
 
@@ -35,15 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--concurrency", type=int, default=4, help="client threads against the router")
     p.add_argument("--threads-per-shard", type=int, default=1)
+    p.add_argument("--batch-wait-ms", default="0,1",
+                   help="comma list of router dynamic-batching waits to compare (0 = batching off)")
     p.add_argument("--out", help="append the JSON lines to this file")
     p.set_defaults(func=run)
-
-
-def _pcts(lat_s: list[float]) -> tuple[float, float]:
-    import numpy as np
-
-    a = np.asarray(lat_s) * 1e3
-    return float(np.percentile(a, 50)), float(np.percentile(a, 99))
 
 
 def _inprocess(model, reqs, args) -> dict:
@@ -71,7 +68,7 @@ def _inprocess(model, reqs, args) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    p50, p99 = _pcts(lat)
+    p50, p99 = percentiles_ms(lat)
     return {"qps": len(reqs) * args.batch / wall, "p50_ms": p50, "p99_ms": p99, "ids": ids}
 
 
@@ -110,7 +107,7 @@ def _through_router(address: str, reqs, args) -> dict:
     wall = time.perf_counter() - t0
     for c in clients:
         c.close()
-    p50, p99 = _pcts(lat)
+    p50, p99 = percentiles_ms(lat)
     return {"qps": len(reqs) * args.batch / wall, "p50_ms": p50, "p99_ms": p99, "ids": ids,
             "partial": int(np.sum(partial))}
 
@@ -119,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from sterling.cluster.batching import BatchingConfig
     from sterling.cluster.router import Router, RouterConfig
     from sterling.cluster.server import RetrievalServer, ServerConfig
     from sterling.model import IndexConfig, RetrievalModel, build_index
@@ -164,25 +162,32 @@ def run(args: argparse.Namespace) -> int:
 
                 backend = LocalBackend([[ShardServer.load(s.path, shard=s.index)] for s in manifest.shards])
             router = Router(head, backend, RouterConfig(max_k=max(10_000, args.k), default_deadline_ms=30_000))
-            srv = RetrievalServer(router, ServerConfig(port=0, workers=max(4, args.concurrency)),
-                                  backend_name=args.backend).start()
             try:
-                r = _through_router(srv.address, reqs, args)
+                for wait in [float(x) for x in str(args.batch_wait_ms).split(",") if x.strip()]:
+                    cfg = ServerConfig(port=0, workers=max(4, args.concurrency),
+                                       batching=BatchingConfig(max_wait_ms=wait))
+                    # the next wait setting reuses these shards
+                    srv = RetrievalServer(router, cfg, backend_name=args.backend, close_backend=False).start()
+                    try:
+                        r = _through_router(srv.address, reqs, args)
+                    finally:
+                        srv.stop()
+                    equal = all(np.array_equal(a, b.numpy()) for a, b in zip(r["ids"], base["ids"]))
+                    row = {
+                        "bench": "cluster", "backend": args.backend, "shards": n, "items": model.index.num_items,
+                        "dim": D, "nlist": model.index.nlist, "k": args.k, "nprobe": args.nprobe, "where": args.where,
+                        "batch": args.batch, "requests": args.requests, "concurrency": args.concurrency,
+                        "batch_wait_ms": wait,
+                        "router_qps": round(r["qps"], 1), "router_p50_ms": round(r["p50_ms"], 2),
+                        "router_p99_ms": round(r["p99_ms"], 2),
+                        "inprocess_qps": round(base["qps"], 1), "inprocess_p50_ms": round(base["p50_ms"], 2),
+                        "inprocess_p99_ms": round(base["p99_ms"], 2),
+                        "qps_ratio": round(r["qps"] / base["qps"], 3), "partial": r["partial"], "ids_equal": equal,
+                    }
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
             finally:
-                srv.stop()
-            equal = all(np.array_equal(a, b.numpy()) for a, b in zip(r["ids"], base["ids"]))
-            row = {
-                "bench": "cluster", "backend": args.backend, "shards": n, "items": model.index.num_items, "dim": D,
-                "nlist": model.index.nlist, "k": args.k, "nprobe": args.nprobe, "where": args.where,
-                "batch": args.batch, "requests": args.requests, "concurrency": args.concurrency,
-                "router_qps": round(r["qps"], 1), "router_p50_ms": round(r["p50_ms"], 2),
-                "router_p99_ms": round(r["p99_ms"], 2),
-                "inprocess_qps": round(base["qps"], 1), "inprocess_p50_ms": round(base["p50_ms"], 2),
-                "inprocess_p99_ms": round(base["p99_ms"], 2),
-                "qps_ratio": round(r["qps"] / base["qps"], 3), "partial": r["partial"], "ids_equal": equal,
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+                router.backend.close()
     finally:
         if args.backend == "ray":
             import ray

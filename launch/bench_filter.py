@@ -30,6 +30,8 @@ import random
 import time
 from pathlib import Path
 
+from sterling.benchmarks.evaluation import ForwardIndex, RoaringIndex, best_time
+
 __all__ = ["register", "run"]
 
 
@@ -81,108 +83,7 @@ def _count_terms(exprs: list[str]) -> float:
     return sum(e.count(":") for e in exprs) / max(len(exprs), 1)
 
 
-# ------------------------------------------------------------------ peers
-class RoaringIndex:
-    """One ``pyroaring.BitMap`` per ``feature:value`` over item positions 0..N-1."""
-
-    def __init__(self, attr_ids, attr_offsets, vocab: list[str], n: int) -> None:
-        import numpy as np
-        from pyroaring import BitMap
-
-        lengths = (attr_offsets[1:] - attr_offsets[:-1]).numpy()
-        item = np.repeat(np.arange(n, dtype=np.uint32), lengths)
-        ids = attr_ids.numpy()
-        order = np.argsort(ids, kind="stable")
-        ids_sorted, items_sorted = ids[order], item[order]
-        bounds = np.searchsorted(ids_sorted, np.arange(len(vocab) + 1))
-        self.maps = {}
-        for t, term in enumerate(vocab):
-            bm = BitMap(items_sorted[bounds[t] : bounds[t + 1]])
-            bm.run_optimize()
-            self.maps[term] = bm
-        self.universe = BitMap(np.arange(n, dtype=np.uint32))
-        self.universe.run_optimize()
-        self.empty = BitMap()
-
-    def nbytes(self) -> int:
-        return sum(bm.get_statistics()["n_bytes_array_containers"] + bm.get_statistics()["n_bytes_bitmap_containers"]
-                   + bm.get_statistics()["n_bytes_run_containers"] for bm in self.maps.values())
-
-    def serialized_bytes(self) -> int:
-        return sum(len(bm.serialize()) for bm in self.maps.values())
-
-    def eval(self, node):
-        from sterling.model.filter import And, Not, Or, Term
-
-        if isinstance(node, Term):
-            return self.maps.get(node.text, self.empty)
-        if isinstance(node, Not):
-            return self.universe - self.eval(node.child)
-        parts = [self.eval(c) for c in node.children]
-        if isinstance(node, And):
-            parts.sort(key=len)  # smallest first, as any inverted index would
-            acc = parts[0]
-            for p in parts[1:]:
-                acc = acc & p
-            return acc
-        assert isinstance(node, Or)
-        acc = parts[0]
-        for p in parts[1:]:
-            acc = acc | p
-        return acc
-
-
-class ForwardIndex:
-    """Padded [N, L] int32 attribute ids (−1 pads); a term is ``(F == v).any(1)``."""
-
-    def __init__(self, attr_ids, attr_offsets, vocab: list[str]) -> None:
-        import numpy as np
-
-        lengths = (attr_offsets[1:] - attr_offsets[:-1]).numpy()
-        n, L = len(lengths), int(lengths.max()) if len(lengths) else 0
-        self.F = np.full((n, L), -1, dtype=np.int32)
-        starts = attr_offsets[:-1].numpy()
-        ids = attr_ids.numpy()
-        for j in range(L):
-            has = lengths > j
-            self.F[has, j] = ids[starts[has] + j]
-        self.vid = {t: i for i, t in enumerate(vocab)}
-
-    def nbytes(self) -> int:
-        return self.F.nbytes
-
-    def eval(self, node):
-        import numpy as np
-
-        from sterling.model.filter import And, Not, Term
-
-        if isinstance(node, Term):
-            v = self.vid.get(node.text)
-            if v is None:
-                return np.zeros(self.F.shape[0], dtype=bool)
-            hit = self.F[:, 0] == v
-            for j in range(1, self.F.shape[1]):
-                hit |= self.F[:, j] == v
-            return hit
-        if isinstance(node, Not):
-            return ~self.eval(node.child)
-        parts = [self.eval(c) for c in node.children]
-        acc = parts[0]
-        for p in parts[1:]:
-            acc = acc & p if isinstance(node, And) else acc | p
-        return acc
-
-
 # ---------------------------------------------------------------- helpers
-def _timeit(fn, reps: int = 1) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def _emit(row: dict) -> None:
     print(json.dumps(row), flush=True)
 
@@ -214,6 +115,11 @@ def bench_one(n: int, args: argparse.Namespace) -> list[dict]:
 
     out: list[dict] = []
     batches = [int(b) for b in args.batches.split(",")]
+    if max(batches) > args.search_queries:
+        from sterling.model.errors import InvalidInputError
+
+        raise InvalidInputError(f"--search-queries ({args.search_queries}) must be ≥ the largest of --batches "
+                                f"({max(batches)}): each timed batch is cut from those queries")
     t0 = time.perf_counter()
     cat = synthetic_catalog(n, args.dim, seed=args.seed)
     cfg = IndexConfig(nlist=min(args.nlist, n), target_fpr=args.target_fpr, kmeans_iters=4, seed=args.seed)
@@ -325,7 +231,7 @@ def bench_one(n: int, args: argparse.Namespace) -> list[dict]:
             nb = max(1, len(items) // b)
             chunks = [items[i * b : (i + 1) * b] for i in range(nb)]  # the last may be short
             fn(chunks[0])  # warm-up
-            t = sum(_timeit(lambda c=c: fn(c), reps) for c in chunks)
+            t = sum(best_time(lambda c=c: fn(c), reps, warmup=False)[0] for c in chunks)
             nq = sum(len(c) for c in chunks)
             ms = t / nq * 1e3
             lat[(name, b)] = ms
@@ -358,7 +264,7 @@ def bench_one(n: int, args: argparse.Namespace) -> list[dict]:
                                  adaptive=False)
                 steps = [slice(s, s + b) for s in range(0, nq - b + 1, b)][: max(1, 256 // b)]
                 fn(steps[0])
-                t = sum(_timeit(lambda s=s: fn(s)) for s in steps)
+                t = sum(best_time(lambda s=s: fn(s), 1, warmup=False)[0] for s in steps)
                 ms = t / (len(steps) * b) * 1e3
                 lat[(name, b)] = ms
                 _emit({**common, "what": "latency", "structure": name, "batch": b, "queries": len(steps) * b,

@@ -9,8 +9,10 @@ synthetic hidden-factor set.
 Cost: candidates scored per second by each OverArch (gather from the cache
 + OverArch + heads) at K0 = 10k on a 100k-item cache, and the GEMM FLOP
 rate this implies as a fraction of the fp32 sgemm rate measured in the same
-process; end-to-end latency (p50/p99) at batch 1 and 64 with and without the
-OverArch at K0 = 10k.
+process, next to the roofline bound (FLOPs per byte of cache row × the read
+bandwidth measured in the same run); each OverArch under ``torch.compile``
+vs eager; end-to-end latency (p50/p99) at batch 1 and 64 with and without
+the OverArch at K0 = 10k.
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
+from sterling.benchmarks.evaluation import best_time
+
 __all__ = ["register", "run", "implicit_recs"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rerank", help="learned model: ANN-only vs full model vs implicit BPR/ALS; OverArch cost")
-    p.add_argument("--datasets", default="ml100k,synthetic", help="comma list of ml100k, synthetic")
+    p.add_argument("--datasets", default="ml100k,synthetic",
+                   help="comma list of ml100k, synthetic, synthetic-60k (60,000 items: for K0 = 10k / 50k rows)")
     p.add_argument("--overarch", default="mol", help="OverArch trained for the quality rows")
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--k0", default="1000", help="comma list of K0 for the full stage (capped at the catalog size)")
@@ -36,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cost", action="store_true", help="skip the OverArch cost and latency rows")
     p.add_argument("--no-quality", action="store_true", help="skip the quality rows")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile vs eager OverArch rows")
     p.set_defaults(func=lambda a: run(a) and 0)
 
 
@@ -81,8 +87,12 @@ def _dataset(name: str, tmp: Path, seed: int):
         from sterling.model.synthetic_rec import write_synthetic_rec
 
         paths = write_synthetic_rec(tmp / "synthetic", seed=seed)
+    elif name == "synthetic-60k":  # a catalog large enough for K0 = 10k and 50k
+        from sterling.model.synthetic_rec import write_synthetic_rec
+
+        paths = write_synthetic_rec(tmp / "synthetic-60k", n_users=2000, n_items=60_000, seed=seed)
     else:
-        raise SystemExit(f"unknown dataset {name!r}; use ml100k or synthetic")
+        raise SystemExit(f"unknown dataset {name!r}; use ml100k, synthetic or synthetic-60k")
     return (
         read_interactions(paths["interactions"]),
         read_features(paths["users"], "user_id"),
@@ -133,6 +143,43 @@ def _sgemm_gflops(torch) -> float:
     return best
 
 
+def _read_bandwidth(torch) -> float:
+    """Bytes/s of a streaming read (sum over 256 MB, best of 5): the roofline's memory side."""
+    x = torch.ones(64 << 20)
+    x.sum()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def compiled_rows(built, u, cand, prior, torch) -> list[dict]:
+    """Each OverArch + heads compiled (``torch.compile``, inductor, static shapes) vs eager, same inputs."""
+    rows = []
+    for kind, (arch, heads, cache) in built.items():
+        x, valid = cache.gather(cand)
+
+        def eager(arch=arch, heads=heads, x=x, valid=valid):
+            return heads(arch(u, x, valid), prior)
+
+        t0 = time.perf_counter()
+        compiled = torch.compile(eager, dynamic=False)
+        compiled()
+        compile_s = time.perf_counter() - t0
+        torch.testing.assert_close(compiled(), eager(), rtol=1e-4, atol=1e-4)  # same function, same answer
+        te, tc = float("inf"), float("inf")
+        for _ in range(3):  # interleaved
+            te = min(te, best_time(eager, 3)[0])
+            tc = min(tc, best_time(compiled, 3)[0])
+        n = cand.numel()
+        rows.append({"overarch": kind, "mode": "torch.compile vs eager (excl. gather)",
+                     "eager_candidates_per_s": round(n / te), "compiled_candidates_per_s": round(n / tc),
+                     "compiled_over_eager": round(te / tc, 2), "compile_s": round(compile_s, 1)})
+    return rows
+
+
 def cost(args) -> list[dict]:
     import torch
 
@@ -156,9 +203,10 @@ def cost(args) -> list[dict]:
             built[kind] = (arch, TaskHeads(arch.hidden_dim, ["t0", "t1"]), EmbeddingCache.build(ids, arch.item_side(v)))
         best = {k: float("inf") for k in archs}
         best_core = {k: float("inf") for k in archs}
-        peak = 0.0
+        peak, bw = 0.0, 0.0
         for _ in range(5):  # interleaved rounds, best of each
             peak = max(peak, _sgemm_gflops(torch))
+            bw = max(bw, _read_bandwidth(torch))
             for kind, (arch, heads, cache) in built.items():
                 x, valid = cache.gather(cand)
                 arch(u, x, valid)
@@ -172,10 +220,19 @@ def cost(args) -> list[dict]:
         for kind, (arch, _, cache) in built.items():
             cps = B * K0 / best[kind]
             gf = arch.flops_per_candidate() * B * K0 / best_core[kind] / 1e9
+            # roofline: each candidate's gathered cache row is read at least once from memory
+            # (B·K0 rows, far beyond the caches), so FLOP/s ≤ intensity × read bandwidth
+            row_bytes = cache.data.shape[1] * cache.data.element_size()
+            bound = min(peak, arch.flops_per_candidate() / row_bytes * bw / 1e9)
             rows.append({"overarch": kind, "K0": K0, "batch": B, "cache_cols": cache.data.shape[1],
                          "candidates_per_s": round(cps), "candidates_per_s_excl_gather": round(B * K0 / best_core[kind]),
                          "gemm_gflops": round(gf, 2), "sgemm_peak_gflops": round(peak, 1),
-                         "fraction_of_sgemm_peak": round(gf / peak, 3)})
+                         "fraction_of_sgemm_peak": round(gf / peak, 3),
+                         "read_bandwidth_gbs": round(bw / 1e9, 1), "flop_per_byte": round(arch.flops_per_candidate()
+                                                                                           / row_bytes, 2),
+                         "roofline_max_fraction_of_peak": round(bound / peak, 3)})
+        if not getattr(args, "no_compile", False):
+            rows += compiled_rows(built, u, cand, prior, torch)
     rows += latency(args, torch)
     return rows
 

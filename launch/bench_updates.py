@@ -11,6 +11,9 @@ items, half changed vectors of existing ones). Measured:
   looks up right after the batch is acknowledged; ack → first answer that
   contains it.
 
+With ``--over serve ray`` the same load goes through gRPC instead
+(``sterling.launch.bench_updates_grpc``).
+
 Faiss: ``IndexIVFScalarQuantizer(QT_8bit)`` on Sterling's centroids with a
 ``DirectMap.Hashtable``; an upsert batch is ``remove_ids`` + ``add_with_ids``.
 Faiss does not allow search concurrent with add/remove, so its reader and
@@ -42,6 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--writer-batches", type=int, default=60, help="batches in the writer-alone phase")
     p.add_argument("--slack", type=float, default=0.2, help="IndexConfig.list_slack of the build")
     p.add_argument("--no-faiss", action="store_true")
+    p.add_argument("--over", nargs="+", choices=("serve", "ray"),
+                   help="measure over gRPC instead: `sterling serve --data-dir` and/or `sterling launch ray "
+                   "--data-dir` as a child process (acknowledged upserts/s, reader QPS with and without a writer)")
+    p.add_argument("--shards", type=int, default=2, help="document shards of the gRPC service (--over)")
+    p.add_argument("--replicas", type=int, default=2, help="replicas per shard of the Ray service (--over ray)")
+    p.add_argument("--grpc-batches", type=int, default=300, help="upsert batches prepared for the gRPC phases")
     p.add_argument("--switch-interval-ms", type=float, default=0.5,
                    help="sys.setswitchinterval: how soon a thread back from a GIL-free scan gets the GIL "
                    "(Python's 5 ms default makes the reader wait behind the writer's Python)")
@@ -55,6 +64,10 @@ def _pct(lat: list[float], q: float) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.over:
+        from sterling.launch.bench_updates_grpc import run_grpc
+
+        return run_grpc(args)
     import numpy as np
     import torch
 

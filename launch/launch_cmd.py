@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--spread", choices=("strict", "soft"), default="strict",
                    help="strict: one Ray node per plan host (STRICT_SPREAD); soft: best effort (SPREAD)")
     r.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for every actor")
+    r.add_argument("--data-dir", help="take Upsert/Delete/UpdateAttributes: each shard replica keeps its snapshots "
+                   "and update log in DIR/shard-<s>/replica-<r>/ on its node; a restart recovers before SERVING")
+    r.add_argument("--snapshot-every", type=int, default=1000, help="update batches between replica snapshots")
     add_server_arguments(r)
     r.set_defaults(func=run_ray)
     from sterling.launch.torchrun_cmd import register_torchrun
@@ -94,6 +97,8 @@ def check_launch_args(args: argparse.Namespace) -> None:
             raise ClusterConfigError(f"--{name.replace('_', '-')} ({v}) must be ≥ {low}")
     if not args.cpus_per_shard > 0:
         raise ClusterConfigError(f"--cpus-per-shard ({args.cpus_per_shard}) must be > 0 (fractions like 0.5 work)")
+    if getattr(args, "snapshot_every", 1) < 0:
+        raise ClusterConfigError(f"--snapshot-every ({args.snapshot_every}) must be ≥ 0 (0 = never)")
     if not args.ready_timeout > 0:
         raise ClusterConfigError(f"--ready-timeout ({args.ready_timeout}) must be > 0 seconds")
     if args.address and args.num_cpus is not None:
@@ -143,18 +148,26 @@ def run_ray(args: argparse.Namespace) -> int:
         backend = RayBackend.launch(
             manifest, layout=layout, cpus_per_actor=args.cpus_per_shard, threads_per_actor=args.threads_per_shard,
             strategy="STRICT_SPREAD" if args.spread == "strict" else "SPREAD", ready_timeout_s=args.ready_timeout,
-            local_ray=not args.address,
+            local_ray=not args.address, snapshot_every=args.snapshot_every,
+            data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None,  # actors' cwd may differ
         )
-        router = Router(RetrievalModel.load(manifest.head), backend, router_cfg)
-        srv = RetrievalServer(router, server_cfg, backend_name="ray").start()
+        updates = None
+        if args.data_dir:
+            from sterling.cluster.ray_live import ray_live_router
+
+            router, updates = ray_live_router(manifest, backend, router_cfg, timeout_s=args.ready_timeout)
+        else:
+            router = Router(RetrievalModel.load(manifest.head), backend, router_cfg)
+        srv = RetrievalServer(router, server_cfg, backend_name="ray", updates=updates).start()
         where = backend.where()
         nodes = sorted({w["node_id"] for row in where for w in row})
         for s, row in enumerate(where):
             placed = ", ".join(f"replica {r} on node {nodes.index(w['node_id'])}" for r, w in enumerate(row))
             print(f"  shard {s} lists [{manifest.shards[s].lists[0]}, {manifest.shards[s].lists[1]}): {placed}")
+        logged = f", updates logged in {args.data_dir} (model version {updates.version})" if updates else ""
         print(f"sterling launch ray: listening on {srv.address} ({manifest.num_shards} shard(s) × "
-              f"{max(layout.replicas)} replica(s) on {len(nodes)} Ray node(s)); Ctrl-C to stop", flush=True)
-        srv.wait_for_signal()
+              f"{max(layout.replicas)} replica(s) on {len(nodes)} Ray node(s){logged}); Ctrl-C to stop", flush=True)
+        srv.wait_for_signal(on_stop=updates.close if updates is not None else None)
         backend = None  # srv.stop() closed it (actors killed, placement group removed)
     finally:
         if backend is not None:

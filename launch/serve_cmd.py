@@ -17,6 +17,8 @@ def add_server_arguments(p: argparse.ArgumentParser, *, default_port: int = 5005
     p.add_argument("--host", default="127.0.0.1", help="bind address (non-loopback needs --tls-* and --token-file)")
     p.add_argument("--port", type=int, default=default_port, help="gRPC port; 0 = any free port")
     p.add_argument("--max-k", type=int, default=10_000, help="largest k a request may ask for")
+    p.add_argument("--max-k0", type=int, default=100_000,
+                   help="most candidates a learned model's OverArch may rerank per query (request field k0)")
     p.add_argument("--max-batch", type=int, default=4096, help="most queries in one request")
     p.add_argument("--max-results", type=int, default=4_000_000,
                    help="most result entries (batch × k) in one request (RESOURCE_EXHAUSTED above)")
@@ -31,6 +33,10 @@ def add_server_arguments(p: argparse.ArgumentParser, *, default_port: int = 5005
     p.add_argument("--max-client-in-flight", type=int, default=0,
                    help="places (running + queued) one client may hold; 0 = no per-client limit")
     p.add_argument("--max-message-mb", type=int, default=64, help="largest request or response in MiB")
+    p.add_argument("--batch-wait-ms", type=float, default=1.0,
+                   help="dynamic batching: while a search runs, concurrent Retrieve calls wait up to this long to "
+                   "share the next one (a call finding the server idle never waits); 0 = off")
+    p.add_argument("--batch-max-queries", type=int, default=64, help="dynamic batching: most queries per shared search")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus /metrics on this port (0 = any free port; default: off)")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
@@ -60,7 +66,17 @@ def server_config_from_args(args: argparse.Namespace):
         raise ClusterConfigError(f"--max-message-mb ({args.max_message_mb}) must be ≥ 1")
     return ServerConfig(host=args.host, port=args.port, workers=args.workers,
                         max_message_bytes=args.max_message_mb << 20, security=sec, admission=admission,
-                        metrics_port=args.metrics_port)
+                        metrics_port=args.metrics_port, batching=_batching(args))
+
+
+def _batching(args: argparse.Namespace):
+    from sterling.cluster.batching import BatchingConfig
+    from sterling.cluster.errors import ClusterConfigError
+
+    try:
+        return BatchingConfig(max_wait_ms=args.batch_wait_ms, max_queries=args.batch_max_queries)
+    except ValueError as e:
+        raise ClusterConfigError(f"{e}; use --batch-wait-ms ≥ 0 (0 = off) and --batch-max-queries ≥ 1") from e
 
 
 def check_servable(path: str) -> None:
@@ -85,7 +101,7 @@ def router_config_from_args(args: argparse.Namespace):
     from sterling.cluster.router import RouterConfig
 
     try:
-        return RouterConfig(max_k=args.max_k, max_batch=args.max_batch, max_results=args.max_results,
+        return RouterConfig(max_k=args.max_k, max_k0=args.max_k0, max_batch=args.max_batch, max_results=args.max_results,
                             default_deadline_ms=args.deadline_ms, adaptive=args.adaptive)
     except ValueError as e:
         raise ClusterConfigError(str(e).replace("RouterConfig.", "--").replace("_", "-")) from e
@@ -99,7 +115,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--shards N slices the model in memory into N document shards searched concurrently "
         "(answers equal `sterling launch ray`). Prints the address; stops on SIGINT/SIGTERM.",
     )
-    p.add_argument("--model", required=True, help="artifact written by `sterling build`")
+    p.add_argument("--model", required=True, help="artifact written by `sterling build` or `sterling train`")
     p.add_argument("--shards", type=int, default=1, help="in-memory document shards searched concurrently")
     p.add_argument("--data-dir", help="take Upsert/Delete/UpdateAttributes: snapshots and the update log live "
                    "here (one sub-directory per shard); a restart with the same DIR recovers before SERVING")
@@ -123,6 +139,16 @@ def run(args: argparse.Namespace) -> int:
     updates = None
     if args.data_dir:
         from sterling.cluster.live import live_router
+        from sterling.model.artifact import read_header
+
+        if read_header(args.model).get("kind") == "learned_retrieval_model":
+            from sterling.cluster.errors import NotImplementedYetError
+
+            raise NotImplementedYetError(
+                f"{args.model} is a learned model: serving it with --data-dir (updates) needs item features for the "
+                "OverArch cache, which the update log does not carry yet; serve it without --data-dir, or retrain "
+                "(`sterling train`) to change its catalog"
+            )
 
         router, updates = live_router(args.model, data_dir=args.data_dir, num_shards=args.shards,
                                       config=router_config_from_args(args), snapshot_every=args.snapshot_every)

@@ -37,6 +37,7 @@ from sterling.model.errors import (
     NonFiniteError,
 )
 from sterling.model.filter import CompiledFilters, check_program_terms, compile_filters
+from sterling.model.stages import stage, staged
 
 __all__ = ["ItemIndex", "prepare_queries"]
 # Blocks at least this long evaluate only the programs their queries need (see _eligible_fn).
@@ -244,7 +245,10 @@ class ItemIndex(nn.Module):
             xq = xq.to(dev)
         B = xq.shape[0]
         unfiltered = where is None or (isinstance(where, str) and not where.strip())
-        filters = None if unfiltered else self.compile_filters(where, B)
+        filters = None
+        if not unfiltered:
+            with stage("filter"):
+                filters = self.compile_filters(where, B)
         qprog_all = None if filters is None else filters.query_program.to(dev)
         adaptive = self.config.adaptive_filter if adaptive is None else adaptive
         avg = max(1, self.capacity // max(self.nlist, 1))
@@ -258,8 +262,10 @@ class ItemIndex(nn.Module):
 
         def chunk(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
             if filters is None:  # the scan maps positions to ids itself (sequential reads)
-                probe = probe_lists(xq[rows], self.centroids, nprobe)
-                s, _, ids = ivf_topk(xq[rows], probe, k=k, item_ids=self.item_ids, **self._scan_args())
+                with stage("probe"):
+                    probe = probe_lists(xq[rows], self.centroids, nprobe)
+                with stage("scan"):
+                    s, _, ids = ivf_topk(xq[rows], probe, k=k, item_ids=self.item_ids, **self._scan_args())
                 return s, ids
             s, p = self._search_chunk(xq[rows], k, nprobe, filters, qprog_all[rows], exact, adaptive)
             return s, self.positions_to_ids(p)
@@ -285,14 +291,16 @@ class ItemIndex(nn.Module):
         if views is None or xq.device.type != "cpu":
             return None
         x = np.ascontiguousarray(xq.numpy())
-        coarse = x @ views["centroids_t"]
-        nl = coarse.shape[1]
-        probe = np.argpartition(-coarse, nprobe - 1, axis=1)[:, :nprobe] if nprobe < nl else \
-            np.broadcast_to(np.arange(nl), coarse.shape).copy()
-        s, _, _, ids = cpu_scan.fused_topk(
-            x, np.ascontiguousarray(probe, dtype=np.int64), views["codes"], views["scales"], views["list_offsets"],
-            views["alive"], k, item_ids=views["item_ids"],
-        )
+        with stage("probe"):
+            coarse = x @ views["centroids_t"]
+            nl = coarse.shape[1]
+            probe = np.argpartition(-coarse, nprobe - 1, axis=1)[:, :nprobe] if nprobe < nl else \
+                np.broadcast_to(np.arange(nl), coarse.shape).copy()
+        with stage("scan"):
+            s, _, _, ids = cpu_scan.fused_topk(
+                x, np.ascontiguousarray(probe, dtype=np.int64), views["codes"], views["scales"], views["list_offsets"],
+                views["alive"], k, item_ids=views["item_ids"],
+            )
         return torch.from_numpy(s), torch.from_numpy(ids)
 
     def _numpy_views(self) -> dict | None:
@@ -368,6 +376,7 @@ class ItemIndex(nn.Module):
             ones = torch.ones(end - start, dtype=torch.bool, device=self.bloom.device)
             return torch.stack([lookup[p] if p >= 0 else ones for p in progs.tolist()])
 
+        @staged("filter")
         def eligible(rows: torch.Tensor, start: int, end: int) -> torch.Tensor | None:
             progs = qprog[rows]
             if bool((progs < 0).all()):
@@ -381,6 +390,7 @@ class ItemIndex(nn.Module):
 
         return eligible
 
+    @staged("filter")
     def verify(self, positions: torch.Tensor, qprog: torch.Tensor, filters: CompiledFilters) -> torch.Tensor:
         """Exact filter check: positions [b, K] with program per row [b] → bool [b, K].
 
@@ -412,7 +422,8 @@ class ItemIndex(nn.Module):
         its exactly verified eligible set directly (pre-filtering). Turn
         this off with ``adaptive=False``.
         """
-        probe = probe_lists(xq, self.centroids, nprobe)
+        with stage("probe"):
+            probe = probe_lists(xq, self.centroids, nprobe)
         if filters is None:
             return ivf_topk(xq, probe, k=k, eligible=None, **self._scan_args())
         filtered = qprog >= 0
@@ -438,7 +449,8 @@ class ItemIndex(nn.Module):
             wide = torch.clamp(torch.ceil(2 * need[rows] / nprobe) * nprobe / 2, max=self.nlist).long()
             for w in wide.unique().tolist():
                 sel = rows[wide == w]
-                p2 = probe_lists(xq[sel], self.centroids, int(w))
+                with stage("probe"):
+                    p2 = probe_lists(xq[sel], self.centroids, int(w))
                 out_s[sel], out_p[sel] = self._scan_verified(xq[sel], p2, k, filters, qprog[sel], must_verify[sel], None)
         if bool(brute.any()):
             rows = brute.nonzero().squeeze(1)
@@ -471,6 +483,7 @@ class ItemIndex(nn.Module):
             and filters.term_words.shape[0] <= cpu_scan.MAX_TERMS
         )
 
+    @staged("scan")
     def _scan_verified(self, xq, probe, k, filters, qprog, must_verify, seen):
         """IVF scan with the Bloom pass; exact check of the survivors where required.
 
@@ -530,6 +543,7 @@ class ItemIndex(nn.Module):
             first = False
         return out_s, out_p
 
+    @staged("filter")
     def _prefilter_topk(self, xq, k, filters, prog: int, *, verify: bool):
         """Exact top-k over the whole eligible set: Bloom pass over every item, exact check, score."""
         cand = []

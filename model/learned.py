@@ -27,6 +27,7 @@ from sterling.model.errors import ArtifactError, InvalidInputError
 from sterling.model.heads import TaskHeads
 from sterling.model.index import ItemIndex
 from sterling.model.overarch import OverArch, overarch_from_meta, overarch_meta
+from sterling.model.stages import staged
 from sterling.model.towers import Tower, make_kjt
 from sterling.model.value_model import ValueModel
 
@@ -122,6 +123,12 @@ class UserTable(nn.Module):
         return make_kjt(self.keys, vals, lens), dense
 
 
+def nprobe_for_k0(k0: int, *, capacity: int, nlist: int, default: int) -> int:
+    """Lists to probe so that about 2·K0 of ``capacity`` slots in ``nlist`` lists are scanned (≥ ``default``)."""
+    per_list = max(1, capacity // max(nlist, 1))
+    return int(min(nlist, max(default, math.ceil(2 * k0 / per_list))))
+
+
 class LearnedOutput(NamedTuple):
     ids: torch.Tensor  # [B, k] int64, −1 padded
     values: torch.Tensor  # [B, k] fp32 Value Model scores, −inf padded
@@ -169,6 +176,7 @@ class LearnedRetrievalModel(nn.Module):
         self.extra_meta = dict(extra_meta or {})
 
     # --------------------------------------------------------------- stages
+    @staged("tower")
     def user_embedding(self, *, query=None, user_ids=None, kjt=None, dense=None) -> torch.Tensor:
         """[B, D]: a given embedding, or the user tower over a KJT (+ dense) or over users-table rows."""
         given = sum(x is not None for x in (query, user_ids, kjt))
@@ -185,8 +193,8 @@ class LearnedRetrievalModel(nn.Module):
 
     def nprobe_for(self, k0: int) -> int:
         """Lists to probe so that about 2·K0 items are scanned (at least the index default)."""
-        per_list = max(1, self.index.capacity // max(self.index.nlist, 1))
-        return int(min(self.index.nlist, max(self.index.default_nprobe(), math.ceil(2 * k0 / per_list))))
+        return nprobe_for_k0(k0, capacity=self.index.capacity, nlist=self.index.nlist,
+                             default=self.index.default_nprobe())
 
     def candidates(self, u: torch.Tensor, k0: int, *, nprobe=None, where=None, exact=True, adaptive=None):
         """(scores [B, K0], ids [B, K0]) from the index; the query is detached (the index is a constant)."""
@@ -194,6 +202,7 @@ class LearnedRetrievalModel(nn.Module):
         return self.index.search(u.detach(), k=k0, nprobe=nprobe or self.nprobe_for(k0), where=where, exact=exact,
                                  adaptive=adaptive)
 
+    @staged("rerank")
     def rerank_logits(
         self, u: torch.Tensor, cand_ids: torch.Tensor, prior: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,18 +230,24 @@ class LearnedRetrievalModel(nn.Module):
         exact: bool = True,
         adaptive: bool | None = None,
     ) -> LearnedOutput:
+        k0 = self.k0_for(k, k0)
+        u = self.user_embedding(query=query, user_ids=user_ids, kjt=kjt, dense=dense)
+        ann_scores, ann_ids = self.candidates(u, k0, nprobe=nprobe, where=where, exact=exact, adaptive=adaptive)
+        return self.rank(u, ann_scores, ann_ids, k, value_formula)
+
+    def k0_for(self, k: int, k0: int | None) -> int:
+        """Candidates the OverArch reranks: ``k0``, or the model's default (at least k)."""
         k0 = int(k0 or max(self.k0, k))
         if k0 < k:
             raise InvalidInputError(f"k0 ({k0}) must be ≥ k ({k}): the OverArch reranks K0 candidates down to k")
-        u = self.user_embedding(query=query, user_ids=user_ids, kjt=kjt, dense=dense)
-        ann_scores, ann_ids = self.candidates(u, k0, nprobe=nprobe, where=where, exact=exact, adaptive=adaptive)
-        return self.rerank_topk(u, ann_scores, ann_ids, k=k, value_formula=value_formula)
+        return k0
 
-    def rerank_topk(self, u: torch.Tensor, ann_scores: torch.Tensor, ann_ids: torch.Tensor, *, k: int,
-                    value_formula: str | None = None) -> LearnedOutput:
-        """OverArch → heads → Value Model → top-k over given candidates ([B, D] u, [B, K0] scores and ids).
+    def rank(self, u: torch.Tensor, ann_scores: torch.Tensor, ann_ids: torch.Tensor, k: int,
+             value_formula: str | None = None) -> LearnedOutput:
+        """OverArch + heads + Value Model over [B, K0] index candidates (−1 pads) → the top k.
 
-        The second half of ``forward``; a process group calls it on the merged per-rank candidates.
+        The second half of ``forward``; a router runs it on the candidates it
+        merged from document shards.
         """
         logits, valid = self.rerank_logits(u, ann_ids, ann_scores)
         scores = torch.sigmoid(logits)

@@ -66,6 +66,9 @@ class DotArch(OverArch):
         return 2 * self.config.dim
 
 
+_CHUNK = 1024  # candidates per step of the no-grad serving paths (intermediates stay in L2)
+
+
 class MLPArch(OverArch):
     """h₁ = relu(W_u u + W_v v + W_uv (u⊙v)); the W_v v part is cached, u⊙v·W_uv = v·(diag(u) W_uv)."""
 
@@ -90,12 +93,34 @@ class MLPArch(OverArch):
         return torch.cat([v, self.w_v(v)], dim=1)
 
     def forward(self, u, x, valid=None):
+        if not torch.is_grad_enabled() and x.shape[1] > _CHUNK and not torch.compiler.is_compiling():
+            return self._serve(u, x)
         D = self.config.dim
         xv, xp = x[..., :D], x[..., D:]
         m = u.unsqueeze(2) * self.w_uv.unsqueeze(0)  # [B, D, H1]
         h1 = torch.relu(torch.baddbmm(xp + self.w_u(u).unsqueeze(1), xv, m))
         dot = torch.bmm(xv, u.unsqueeze(2))
         return torch.cat([torch.relu(self.l2(h1)), dot], dim=2)
+
+    def _serve(self, u, x):
+        """The same function without autograd, for wide candidate sets: ``_CHUNK`` candidates at a
+        time so every intermediate stays in cache, the u·v column folded into the first GEMM
+        (``[diag(u) W_uv | u]``) and the element-wise steps done in place."""
+        D, (H1, H2) = self.config.dim, self.config.hidden
+        B, K, _ = x.shape
+        m = torch.cat([u.unsqueeze(2) * self.w_uv.unsqueeze(0), u.unsqueeze(2)], dim=2)  # [B, D, H1 + 1]
+        wu = torch.cat([self.w_u(u), u.new_zeros(B, 1)], dim=1).unsqueeze(1)  # [B, 1, H1 + 1]
+        w2, b2 = self.l2.weight.T, self.l2.bias
+        out = x.new_empty(B, K, H2 + 1)
+        h = x.new_empty(B, _CHUNK, H1 + 1)
+        for s in range(0, K, _CHUNK):
+            n = min(_CHUNK, K - s)
+            xs, hs, o = x[:, s : s + n], h[:, :n], out[:, s : s + n]
+            torch.baddbmm(wu, xs[..., :D], m, out=hs)
+            hs[..., :H1].add_(xs[..., D:]).relu_()
+            o[..., :H2] = torch.addmm(b2, hs[..., :H1].reshape(B * n, H1), w2).view(B, n, H2).relu_()
+            o[..., H2] = hs[..., H1]
+        return out
 
     def flops_per_candidate(self) -> int:
         D, (H1, H2) = self.config.dim, self.config.hidden

@@ -24,6 +24,7 @@ from sterling.model.errors import (
     NonFiniteError,
 )
 from sterling.model.index import ItemIndex
+from sterling.model.stages import staged
 
 __all__ = ["UserTower", "RetrievalModel", "RetrievalOutput"]
 
@@ -86,6 +87,7 @@ class RetrievalModel(nn.Module):
         self.tower = tower
 
     @torch.no_grad()
+    @staged("tower")
     def encode(self, *, query=None, user_features=None) -> torch.Tensor:
         """Query embeddings from either a given embedding or user features."""
         if (query is None) == (user_features is None):

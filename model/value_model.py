@@ -21,6 +21,7 @@ task names ``UnknownTaskError``.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable
 
 import torch
@@ -225,15 +226,17 @@ class ValueModel:
         self.default = default or self.tasks[0]
         self._cache: dict[str, Node] = {}
         self._cache_size = cache_size
+        self._lock = threading.Lock()  # a server compiles formulas from several request threads
         self.compile(self.default)
 
     def compile(self, formula: str) -> Node:
         fn = self._cache.get(formula)
         if fn is None:
             fn = parse_formula(formula, self.tasks)
-            if len(self._cache) >= self._cache_size:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[formula] = fn
+            with self._lock:
+                if len(self._cache) >= self._cache_size:
+                    self._cache.pop(next(iter(self._cache)), None)
+                self._cache[formula] = fn
         return fn
 
     def __call__(self, scores: torch.Tensor, formula: str | None = None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""sterling.planner — pure placement planning (DESIGN.md §1).
+"""sterling.planner — pure placement planning.
 
 No devices, no process group: ``plan(config, topology, targets)`` answers
 "what hardware does this catalog need, and where does each tensor live?".

@@ -69,7 +69,7 @@ L4_FP16_FLOPS: float = 121e12  # FLOP/s dense (242 with sparsity)
 L4_FP32_FLOPS: float = 30.3e12  # FLOP/s
 L4_PCIE_BW: float = 32e9  # bytes/s per direction, PCIe Gen4 x16
 
-# --- CPU-only host: measured on the 2-core AVX2 dev box (DESIGN.md §5) ---
+# --- CPU-only host: measured on the 2-core AVX2 dev box (docs/install.md) ---
 CPU_DRAM_BW: float = 22e9  # bytes/s, measured read bandwidth, 2 threads
 CPU_INT8_OPS: float = 41e9  # ops/s, measured fbgemm int8 GEMM, 2 threads
 CPU_FP32_FLOPS: float = 24e9  # FLOP/s, measured sgemm, 2 threads
@@ -141,7 +141,7 @@ DEVICE_PRESETS: dict[str, DeviceSpec] = {
         fp16_flops=CPU_FP32_FLOPS,
         fp32_flops=CPU_FP32_FLOPS,
         usable_fraction=1.0,
-        source="measured on the 2-core dev box, DESIGN.md §5",
+        source="measured on a 2-core AVX2 host (docs/install.md)",
     ),
 }
 

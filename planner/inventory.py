@@ -2,7 +2,7 @@
 
 Built either from a model config (``IndexModelConfig``) or from a saved
 artifact's header (``inventory_from_header``). Sizes follow the item-index
-layout of DESIGN.md §3. Per-query bytes, with ``p = nprobe / nlist`` the
+layout of ``ItemIndex`` (its buffers, ``model/index.py``). Per-query bytes, with ``p = nprobe / nlist`` the
 fraction of the catalog a query scans:
 
 ====================  ==========================  =========================
@@ -52,7 +52,7 @@ GATHER_SECTOR_BYTES: int = 32
 # Bloom false-positive target per term, from the issue; exact verification
 # removes the survivors' false positives anyway.
 BLOOM_TARGET_FPR: float = 1e-3
-# Bloom rows are packed in 64-bit words (DESIGN.md §3).
+# Bloom rows are packed in 64-bit words.
 BLOOM_WORD_BITS: int = 64
 
 
@@ -112,7 +112,7 @@ class IndexModelConfig:
     batch 16 (ANN benchmark). ``capacity_slack`` is the per-list free space
     kept for upserts (N_cap = N·(1+slack)). ``cache_dim`` (default: ``dim``,
     0 for none) sizes the fp16 item-embedding cache the OverArch / exact
-    re-scoring reads for the K0 candidates (DESIGN.md §2).
+    re-scoring reads for the K0 candidates.
     """
 
     items: int
@@ -248,7 +248,7 @@ def inventory_from_header(
     """Inventory of a saved artifact, from ``sterling.model.artifact.read_header``.
 
     Item-index tensors are named ``<buffer>`` in an ``item_index`` artifact and
-    ``index.<buffer>`` in a model artifact (DESIGN.md §3); everything
+    ``index.<buffer>`` in a model artifact; everything
     else (``tower.*`` …) is treated as replicated weights read once per batch.
     Returns the config the header describes (for the cost model) and the specs.
     """

@@ -1,1 +1,1 @@
-"""sterling.sharding — see DESIGN.md §1."""
+"""sterling.sharding — document shards of a built artifact: whole IVF lists per shard, balanced by bytes."""

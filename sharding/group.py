@@ -15,7 +15,7 @@ Per request (collective; rank 0 drives, the other ranks wait in ``serve``):
    stable sort by score over the rank-ordered concatenation, so ties keep
    the global slot order) — the single-process top-K0, bit for bit;
 4. a learned model's OverArch, heads and Value Model run on rank 0 over the
-   merged K0 (``LearnedRetrievalModel.rerank_topk``).
+   merged K0 (``LearnedRetrievalModel.rank``).
 
 Why the rerank runs after the merge, on rank 0, not per rank: the
 single-process model reranks exactly the global top-K0. Per-rank reranking
@@ -45,7 +45,7 @@ from sterling.model.artifact import read_header
 from sterling.model.errors import InvalidInputError, LimitExceededError
 from sterling.model.index import prepare_queries
 from sterling.sharding.documents import read_manifest
-from sterling.sharding.ranks import RankInfo, nprobe_for_k0
+from sterling.sharding.ranks import RankInfo
 
 __all__ = ["GroupRequest", "GroupResult", "RankGroup", "backend_for_device", "set_rank_threads"]
 
@@ -116,7 +116,7 @@ class RankGroup:
         self.part = part
         self.info = info
         self.rank, self.world_size = info.rank, info.world_size
-        self.learned = hasattr(part, "rerank_topk")
+        self.learned = hasattr(part, "overarch")
         self.device = device or torch.device("cpu")
         self.comm_device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
         self.max_k = int(part.index.config.max_k)
@@ -269,15 +269,14 @@ class RankGroup:
         """
         if not self.learned:
             raise InvalidInputError("retrieve() serves a learned model; this group holds a plain index — use search()")
+        from sterling.model.learned import nprobe_for_k0
+
         m = self.part
         k = self._check_k(k)
-        k0 = int(k0 or max(m.k0, k))
-        if k0 < k:
-            raise InvalidInputError(f"k0 ({k0}) must be ≥ k ({k}): the OverArch reranks K0 candidates down to k")
-        k0 = int(min(k0, max(self.info.items, 1)))
-        if nprobe is None:
-            nprobe = nprobe_for_k0(capacity=self.info.capacity, nlist=m.index.nlist,
-                                   default_nprobe=m.index.default_nprobe(), k0=k0)
+        k0 = int(min(m.k0_for(k, k0), max(self.info.items, 1)))
+        if nprobe is None:  # the whole index's slots, not this slice's
+            nprobe = nprobe_for_k0(k0, capacity=self.info.capacity, nlist=m.index.nlist,
+                                   default=m.index.default_nprobe())
         if not rerank:
             k0 = k
         tower_inputs = xq = None
@@ -307,8 +306,7 @@ class RankGroup:
         if not rerank:
             return res
         with torch.no_grad():
-            return m.rerank_topk(res.u, torch.from_numpy(res.scores), torch.from_numpy(res.ids), k=k,
-                                 value_formula=value_formula)
+            return m.rank(res.u, torch.from_numpy(res.scores), torch.from_numpy(res.ids), k, value_formula)
 
     def shard_infos(self) -> list[dict]:
         """Rank 0: per rank, its lists, items and version (collective)."""

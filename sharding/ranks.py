@@ -31,7 +31,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +62,6 @@ __all__ = [
     "rank_list_ranges",
     "write_rank_slices",
     "read_rank_manifest",
-    "nprobe_for_k0",
 ]
 
 
@@ -131,12 +129,6 @@ def rank_costs(index: ItemIndex, ranges, *, xq_sample=None, nprobe: int | None =
         load = probe_load(index, xq_sample, nprobe or index.default_nprobe())
         out["load"] = [float(load[a:e].sum() / load.sum().clamp(min=1.0)) for a, e in ranges]
     return out
-
-
-def nprobe_for_k0(*, capacity: int, nlist: int, default_nprobe: int, k0: int) -> int:
-    """``LearnedRetrievalModel.nprobe_for`` from whole-index numbers (a rank's slice has fewer slots)."""
-    per_list = max(1, capacity // max(nlist, 1))
-    return int(min(nlist, max(default_nprobe, math.ceil(2 * k0 / per_list))))
 
 
 def _rank_name(r: int, n: int) -> str:

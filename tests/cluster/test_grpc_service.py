@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
+from sterling.benchmarks.evaluation import assert_same_topk
 from sterling.cluster import retrieval_pb2 as pb
 from sterling.cluster.client import Client
 from sterling.cluster.embedded import local_router
 from sterling.cluster.router import RouterConfig
 from sterling.cluster.server import RetrievalServer, SecurityConfig, ServerConfig
 from sterling.model.synthetic import synthetic_queries
-from tests.cluster.topk_compare import assert_same_topk
 
 MAX_K = 1000
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from sterling.benchmarks.evaluation import assert_same_topk
 from sterling.cluster.client import Client
 from sterling.cluster.live import live_router
 from sterling.cluster.router import RouterConfig
@@ -25,7 +26,7 @@ from sterling.cluster.server import RetrievalServer, ServerConfig
 from sterling.model import IndexConfig, RetrievalModel, build_index
 from sterling.model.live import LiveModel
 from tests.cluster.test_grpc_service import _read_address, _sterling
-from tests.cluster.topk_compare import assert_same_topk
+from tests.cluster.test_hardening_server import _sample, _scrape
 
 D, N, NLIST, K, NPROBE = 16, 4000, 16, 50, 16
 
@@ -42,7 +43,7 @@ def small_model(tmp_path_factory):
 
 def _serve(path, data_dir):
     router, updates = live_router(path, data_dir=data_dir, num_shards=2, config=RouterConfig(max_k=1000))
-    srv = RetrievalServer(router, ServerConfig(port=0, workers=4), updates=updates).start()
+    srv = RetrievalServer(router, ServerConfig(port=0, workers=4, metrics_port=0), updates=updates).start()
     client = Client(srv.address, timeout_s=30)
     client.wait_ready(10)
     return srv, updates, client
@@ -98,6 +99,12 @@ def test_updates_over_grpc_match_the_single_process_model_and_survive_a_restart(
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         info = client.info()
         assert info.updatable and info.model_version == u.model_version and info.items == oracle.index.num_items
+        # update lag: one observation per durable batch (3 + 1 upsert messages, 1 delete, 1 attribute call)
+        text = _scrape(srv.metrics_port)
+        assert _sample(text, "sterling_update_lag_seconds_count", kind="upsert") == 4
+        assert _sample(text, "sterling_update_lag_seconds_count", kind="delete") == 1
+        assert _sample(text, "sterling_update_lag_seconds_count", kind="attributes") == 1
+        assert _sample(text, "sterling_applied_batches") == info.applied_batches > 0
         version = u.model_version
     finally:
         client.close()

@@ -28,6 +28,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sterling.benchmarks.evaluation import assert_same_topk
 from sterling.cluster import retrieval_pb2 as pb
 from sterling.cluster.admission import AdmissionConfig
 from sterling.cluster.client import Client
@@ -37,7 +38,6 @@ from sterling.cluster.router import RouterConfig
 from sterling.cluster.server import RetrievalServer, ServerConfig
 from sterling.launch.bench_reliability import soak, sustainable_rate
 from sterling.model.synthetic import synthetic_queries
-from tests.cluster.topk_compare import assert_same_topk
 
 MAX_K = 200
 DIM = 32
@@ -263,7 +263,10 @@ def test_metrics_count_requests_by_method_and_status(fuzz_server, channel, clust
     client = Client(fuzz_server.address, timeout_s=30)
     xq = synthetic_queries(cluster_catalog, 2, seed=8).numpy()
     for _ in range(5):
-        client.retrieve(query=xq, k=5)
+        got = client.retrieve(query=xq, k=5)
+    shard_t = got.timing["shards"]  # the client sees each shard's stage split too
+    assert sorted(t["shard"] for t in shard_t) == [0, 1]
+    assert all(0 < t["probe_ms"] + t["scan_ms"] <= t["ms"] for t in shard_t)
     for _ in range(3):
         with pytest.raises(grpc.RpcError):
             client.retrieve(query=xq, k=MAX_K + 1)
@@ -278,6 +281,12 @@ def test_metrics_count_requests_by_method_and_status(fuzz_server, channel, clust
     assert d("sterling_undecodable_requests_total", method="Retrieve") == 2
     assert d("sterling_request_seconds_count", method="Retrieve") == 10
     assert d("sterling_stage_seconds_count", stage="fanout") == 5
+    assert d("sterling_stage_seconds_count", stage="tower") == 5
+    for name in ("shard", "probe", "scan"):  # each of the 2 shards reports its own stages
+        assert d("sterling_stage_seconds_count", stage=name) == 10, name
+    assert d("sterling_stage_seconds_count", stage="filter") == 0  # no filter was sent
+    for s in (0, 1):
+        assert _sample(t1, "sterling_shard_healthy_replicas", shard=s) == 1
     assert _sample(t1, "sterling_model_version") == int(cluster_model[0].index.version)
     assert _sample(t1, "sterling_shards_complete") == 1
     client.close()

@@ -9,10 +9,10 @@ import time
 import numpy as np
 import pytest
 
+from sterling.benchmarks.evaluation import assert_same_topk
 from sterling.cluster.client import Client
 from sterling.model.synthetic import synthetic_queries
 from tests.cluster.test_grpc_service import _read_address, _sterling
-from tests.cluster.topk_compare import assert_same_topk
 
 ray = pytest.importorskip("ray")
 
@@ -64,3 +64,45 @@ def test_launch_ray_follows_the_plan_and_stops_cleanly(ray_cluster, cluster_mode
             proc.kill()
             proc.wait(timeout=10)
     _ = np
+
+
+def test_launch_ray_data_dir_killed_and_relaunched_recovers_every_replica(ray_cluster, cluster_model, tmp_path):
+    """`launch ray --data-dir`: acknowledged upserts/deletes survive a SIGKILL of the whole service (router
+    and, with it, its actors); the relaunch recovers each replica's snapshot + log before it serves."""
+    model, path = cluster_model
+    args = ("launch", "ray", "--model", str(path), "--shards", "2", "--replicas", "2", "--shards-dir",
+            str(tmp_path / "shards"), "--address", ray_cluster.address, "--port", "0", "--data-dir",
+            str(tmp_path / "data"), "--snapshot-every", "3", "--max-k", "40000")
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((4, 25, 32)).astype(np.float32)
+    proc = _sterling(*args)
+    try:
+        with Client(_read_address(proc, timeout_s=240), timeout_s=120) as c:
+            for b in range(4):
+                version = c.upsert([(np.arange(25) + 50_000 + 25 * b, x[b], [[f"new:{b}"]] * 25)]).model_version
+            base = [1_000_000_000 + i for i in (0, 1, 2)]  # catalog items (synthetic ids start at 10^9)
+            d = c.delete(list(range(50_000, 50_010)) + base)
+            assert d.deleted == 13
+            version = d.model_version
+            assert c.info().updatable
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc = _sterling(*args)
+        with Client(_read_address(proc, timeout_s=240), timeout_s=120) as c:
+            info = c.info()
+            assert info.model_version == version and info.items == 30_000 + 100 - 13
+            logs = sorted((r.shard, r.replica, r.seq, r.in_sync) for r in info.replica_logs)
+            assert [r[:2] for r in logs] == [(0, 0), (0, 1), (1, 0), (1, 1)] and all(r[3] for r in logs)
+            assert logs[0][2] == logs[1][2] == logs[2][2] == logs[3][2] == 9  # 4 × (upsert + delete) + 1
+            got = c.retrieve(query=x[0, :1], k=200, nprobe=model.index.nlist, where="new:0 OR new:3",
+                             min_version=version)
+            assert set(got.ids[0][got.ids[0] >= 0].tolist()) == set(range(50_010, 50_025)) | set(range(50_075, 50_100))
+            every = set(c.retrieve(query=x[0, :1], k=40_000, nprobe=model.index.nlist).ids.reshape(-1).tolist())
+            assert len(every - {-1}) == 30_087 and not every & ({1_000_000_000, 1_000_000_001, 1_000_000_002}
+                                                                 | set(range(50_000, 50_010)))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)

@@ -8,13 +8,13 @@ import grpc
 import numpy as np
 import pytest
 
+from sterling.benchmarks.evaluation import assert_same_topk
 from sterling.cluster.client import Client
 from sterling.cluster.ray_backend import RayBackend
 from sterling.cluster.router import Router
 from sterling.model import RetrievalModel
 from sterling.model.synthetic import synthetic_queries
 from tests.cluster.conftest import serve_router
-from tests.cluster.topk_compare import assert_same_topk
 
 ray = pytest.importorskip("ray")
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from sterling.benchmarks.evaluation import assert_same_topk
 from sterling.model.synthetic import synthetic_queries
-from tests.cluster.topk_compare import assert_same_topk
 from tests.distributed.conftest import N_USERS
 from tests.distributed.harness import run_group
 from tests.distributed.workers import serve_cases

@@ -34,5 +34,6 @@ def test_protocol_declares_the_issue_surface():
     assert {"results", "model_version", "partial", "missing_shards", "version_skew", "timing"} <= set(
         resp.fields_by_name
     )
-    # K0 and the value formula are reserved for the OverArch issue
-    assert "k0" not in req.fields_by_name and "value_formula" not in req.fields_by_name
+    # the learned model's fields took the numbers reserved for them (12-15): old clients stay compatible
+    assert {n: req.fields_by_name[n].number for n in ("k0", "value_formula", "sparse_features", "user_ids")} == {
+        "k0": 12, "value_formula": 13, "sparse_features": 14, "user_ids": 15}

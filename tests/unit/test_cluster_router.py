@@ -8,10 +8,12 @@ import time
 import numpy as np
 import pytest
 
+from sterling.benchmarks.evaluation import assert_same_topk
 from sterling.cluster.backends import LocalBackend
 from sterling.cluster.embedded import local_router
 from sterling.cluster.errors import (
     ClusterConfigError,
+    DeadlineExceededError,
     RequestTooLargeError,
     ShardsUnavailableError,
     status_code_name,
@@ -27,7 +29,6 @@ from sterling.model.errors import (
 )
 from sterling.model.synthetic import synthetic_queries
 from sterling.sharding.documents import balanced_list_ranges, slice_model
-from tests.cluster.topk_compare import assert_same_topk
 
 
 class _Slow(ShardServer):
@@ -119,6 +120,29 @@ def test_slow_shard_gives_partial_answer_within_the_deadline(model, small_catalo
     with pytest.raises(ShardsUnavailableError) as e:
         router.retrieve(query=xq, k=10, nprobe=8, deadline_s=0.3, require_complete=True)
     assert e.value.missing == [1] and status_code_name(e.value) == "UNAVAILABLE"
+
+
+def test_a_too_short_client_deadline_marks_no_replica_unhealthy(model, small_catalog):
+    """2 ms deadlines that no replica can meet: partial answers, every replica still healthy.
+
+    The same replicas missing a deadline they had ``sick_after_s`` to meet are
+    marked unhealthy (the slow-replica rule still holds).
+    """
+    servers = _servers(model, 2, replicas=2)
+    servers[1] = [_Slow(srv, 0.4) for srv in servers[1]]
+    router = _router(model, servers)
+    xq = synthetic_queries(small_catalog, 2, seed=13)
+    for _ in range(5):
+        try:
+            res = router.retrieve(query=xq, k=10, nprobe=8, deadline_s=0.002)
+        except DeadlineExceededError:
+            continue  # no shard in 2 ms: a typed refusal, fine
+        assert res.partial and 1 in res.missing
+    assert router.backend.healthy() == [[True, True], [True, True]]
+    time.sleep(0.5)  # the abandoned slow searches finish and free the shard threads
+    res = router.retrieve(query=xq, k=10, nprobe=8, deadline_s=0.3)
+    assert res.missing == [1]
+    assert False in router.backend.healthy()[1]  # the replica asked first had 0.3 s: marked
 
 
 def test_dead_replica_loses_no_answer_and_recovers(model, small_catalog):

@@ -93,6 +93,22 @@ def test_mlp_arch_equals_an_mlp_over_u_v_and_their_product():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["mlp"])
+def test_serving_path_equals_the_training_path_over_wide_candidate_sets(kind):
+    """No-grad calls over more than one chunk of candidates take the chunked (mlp: in-place) path:
+    the same function as the differentiable one (K not a multiple of the chunk included)."""
+    from sterling.model.overarch import _CHUNK
+
+    torch.manual_seed(4)
+    arch = build_overarch(kind, 16)
+    u, v = torch.randn(3, 16), torch.randn(3, 2 * _CHUNK + 37, 16)
+    x = arch.item_side(v.reshape(-1, 16)).view(3, v.shape[1], -1).detach()
+    want = arch(u, x)  # grad enabled: the plain path
+    with torch.no_grad():
+        got = arch(u, x)
+    torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", sorted(OVERARCHES))
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
 def test_cache_gather_feeds_each_overarch_like_the_item_side(kind, dtype):
@@ -273,3 +289,21 @@ def _take_rows(values, offsets, rows):
 
     v, ln = csr_take(values, offsets, rows)
     return v, np.concatenate([[0], np.cumsum(ln)]).astype(np.int64)
+
+
+_TOKENS = ["click", "like", "views", "(", ")", ",", "+", "-", "*", "/", "<", ">", "==", "min", "max", "pow", "log",
+           "exp", "0", "1e308", "-1e-45", "nan", "inf", "2.5.1", "'", "__class__", ".", "**", "\x00", "é", " "]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=60), st.lists(st.sampled_from(_TOKENS), max_size=25).map(" ".join)))
+def test_random_value_formulas_give_scores_or_a_formula_error(text):
+    """Fuzzed formulas (random text and token soup): a [B, N] score tensor or a typed
+    ``FormulaError`` (syntax, unknown task, too long); never another exception."""
+    vm = ValueModel(["click", "like"])
+    s = torch.tensor([[[0.2, 0.9], [0.0, 0.5]]])
+    try:
+        out = vm(s, text)
+    except FormulaError:
+        return
+    assert out.shape == (1, 2) and out.dtype == torch.float32

@@ -2,7 +2,7 @@
 shard are within 10% of the RSS delta measured when loading it.
 
 The index is assembled with the model API (``ItemIndex.from_parts`` + ``save``)
-from tensors with the DESIGN.md §3 layout; the full ``build_index`` (k-means,
+from tensors with the ItemIndex buffer layout; the full ``build_index`` (k-means,
 assignment) would take minutes at 1M items on two cores and does not change
 what is loaded. The prediction comes from the planner's *config* inventory
 (not from the artifact header), so the test checks the inventory formulas.

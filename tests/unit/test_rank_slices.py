@@ -10,7 +10,6 @@ from sterling.model.errors import InvalidInputError
 from sterling.model.synthetic import synthetic_queries
 from sterling.sharding.documents import balanced_list_ranges, list_bytes, read_manifest, shard_info
 from sterling.sharding.ranks import (
-    nprobe_for_k0,
     probe_load,
     rank_costs,
     rank_list_ranges,
@@ -63,20 +62,6 @@ def test_without_a_sample_ranks_are_cut_by_bytes(small_index):
     assert rank_list_ranges(small_index, 4) == balanced_list_ranges(small_index, 4)
     with pytest.raises(InvalidInputError):
         rank_list_ranges(small_index, small_index.nlist + 1)
-
-
-def test_nprobe_for_k0_is_the_learned_models_rule():
-    class _M:  # LearnedRetrievalModel.nprobe_for reads only these
-        def __init__(self, cap, nlist, dn):
-            from types import SimpleNamespace
-
-            self.index = SimpleNamespace(capacity=cap, nlist=nlist, default_nprobe=lambda: dn)
-
-    from sterling.model.learned import LearnedRetrievalModel
-
-    for cap, nlist, dn, k0 in [(6000, 32, 4, 1), (6000, 32, 4, 200), (6000, 32, 4, 6000), (10**6, 1024, 128, 10**5)]:
-        assert nprobe_for_k0(capacity=cap, nlist=nlist, default_nprobe=dn, k0=k0) == \
-            LearnedRetrievalModel.nprobe_for(_M(cap, nlist, dn), k0)
 
 
 def test_rank_artifacts_load_alone_and_partition_the_items(small_index, small_catalog, tmp_path):

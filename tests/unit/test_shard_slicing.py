@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from sterling.benchmarks.evaluation import assert_same_topk
 from sterling.cluster.merge import merge_topk
 from sterling.cluster.shard import ShardRequest, ShardServer
 from sterling.model import RetrievalModel
@@ -19,7 +20,6 @@ from sterling.sharding.documents import (
     slice_model,
     write_shards,
 )
-from tests.cluster.topk_compare import assert_same_topk
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +128,17 @@ def test_plan_ranges_are_checked(small_index):
             list_ranges_from_plan(_Plan(n, bad), n)
     with pytest.raises(InvalidInputError):
         list_ranges_from_plan(_Plan(n + 1, [(0, n + 1)]), n)
+
+
+def test_merging_one_shard_equals_the_general_merge():
+    """The one-shard shortcut gives what the k-way merge gives, padding and ties included."""
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        B, k = 3, 6
+        s = np.sort(rng.choice([0.5, 0.25, 1.0, -np.inf], size=(B, k)).astype(np.float32), axis=1)[:, ::-1]
+        ids = np.where(np.isneginf(s), -1, rng.integers(0, 100, size=(B, k)))
+        fast = merge_topk([(ids, s)], k)
+        # the general path: the same answer split as shard + an empty shard
+        slow = merge_topk([(ids, s), (np.full((B, 1), -1), np.full((B, 1), -np.inf, np.float32))], k)
+        np.testing.assert_array_equal(fast[0], slow[0])
+        np.testing.assert_array_equal(fast[1], slow[1])

@@ -17,9 +17,9 @@ import sys
 import numpy as np
 import torch
 
+from sterling.benchmarks.evaluation import assert_same_topk
 from sterling.model import IndexConfig, RetrievalModel, build_index
 from sterling.model.live import LiveModel
-from tests.cluster.topk_compare import assert_same_topk
 
 D, N, NLIST = 16, 4000, 16
 LIMIT = 48 * 1024

@@ -72,3 +72,22 @@ def test_train_rejects_unknown_config_keys_and_bad_files(tiny_rec_files, tmp_pat
     assert main(["train", "--interactions", str(p["users"]), "--out", str(tmp_path / "x.st")]) == 2
     assert "error" in capsys.readouterr().err
     assert not (tmp_path / "x.st").exists()
+
+
+def test_query_a_trained_artifact_by_user_id_equals_the_model(tiny_model, tmp_path, capsys):
+    import torch
+
+    from sterling.model.learned import LearnedRetrievalModel
+
+    model, _ = tiny_model
+    path = tmp_path / "m.st"
+    model.save(path)
+    users = [int(u) for u in model.users.ids[:2]]
+    assert main(["query", "--model", str(path), "--user-ids", ",".join(map(str, users)), "--k", "4", "--k0", "60",
+                 "--value-formula", "like", "--json"]) == 0
+    lines = [json.loads(ln) for ln in capsys.readouterr().out.strip().splitlines()]
+    ref = LearnedRetrievalModel.load(path)(user_ids=torch.tensor(users), k=4, k0=60, value_formula="like")
+    assert [[h["id"] for h in ln["results"]] for ln in lines] == ref.ids.tolist()
+    assert all(h["value"] == pytest.approx(h["like"]) for ln in lines for h in ln["results"])
+    assert main(["query", "--model", str(path), "--user-ids", "3,x"]) == 2  # typed error, exit 2
+    assert "comma-separated integers" in capsys.readouterr().err
