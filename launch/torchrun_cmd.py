@@ -69,6 +69,7 @@ def describe_failures(err) -> str:
 
 
 def run_torchrun(args: argparse.Namespace) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -84,6 +85,9 @@ def run_torchrun(args: argparse.Namespace) -> int:
     print("sterling launch torchrun: torchrun " + " ".join(argv), file=sys.stderr, flush=True)
     try:
         run(get_args_parser().parse_args(argv))
+    except SignalException as e:  # SIGINT / SIGTERM: the agent has stopped every rank; a clean stop
+        print(f"sterling launch torchrun: stopped ({e.sigval.name})", file=sys.stderr, flush=True)
+        return 0
     except ChildFailedError as e:
         print(f"sterling launch torchrun: error: {describe_failures(e)}; the process group was stopped"
               + (f" after {args.max_restarts} restart(s)" if args.max_restarts else

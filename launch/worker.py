@@ -5,7 +5,9 @@ its own slice (rank 0 writes the slices once, next to the model, unless a
 current set is there) and searches it; rank 0 also serves
 ``sterling.v1.Retrieval`` over gRPC with the existing ``RetrievalServer``,
 whose router sees the whole group as one shard that answers already merged
-(``GroupBackend``).
+(``GroupBackend``). A learned model is served the same way as by ``sterling
+serve``: the router's ``LearnedHead`` runs the user tower and reranks the
+merged K0 candidates (OverArch, heads, Value Model) on rank 0.
 """
 
 from __future__ import annotations
@@ -137,11 +139,6 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.ranks_dir) if args.ranks_dir else Path(f"{model}.ranks-{world}")
     if rank == 0:
         check_servable(args.model)
-        if read_header(model)["kind"] != "retrieval_model" and read_header(model)["kind"] != "item_index":
-            raise ClusterConfigError(
-                f"{model} holds a {read_header(model)['kind']!r}; the gRPC service serves retrieval models "
-                "(`sterling build`). A learned model runs over ranks in Python: sterling.sharding.group.RankGroup"
-            )
         plan = None
         if args.plan:
             from sterling.planner.io import load_plan
@@ -162,7 +159,20 @@ def main(argv: list[str] | None = None) -> int:
     from sterling.model.retrieval import RetrievalModel
     from sterling.sharding.documents import read_manifest
 
-    router = Router(RetrievalModel.load(read_manifest(out).head), GroupBackend(group), router_config_from_args(args))
+    learned = None
+    if read_header(model)["kind"] == "learned_retrieval_model":
+        # towers, OverArch, heads and item cache from the whole (memory-mapped) artifact: the head reranks the
+        # merged K0 and needs the whole index's numbers (slots, items) for K0 → nprobe
+        from sterling.cluster.learned_head import LearnedHead
+        from sterling.model.learned import LearnedRetrievalModel
+        from sterling.sharding.documents import slice_index
+
+        full = LearnedRetrievalModel.load(model, verify=False)
+        learned = LearnedHead(full)
+        head = RetrievalModel(slice_index(full.index, (0, 0)))
+    else:
+        head = RetrievalModel.load(read_manifest(out).head)
+    router = Router(head, GroupBackend(group), router_config_from_args(args), learned=learned)
     srv = RetrievalServer(router, server_config_from_args(args), backend_name="torchrun").start()
     print(f"sterling launch torchrun: listening on {srv.address} ({world} ranks, {backend}, slices in {out}/); "
           "Ctrl-C to stop", flush=True)
