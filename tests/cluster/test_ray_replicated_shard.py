@@ -86,9 +86,11 @@ def test_failed_batches_keep_replicas_identical_and_no_acknowledged_batch_is_los
 
     actors = [Faulty.remote(str(path), str(tmp_path / f"r{r}"), r) for r in range(2)]
     try:
+        # actors start (model load, a cold numba cache JIT-compiles) before the timed part begins
+        ray.get([a.applied.remote() for a in actors], timeout=300)
         backend = _Backend(actors)
         shard = ReplicatedShard(backend, 0, write_timeout_s=30, straggler_s=5)
-        assert shard.reconcile()  # start-up: both answer, both at batch 0
+        assert shard.reconcile(timeout_s=60)  # start-up: both answer, both at batch 0
         oracle = LiveModel.open(RetrievalModel.load(path))
         rng = np.random.default_rng(0)
 

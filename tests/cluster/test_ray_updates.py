@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from sterling.benchmarks.evaluation import assert_same_topk
 from sterling.cluster.client import Client
 from sterling.cluster.ray_backend import RayBackend
 from sterling.cluster.router import RouterConfig
@@ -29,7 +30,6 @@ from sterling.cluster.shard import ShardRequest
 from sterling.model import RetrievalModel
 from sterling.model.live import LiveModel
 from tests.cluster.conftest import DIM, N_ITEMS, NLIST
-from tests.cluster.topk_compare import assert_same_topk
 
 ray = pytest.importorskip("ray")
 
