@@ -13,7 +13,8 @@ import importlib
 
 __all__ = ["register", "BENCHES"]
 
-BENCHES: tuple[str, ...] = ("ann", "filter", "cluster", "e2e", "scale", "updates", "reliability", "rerank", "tiers")
+BENCHES: tuple[str, ...] = ("ann", "filter", "cluster", "e2e", "scale", "updates", "reliability", "rerank", "tiers",
+                           "shards")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

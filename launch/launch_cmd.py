@@ -25,7 +25,7 @@ __all__ = ["register", "run_ray", "ensure_shards", "remove_stale_shards", "check
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("launch", help="run the sharded service on a cluster manager (ray)")
+    p = sub.add_parser("launch", help="run the sharded service on a cluster manager (ray) or over ranks of one host (torchrun)")
     kinds = p.add_subparsers(dest="launcher", metavar="LAUNCHER", required=True)
     r = kinds.add_parser(
         "ray",
@@ -51,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--snapshot-every", type=int, default=1000, help="update batches between replica snapshots")
     add_server_arguments(r)
     r.set_defaults(func=run_ray)
+    from sterling.launch.torchrun_cmd import register_torchrun
+
+    register_torchrun(kinds)
 
 
 def ensure_shards(model: Path, out: Path, *, num_shards: int | None, plan, plan_path: str | None):

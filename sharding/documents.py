@@ -42,6 +42,7 @@ __all__ = [
     "ShardManifest",
     "list_bytes",
     "balanced_list_ranges",
+    "cut_ranges",
     "list_ranges_from_plan",
     "slice_index",
     "slice_model",
@@ -124,7 +125,16 @@ def balanced_list_ranges(index: ItemIndex, num_shards: int) -> list[tuple[int, i
     Cuts at the list boundary nearest each ``i / num_shards`` of the total
     bytes, keeping at least one list per shard.
     """
-    nlist = index.nlist
+    return cut_ranges(list_bytes(index), num_shards)
+
+
+def cut_ranges(cost: torch.Tensor, num_shards: int) -> list[tuple[int, int]]:
+    """Contiguous ranges over ``len(cost)`` lists, one per shard, each near ``1 / num_shards`` of Σ cost.
+
+    Cuts at the list boundary nearest each ``i / num_shards`` of the total,
+    keeping at least one list per shard.
+    """
+    nlist = int(cost.shape[0])
     if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
         raise InvalidInputError(f"num_shards ({num_shards!r}) must be an integer ≥ 1")
     if num_shards > nlist:
@@ -132,7 +142,7 @@ def balanced_list_ranges(index: ItemIndex, num_shards: int) -> list[tuple[int, i
             f"num_shards ({num_shards}) exceeds nlist ({nlist}): a shard owns whole IVF lists; "
             f"use at most {nlist} shards or rebuild with a larger nlist"
         )
-    cum = torch.cat([torch.zeros(1, dtype=torch.int64), list_bytes(index).cumsum(0)]).double()
+    cum = torch.cat([torch.zeros(1, dtype=cost.dtype), cost.cumsum(0)]).double()
     total = float(cum[-1])
     cuts = [0]
     for i in range(1, num_shards):
