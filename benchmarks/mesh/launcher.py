@@ -22,7 +22,7 @@ from sterling.benchmarks.mesh import mesh_pb2_grpc as pbg
 from sterling.benchmarks.mesh.services import _OPTIONS, from_ranked
 from sterling.model.errors import SterlingError
 
-__all__ = ["MeshConfig", "Mesh", "MeshClient", "MeshStartError", "spawn_ready"]
+__all__ = ["MeshConfig", "Mesh", "MeshClient", "MeshStartError", "spawn", "wait_ready", "spawn_ready"]
 
 
 class MeshStartError(SterlingError):
@@ -43,9 +43,12 @@ class MeshConfig:
     start_timeout_s: float = 120.0
 
 
-def spawn_ready(cmd: list[str], marker: str, timeout_s: float, env: dict | None = None) -> tuple[subprocess.Popen, str]:
-    """Start ``cmd`` and wait for a stdout line starting with ``marker``; (process, rest of that line)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+def spawn(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_ready(proc: subprocess.Popen, marker: str, timeout_s: float) -> str:
+    """Wait for a stdout line of ``proc`` holding ``marker``; the rest of that line."""
     found: list[str] = []
     ready = threading.Event()
 
@@ -59,11 +62,17 @@ def spawn_ready(cmd: list[str], marker: str, timeout_s: float, env: dict | None 
     threading.Thread(target=read, daemon=True).start()
     if not ready.wait(timeout_s) or not found:
         proc.kill()
-        err = proc.stderr.read()[-2000:] if proc.poll() is not None or proc.wait(5) is not None else ""
-        raise MeshStartError(f"{' '.join(cmd[:6])}… did not print {marker!r} within {timeout_s:.0f} s; "
-                             f"stderr tail: {err}")
+        proc.wait(10)
+        raise MeshStartError(f"{' '.join(map(str, proc.args[:6]))}… did not print {marker!r} within "
+                             f"{timeout_s:.0f} s; stderr tail: {proc.stderr.read()[-2000:]}")
     threading.Thread(target=proc.stderr.read, daemon=True).start()  # drain, never block the child
-    return proc, found[0]
+    return found[0]
+
+
+def spawn_ready(cmd: list[str], marker: str, timeout_s: float, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """Start ``cmd`` and wait for a stdout line holding ``marker``; (process, rest of that line)."""
+    proc = spawn(cmd, env)
+    return proc, wait_ready(proc, marker, timeout_s)
 
 
 class Mesh:
@@ -88,9 +97,11 @@ class Mesh:
                 if role == "ann":
                     extra += ["--refine", str(cfg.refine)]
                 starting[role] = self._cmd(role, *extra)
-            for role, cmd in starting.items():  # one at a time: four loads at once thrash 2 cores
-                proc, port = spawn_ready(cmd, "MESH READY", cfg.start_timeout_s, env)
-                self.procs[role], self.addresses[role] = proc, f"127.0.0.1:{port}"
+            for role, cmd in starting.items():
+                self.procs[role] = spawn(cmd, env)
+            for role in starting:
+                port = wait_ready(self.procs[role], "MESH READY", cfg.start_timeout_s)
+                self.addresses[role] = f"127.0.0.1:{port}"
             extra = [f"--{r}={a}" for r, a in self.addresses.items()]
             extra += ["--workers", str(cfg.orchestrator_workers), "--batch-wait-ms", str(cfg.batch_wait_ms),
                       "--batch-max-queries", str(cfg.batch_max_queries), "--pipelines", str(cfg.pipelines)]
