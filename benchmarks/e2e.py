@@ -56,7 +56,7 @@ class E2EConfig:
     budgets_ms: tuple[float, ...] = (200.0, 50.0)
     fractions: tuple[float, ...] = FRACTIONS
     shards: int = 1
-    batch_wait_ms: float = 1.0
+    batch_wait_ms: float = 20.0
     batch_max_queries: int = 64
     seed: int = 0
     plot: str | None = None

@@ -4,20 +4,21 @@ A batch search costs far less per query than the same queries one by one
 (one probe GEMM, one fan-out, one merge, one pass of the Python stack). So
 calls that could share a search — same k, nprobe, exact/adaptive mode,
 ``require_complete``, learned-model K0 and formula, and the same kind of user
-input — are gathered while they arrive: the first call of a group waits at
-most ``max_wait_ms`` for company (or until ``max_queries`` queries are in),
-then runs the group as ONE ``Router.retrieve`` with the queries stacked and
-one filter per query, and hands each caller its own rows. Calls arriving
-meanwhile form the next group, so under load batches grow by themselves. A
-call that arrives while no search is running does not wait at all: a lone
-client pays nothing for batching.
+input — are gathered while they arrive ("batch while busy"): a call that
+finds a search running waits behind it — until that search ends, until
+``max_queries`` queries are in, or at most ``max_wait_ms`` — then its group
+runs as ONE ``Router.retrieve`` with the queries stacked and one filter per
+query, and each caller gets its own rows. So under load the queue builds
+into one batch per search (batches grow with the load, extra latency is at
+most one search), and a call that finds no search running does not wait at
+all: a lone client pays nothing for batching.
 
 Semantics are the un-batched ones: each caller gets exactly the rows of its
 own queries (the router's answer for a query does not depend on the other
 queries of the batch: per-query filters, per-query top-k); the group runs
 within the *earliest* deadline of its members and reads at least the *newest*
-per-shard version floor any member carries (read-your-writes holds for each). If the group's call fails, each
-member is re-run alone, so one bad request (a NaN, a filter syntax error)
+per-shard version floor any member carries (read-your-writes holds for each).
+If the group's call fails, each member is re-run alone, so one bad request (a NaN, a filter syntax error)
 gets its own typed error and never fails its neighbours.
 """
 
@@ -38,12 +39,13 @@ class BatchingConfig:
     """``max_wait_ms = 0`` turns batching off.
 
     Args:
-        max_wait_ms: longest the first call of a group waits for others.
+        max_wait_ms: longest the first call of a group waits, behind a running
+            search, for others to join (it goes as soon as that search ends).
         max_queries: most queries in one coalesced search (a single call
             larger than this runs alone).
     """
 
-    max_wait_ms: float = 1.0
+    max_wait_ms: float = 20.0
     max_queries: int = 64
 
     def __post_init__(self) -> None:
@@ -89,6 +91,7 @@ class Batcher:
         self._lock = threading.Lock()
         self._open: dict[tuple, _Group] = {}
         self._running = 0  # searches executing now
+        self._idle = threading.Condition(self._lock)  # notified when a search ends or a group fills
         self.calls = 0  # searches run (for tests and metrics)
         self.coalesced = 0  # calls answered by a search shared with another call
 
@@ -133,14 +136,21 @@ class Batcher:
             group.rows += rows
             if group.rows >= self.config.max_queries:
                 group.full.set()
+                self._idle.notify_all()
         if not leader:
             call.done.wait()
             if call.error is not None:
                 raise call.error
             return call.result
-        if busy:  # another search is running: wait (bounded) for calls to join this group
-            group.full.wait(self.config.max_wait_ms / 1e3)
         with self._lock:
+            # batch while busy: while another search runs, calls queue up behind it; this group goes
+            # when no search is running, when it is full, or after max_wait_ms, whichever is first
+            end = time.monotonic() + self.config.max_wait_ms / 1e3
+            while busy and self._running > 0 and not group.full.is_set():
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self._idle.wait(left)
             if self._open.get(key) is group:
                 del self._open[key]
             group.closed = True
@@ -150,6 +160,7 @@ class Batcher:
         finally:
             with self._lock:
                 self._running -= 1
+                self._idle.notify_all()
             for c in group.calls:  # never leave a follower waiting, whatever happened
                 if not c.done.is_set():
                     c.error = c.error or RuntimeError("batched call was not answered")

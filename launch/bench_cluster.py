@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--concurrency", type=int, default=4, help="client threads against the router")
     p.add_argument("--threads-per-shard", type=int, default=1)
-    p.add_argument("--batch-wait-ms", default="0,1",
+    p.add_argument("--batch-wait-ms", default="0,20",
                    help="comma list of router dynamic-batching waits to compare (0 = batching off)")
     p.add_argument("--out", help="append the JSON lines to this file")
     p.set_defaults(func=run)

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=50)
     p.add_argument("--k0", type=int, default=500, help="candidates the OverArch reranks")
     p.add_argument("--step-s", type=float, default=4.0, help="seconds per open-loop rate step (bounds its count)")
-    p.add_argument("--batch-wait-ms", type=float, default=1.0, help="dynamic batching wait, both systems")
+    p.add_argument("--batch-wait-ms", type=float, default=20.0, help="dynamic batching wait bound, both systems")
     p.add_argument("--batch-max-queries", type=int, default=64, help="dynamic batching size bound, both systems")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", help="write a QPS-vs-p99 PNG here (needs matplotlib)")

@@ -33,9 +33,9 @@ def add_server_arguments(p: argparse.ArgumentParser, *, default_port: int = 5005
     p.add_argument("--max-client-in-flight", type=int, default=0,
                    help="places (running + queued) one client may hold; 0 = no per-client limit")
     p.add_argument("--max-message-mb", type=int, default=64, help="largest request or response in MiB")
-    p.add_argument("--batch-wait-ms", type=float, default=1.0,
-                   help="dynamic batching: while a search runs, concurrent Retrieve calls wait up to this long to "
-                   "share the next one (a call finding the server idle never waits); 0 = off")
+    p.add_argument("--batch-wait-ms", type=float, default=20.0,
+                   help="dynamic batching: a Retrieve call that finds a search running waits behind it (at most this "
+                   "long) to share the next one; a call finding the server idle never waits; 0 = off")
     p.add_argument("--batch-max-queries", type=int, default=64, help="dynamic batching: most queries per shared search")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus /metrics on this port (0 = any free port; default: off)")

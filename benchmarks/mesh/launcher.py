@@ -37,7 +37,7 @@ class MeshConfig:
     workers: int = 4  # gRPC handler threads of each backend service
     orchestrator_workers: int = 256  # handler threads park on a future while their batch runs
     refine: int = 2
-    batch_wait_ms: float = 1.0
+    batch_wait_ms: float = 20.0
     batch_max_queries: int = 64
     pipelines: int = 2
     start_timeout_s: float = 120.0

@@ -292,7 +292,7 @@ class OrchestratorConfig:
     overlapping ANN/scoring of another).
     """
 
-    batch_wait_ms: float = 1.0
+    batch_wait_ms: float = 20.0
     batch_max_queries: int = 64
     pipelines: int = 2
     timeout_s: float = 30.0
