@@ -9,6 +9,8 @@ holding.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -31,6 +33,19 @@ class _Backend:
 
     def _mark(self, s: int, r: int, ok: bool) -> None:
         self.marks.append((s, r, ok))
+
+
+def _wait_dead(actor, timeout_s: float = 60.0) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            ray.get(actor.applied.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            return
+        except ray.exceptions.GetTimeoutError:
+            continue
+        time.sleep(0.05)
+    raise AssertionError("the killed actor still answers")
 
 
 def test_failed_batches_keep_replicas_identical_and_no_acknowledged_batch_is_lost(ray_cluster, tmp_path):
@@ -133,6 +148,7 @@ def test_failed_batches_keep_replicas_identical_and_no_acknowledged_batch_is_los
         ray.get([actors[0].arm.remote("before"), actors[1].arm.remote("before")])
         upsert(50_000, expect_fail=True)
         ray.kill(actors[1], no_restart=True)
+        _wait_dead(actors[1])  # ray.kill returns before the actor is gone: a call could still reach it
         upsert(60_000, expect_fail=True)
         assert not shard.reconcile(timeout_s=2)
     finally:
