@@ -26,7 +26,7 @@ import numpy as np
 
 __all__ = [
     "exact_topk", "recall", "assert_same_topk", "best_time", "blocked", "percentiles_ms", "holds",
-    "RoaringIndex", "ForwardIndex", "machine", "commit",
+    "RoaringIndex", "ForwardIndex", "machine", "commit", "start_listening",
 ]
 
 
@@ -251,3 +251,30 @@ def commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+# ------------------------------------------------------------------ processes
+def start_listening(cmd: list[str], log_path: Path, timeout_s: float = 300.0):
+    """Start a ``sterling serve`` / ``launch`` child (stderr appended to ``log_path``, one OpenMP
+    thread) and wait, bounded, for its ``listening on HOST:PORT`` line: (process, address)."""
+    import queue
+    import threading
+
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] and None, daemon=True).start()
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            line = lines.get(timeout=0.5)
+        except queue.Empty:
+            if proc.poll() is not None:
+                break
+            continue
+        if "listening on " in line:
+            return proc, line.split("listening on ", 1)[1].split()[0]
+    proc.kill()
+    proc.wait(timeout=30)
+    raise RuntimeError(f"{' '.join(cmd[2:5])} did not start; see {log_path}: {Path(log_path).read_text()[-2000:]}")

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import queue
 import signal
 import subprocess
 import sys
@@ -215,25 +213,9 @@ def _start_serve(model_path: Path, data_dir: Path, log_path: Path, timeout_s: fl
     """``sterling serve --data-dir`` as a child process: (process, address) once it listens."""
     cmd = [sys.executable, "-m", "sterling.launch.cli", "serve", "--model", str(model_path), "--data-dir",
            str(data_dir), "--shards", "2", "--snapshot-every", "7", "--port", "0", "--workers", "2"]
-    log = open(log_path, "a")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    log.close()
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] and None, daemon=True).start()
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        try:
-            line = lines.get(timeout=0.5)
-        except queue.Empty:
-            if proc.poll() is not None:
-                break
-            continue
-        if "listening on " in line:
-            return proc, line.split("listening on ", 1)[1].split()[0]
-    proc.kill()
-    proc.wait(timeout=30)
-    raise RuntimeError(f"sterling serve did not start; see {log_path}: {log_path.read_text()[-2000:]}")
+    from sterling.benchmarks.evaluation import start_listening
+
+    return start_listening(cmd, log_path, timeout_s)
 
 
 def _writes(model_path: Path, work: Path, *, batches: int, dim: int, nlist: int, seed: int) -> dict:

@@ -19,8 +19,6 @@ One JSON line per service, then one with the ratios between them.
 from __future__ import annotations
 
 import json
-import os
-import queue
 import subprocess
 import sys
 import tempfile
@@ -28,29 +26,9 @@ import threading
 import time
 from pathlib import Path
 
+from sterling.benchmarks.evaluation import start_listening
+
 __all__ = ["run_grpc"]
-
-
-def _start(cmd: list[str], log_path: Path, timeout_s: float = 300.0):
-    """The child process and its address, once it prints ``listening on HOST:PORT``."""
-    with open(log_path, "a") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] and None, daemon=True).start()
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        try:
-            line = lines.get(timeout=0.5)
-        except queue.Empty:
-            if proc.poll() is not None:
-                break
-            continue
-        if "listening on " in line:
-            return proc, line.split("listening on ", 1)[1].split()[0]
-    proc.kill()
-    proc.wait(timeout=30)
-    raise RuntimeError(f"{cmd[3]} did not start; see {log_path}: {log_path.read_text()[-2000:]}")
 
 
 def _stop(proc) -> None:
@@ -163,7 +141,7 @@ def run_grpc(args) -> int:
                 cmd = [*base, "launch", "ray", *common, "--replicas", str(args.replicas), "--num-cpus",
                        str(max(2, args.shards * args.replicas)), "--cpus-per-shard", "0.5", "--spread", "soft",
                        "--shards-dir", str(work / "shards")]
-            proc, address = _start(cmd, work / f"{over}.log")
+            proc, address = start_listening(cmd, work / f"{over}.log")
             try:
                 rows[over] = _measure(address, args, upserts, queries)
             finally:
