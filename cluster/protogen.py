@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-__all__ = ["PROTO_ROOT", "PROTO_FILE", "GENERATED", "generate"]
+__all__ = ["PROTO_ROOT", "PROTO_FILE", "GENERATED", "generate", "run_protoc"]
 
 PROTO_ROOT = Path(__file__).resolve().parent / "proto"
 PROTO_FILE = "sterling/v1/retrieval.proto"
@@ -26,8 +26,11 @@ _HEADER = (
 )
 
 
-def generate(out_dir: str | Path) -> list[Path]:
-    """Run grpcio-tools' protoc into ``out_dir``; returns the written files."""
+def run_protoc(*, proto_root: Path, proto_file: str, names: tuple[str, ...], out_dir: str | Path,
+               rewrite: tuple[str, str], header: str) -> list[Path]:
+    """Run grpcio-tools' protoc on ``proto_root / proto_file``; write ``names`` into ``out_dir`` with
+    ``header`` prepended and their import lines rewritten (regex ``rewrite[0]`` → ``rewrite[1]``, so the
+    modules import each other from their package). Returns the written files."""
     from grpc_tools import protoc
 
     out_dir = Path(out_dir)
@@ -38,30 +41,35 @@ def generate(out_dir: str | Path) -> list[Path]:
     rc = protoc.main(
         [
             "grpc_tools.protoc",
-            f"-I{PROTO_ROOT}",
+            f"-I{proto_root}",
             f"-I{include}",
             f"--python_out={tmp}",
             f"--pyi_out={tmp}",
             f"--grpc_python_out={tmp}",
-            str(PROTO_ROOT / PROTO_FILE),
+            str(proto_root / proto_file),
         ]
     )
     if rc != 0:
-        raise RuntimeError(f"protoc failed with exit code {rc} on {PROTO_ROOT / PROTO_FILE}")
+        raise RuntimeError(f"protoc failed with exit code {rc} on {proto_root / proto_file}")
     written = []
-    for name in GENERATED:
-        src = tmp / "sterling" / "v1" / name
-        text = src.read_text()
-        # protoc writes `from sterling.v1 import retrieval_pb2`; our modules are flat in sterling.cluster.
-        text = re.sub(r"^from sterling\.v1 import ", "from sterling.cluster import ", text, flags=re.M)
+    for name in names:
+        src = tmp / Path(proto_file).parent / name
+        text = re.sub(rewrite[0], rewrite[1], src.read_text(), flags=re.M)
         dst = out_dir / name
-        dst.write_text(_HEADER + text)
+        dst.write_text(header + text)
         src.unlink()
         written.append(dst)
     for d in sorted(tmp.rglob("*"), reverse=True):
         d.rmdir() if d.is_dir() else d.unlink()
     tmp.rmdir()
     return written
+
+
+def generate(out_dir: str | Path) -> list[Path]:
+    """The Sterling service's modules into ``out_dir``; returns the written files."""
+    # protoc writes `from sterling.v1 import retrieval_pb2`; our modules are flat in sterling.cluster.
+    return run_protoc(proto_root=PROTO_ROOT, proto_file=PROTO_FILE, names=GENERATED, out_dir=out_dir,
+                      rewrite=(r"^from sterling\.v1 import ", "from sterling.cluster import "), header=_HEADER)
 
 
 if __name__ == "__main__":
