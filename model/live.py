@@ -120,18 +120,27 @@ class LiveModel:
                 and benchmarks that measure the apply path alone.
             compact_waste: free slots per live item above which a background
                 compaction starts (0 = never automatically).
+            update_backend: how batches are written into the index tensors:
+                ``"kernel"`` (one compiled, GIL-free call per batch; CPU),
+                ``"torch"`` (tensor ops; any device) or ``None`` (the kernel
+                where it can run). Both produce the same tensors.
         """
 
         data_dir: str | Path | None = None
         snapshot_every: int = 0
         fsync: bool = True
         compact_waste: float = 1.0
+        update_backend: str | None = None
 
         def __post_init__(self) -> None:
             if self.snapshot_every < 0:
                 raise InvalidInputError(f"snapshot_every ({self.snapshot_every}) must be ≥ 0")
             if self.compact_waste < 0:
                 raise InvalidInputError(f"compact_waste ({self.compact_waste}) must be ≥ 0")
+            if self.update_backend is not None and self.update_backend not in upd.BACKENDS:
+                raise InvalidInputError(
+                    f"update_backend {self.update_backend!r} is not one of {upd.BACKENDS} (or None)"
+                )
 
     def __init__(self, model: RetrievalModel, config: Config, *, wal: UpdateLog | None, applied: int) -> None:
         self.model = model
@@ -234,7 +243,11 @@ class LiveModel:
         """Insert or replace items; returns the version that contains them (durable)."""
         batch = upd.prepare_upsert(self.model.index, ids, embeddings, attributes)
         meta = batch.attributes
-        vec = np.ascontiguousarray(torch.as_tensor(embeddings).detach().float().cpu().reshape(batch.ids.numel(), self.model.index.dim).numpy())
+        shape = (batch.ids.numel(), self.model.index.dim)
+        if isinstance(embeddings, np.ndarray) and embeddings.dtype == np.float32 and embeddings.shape == shape:
+            vec = np.ascontiguousarray(embeddings)
+        else:
+            vec = np.ascontiguousarray(torch.as_tensor(embeddings).detach().float().cpu().reshape(shape).numpy())
         return self._commit(RecordKind.UPSERT, batch.ids.numpy(), vec, meta, prepared=batch)
 
     def delete(self, ids) -> int:
@@ -284,14 +297,17 @@ class LiveModel:
         index = self.model.index
         if rec.kind is RecordKind.UPSERT:
             batch = prepared or upd.prepare_upsert(index, rec.ids, torch.from_numpy(rec.vectors), rec.meta)
-            needed, fits = upd.free_slots_needed(index, batch)
-            if not fits:
-                layout = upd.repack(index, extra=needed)  # queries keep running meanwhile
+            backend = self.config.update_backend
+            try:
+                return upd.apply_upsert(index, batch, exclusive=self.guard.write, backend=backend)
+            except upd.ListsFullError as full:  # nothing was applied: make room, then apply
+                layout = upd.repack(index, extra=full.needed)  # queries keep running meanwhile
                 with self.guard.write():
                     upd.install_layout(index, layout)
-            return upd.apply_upsert(index, batch, exclusive=self.guard.write)
+                return upd.apply_upsert(index, batch, exclusive=self.guard.write, backend=backend)
         if rec.kind is RecordKind.DELETE:
-            return upd.apply_delete(index, torch.from_numpy(rec.ids), exclusive=self.guard.write)[1]
+            return upd.apply_delete(index, torch.from_numpy(rec.ids), exclusive=self.guard.write,
+                                    backend=self.config.update_backend)[1]
         with self.guard.write():
             upd.update_attributes(index, torch.from_numpy(rec.ids), rec.meta)
             return int(index.version)
@@ -306,7 +322,7 @@ class LiveModel:
         waste = self.config.compact_waste
         index = self.model.index
         if waste and self._compactor is None:
-            live = max(index.num_items, 1)
+            live = max(upd.slot_map(index).live_items, 1)
             if index.capacity > (1.0 + index.config.list_slack + waste) * live:
                 self._compactor = threading.Thread(target=self._background_compact, daemon=True)
                 self._compactor.start()

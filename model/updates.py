@@ -36,11 +36,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sterling.kernels import update_apply as ua
 from sterling.model import bloom as bloom_mod
 from sterling.model.attributes import validate_term
 from sterling.model.errors import InvalidAttributeError, InvalidInputError
 
 __all__ = [
+    "BACKENDS",
+    "ListsFullError",
     "PreparedUpsert",
     "SlotMap",
     "UpdateStats",
@@ -52,6 +55,7 @@ __all__ = [
     "prepare_upsert",
     "repack",
     "update_attributes",
+    "update_backend",
 ]
 
 
@@ -226,6 +230,9 @@ def prepare_upsert(index, ids, embeddings, attributes=None) -> PreparedUpsert:
     from sterling.model.errors import DimensionMismatchError, NonFiniteError
     from sterling.model.kmeans import assign
 
+    fast = _prepare_compiled(index, ids, embeddings, attributes)
+    if fast is not None:
+        return fast
     id_t = check_batch_ids(ids, "upsert")
     x = torch.as_tensor(embeddings)
     if x.ndim == 1 and id_t.numel() == 1:
@@ -248,20 +255,7 @@ def prepare_upsert(index, ids, embeddings, attributes=None) -> PreparedUpsert:
         raise NonFiniteError(f"embedding of id {bad} contains NaN or inf; fix or drop that item")
     if Metric(index.config.metric) is Metric.COSINE:
         x = torch.nn.functional.normalize(x, dim=1)
-    lists = []
-    if attributes is not None:
-        lists = list(attributes)
-        if len(lists) != id_t.numel():
-            raise InvalidInputError(
-                f"{id_t.numel()} ids but {len(lists)} attribute lists; give one list of terms per id"
-            )
-        for i, terms in zip(id_t.tolist(), lists):
-            if isinstance(terms, str):
-                raise InvalidAttributeError(f"attributes of id {i} are a string {terms!r}; give a list of terms")
-            for term in terms:
-                if term not in index.vocab_index:
-                    validate_term(term, where=f" of id {i}")
-        lists = [list(dict.fromkeys(terms)) for terms in lists]
+    lists = _check_attributes(index, id_t.tolist(), attributes)
     centroids = index.centroids.detach().float().cpu()
     codes, scales = quantize_int8(x)
     return PreparedUpsert(
@@ -269,39 +263,134 @@ def prepare_upsert(index, ids, embeddings, attributes=None) -> PreparedUpsert:
         codes=codes,
         scales=scales,
         lists=assign(x, centroids) if id_t.numel() else torch.zeros(0, dtype=torch.int64),
-        attributes=None if attributes is None else lists,
+        attributes=lists,
+    )
+
+
+def _assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """``kmeans.assign`` (the same products, so the same lists) without its copies for one chunk."""
+    from sterling.model.kmeans import assign
+
+    if x.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    if x.shape[0] > 16_384:
+        return assign(x, centroids)
+    return (x @ centroids.T).argmax(dim=1)
+
+
+def _check_attributes(index, id_list: list[int], attributes) -> list[list[str]] | None:
+    """One deduplicated list of valid terms per id, or None."""
+    if attributes is None:
+        return None
+    lists = list(attributes)
+    if len(lists) != len(id_list):
+        raise InvalidInputError(f"{len(id_list)} ids but {len(lists)} attribute lists; give one list of terms per id")
+    for i, terms in zip(id_list, lists):
+        if isinstance(terms, str):
+            raise InvalidAttributeError(f"attributes of id {i} are a string {terms!r}; give a list of terms")
+        for term in terms:
+            if term not in index.vocab_index:
+                validate_term(term, where=f" of id {i}")
+    return [list(dict.fromkeys(terms)) for terms in lists]
+
+
+def _prepare_compiled(index, ids, embeddings, attributes) -> PreparedUpsert | None:
+    """``prepare_upsert`` for the common case — integer ids and a float32 [n, D] array, inner
+    product, numba — in two GIL-free calls (checks + int8 codes; the list assignment, the
+    same matmul as ``assign``). None: take the general path (it also words every error)."""
+    from sterling.model.config import Metric
+    from sterling.model.errors import DuplicateIdError, NonFiniteError
+
+    if not ua.HAVE_NUMBA or Metric(index.config.metric) is not Metric.IP or index.centroids.device.type != "cpu":
+        return None
+    if isinstance(ids, torch.Tensor):
+        ids = ids.detach().cpu().numpy() if ids.device.type == "cpu" else None
+    if isinstance(embeddings, torch.Tensor):
+        embeddings = (embeddings.detach().numpy() if embeddings.device.type == "cpu"
+                      and not embeddings.requires_grad else None)
+    if not isinstance(ids, np.ndarray) or not isinstance(embeddings, np.ndarray):
+        return None
+    if ids.dtype.kind not in "iu" or embeddings.dtype != np.float32 or embeddings.ndim != 2:
+        return None
+    if embeddings.shape != (ids.size, index.dim) or index.centroids.dtype != torch.float32:
+        return None
+    id_np = np.ascontiguousarray(ids.reshape(-1), dtype=np.int64)
+    x = np.ascontiguousarray(embeddings)
+    codes = np.empty(x.shape, dtype=np.int8)
+    scales = np.empty(x.shape[0], dtype=np.float32)
+    status, at = ua.check_and_quantize(id_np, x, codes, scales)
+    if status == 1:
+        raise DuplicateIdError(f"item {at} has negative id {int(id_np[at])}; ids must be ≥ 0 (−1 marks empty slots)")
+    if status == 2:
+        raise DuplicateIdError(f"id {at} is used by more than one item; ids must be unique")
+    if status == 3:
+        raise NonFiniteError(f"embedding of id {int(id_np[at])} contains NaN or inf; fix or drop that item")
+    lists = _check_attributes(index, id_np.tolist(), attributes)
+    xt = torch.from_numpy(x)
+    return PreparedUpsert(
+        ids=torch.from_numpy(id_np),
+        codes=torch.from_numpy(codes),
+        scales=torch.from_numpy(scales),
+        lists=_assign(xt, index.centroids),
+        attributes=lists,
     )
 
 
 class SlotMap:
     """Where each item lives and which slots are free, kept up to date by the update ops.
 
-    * id → slot: a sorted snapshot of ``item_ids`` (binary search) plus a dict
-      of changes since; rebuilt from ``item_ids`` when the dict grows large.
-    * free slots: one stack per list (slots with ``item_ids == −1``).
+    * id → slot: a sorted snapshot of ``item_ids`` (binary search) plus a hash
+      table of the changes since; the snapshot is retaken from ``item_ids``
+      when the hash is half full.
+    * free slots: one stack per list (slots with ``item_ids == −1``), the lowest
+      free slot on top after a rebuild.
 
+    All of it is numpy arrays that the compiled write path
+    (``sterling.kernels.update_apply``) reads and updates in one call.
     Rebuilt from the index tensors whenever the layout is replaced (re-pack).
     """
-
-    _REBUILD_AFTER = 1 << 17
 
     def __init__(self, index) -> None:
         self.rebuild(index)
 
     def rebuild(self, index) -> None:
-        ids = index.item_ids.cpu().numpy()
-        live = np.flatnonzero(ids >= 0)
-        order = np.argsort(ids[live], kind="stable")
-        self._sorted = ids[live][order]
-        self._slot = live[order]
-        self._delta: dict[int, int] = {}
-        offs = index.list_offsets.cpu().numpy()
-        free = np.flatnonzero(ids < 0)
-        cut = np.searchsorted(free, offs)
-        # pop() takes the lowest free slot first
-        self.free = [free[cut[i] : cut[i + 1]][::-1].tolist() for i in range(len(offs) - 1)]
-        self.list_of_slot = None
+        ids = np.ascontiguousarray(index.item_ids.cpu().numpy())
+        offs = np.ascontiguousarray(index.list_offsets.cpu().numpy().astype(np.int64))
+        self._sorted, self._slot = ua.snapshot(ids)
+        size = 1 << max(12, min(20, int(ids.shape[0]).bit_length()))  # ≈ 1–2 × capacity, 4k … 1M
+        self._hkeys = np.full(size, -1, dtype=np.int64)
+        self._hvals = np.zeros(size, dtype=np.int64)
+        self.free_buf, self.free_top = ua.free_stacks(ids, offs)
+        self.counters = np.array([self._sorted.shape[0], 0], dtype=np.int64)  # live items, hash entries
         self._offs = offs
+        self._layout = (index.list_offsets, index.list_offsets._version)
+
+    def arrays(self) -> tuple:
+        """The state the kernels take: (sorted_ids, sorted_slots, hkeys, hvals, free_buf, free_top, offs, counters)."""
+        return (self._sorted, self._slot, self._hkeys, self._hvals, self.free_buf, self.free_top,
+                self._offs, self.counters)
+
+    @property
+    def live_items(self) -> int:
+        return int(self.counters[0])
+
+    def reserve(self, index, n: int) -> None:
+        """Make room in the hash for ``n`` more changes (retakes the snapshot when needed)."""
+        if self.counters[1] + n > self._hkeys.shape[0] // 2:
+            self.rebuild(index)
+
+    def free_count(self, lst: int) -> int:
+        return int(self.free_top[lst])
+
+    def push(self, lst: int, slot: int) -> None:
+        self.free_buf[self._offs[lst] + self.free_top[lst]] = slot
+        self.free_top[lst] += 1
+
+    def pop(self, lst: int) -> int:
+        if not self.free_top[lst]:
+            raise InvalidInputError(f"list {lst} has no free slot; re-pack the index before this upsert")
+        self.free_top[lst] -= 1
+        return int(self.free_buf[self._offs[lst] + self.free_top[lst]])
 
     def lists_of(self, slots: list[int]) -> list[int]:
         """The list each slot belongs to."""
@@ -309,30 +398,23 @@ class SlotMap:
 
     def lookup(self, ids: list[int]) -> list[int]:
         """Slot of each id, −1 where absent."""
-        out = []
-        if len(self._sorted):
-            at = np.searchsorted(self._sorted, ids).clip(max=len(self._sorted) - 1)
-            base = np.where(self._sorted[at] == ids, self._slot[at], -1).tolist()
-        else:
-            base = [-1] * len(ids)
-        for i, b in zip(ids, base):
-            out.append(self._delta.get(i, b))
-        return out
+        if not len(ids):
+            return []
+        return ua.lookup_many(np.asarray(ids, dtype=np.int64), self._sorted, self._slot,
+                              self._hkeys, self._hvals).tolist()
 
-    def set(self, item: int, slot: int) -> None:
-        self._delta[item] = slot
-
-    def maybe_compact(self, index) -> None:
-        if len(self._delta) > self._REBUILD_AFTER:
-            self.rebuild(index)
+    def set_many(self, ids: list[int], slots: list[int]) -> None:
+        """Record that each id now lives in its slot (−1: deleted)."""
+        if len(ids):
+            ua.hash_set(np.asarray(ids, dtype=np.int64), np.asarray(slots, dtype=np.int64),
+                        self._hkeys, self._hvals, self.counters)
 
 
 def slot_map(index) -> SlotMap:
     """The index's ``SlotMap`` (created on first use; lives as long as the layout)."""
     sm = index.__dict__.get("_slot_map")
-    if sm is None or sm._offs.shape[0] != index.list_offsets.numel() or not torch.equal(
-        torch.from_numpy(sm._offs), index.list_offsets.cpu()
-    ):
+    lo = index.list_offsets
+    if sm is None or sm._layout[0] is not lo or sm._layout[1] != lo._version:
         sm = index.__dict__["_slot_map"] = SlotMap(index)
     return sm
 
@@ -346,43 +428,128 @@ def free_slots_needed(index, batch: PreparedUpsert) -> tuple[torch.Tensor, bool]
     """
     sm = slot_map(index)
     nl = index.nlist
-    want = torch.bincount(batch.lists, minlength=nl)
+    want = np.bincount(batch.lists.numpy(), minlength=nl)
     old = [s for s in sm.lookup(batch.ids.tolist()) if s >= 0]
     if old:
-        want -= torch.bincount(torch.tensor(sm.lists_of(old)), minlength=nl)
-    want = want.clamp(min=0)
-    have = torch.tensor([len(f) for f in sm.free], dtype=torch.int64)
-    return want, bool((want <= have).all())
+        want -= np.bincount(sm.lists_of(old), minlength=nl)
+    want = np.maximum(want, 0)
+    return torch.from_numpy(want), bool((want <= sm.free_top).all())
 
 
-def apply_upsert(index, batch: PreparedUpsert, *, exclusive=nullcontext) -> int:
+BACKENDS = ("kernel", "torch")
+
+
+def update_backend(index, backend: str | None = None) -> str:
+    """The write path for ``index``: ``"kernel"`` (one compiled, GIL-free call per batch;
+    CPU indexes) or ``"torch"`` (tensor ops, any device). ``None`` picks the kernel when
+    numba is installed and the index is on the CPU."""
+    cpu = index.codes.device.type == "cpu"
+    if backend is None:
+        return "kernel" if ua.HAVE_NUMBA and cpu else "torch"
+    if backend not in BACKENDS:
+        raise InvalidInputError(f"update backend {backend!r} is not one of {BACKENDS}")
+    if backend == "kernel" and not cpu:
+        raise InvalidInputError(
+            f"the update kernel writes CPU tensors; this index is on {index.codes.device}: use backend='torch'"
+        )
+    return backend
+
+
+def apply_upsert(index, batch: PreparedUpsert, *, exclusive=nullcontext, backend: str | None = None) -> int:
     """Write a prepared batch into free slots of its lists, in place; bumps ``version``.
 
     Every list must have room (``free_slots_needed``; grow it with
-    ``repack`` first). An id already present leaves its old slot free
-    (tombstoned: alive bit 0, id −1). Everything is worked out first
-    (slots, Bloom rows, CSR entries, alive bytes — reads only); the tensors
-    are written inside ``exclusive()`` (the caller's writer guard), so
-    concurrent readers are held off only for the writes. Returns the new version.
+    ``repack`` first), else ``ListsFullError`` (nothing changed). An id
+    already present leaves its old slot free (tombstoned: alive bit 0,
+    id −1). The tensors are written inside ``exclusive()`` (the caller's
+    writer guard). ``backend``: see ``update_backend``; both give the same
+    tensors. Returns the new version.
     """
+    if update_backend(index, backend) == "torch":
+        return _apply_upsert_torch(index, batch, exclusive)
     sm = slot_map(index)
+    n = batch.ids.numel()
+    sm.reserve(index, n)
+    has_terms = batch.attributes is not None
+    W = index.bloom.shape[1]
+    adt = index.attr_ids.numpy().dtype
+    if has_terms:
+        encoded = _encode_terms(index, batch.ids.tolist(), batch.attributes)
+        t_off = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum([len(t) for t in encoded], out=t_off[1:])
+        t_ids = np.fromiter((t for tids in encoded for t in tids), dtype=adt, count=int(t_off[-1]))
+        t_words = _term_words(index, t_ids)
+    else:
+        t_off, t_ids, t_words = np.zeros(n + 1, np.int64), np.zeros(0, adt), np.zeros((0, W), np.int64)
+    need = np.zeros(max(index.nlist, n), dtype=np.int64)
+    pos = np.zeros(n, dtype=np.int64)
+    args = (batch.ids.numpy(), batch.codes.numpy(), batch.scales.numpy(), batch.lists.numpy(),
+            t_off, t_ids, t_words, has_terms, *sm.arrays())
+    version = index.version.reshape(1).numpy()
+    for _ in range(2):
+        with exclusive():
+            v = ua.upsert_apply(*args, index.codes.numpy(), index.scales.numpy(), index.item_ids.numpy(),
+                                index.bloom.numpy(), index.alive.numpy(), index.attr_ids.numpy(),
+                                index.attr_offsets.numpy(), version, need, pos)
+        if v == ua.ROOM:
+            raise ListsFullError(torch.from_numpy(need[: index.nlist].copy()))
+        if v != ua.SHORT:
+            return int(v)
+        # some exact lists are too short for their new terms: lay the CSR out again with room
+        # (same content; readers may keep using the old arrays until the swap), then apply
+        short = np.flatnonzero(need[:n] >= 0)
+        grown = _grown_csr(index, [(int(pos[r]), [0] * int(need[r])) for r in short])
+        with exclusive():
+            index.attr_ids, index.attr_offsets = grown
+    raise AssertionError("the grown exact lists still do not fit")  # pragma: no cover
+
+
+class ListsFullError(InvalidInputError):
+    """Some lists have too few free slots for an upsert batch (``needed``: [nlist] slots each
+    list needs); re-pack with ``repack(index, extra=needed)`` and apply again."""
+
+    def __init__(self, needed: torch.Tensor) -> None:
+        short = int((needed > 0).sum())
+        super().__init__(f"{short} lists have too few free slots for this upsert; re-pack the index "
+                         "(repack(index, extra=needed)) before applying it")
+        self.needed = needed
+
+
+def _term_words(index, t_ids: np.ndarray) -> np.ndarray:
+    """[nnz] vocabulary ids → [nnz, W] int64 Bloom words (cached per term, per index)."""
+    cache = index.__dict__.setdefault("_term_word_cache", {})
+    spec = index.bloom_spec
+    key = (spec.bits, spec.hashes, spec.words)
+    table = cache.get(key)
+    vocab = len(index.vocab)
+    if table is None or table.shape[0] < vocab:
+        have = 0 if table is None else table.shape[0]
+        fresh = bloom_mod.term_words(index.vocab[have:vocab], spec).numpy()
+        table = fresh if table is None else np.concatenate([table, fresh])
+        cache.clear()
+        cache[key] = table
+    return np.ascontiguousarray(table[t_ids.astype(np.int64)])
+
+
+def _apply_upsert_torch(index, batch: PreparedUpsert, exclusive) -> int:
+    """The tensor-op write path (any device); the reference of ``upsert_apply``."""
+    sm = slot_map(index)
+    sm.reserve(index, batch.ids.numel())
     id_list = batch.ids.tolist()
     old = sm.lookup(id_list)
     old_slots = [s for s in old if s >= 0]
+    needed, fits = free_slots_needed(index, batch)
+    if not fits:
+        raise ListsFullError(needed)
     if batch.attributes is None:
         encoded = _terms_of_slots(index, old)
     else:
         encoded = _encode_terms(index, id_list, batch.attributes)
     for s, lst in zip(old_slots, sm.lists_of(old_slots)):
-        sm.free[lst].append(s)
-    new_pos = []
-    for lst in batch.lists.tolist():
-        free = sm.free[lst]
-        if not free:
-            raise InvalidInputError(f"list {lst} has no free slot; re-pack the index before this upsert")
-        new_pos.append(free.pop())
-    for i, p in zip(id_list, new_pos):
-        sm.set(i, p)
+        sm.push(lst, s)
+    new_pos = [sm.pop(lst) for lst in batch.lists.tolist()]
+    sm.set_many(id_list, new_pos)
+    sm.counters[0] += len(id_list) - len(old_slots)
     taken = set(new_pos)
     freed = torch.tensor(sorted(s for s in old_slots if s not in taken), dtype=torch.int64)
     pos = torch.tensor(new_pos, dtype=torch.int64)
@@ -421,24 +588,29 @@ def apply_upsert(index, batch: PreparedUpsert, *, exclusive=nullcontext) -> int:
         index.alive[alive_at.to(dev)] = alive_bytes.to(dev)
         index.version += 1
         version = int(index.version)
-    sm.maybe_compact(index)
     return version
 
 
-def apply_delete(index, ids: torch.Tensor, *, exclusive=nullcontext) -> tuple[int, int]:
+def apply_delete(index, ids: torch.Tensor, *, exclusive=nullcontext, backend: str | None = None) -> tuple[int, int]:
     """Tombstone items by external id (absent ids are ignored); bumps ``version``.
 
     Returns (items deleted, new version).
     """
     sm = slot_map(index)
+    sm.reserve(index, ids.numel())
+    if update_backend(index, backend) == "kernel":
+        with exclusive():
+            gone = ua.delete_apply(ids.numpy(), *sm.arrays(), index.item_ids.numpy(), index.scales.numpy(),
+                                   index.bloom.numpy(), index.alive.numpy(), index.attr_ids.numpy(),
+                                   index.attr_offsets.numpy(), index.version.reshape(1).numpy())
+        return int(gone), int(index.version)
     id_list = ids.tolist()
     old = sm.lookup(id_list)
     gone = [s for s in old if s >= 0]
     for s, lst in zip(gone, sm.lists_of(gone)):
-        sm.free[lst].append(s)
-    for i, s in zip(id_list, old):
-        if s >= 0:
-            sm.set(i, -1)
+        sm.push(lst, s)
+    sm.set_many([i for i, s in zip(id_list, old) if s >= 0], [-1] * len(gone))
+    sm.counters[0] -= len(gone)
     freed = torch.tensor(sorted(gone), dtype=torch.int64)
     dst_free, _ = _slot_ranges(index.attr_offsets, freed)
     alive_at, alive_bytes = _alive_after(index, set_live=freed[:0], set_dead=freed)
