@@ -105,6 +105,27 @@ def check_launch_args(args: argparse.Namespace) -> None:
         raise ClusterConfigError("--num-cpus sizes a local Ray instance; with --address the cluster's nodes decide")
 
 
+def _learned_head(args: argparse.Namespace):
+    """For a learned artifact, the router's ``LearnedHead`` (towers, OverArch, heads, item cache;
+    the shards hold its item index); None for an index model."""
+    from sterling.model.artifact import read_header
+
+    if read_header(args.model).get("kind") != "learned_retrieval_model":
+        return None
+    if args.data_dir:
+        from sterling.cluster.errors import NotImplementedYetError
+
+        raise NotImplementedYetError(
+            f"{args.model} is a learned model: serving it with --data-dir (updates) needs item features for the "
+            "OverArch cache, which the update log does not carry yet; launch it without --data-dir, or retrain "
+            "(`sterling train`) to change its catalog"
+        )
+    from sterling.cluster.learned_head import LearnedHead
+    from sterling.model.learned import LearnedRetrievalModel
+
+    return LearnedHead(LearnedRetrievalModel.load(args.model).eval())
+
+
 def run_ray(args: argparse.Namespace) -> int:
     import ray
 
@@ -129,6 +150,7 @@ def run_ray(args: argparse.Namespace) -> int:
         if args.replicas is not None and args.replicas != plan.replicas:
             raise InvalidInputError(f"--replicas {args.replicas} disagrees with the plan ({plan.replicas}); drop one")
     check_servable(args.model)
+    learned = _learned_head(args)  # before Ray starts: a refusal costs nothing
     model = Path(args.model)
     out = Path(args.shards_dir) if args.shards_dir else Path(str(model) + ".shards")
     manifest = ensure_shards(model, out, num_shards=args.shards, plan=plan, plan_path=args.plan)
@@ -157,7 +179,7 @@ def run_ray(args: argparse.Namespace) -> int:
 
             router, updates = ray_live_router(manifest, backend, router_cfg, timeout_s=args.ready_timeout)
         else:
-            router = Router(RetrievalModel.load(manifest.head), backend, router_cfg)
+            router = Router(RetrievalModel.load(manifest.head), backend, router_cfg, learned=learned)
         srv = RetrievalServer(router, server_cfg, backend_name="ray", updates=updates).start()
         where = backend.where()
         nodes = sorted({w["node_id"] for row in where for w in row})

@@ -227,6 +227,18 @@ def _save_slice(model: RetrievalModel, path: Path, shard_meta: dict) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def _document_model(path: Path) -> RetrievalModel:
+    """The part of an artifact that document shards hold: a ``RetrievalModel``'s whole model,
+    or a learned model's item index (its towers, OverArch and heads stay with the router)."""
+    from sterling.model.artifact import read_header
+
+    if read_header(path).get("kind") == "learned_retrieval_model":
+        from sterling.model.learned import LearnedRetrievalModel
+
+        return RetrievalModel(LearnedRetrievalModel.load(path).index)
+    return RetrievalModel.load(path)
+
+
 def write_shards(
     model_path: str | Path,
     out_dir: str | Path,
@@ -242,7 +254,7 @@ def write_shards(
     """
     model_path = Path(model_path)
     out = Path(out_dir)
-    model = RetrievalModel.load(model_path)
+    model = _document_model(model_path)
     index = model.index
     if plan is not None:
         if num_shards is not None and num_shards != plan.num_shards:
