@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sterling.kernels import cpu_scan
+from sterling.kernels.bits import unpack_bits_range
 from sterling.kernels.ivf import ListStats, ids_of_positions
 from sterling.model import bloom as bloom_mod
 from sterling.model import search as search_mod
@@ -267,6 +268,17 @@ class ItemIndex(nn.Module):
         if self.codes.device.type == "cuda":
             args["list_stats"] = self._list_stats()
         return args
+
+    def live_per_list(self) -> torch.Tensor:
+        """[nlist] int64 live items per list, on CPU (cached while the buffers stay)."""
+
+        def build(alive, offsets):
+            bits = unpack_bits_range(alive, 0, self.capacity).cpu().long()
+            prefix = torch.cat([torch.zeros(1, dtype=torch.int64), bits.cumsum(0)])
+            offs = offsets.cpu()
+            return prefix[offs[1:]] - prefix[offs[:-1]]
+
+        return self._cached("live_per_list", [self.alive, self.list_offsets], build)
 
     def _list_stats(self) -> ListStats:
         """Host-side list sizes for the GPU path, read back once per list layout."""

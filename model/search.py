@@ -49,6 +49,7 @@ __all__ = [
     "ScanBackend",
     "SearchStats",
     "Widening",
+    "measured_selectivity",
     "run",
     "verify",
     "widen_for_selectivity",
@@ -93,6 +94,11 @@ class SearchStats:
         widened: queries rescanned with a wider probe.
         widen_rounds: widening rescans run (one per distinct widened nprobe).
         prefiltered: queries scored on their exactly verified eligible set.
+        selectivity_counts: [B, 4] int64, per query, of its first scan: live
+            items scanned, of which passed the in-scan filter, candidates
+            checked after the scan, of which passed (zeros for an unfiltered
+            batch). Sums over document shards (each list lives in one) are the
+            single index's counts: ``measured_selectivity`` reads them.
     """
 
     queries: int
@@ -108,6 +114,7 @@ class SearchStats:
     widened: int
     widen_rounds: int
     prefiltered: int
+    selectivity_counts: torch.Tensor
 
     @property
     def nprobe_max(self) -> int:
@@ -135,17 +142,12 @@ class _Tally:
     widened: int = 0
     widen_rounds: int = 0
     prefiltered: int = 0
-    live: torch.Tensor | None = field(default=None, repr=False)  # [nlist] live items per list
+    selectivity_counts: torch.Tensor | None = None  # [B, 4] int64
 
     def probed(self, index, probe) -> None:
         probe = torch.as_tensor(probe).cpu()
-        if self.live is None:
-            alive = unpack_bits_range(index.alive, 0, index.capacity).cpu().long()
-            prefix = torch.cat([torch.zeros(1, dtype=torch.int64), alive.cumsum(0)])
-            offs = index.list_offsets.cpu()
-            self.live = prefix[offs[1:]] - prefix[offs[:-1]]
         self.lists_probed += probe.numel()
-        self.items_scanned += int(self.live[probe].sum())
+        self.items_scanned += int(index.live_per_list()[probe].sum())
 
     def set_nprobe(self, sel: torch.Tensor, value: int) -> None:
         self.nprobe_used[self.rows][sel.cpu()] = value
@@ -156,7 +158,7 @@ class _Tally:
             nprobe_used=tuple(self.nprobe_used.tolist()), lists_probed=self.lists_probed,
             items_scanned=self.items_scanned, verified=self.verified, rejected=self.rejected,
             refills=self.refills, widened=self.widened, widen_rounds=self.widen_rounds,
-            prefiltered=self.prefiltered,
+            prefiltered=self.prefiltered, selectivity_counts=self.selectivity_counts,
         )
 
 
@@ -175,6 +177,16 @@ class Widening:
     widen: torch.Tensor
     brute: torch.Tensor
     nprobe: torch.Tensor
+
+
+def measured_selectivity(counts: torch.Tensor) -> torch.Tensor:
+    """[B, 4] first-scan counts (``SearchStats.selectivity_counts``) → [B] float64 eligible fraction f.
+
+    f = (passed the in-scan filter / live items scanned) × precision of the
+    checked candidates, (passed + 1) / (checked + 1).
+    """
+    precision = (counts[:, 3] + 1).double() / (counts[:, 2] + 1).double()
+    return counts[:, 1].double() / counts[:, 0].clamp(min=1).double() * precision
 
 
 def widen_for_selectivity(frac: torch.Tensor, filtered: torch.Tensor, *, nprobe: int, nlist: int) -> Widening:
@@ -220,7 +232,8 @@ def run(index, xq: torch.Tensor, *, k: int, nprobe: int, filters: CompiledFilter
     tally = None
     if stats:
         tally = _Tally(nprobe=nprobe, nprobe_used=torch.full((B,), nprobe, dtype=torch.int64),
-                       backend=_backend(index, xq, filters))
+                       backend=_backend(index, xq, filters),
+                       selectivity_counts=torch.zeros(B, 4, dtype=torch.int64))
     qprog_all = None if filters is None else filters.query_program.to(dev)
     avg = max(1, index.capacity // max(index.nlist, 1))
     scanned = nprobe * avg
@@ -324,8 +337,8 @@ def _search_chunk(index, xq, k, nprobe, filters, masks, qprog, exact, adaptive, 
     """Search one chunk of filtered queries; widen for selectivity (``widen_for_selectivity``).
 
     Selectivity f is measured as the eligible fraction of the items the
-    first scan touched (times the exact precision of its survivors). Turn
-    widening off with ``adaptive=False``.
+    first scan touched (times the exact precision of its survivors,
+    ``measured_selectivity``). Turn widening off with ``adaptive=False``.
     """
     with stage("probe"):
         probe = probe_lists(xq, index.centroids, nprobe)
@@ -340,13 +353,12 @@ def _search_chunk(index, xq, k, nprobe, filters, masks, qprog, exact, adaptive, 
         must_verify = filtered & (exact | has_not[qprog])
         # per query: live items scanned, Bloom survivors, candidates checked, passed
         seen = torch.zeros(xq.shape[0], 4, dtype=torch.int64, device=dev)
-        seen[:, 2:] = 1
         out_s, out_p = _scan_verified(index, xq, probe, k, filters, masks, qprog, must_verify, seen, tally)
+        if tally is not None:
+            tally.selectivity_counts[tally.rows] = seen.cpu()
         if not adaptive:
             return out_s, out_p
-        precision = seen[:, 3].double() / seen[:, 2].double()
-        frac = seen[:, 1].double() / seen[:, 0].clamp(min=1).double() * precision
-        wd = widen_for_selectivity(frac, filtered, nprobe=nprobe, nlist=index.nlist)
+        wd = widen_for_selectivity(measured_selectivity(seen), filtered, nprobe=nprobe, nlist=index.nlist)
         if bool(wd.widen.any()):
             rows = wd.widen.nonzero().squeeze(1)
             wide = wd.nprobe[rows]
@@ -462,18 +474,21 @@ def _scan_verified(index, xq, probe, k, filters, masks, qprog, must_verify, seen
 
 
 def _bloom_survivors(index, filters: CompiledFilters, probe: torch.Tensor, qprog: torch.Tensor) -> int:
-    """Live items of the probed lists that pass their query's Bloom pass, summed (stats only)."""
-    offs = index.list_offsets.cpu()
+    """Live items of the probed lists that pass their query's Bloom pass, summed (stats only).
+
+    One Bloom pass per distinct program over the lists its queries probe.
+    """
+    offs = index.list_offsets.tolist()
     total = 0
     for prog in qprog.unique().tolist():
         plan = FilterPlan.build([filters.programs[prog]], bloom=True)
         words = filters.term_words[plan.terms].to(index.bloom.device)
-        ok = torch.cat([plan.eval(bloom_term_hits(index.bloom[s : s + PREFILTER_STEP], words))[0]
-                        for s in range(0, index.capacity, PREFILTER_STEP)])
-        ok &= unpack_bits_range(index.alive, 0, index.capacity)
-        prefix = torch.cat([torch.zeros(1, dtype=torch.int64), ok.cpu().long().cumsum(0)])
-        per_list = prefix[offs[1:]] - prefix[offs[:-1]]
-        total += int(per_list[probe[qprog == prog].cpu()].sum())
+        lists, times = probe[qprog == prog].reshape(-1).unique(return_counts=True)
+        for lst, n in zip(lists.tolist(), times.tolist()):
+            start, end = offs[lst], offs[lst + 1]
+            if end > start:
+                ok = plan.eval(bloom_term_hits(index.bloom[start:end], words))[0]
+                total += n * int((ok & unpack_bits_range(index.alive, start, end)).sum())
     return total
 
 
