@@ -10,7 +10,10 @@ the same batch to every shard with the request's deadline, and merge the
 per-shard top-k (``merge_topk``). Shards always scan a fixed probe
 (``adaptive=False``), which is what makes the merge exact; when the request
 asks for selectivity-adaptive search the router widens the probe globally
-for the filtered queries that came back with fewer than k results.
+with the model's own rule (``sterling.model.search.widen_for_selectivity``):
+the shards report the selectivity counts of their fixed-probe scan, whose sum
+is the single index's count, so the router widens the queries the model
+widens, to the same nprobe.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from sterling.cluster.shard import ShardRequest
 from sterling.model.errors import InvalidInputError
 from sterling.model.index import prepare_queries
 from sterling.model.retrieval import RetrievalModel
+from sterling.model.search import measured_selectivity, widen_for_selectivity
 
 __all__ = ["RouterConfig", "RouterResult", "Router"]
 
@@ -50,7 +54,9 @@ class RouterConfig:
             it the request is refused with RESOURCE_EXHAUSTED.
         default_deadline_ms: budget when neither the request nor gRPC gives one.
         adaptive: default for requests that leave ``adaptive`` unspecified.
-        max_adaptive_rounds: probe doublings the router may try per request.
+        max_adaptive_rounds: 0 turns the router's widening off; any other value
+            lets it run (the rule widens in one round: one fan-out per
+            widened nprobe, one for the queries it pre-filters).
     """
 
     max_k: int = 10_000
@@ -194,7 +200,10 @@ class Router:
         t_enc = time.monotonic()
         xq_np = xq.detach().numpy()
         floors = None if shard_min_versions is None else tuple(int(v) for v in shard_min_versions)
-        req = ShardRequest(xq=xq_np, k=k_shard, nprobe=nprobe, where=where, exact=exact, min_versions=floors)
+        use_adaptive = (self.config.adaptive if adaptive is None else adaptive) and self.config.max_adaptive_rounds > 0
+        widen = use_adaptive and filters.any
+        req = ShardRequest(xq=xq_np, k=k_shard, nprobe=nprobe, where=where, exact=exact, min_versions=floors,
+                           counts=widen)
         fo = self.backend.fan_out(req, deadline)
         t_fan = time.monotonic()
         if fo.missing and (require_complete or not fo.replies):
@@ -213,10 +222,9 @@ class Router:
         versions = {s: int(fo.replies[s].version) for s in order}
         missing = list(fo.missing)
 
-        use_adaptive = self.config.adaptive if adaptive is None else adaptive
-        if use_adaptive and not missing:
-            ids, scores, nprobe_used = self._widen(xq_np, ids, scores, k_shard, nprobe, where, exact, filters,
-                                                   deadline, versions, floors)
+        if widen and not missing:
+            ids, scores = self._widen(xq_np, ids, scores, k_shard, nprobe, where, exact, filters, deadline,
+                                      versions, floors, [fo.replies[s].counts for s in order])
         t_merge = time.monotonic()
         task_scores, tasks, rerank_ms = None, (), 0.0
         if self.learned is not None:
@@ -237,31 +245,42 @@ class Router:
             },
         )
 
-    def _widen(self, xq, ids, scores, k, nprobe, where, exact, filters, deadline, versions, floors=None):
-        """Global selectivity adaptation: double nprobe for filtered queries short of k results.
+    def _widen(self, xq, ids, scores, k, nprobe, where, exact, filters, deadline, versions, floors, counts):
+        """Selectivity-adaptive widening by the model's rule, on the global counts.
 
-        Runs on the merged answer, so the decision uses the global eligible
-        count, not a shard's. Stops at nlist, after ``max_adaptive_rounds``
-        or when the deadline is near; a round that misses a shard keeps the
+        ``counts``: each shard's [B, 4] selectivity counts of the fixed-probe
+        scan; each list lives in one shard, so their sum is what the single
+        index counted, and ``widen_for_selectivity`` picks the same queries
+        and nprobe as the adaptive model. Each widened nprobe is one fan-out
+        of its queries (the model rescans the same groups, so on the fused
+        CPU scan the answers are the model's); a query the rule pre-filters
+        is rescanned over all nlist lists (the same verified eligible set;
+        the model scores it outside the scan, so scores may differ in the
+        last bits). Nothing is widened when a shard's transport reports no
+        counts; a fan-out that misses a shard or the deadline keeps the
         previous (complete) answer for its queries.
         """
+        if not counts or any(c is None for c in counts):
+            return ids, scores
         nlist = self.head.index.nlist
-        filtered = filters.query_program >= 0
-        wide = nprobe
-        for _ in range(self.config.max_adaptive_rounds):
-            short = filtered.numpy() & ((ids >= 0).sum(1) < k)
-            if not short.any() or wide >= nlist or time.monotonic() >= deadline:
-                break
-            wide = min(nlist, wide * 2)
-            rows = np.nonzero(short)[0]
+        total = torch.from_numpy(np.sum(counts, axis=0))
+        wd = widen_for_selectivity(measured_selectivity(total), filters.query_program >= 0, nprobe=nprobe,
+                                   nlist=nlist)
+        groups = [wd.widen & (wd.nprobe == w) for w in wd.nprobe[wd.widen].unique().tolist()]
+        groups.append(wd.brute)
+        for sel in groups:
+            rows = sel.nonzero().squeeze(1).numpy()
+            if not rows.size or time.monotonic() >= deadline:
+                continue
+            wide = int(wd.nprobe[rows[0]])
             sub_where = [where[i] for i in rows] if isinstance(where, (list, tuple)) else where
             fo = self.backend.fan_out(
                 ShardRequest(xq=xq[rows], k=k, nprobe=wide, where=sub_where, exact=exact, min_versions=floors),
                 deadline,
             )
             if fo.missing:
-                break
+                continue
             order = sorted(fo.replies)
             ids[rows], scores[rows] = merge_topk([(fo.replies[s].ids, fo.replies[s].scores) for s in order], k)
             versions.update({s: int(fo.replies[s].version) for s in order})
-        return ids, scores, wide
+        return ids, scores

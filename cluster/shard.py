@@ -32,6 +32,7 @@ class ShardRequest:
     where: str | list[str | None] | None = None
     exact: bool = True
     min_versions: tuple[int, ...] | None = None  # per shard: answer only from this version on (else ReplicaBehindError)
+    counts: bool = False  # also reply the per-query selectivity counts of the scan (adaptive widening)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -45,6 +46,9 @@ class ShardReply:
     version: int
     ms: float
     stages: dict[str, float] = field(default_factory=dict)  # exclusive ms per search stage
+    # [B, 4] int64 per query (``SearchStats.selectivity_counts``) when the request asked for them; the router
+    # sums them over shards into the single index's counts
+    counts: np.ndarray | None = None
 
 
 _SHARD_MAX_K = 1 << 24  # far above any RouterConfig.max_k; the router refuses larger k first
@@ -88,14 +92,23 @@ class ShardServer:
                     f"shard {self.shard} replica {self.replica} is at version {have}, below the acknowledged "
                     f"{need} (catching up); ask another replica"
                 )
+        query = torch.from_numpy(np.ascontiguousarray(req.xq, dtype=np.float32))
+        counts = None
         with record_stages() as st:
-            out = self.model(
-                query=torch.from_numpy(np.ascontiguousarray(req.xq, dtype=np.float32)),
-                k=req.k, nprobe=req.nprobe, where=req.where, exact=req.exact, adaptive=False,
-            )
+            if req.counts:  # RetrievalModel.forward, with the index's stats
+                xq = self.model.encode(query=query)
+                scores, ids, stats = self.model.index.search(
+                    xq, k=req.k, nprobe=req.nprobe, where=req.where, exact=req.exact, adaptive=False,
+                    return_stats=True,
+                )
+                version, counts = int(self.model.index.version), stats.selectivity_counts.numpy()
+            else:
+                out = self.model(query=query, k=req.k, nprobe=req.nprobe, where=req.where, exact=req.exact,
+                                 adaptive=False)
+                scores, ids, version = out.scores, out.ids, out.version
         return ShardReply(
-            shard=self.shard, replica=self.replica, ids=out.ids.numpy(), scores=out.scores.numpy(),
-            version=out.version, ms=(time.perf_counter() - t0) * 1e3, stages=st.ms(),
+            shard=self.shard, replica=self.replica, ids=ids.numpy(), scores=scores.numpy(),
+            version=version, ms=(time.perf_counter() - t0) * 1e3, stages=st.ms(), counts=counts,
         )
 
     def warmup(self) -> None:

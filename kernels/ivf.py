@@ -13,9 +13,11 @@ Two implementations with one signature:
   (``ItemIndex`` chunks the batch), never by B × N.
 
 Scores are ``scale_i * (xq · codes_i)`` in fp32. An item takes part when its
-``alive`` bit is set and, if an ``eligible`` callback is given, the callback
-marks it eligible for that query (the Bloom pass of the filter runs there, so
-only items inside probed lists are ever filter-tested).
+``alive`` bit is set and, if a ``ScanFilter`` is given, it passes its query's
+program (the Bloom pass runs inside the scan, so only items inside probed
+lists are ever filter-tested). Every backend takes the same ``ScanFilter``;
+the PyTorch scan evaluates it per list block through the batch's
+``BlockMasks`` cache (``ScanFilter.block_eligible``).
 
 Ties: results are ordered by score descending, then item position ascending.
 Which of several equal-scored items at the k-th place is kept is unspecified.
@@ -23,17 +25,31 @@ Which of several equal-scored items at the k-th place is kept is unspecified.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from sterling.kernels.bits import unpack_bits_range
+from sterling.kernels.filter_eval import FilterPlan, bloom_term_hits
 
-__all__ = ["ListStats", "ScanFilter", "BLOCK", "probe_lists", "ivf_topk", "ivf_topk_reference", "order_results", "ids_of_positions", "block_layout", "select_blocks", "EligibleFn"]
+__all__ = [
+    "BLOCK",
+    "BlockMasks",
+    "ListStats",
+    "ScanFilter",
+    "block_layout",
+    "ids_of_positions",
+    "ivf_topk",
+    "ivf_topk_reference",
+    "order_results",
+    "probe_lists",
+    "select_blocks",
+]
 
-# eligible(query_rows [c] int64, start, end) -> bool [c, end - start] or None (= all eligible)
-EligibleFn = Callable[[torch.Tensor, int, int], "torch.Tensor | None"]
+# Blocks at least this long evaluate only the programs their queries need (see BlockMasks.rows).
+PER_PROGRAM_MIN_ITEMS = 2048
+# Bloom results one batch's BlockMasks may keep (bool bytes): rescans of the batch reuse them.
+BLOCK_MASK_BYTES = 1 << 26
 
 NEG_INF = float("-inf")
 
@@ -124,6 +140,58 @@ class ListStats:
 
 
 @dataclass(slots=True)
+class BlockMasks:
+    """One batch's Bloom pass per (list block, program), computed once and shared by its rescans.
+
+    The owner is whoever searches the batch (``sterling.model.search``): it
+    makes one per compiled batch and hands it to every ``ScanFilter`` of that
+    batch, so a refill or widening rescan of the same block reuses the rows.
+    A block is usually probed by a few of the batch's queries: when it is
+    large (≥ ``PER_PROGRAM_MIN_ITEMS``) and needs few of the P programs, each
+    is evaluated alone (its own small plan); otherwise the whole batch plan
+    runs once (fewer, larger ops). At most ``BLOCK_MASK_BYTES`` are kept.
+
+    Attributes:
+        programs: the batch's P postfix programs (``kernels.filter_eval``).
+    """
+
+    programs: list
+    _batch_plan: FilterPlan | None = field(default=None, repr=False)
+    _one: dict = field(default_factory=dict, repr=False)  # program → its own FilterPlan
+    _rows: dict = field(default_factory=dict, repr=False)  # (start, end) → {program: [n] bool}
+    _bytes: int = field(default=0, repr=False)
+
+    def rows(self, bloom: torch.Tensor, term_words: torch.Tensor, start: int, end: int,
+             progs: list[int]) -> dict[int, torch.Tensor]:
+        """{program: [end - start] bool Bloom pass} for the given programs (≥ 0) over one block."""
+        have = self._rows.setdefault((start, end), {})
+        want = [p for p in progs if p not in have]
+        if not want:
+            return have
+        P = len(self.programs)
+        sig = bloom[start:end]
+        if 4 * len(want) >= P or end - start < PER_PROGRAM_MIN_ITEMS:
+            if self._batch_plan is None:
+                self._batch_plan = FilterPlan.build(self.programs, bloom=True)
+            plan = self._batch_plan
+            ev = plan.eval(bloom_term_hits(sig, term_words[plan.terms].to(sig.device)))
+            new = {p: ev[p] for p in range(P)}
+        else:
+            new = {}
+            for p in want:
+                plan = self._one.get(p)
+                if plan is None:
+                    plan = self._one[p] = FilterPlan.build([self.programs[p]], bloom=True)
+                new[p] = plan.eval(bloom_term_hits(sig, term_words[plan.terms].to(sig.device)))[0]
+        used = self._bytes + (end - start) * len(new)
+        if used <= BLOCK_MASK_BYTES:
+            have.update(new)
+            self._bytes = used
+            return have
+        return {**have, **new}
+
+
+@dataclass(slots=True)
 class ScanFilter:
     """A batch's filter in tensor form, for scans that evaluate it in-kernel.
 
@@ -140,6 +208,8 @@ class ScanFilter:
         attr_ids: [nnz] int32 CSR attribute ids per position.
         attr_offsets: [N_cap + 1] int64 CSR offsets.
         term_vocab: [T] int64 vocabulary id of each batch term.
+        masks: the batch's ``BlockMasks`` (the PyTorch scan's Bloom cache);
+            one is made per filter when not given.
     """
 
     bloom: torch.Tensor
@@ -150,6 +220,31 @@ class ScanFilter:
     attr_ids: torch.Tensor | None = None
     attr_offsets: torch.Tensor | None = None
     term_vocab: torch.Tensor | None = None
+    masks: BlockMasks | None = None
+
+    def __post_init__(self) -> None:
+        if self.masks is None:
+            self.masks = BlockMasks(self.programs)
+
+    def block_eligible(self, rows: torch.Tensor, start: int, end: int, alive: torch.Tensor,
+                       counts: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Bloom pass of the queries ``rows`` [c] over positions start..end: [c, n] bool, None = all pass.
+
+        ``counts`` [B, 2] (optional) is incremented, for each query of a block
+        that holds a filtered query, by (live items scanned, of which passed).
+        """
+        progs = self.qprog[rows]
+        if bool((progs < 0).all()):
+            return None
+        plist = progs.tolist()
+        lookup = self.masks.rows(self.bloom, self.term_words, start, end, sorted({p for p in plist if p >= 0}))
+        ones = torch.ones(end - start, dtype=torch.bool, device=self.bloom.device)
+        elig = torch.stack([lookup[p] if p >= 0 else ones for p in plist])
+        if counts is not None:
+            live = unpack_bits_range(alive, start, end)
+            counts[rows, 0] += int(live.sum())
+            counts[rows, 1] += (elig & live).sum(1)
+        return elig
 
     def kernel_filter(self):
         """The numpy ``cpu_scan.KernelFilter`` of this filter (CPU tensors)."""
@@ -173,7 +268,6 @@ def ivf_topk(
     list_offsets: torch.Tensor,
     alive: torch.Tensor,
     k: int,
-    eligible: EligibleFn | None = None,
     *,
     scan_filter: ScanFilter | None = None,
     counts: torch.Tensor | None = None,
@@ -191,9 +285,9 @@ def ivf_topk(
     k = 262,144.
 
     The scan itself runs fused in one compiled pass (``kernels.cpu_scan``,
-    numba) when available and the filter is given as ``scan_filter``;
-    otherwise op by op in PyTorch with the ``eligible`` callback. CUDA
-    tensors go to the Triton kernels (``kernels.triton_ivf``).
+    numba) when available; otherwise op by op in PyTorch, evaluating
+    ``scan_filter`` per list block. CUDA tensors go to the Triton kernels
+    (``kernels.triton_ivf``).
 
     Args:
         xq: [B, D] fp32 queries.
@@ -203,11 +297,10 @@ def ivf_topk(
         list_offsets: [nlist + 1] int64 CSR over ``codes``.
         alive: uint8 bitmask over N_cap (see ``kernels.bits``).
         k: results per query.
-        eligible: optional per-block filter callback (PyTorch path).
-        scan_filter: the same filter as tensors (fused path).
+        scan_filter: the batch's filter (every backend).
         counts: optional [B, 2] int64, incremented by (live items scanned,
-            of which Bloom-eligible) per query — fused path only; the
-            callback path counts inside ``eligible``.
+            of which eligible) per query. The PyTorch scan counts only the
+            blocks that hold a filtered query.
         fused: force (True) or forbid (False) the fused path; default: use
             it when possible.
         item_ids: optional [N_cap] int64 id per position; when given, the
@@ -239,7 +332,7 @@ def ivf_topk(
         scan_filter is None or scan_filter.term_words.shape[0] <= cpu_scan.MAX_TERMS
     )
     if fused is None:
-        fused = can_fuse and (scan_filter is not None or eligible is None)
+        fused = can_fuse
     if fused and not can_fuse:
         raise RuntimeError("the fused CPU scan needs numba, CPU tensors, < 2**32 items and ≤ 63 filter terms")
     if fused:
@@ -269,7 +362,7 @@ def ivf_topk(
     flat = torch.empty(int(n_sorted.sum()) if n_sorted.numel() else 0)
     bmax = torch.full((B, max(width, 1)), NEG_INF)
     lists, per_list = torch.unique_consecutive(pair_list[order], return_counts=True)
-    _scan_torch(xq, codes, scales, list_offsets, alive, eligible, order, lists, per_list,
+    _scan_torch(xq, codes, scales, list_offsets, alive, scan_filter, counts, order, lists, per_list,
                 pair_query, pair_flat, col, flat, bmax)
     out = _select(bmax, flat, k, col.view(B, nprobe), pair_list, pair_n, pair_flat, list_offsets)
     return out if item_ids is None else (*out, ids_of_positions(out[1], item_ids))
@@ -280,7 +373,7 @@ def ids_of_positions(pos: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
     return torch.where(pos >= 0, item_ids[pos.clamp(min=0)], torch.full_like(pos, -1))
 
 
-def _scan_torch(xq, codes, scales, list_offsets, alive, eligible, order, lists, per_list,
+def _scan_torch(xq, codes, scales, list_offsets, alive, scan_filter, counts, order, lists, per_list,
                 pair_query, pair_flat, col, flat, bmax) -> None:
     """Op-by-op PyTorch scan: one GEMM per probed list."""
     offsets = list_offsets.tolist()
@@ -300,8 +393,8 @@ def _scan_torch(xq, codes, scales, list_offsets, alive, eligible, order, lists, 
         live = unpack_bits_range(alive, start, end)
         if not bool(live.all()):
             sc.masked_fill_(~live, NEG_INF)
-        if eligible is not None:
-            ok = eligible(rows, start, end)
+        if scan_filter is not None:
+            ok = scan_filter.block_eligible(rows, start, end, alive, counts)
             if ok is not None:
                 sc.masked_fill_(~ok, NEG_INF)
         nf, rem = divmod(n, BLOCK)
@@ -346,26 +439,28 @@ def ivf_topk_reference(
     list_offsets: torch.Tensor,
     alive: torch.Tensor,
     k: int,
-    eligible: EligibleFn | None = None,
+    *,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-query gather-and-score; same signature and contract as ``ivf_topk``."""
+    """Per-query gather-and-score; same contract as ``ivf_topk``.
+
+    ``mask``: optional [B, N_cap] bool, the items each query may return
+    (eligibility as a plain tensor, computed by the caller's oracle).
+    """
     B = xq.shape[0]
     out_s = torch.full((B, k), NEG_INF)
     out_p = torch.full((B, k), -1, dtype=torch.int64)
     offsets = list_offsets.tolist()
     for q in range(B):
         parts_s, parts_p = [], []
-        row = torch.tensor([q])
         for lst in probe[q].tolist():
             start, end = offsets[lst], offsets[lst + 1]
             if end == start:
                 continue
             sc = (codes[start:end].float() @ xq[q]) * scales[start:end]
             keep = unpack_bits_range(alive, start, end)
-            if eligible is not None:
-                ok = eligible(row, start, end)
-                if ok is not None:
-                    keep = keep & ok[0]
+            if mask is not None:
+                keep = keep & mask[q, start:end]
             parts_s.append(sc[keep])
             parts_p.append(torch.arange(start, end)[keep])
         if not parts_s:

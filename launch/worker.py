@@ -46,9 +46,10 @@ class GroupBackend(ShardBackend):
 
     def _search(self, req: ShardRequest) -> ShardReply:
         t0 = time.perf_counter()
-        res = self.group.search(req.xq, k=req.k, nprobe=req.nprobe, where=req.where, exact=req.exact)
+        res = self.group.search(req.xq, k=req.k, nprobe=req.nprobe, where=req.where, exact=req.exact,
+                                counts=req.counts)
         return ShardReply(shard=0, replica=0, ids=res.ids, scores=res.scores, version=res.version,
-                          ms=(time.perf_counter() - t0) * 1e3)
+                          ms=(time.perf_counter() - t0) * 1e3, counts=res.counts)
 
     def _submit(self, shard: int, replica: int, req: ShardRequest) -> cf.Future:
         return self._pool.submit(self._search, req)

@@ -88,16 +88,22 @@ class GroupRequest:
     nprobe: int = 1
     where: str | list[str | None] | None = None
     exact: bool = True
+    counts: bool = False  # also sum the ranks' selectivity counts (``SearchStats.selectivity_counts``)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GroupResult:
-    """Merged answer on rank 0: ids [B, k] (−1 pads), scores [B, k] (−inf pads); ``u`` [B, D] the queries."""
+    """Merged answer on rank 0: ids [B, k] (−1 pads), scores [B, k] (−inf pads); ``u`` [B, D] the queries.
+
+    ``counts`` [B, 4] int64: the ranks' selectivity counts summed (each list lives on one rank, so the
+    sum is the single index's count), when the request asked for them.
+    """
 
     ids: np.ndarray
     scores: np.ndarray
     version: int
     u: torch.Tensor
+    counts: np.ndarray | None = None
 
 
 class RankGroup:
@@ -184,8 +190,13 @@ class RankGroup:
             dist.broadcast(u, src=0)
         else:
             u = torch.from_numpy(req.xq)
-        scores, ids = self.part.index.search(u.to(self.device), k=req.k, nprobe=req.nprobe, where=req.where,
-                                             exact=req.exact, adaptive=False)
+        out = self.part.index.search(u.to(self.device), k=req.k, nprobe=req.nprobe, where=req.where,
+                                     exact=req.exact, adaptive=False, return_stats=req.counts)
+        scores, ids = out[0], out[1]
+        counts = None
+        if req.counts:
+            counts = out[2].selectivity_counts.to(self.comm_device).contiguous()
+            dist.reduce(counts, dst=0, op=dist.ReduceOp.SUM)
         ids, scores = ids.to(self.comm_device).contiguous(), scores.to(self.comm_device).contiguous()
         if self.rank == 0:
             all_ids = [torch.empty_like(ids) for _ in range(self.world_size)]
@@ -194,7 +205,8 @@ class RankGroup:
             dist.gather(scores, all_s, dst=0)
             parts = [(i.cpu().numpy(), s.cpu().numpy()) for i, s in zip(all_ids, all_s)]
             mi, ms = merge_topk(parts, req.k)
-            return GroupResult(ids=mi, scores=ms, version=int(self.part.index.version), u=u.cpu())
+            return GroupResult(ids=mi, scores=ms, version=int(self.part.index.version), u=u.cpu(),
+                               counts=None if counts is None else counts.cpu().numpy())
         dist.gather(ids, None, dst=0)
         dist.gather(scores, None, dst=0)
         return None
@@ -245,8 +257,12 @@ class RankGroup:
             self._broadcast(req)
             return self._step(req)
 
-    def search(self, xq, *, k: int = 10, nprobe: int | None = None, where=None, exact: bool = True) -> GroupResult:
-        """Rank 0: the index stage over all ranks — ``index.search(xq, k, nprobe, where, adaptive=False)``."""
+    def search(self, xq, *, k: int = 10, nprobe: int | None = None, where=None, exact: bool = True,
+               counts: bool = False) -> GroupResult:
+        """Rank 0: the index stage over all ranks — ``index.search(xq, k, nprobe, where, adaptive=False)``.
+
+        ``counts``: also return the summed selectivity counts (the router's adaptive widening reads them).
+        """
         index = self.part.index
         k = self._check_k(k)
         nprobe = index.default_nprobe() if nprobe is None else nprobe
@@ -258,7 +274,7 @@ class RankGroup:
         if where is not None:
             index.compile_filters(where, int(xq.shape[0]))
         return self._run(GroupRequest(op="search", xq=np.ascontiguousarray(xq.numpy()), k=k, nprobe=int(nprobe),
-                                      where=where, exact=exact))
+                                      where=where, exact=exact, counts=bool(counts)))
 
     def retrieve(self, query=None, *, user_ids=None, kjt=None, dense=None, k: int = 10, k0: int | None = None,
                  nprobe: int | None = None, where=None, value_formula: str | None = None, exact: bool = True,

@@ -39,6 +39,9 @@ def _plain_cases(xq):
         for wname, where in _wheres(len(xq)).items():
             cases.append(("search", {"xq": xq, "k": k, "nprobe": 8, "where": where}))
             keys.append(("plain", k, wname))
+    for wname, where in _wheres(len(xq)).items():
+        cases.append(("search", {"xq": xq, "k": 10, "nprobe": 8, "where": where, "counts": True}))
+        keys.append(("counts", wname))
     cases.append(("search", {"xq": xq, "k": 0}))
     keys.append(("error", "k0"))
     cases.append(("search", {"xq": xq, "k": 5, "where": "lang:en AND ("}))
@@ -117,6 +120,19 @@ def test_index_stage_over_ranks_equals_single_process(group, plain_model, k, wna
     np.testing.assert_array_equal(got["ids"], ref.ids.numpy())
     np.testing.assert_array_equal(got["scores"], ref.scores.numpy())
     assert got["version"] == ref.version
+
+
+@pytest.mark.parametrize("wname", ["none", "one", "per_query"])
+def test_ranks_selectivity_counts_sum_to_the_single_index_counts(group, plain_model, wname):
+    """What the router's adaptive widening reads from a rank group: the single process's counts."""
+    xq = group["xq"]
+    got = group["res"][("counts", wname)]
+    s, ids, st = plain_model.index.search(plain_model.encode(query=xq), k=10, nprobe=8,
+                                          where=_wheres(len(xq))[wname], adaptive=False, return_stats=True)
+    np.testing.assert_array_equal(got["ids"], ids.numpy())
+    np.testing.assert_array_equal(got["counts"], st.selectivity_counts.numpy())
+    if wname != "none":
+        assert got["counts"][:, 0].sum() > 0
 
 
 @pytest.mark.parametrize("k", KS)

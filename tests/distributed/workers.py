@@ -10,7 +10,8 @@ def _result(out) -> dict:
     if hasattr(out, "task_scores"):
         return {"ids": out.ids.numpy(), "values": out.values.numpy(), "task_scores": out.task_scores.numpy(),
                 "ann_ids": out.ann_ids.numpy(), "ann_scores": out.ann_scores.numpy(), "version": out.version}
-    return {"ids": np.asarray(out.ids), "scores": np.asarray(out.scores), "u": out.u.numpy(), "version": out.version}
+    return {"ids": np.asarray(out.ids), "scores": np.asarray(out.scores), "u": out.u.numpy(), "version": out.version,
+            "counts": getattr(out, "counts", None)}
 
 
 def serve_cases(rank: int, world: int, jobs: list, out_path: str) -> None:

@@ -210,6 +210,29 @@ def test_router_widening_finds_what_the_adaptive_model_finds(model, small_catalo
     assert (wide.scores[:, 0] >= ref.scores.numpy()[:, 0] - 1e-6).mean() >= 0.9
 
 
+@pytest.mark.parametrize("num_shards", [2, 4])
+def test_router_and_model_widen_by_one_rule_to_the_same_answer(model, small_catalog, num_shards):
+    """The router sums the shards' selectivity counts and applies the model's widening rule: the
+    queries the model widens are widened to the same nprobe, with the same answer; pre-filtered
+    queries (the model scores them outside the scan) find the same items."""
+    xq = synthetic_queries(small_catalog, 24, seed=15)
+    where = ["lang:ja AND device:tv", "lang:en", "country:BR AND NOT lang:en", None] * 6
+    router = local_router(model, num_shards=num_shards)
+    got = router.retrieve(query=xq, k=20, nprobe=4, where=where, adaptive=True)
+    s, ids, st = model.index.search(model.encode(query=xq), k=20, nprobe=4, where=where, adaptive=True,
+                                    return_stats=True)
+    used = np.array(st.nprobe_used)
+    assert st.widened > 0  # the case exercises widening
+    scan = used < model.index.nlist
+    np.testing.assert_array_equal(got.ids[scan], ids.numpy()[scan])
+    np.testing.assert_array_equal(got.scores[scan], s.numpy()[scan])
+    for q in np.nonzero(~scan)[0]:
+        assert set(got.ids[q].tolist()) == set(ids[q].tolist())
+        np.testing.assert_allclose(got.scores[q], s[q].numpy(), atol=1e-5)
+    fixed = router.retrieve(query=xq, k=20, nprobe=4, where=where, adaptive=False)
+    assert (got.ids != fixed.ids).any()
+
+
 def test_public_bind_requires_tls_and_token():
     from sterling.cluster.server import SecurityConfig, ServerConfig
 

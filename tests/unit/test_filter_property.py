@@ -226,13 +226,13 @@ def test_fused_numba_bitsliced_filter_equals_the_reference(data, T, NW, P, K):
 
 @pytest.mark.parametrize("per_program_min_items", [1, 10**9])
 def test_per_program_and_batch_bloom_passes_give_the_oracle_answer(monkeypatch, per_program_min_items):
-    import sterling.model.index as index_mod
+    import sterling.kernels.ivf as ivf_mod
 
-    monkeypatch.setattr(index_mod, "_PER_PROGRAM_MIN_ITEMS", per_program_min_items)
-    monkeypatch.setattr("sterling.kernels.cpu_scan.HAVE_NUMBA", False)  # the PyTorch scan calls _eligible_fn
+    monkeypatch.setattr(ivf_mod, "PER_PROGRAM_MIN_ITEMS", per_program_min_items)
+    monkeypatch.setattr("sterling.kernels.cpu_scan.HAVE_NUMBA", False)  # the PyTorch scan: ScanFilter.block_eligible
     built = []
-    real_build = index_mod.FilterPlan.build
-    monkeypatch.setattr(index_mod.FilterPlan, "build", lambda progs, **kw: built.append(len(progs)) or real_build(progs, **kw))
+    real_build = ivf_mod.FilterPlan.build
+    monkeypatch.setattr(ivf_mod.FilterPlan, "build", lambda progs, **kw: built.append(len(progs)) or real_build(progs, **kw))
     rng = random.Random(4)
     lists = [sorted({f"{f}:v{rng.randrange(3)}" for f in rng.choices(FEATURES, k=rng.randint(0, 5))}) for _ in range(400)]
     x = torch.randn(400, 4, generator=torch.Generator().manual_seed(4))

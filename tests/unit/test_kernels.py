@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sterling.kernels import cpu_scan, ivf_topk, ivf_topk_reference, pack_bits, probe_lists
+from sterling.kernels.filter_eval import bloom_term_hits_reference, eval_programs_reference
 from sterling.kernels.ivf import ScanFilter
 from sterling.model import IndexConfig, build_index
 from sterling.model.synthetic import synthetic_catalog
@@ -26,6 +27,14 @@ def setup():
     return index, xq, f, args
 
 
+def _bloom_mask(index, f, qprog):
+    """[B, N_cap] Bloom-pass oracle: one term at a time, stack-machine programs, all-true for −1."""
+    hits = bloom_term_hits_reference(index.bloom, f.term_words)
+    ev = eval_programs_reference(hits, f.programs, bloom=True)  # [P, N_cap]
+    ones = torch.ones(1, index.capacity, dtype=torch.bool)
+    return torch.cat([ev, ones])[torch.where(qprog >= 0, qprog, len(f.programs))]
+
+
 def _same(a, b, atol=1e-5):
     (s1, p1), (s2, p2) = a, b
     assert torch.allclose(s1, s2, atol=atol)
@@ -37,11 +46,10 @@ def _same(a, b, atol=1e-5):
 def test_fused_scan_equals_torch_scan_and_reference(setup, k):
     index, xq, f, args = setup
     probe = probe_lists(xq, index.centroids, 6)
-    eligible = index._eligible_fn(f, f.query_program)
     sf = ScanFilter(index.bloom, f.term_words, f.programs, f.query_program)
     fused = ivf_topk(xq, probe, k=k, scan_filter=sf, fused=True, **args)
-    plain = ivf_topk(xq, probe, k=k, eligible=eligible, fused=False, **args)
-    ref = ivf_topk_reference(xq, probe, k=k, eligible=eligible, **args)
+    plain = ivf_topk(xq, probe, k=k, scan_filter=sf, fused=False, **args)
+    ref = ivf_topk_reference(xq, probe, k=k, mask=_bloom_mask(index, f, f.query_program), **args)
     _same(fused, ref)
     _same(plain, ref)
 
@@ -49,17 +57,25 @@ def test_fused_scan_equals_torch_scan_and_reference(setup, k):
 @needs_numba
 def test_fused_scan_counts_live_and_bloom_eligible_items(setup):
     index, xq, f, args = setup
-    args = {**args, "alive": index.alive}  # the callback counts against the index's own alive bits
+    args = {**args, "alive": index.alive}
     probe = probe_lists(xq, index.centroids, 4)
     counts = torch.zeros(24, 2, dtype=torch.int64)
     sf = ScanFilter(index.bloom, f.term_words, f.programs, f.query_program)
     ivf_topk(xq, probe, k=5, scan_filter=sf, counts=counts, fused=True, **args)
     expect = torch.zeros(24, 2, dtype=torch.int64)
-    eligible = index._eligible_fn(f, f.query_program, expect)
-    ivf_topk(xq, probe, k=5, eligible=eligible, fused=False, **args)
-    # the callback only counts filtered queries; compare those
+    ivf_topk(xq, probe, k=5, scan_filter=ScanFilter(index.bloom, f.term_words, f.programs, f.query_program),
+             counts=expect, fused=False, **args)
+    # the PyTorch scan counts only blocks holding a filtered query; compare the filtered queries
     filtered = f.query_program >= 0
     assert torch.equal(counts[filtered], expect[filtered])
+    # and both equal the oracle: live items of the probed lists, and of those the Bloom survivors
+    mask = _bloom_mask(index, f, f.query_program)
+    alive = torch.from_numpy(np.unpackbits(index.alive.numpy(), bitorder="little")[: index.capacity]).bool()
+    offs = index.list_offsets.tolist()
+    for q in range(24):
+        pos = torch.cat([torch.arange(offs[lst], offs[lst + 1]) for lst in probe[q].tolist()])
+        live = pos[alive[pos]]
+        assert counts[q].tolist() == [live.numel(), int(mask[q, live].sum())]
     assert bool((counts[:, 1] <= counts[:, 0]).all()) and bool((counts[:, 0] > 0).all())
 
 
@@ -143,14 +159,10 @@ def test_radix_sort_and_select_equal_numpy(n):
         assert cpu_scan._kth_smallest_radix(words, n, kk) == ref[kk - 1]
 
 
-def _exact_eligible(index, f, qprog):
-    """Oracle eligibility from the exact attribute store (``ItemIndex.verify``), per query row."""
-
-    def eligible(rows, start, end):
-        pos = torch.arange(start, end).expand(len(rows), -1)
-        return index.verify(pos, qprog[rows], f)
-
-    return eligible
+def _exact_mask(index, f, qprog):
+    """[B, N_cap] oracle eligibility from the exact attribute store (``ItemIndex.verify``)."""
+    pos = torch.arange(index.capacity).expand(len(qprog), -1)
+    return index.verify(pos, qprog, f)
 
 
 @needs_numba
@@ -166,8 +178,7 @@ def test_fused_scan_with_exact_programs_equals_the_exact_reference(setup, k, npr
                     attr_offsets=index.attr_offsets, term_vocab=f.term_vocab)
     counts = torch.zeros(24, 2, dtype=torch.int64)
     fused = ivf_topk(xq, probe, k=k, scan_filter=sf, counts=counts, fused=True, **args)
-    eligible = _exact_eligible(index, f, f.query_program)
-    ref = ivf_topk_reference(xq, probe, k=k, eligible=eligible, **args)
+    ref = ivf_topk_reference(xq, probe, k=k, mask=_exact_mask(index, f, f.query_program), **args)
     _same(fused, ref)
     # counts: live items scanned and how many of them are exactly eligible
     alive = torch.from_numpy(np.unpackbits(args["alive"].numpy(), bitorder="little")).bool()
@@ -193,5 +204,5 @@ def test_a_shared_program_is_compacted_and_scored_like_the_reference():
                         attr_offsets=index.attr_offsets, term_vocab=f.term_vocab)
         args = dict(codes=index.codes, scales=index.scales, list_offsets=index.list_offsets, alive=index.alive)
         fused = ivf_topk(xq, probe, k=50, scan_filter=sf, fused=True, **args)
-        ref = ivf_topk_reference(xq, probe, k=50, eligible=_exact_eligible(index, f, f.query_program), **args)
+        ref = ivf_topk_reference(xq, probe, k=50, mask=_exact_mask(index, f, f.query_program), **args)
         _same(fused, ref)

@@ -86,23 +86,25 @@ def test_list_slack_leaves_empty_slots_that_are_never_returned():
 
 
 @pytest.mark.parametrize("k", [1, 50, 5000])
-def test_small_batch_lean_path_equals_the_general_path(small_index, small_catalog, monkeypatch, k):
-    import sterling.model.index as index_mod
+def test_small_batch_lean_path_equals_the_general_path(small_index, small_catalog, k):
+    from sterling.model import search as search_mod
 
     xq = small_catalog.embeddings[:6] + 0.03
     nlist = small_index.nlist
     for nprobe in (1, nlist // 4, nlist):
-        monkeypatch.setattr(index_mod, "_SMALL_BATCH", 32)
-        s1, i1 = small_index.search(xq, k=k, nprobe=nprobe)
-        monkeypatch.setattr(index_mod, "_SMALL_BATCH", 0)
-        s2, i2 = small_index.search(xq, k=k, nprobe=nprobe)
+        run = dict(k=k, nprobe=nprobe, filters=None, exact=True, adaptive=False, stats=True)
+        s1, i1, st1 = search_mod.run(small_index, xq, small_batch=32, **run)
+        s2, i2, st2 = search_mod.run(small_index, xq, small_batch=0, **run)
         assert torch.equal(i1, i2) and torch.equal(s1, s2)
+        if search_mod.cpu_scan.HAVE_NUMBA:
+            assert st1.backend == "cpu-lean" and st2.backend == "cpu-fused"
+        assert st1.lists_probed == st2.lists_probed == nprobe * xq.shape[0]
+        assert st1.items_scanned == st2.items_scanned
     # and the lean path's answer is the exact answer over the scanned lists
     from sterling.kernels.bits import unpack_bits_range
 
     deq = small_index.codes.float() * small_index.scales[:, None]
     alive = unpack_bits_range(small_index.alive, 0, small_index.capacity)
     truth_s, _ = exact_topk(xq, deq, k, mask=alive[None, :].expand(xq.shape[0], -1))
-    monkeypatch.setattr(index_mod, "_SMALL_BATCH", 32)
     s, _ = small_index.search(xq, k=k, nprobe=nlist)
     assert torch.allclose(s[:, : truth_s.shape[1]], truth_s, atol=1e-5)

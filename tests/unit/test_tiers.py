@@ -157,7 +157,7 @@ def test_a_list_changed_in_place_is_never_released(artifact, built, small_catalo
     rows = slice(int(off[lst]), int(off[lst + 1]))
     t.codes[rows] = -t.codes[rows]  # an in-place edit (streaming upserts write codes like this)
     t.scales[rows] = t.scales[rows] * 2
-    t.tiering.release(t._tier_tensors())
+    t.tiering.release(t.tier_tensors())
     t.search(small_catalog.embeddings[:3], k=5, nprobe=64)
     assert torch.equal(t.codes[rows], -built.codes[rows])
     assert torch.equal(t.scales[rows], built.scales[rows] * 2)

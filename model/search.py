@@ -1,0 +1,525 @@
+"""How one ``ItemIndex.search`` runs over the index's buffers.
+
+``ItemIndex`` (``model/index.py``) owns the tensors and validates the
+request; this module is the executor that turns a validated batch into
+kernel calls:
+
+1. **Chunking** — the batch is cut into chunks whose scanned scores fit
+   ``CHUNK_BUDGET`` (memory bounded at any B, nprobe and k).
+2. **Lean path** — an unfiltered CPU batch of at most ``SMALL_BATCH``
+   queries is one numpy probe and one compiled call, nothing else.
+3. **Filtered path** (``_search_chunk``) — probe, scan with the Bloom pass
+   (on numba the scan checks the exact attributes itself), verify the
+   survivors against the exact attribute store (``verify``), and refill the
+   rare queries whose verified survivors fall short of k with a larger
+   margin (``_scan_verified``).
+4. **Adaptive widening** (``widen_for_selectivity``) — a filtered query
+   whose measured selectivity says its eligible top-k lies beyond the
+   probed lists is rescanned with more lists, or, past half of all lists,
+   scored on its exactly verified eligible set directly (``_prefilter_topk``).
+
+The filter reaches every backend as one ``kernels.ivf.ScanFilter``; the
+batch's Bloom results per list block live in one ``BlockMasks`` made here,
+so rescans reuse them. With ``stats=True`` the call also returns a
+``SearchStats``; without it nothing is counted.
+
+Example:
+    >>> s, ids, st = index.search(xq, k=10, nprobe=32, where="lang:en", return_stats=True)
+    >>> st.verified, st.rejected, st.nprobe_max
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import numpy as np
+import torch
+
+from sterling.kernels import bloom_term_hits, cpu_scan, exact_term_hits, ivf_topk, probe_lists
+from sterling.kernels.bits import unpack_bits_range
+from sterling.kernels.filter_eval import OP_NOT, FilterPlan
+from sterling.kernels.ivf import BlockMasks, ScanFilter, order_results
+from sterling.model.filter import CompiledFilters
+from sterling.model.stages import stage, staged
+
+__all__ = [
+    "CHUNK_BUDGET",
+    "SMALL_BATCH",
+    "ScanBackend",
+    "SearchStats",
+    "Widening",
+    "measured_selectivity",
+    "run",
+    "verify",
+    "widen_for_selectivity",
+]
+
+SMALL_BATCH = 32  # unfiltered CPU batches up to this size take the lean path
+# Scores one search chunk may hold (fp32: 256 MiB); bounds memory at any B, nprobe and k.
+CHUNK_BUDGET = 1 << 26
+PREFILTER_STEP = 1 << 20  # items per block of the pre-filtered exact scan
+
+
+class ScanBackend(StrEnum):
+    """Which scan served a search: ``cpu-lean`` (small unfiltered batch, one compiled call),
+    ``cpu-fused`` (numba), ``cpu-torch`` (op by op; no numba, or a filter over 63 terms),
+    ``cuda-triton``."""
+
+    CPU_LEAN = "cpu-lean"
+    CPU_FUSED = "cpu-fused"
+    CPU_TORCH = "cpu-torch"
+    CUDA_TRITON = "cuda-triton"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SearchStats:
+    """What one ``ItemIndex.search`` did (``return_stats=True``).
+
+    Attributes:
+        queries: B.
+        backend: the scan that served it.
+        chunks: query chunks the batch was cut into (``CHUNK_BUDGET``).
+        nprobe: nprobe asked.
+        nprobe_used: [B] lists each query ended with: nprobe, the widened
+            nprobe, or nlist for a query scored on its whole eligible set.
+        lists_probed: (query, list) pairs scanned, first scans and widening
+            rescans (refills rescan the same pairs and are not counted here).
+        items_scanned: live items in those pairs.
+        verified: candidates checked against the exact attribute store
+            (in the compiled scan, every Bloom survivor of a checked query).
+        rejected: of those, the ones that failed: Bloom false positives
+            (and items a NOT excludes, which the Bloom pass cannot decide).
+        refills: query rescans with a larger margin after verification.
+        widened: queries rescanned with a wider probe.
+        widen_rounds: widening rescans run (one per distinct widened nprobe).
+        prefiltered: queries scored on their exactly verified eligible set.
+        selectivity_counts: [B, 4] int64, per query, of its first scan: live
+            items scanned, of which passed the in-scan filter, candidates
+            checked after the scan, of which passed (zeros for an unfiltered
+            batch). Sums over document shards (each list lives in one) are the
+            single index's counts: ``measured_selectivity`` reads them.
+    """
+
+    queries: int
+    backend: ScanBackend
+    chunks: int
+    nprobe: int
+    nprobe_used: tuple[int, ...]
+    lists_probed: int
+    items_scanned: int
+    verified: int
+    rejected: int
+    refills: int
+    widened: int
+    widen_rounds: int
+    prefiltered: int
+    selectivity_counts: torch.Tensor
+
+    @property
+    def nprobe_max(self) -> int:
+        return max(self.nprobe_used, default=0)
+
+    @property
+    def nprobe_mean(self) -> float:
+        return sum(self.nprobe_used) / max(1, len(self.nprobe_used))
+
+
+@dataclass(slots=True)
+class _Tally:
+    """Mutable counters behind ``SearchStats``; only made when stats are asked for."""
+
+    nprobe: int
+    nprobe_used: torch.Tensor  # [B] int64
+    backend: ScanBackend
+    rows: slice = field(default_factory=lambda: slice(0, 0))  # the chunk being searched
+    chunks: int = 0
+    lists_probed: int = 0
+    items_scanned: int = 0
+    verified: int = 0
+    rejected: int = 0
+    refills: int = 0
+    widened: int = 0
+    widen_rounds: int = 0
+    prefiltered: int = 0
+    selectivity_counts: torch.Tensor | None = None  # [B, 4] int64
+
+    def probed(self, index, probe) -> None:
+        probe = torch.as_tensor(probe).cpu()
+        self.lists_probed += probe.numel()
+        self.items_scanned += int(index.live_per_list()[probe].sum())
+
+    def set_nprobe(self, sel: torch.Tensor, value: int) -> None:
+        self.nprobe_used[self.rows][sel.cpu()] = value
+
+    def freeze(self, B: int) -> SearchStats:
+        return SearchStats(
+            queries=B, backend=self.backend, chunks=self.chunks, nprobe=self.nprobe,
+            nprobe_used=tuple(self.nprobe_used.tolist()), lists_probed=self.lists_probed,
+            items_scanned=self.items_scanned, verified=self.verified, rejected=self.rejected,
+            refills=self.refills, widened=self.widened, widen_rounds=self.widen_rounds,
+            prefiltered=self.prefiltered, selectivity_counts=self.selectivity_counts,
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Widening:
+    """Per-query decision of ``widen_for_selectivity`` (all [B]).
+
+    Attributes:
+        need: float64 lists the eligible top-k is estimated to need (0 = unfiltered).
+        widen: bool — rescan with ``nprobe[q]`` lists.
+        brute: bool — skip IVF, score the verified eligible set directly.
+        nprobe: int64 lists after widening (the asked nprobe where not widened).
+    """
+
+    need: torch.Tensor
+    widen: torch.Tensor
+    brute: torch.Tensor
+    nprobe: torch.Tensor
+
+
+def measured_selectivity(counts: torch.Tensor) -> torch.Tensor:
+    """[B, 4] first-scan counts (``SearchStats.selectivity_counts``) → [B] float64 eligible fraction f.
+
+    f = (passed the in-scan filter / live items scanned) × precision of the
+    checked candidates, (passed + 1) / (checked + 1).
+    """
+    precision = (counts[:, 3] + 1).double() / (counts[:, 2] + 1).double()
+    return counts[:, 1].double() / counts[:, 0].clamp(min=1).double() * precision
+
+
+def widen_for_selectivity(frac: torch.Tensor, filtered: torch.Tensor, *, nprobe: int, nlist: int) -> Widening:
+    """The adaptive-widening rule: how many lists a filtered query needs at selectivity f.
+
+    The eligible top-k of a query whose filter passes a fraction f of the
+    items lie in a wider ball, and about nprobe / √f lists hold it (the ball
+    grows sublinearly in lists; nprobe / f overshoots). A query that needs
+    more than 1.25 × nprobe is rescanned with that many lists, rounded up to
+    half-steps of nprobe (so each rescan is one batch and the overshoot stays
+    small); one that needs half of all lists or more is pre-filtered.
+
+    Args:
+        frac: [B] float64 measured eligible fraction of the scanned items.
+        filtered: [B] bool, queries with a filter (others never widen).
+    """
+    need = torch.where(filtered, nprobe / frac.clamp(min=1e-12).sqrt(), torch.zeros_like(frac))
+    brute = filtered & (need >= 0.5 * nlist)
+    widen = filtered & ~brute & (need > 1.25 * nprobe)
+    wide = torch.clamp(torch.ceil(2 * need / nprobe) * nprobe / 2, max=nlist).long()
+    used = torch.where(widen, wide, torch.where(brute, torch.full_like(wide, nlist), torch.full_like(wide, nprobe)))
+    return Widening(need=need, widen=widen, brute=brute, nprobe=used)
+
+
+def run(index, xq: torch.Tensor, *, k: int, nprobe: int, filters: CompiledFilters | None, exact: bool,
+        adaptive: bool, stats: bool = False, small_batch: int = SMALL_BATCH, chunk_budget: int = CHUNK_BUDGET):
+    """Search validated queries over ``index`` (``ItemIndex.search`` validates, then calls this).
+
+    Args:
+        index: the ``ItemIndex``.
+        xq: [B, D] fp32 queries on the index's device (``prepare_queries``).
+        k, nprobe: validated (``ItemIndex._check_k_nprobe``).
+        filters: the compiled batch filter, None = unfiltered.
+        exact, adaptive: as in ``ItemIndex.search`` (``adaptive`` resolved).
+        stats: also return a ``SearchStats``.
+        small_batch: unfiltered CPU batches up to this size take the lean path.
+        chunk_budget: scores one chunk may hold.
+    Returns:
+        (scores [B, k], ids [B, k]) — plus ``SearchStats`` with ``stats``.
+    """
+    dev = index.codes.device
+    B = xq.shape[0]
+    tally = None
+    if stats:
+        tally = _Tally(nprobe=nprobe, nprobe_used=torch.full((B,), nprobe, dtype=torch.int64),
+                       backend=_backend(index, xq, filters),
+                       selectivity_counts=torch.zeros(B, 4, dtype=torch.int64))
+    qprog_all = None if filters is None else filters.query_program.to(dev)
+    avg = max(1, index.capacity // max(index.nlist, 1))
+    scanned = nprobe * avg
+    per_query = scanned + min(16 * k, scanned + 16 * nprobe)  # probed scores + selected candidates
+    step = max(1, min(B, chunk_budget // max(per_query, 1)))
+    if filters is None and B <= small_batch and step >= B:
+        fast = _small_batch_cpu(index, xq, k, nprobe, tally)
+        if fast is not None:
+            return fast if tally is None else (*fast, tally.freeze(B))
+    masks = None if filters is None else BlockMasks(filters.programs)
+
+    def chunk(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        if tally is not None:
+            tally.rows = rows
+            tally.chunks += 1
+        if filters is None:  # the scan maps positions to ids itself (sequential reads)
+            with stage("probe"):
+                probe = probe_lists(xq[rows], index.centroids, nprobe)
+            if tally is not None:
+                tally.probed(index, probe)
+            with stage("scan"):
+                s, _, ids = ivf_topk(xq[rows], probe, k=k, item_ids=index.item_ids, **index.scan_tensors())
+            if index.tiering is not None:
+                index.observe_probe(probe)
+            return s, ids
+        s, p = _search_chunk(index, xq[rows], k, nprobe, filters, masks, qprog_all[rows], exact, adaptive, tally)
+        return s, index.positions_to_ids(p)
+
+    if step >= B:  # one chunk (the common case): no copies
+        out = chunk(slice(0, B))
+    else:
+        out_s = torch.empty(B, k, device=dev)
+        out_i = torch.empty(B, k, dtype=torch.int64, device=dev)
+        for s in range(0, B, step):
+            rows = slice(s, s + step)
+            out_s[rows], out_i[rows] = chunk(rows)
+        out = (out_s, out_i)
+    return out if tally is None else (*out, tally.freeze(B))
+
+
+def _backend(index, xq: torch.Tensor, filters: CompiledFilters | None) -> ScanBackend:
+    if index.codes.device.type == "cuda":
+        return ScanBackend.CUDA_TRITON
+    fusable = cpu_scan.HAVE_NUMBA and index.capacity < 1 << 32 and (
+        filters is None or filters.term_words.shape[0] <= cpu_scan.MAX_TERMS)
+    return ScanBackend.CPU_FUSED if fusable else ScanBackend.CPU_TORCH
+
+
+def _small_batch_cpu(index, xq: torch.Tensor, k: int, nprobe: int, tally: _Tally | None):
+    """Unfiltered small batches on CPU: numpy probe + one compiled call, nothing else.
+
+    At batch 1 a search is ~0.5 ms of scan; a dozen PyTorch ops around it
+    would add a fifth. Same results contract as the general path (the
+    probe set can differ from ``probe_lists`` only at exact centroid-score
+    ties). Returns None when the fused scan cannot run here.
+    """
+    views = index.numpy_views()
+    if views is None or xq.device.type != "cpu":
+        return None
+    x = np.ascontiguousarray(xq.numpy())
+    with stage("probe"):
+        coarse = x @ views["centroids_t"]
+        nl = coarse.shape[1]
+        probe = np.argpartition(-coarse, nprobe - 1, axis=1)[:, :nprobe] if nprobe < nl else \
+            np.broadcast_to(np.arange(nl), coarse.shape).copy()
+    with stage("scan"):
+        s, _, _, ids = cpu_scan.fused_topk(
+            x, np.ascontiguousarray(probe, dtype=np.int64), views["codes"], views["scales"], views["list_offsets"],
+            views["alive"], k, item_ids=views["item_ids"],
+        )
+    if index.tiering is not None:
+        index.observe_probe(probe)
+    if tally is not None:
+        tally.backend = ScanBackend.CPU_LEAN
+        tally.chunks = 1
+        tally.probed(index, torch.from_numpy(probe))
+    return torch.from_numpy(s), torch.from_numpy(ids)
+
+
+@staged("filter")
+def verify(index, positions: torch.Tensor, qprog: torch.Tensor, filters: CompiledFilters) -> torch.Tensor:
+    """Exact filter check: positions [b, K] with program per row [b] → bool [b, K].
+
+    Unfiltered rows pass every valid position; −1 positions never pass.
+    """
+    b, K = positions.shape
+    flat = positions.reshape(-1)
+    fprog = qprog.repeat_interleave(K)
+    ok = flat >= 0
+    need = (ok & (fprog >= 0)).nonzero().squeeze(1)
+    if need.numel():
+        plan = filters.plan(bloom=False)
+        term_vocab = filters.term_vocab[plan.terms].to(flat.device)
+        hits = exact_term_hits(index.attr_ids, index.attr_offsets, flat[need], term_vocab)
+        ev = plan.eval(hits)  # [P, M]
+        ok[need] = ev[fprog[need], torch.arange(need.numel(), device=flat.device)]
+    return ok.reshape(b, K)
+
+
+def _search_chunk(index, xq, k, nprobe, filters, masks, qprog, exact, adaptive, tally):
+    """Search one chunk of filtered queries; widen for selectivity (``widen_for_selectivity``).
+
+    Selectivity f is measured as the eligible fraction of the items the
+    first scan touched (times the exact precision of its survivors,
+    ``measured_selectivity``). Turn widening off with ``adaptive=False``.
+    """
+    with stage("probe"):
+        probe = probe_lists(xq, index.centroids, nprobe)
+    if tally is not None:
+        tally.probed(index, probe)
+    try:
+        filtered = qprog >= 0
+        if not bool(filtered.any()):
+            return ivf_topk(xq, probe, k=k, **index.scan_tensors())
+        dev = xq.device
+        has_not = torch.tensor([any(op == OP_NOT for op, _ in p) for p in filters.programs] + [False]).to(dev)
+        must_verify = filtered & (exact | has_not[qprog])
+        # per query: live items scanned, Bloom survivors, candidates checked, passed
+        seen = torch.zeros(xq.shape[0], 4, dtype=torch.int64, device=dev)
+        out_s, out_p = _scan_verified(index, xq, probe, k, filters, masks, qprog, must_verify, seen, tally)
+        if tally is not None:
+            tally.selectivity_counts[tally.rows] = seen.cpu()
+        if not adaptive:
+            return out_s, out_p
+        wd = widen_for_selectivity(measured_selectivity(seen), filtered, nprobe=nprobe, nlist=index.nlist)
+        if bool(wd.widen.any()):
+            rows = wd.widen.nonzero().squeeze(1)
+            wide = wd.nprobe[rows]
+            if tally is not None:
+                tally.widened += rows.numel()
+            for w in wide.unique().tolist():
+                sel = rows[wide == w]
+                with stage("probe"):
+                    p2 = probe_lists(xq[sel], index.centroids, int(w))
+                out_s[sel], out_p[sel] = _scan_verified(index, xq[sel], p2, k, filters, masks, qprog[sel],
+                                                        must_verify[sel], None, tally)
+                if index.tiering is not None:
+                    index.observe_probe(p2)
+                if tally is not None:
+                    tally.widen_rounds += 1
+                    tally.probed(index, p2)
+                    tally.set_nprobe(sel, int(w))
+        if bool(wd.brute.any()):
+            rows = wd.brute.nonzero().squeeze(1)
+            for prog in qprog[rows].unique().tolist():
+                sel = rows[qprog[rows] == prog]
+                check = bool(must_verify[sel].any())
+                out_s[sel], out_p[sel] = _prefilter_topk(index, xq[sel], k, filters, prog, verify_exact=check,
+                                                         tally=tally)
+                if tally is not None:
+                    tally.prefiltered += sel.numel()
+                    tally.set_nprobe(sel, index.nlist)
+            if index.tiering is not None:
+                index.tiering.observe_all(index.tier_tensors())
+        return out_s, out_p
+    finally:
+        if index.tiering is not None:  # after the scan, so a release never precedes the reads
+            index.observe_probe(probe)
+
+
+def _fused_exact(index, xq: torch.Tensor, filters: CompiledFilters) -> bool:
+    """Whether the compiled CPU scan can take this batch's filter, exact checks included."""
+    return (
+        cpu_scan.HAVE_NUMBA
+        and xq.device.type == "cpu"
+        and index.codes.device.type == "cpu"
+        and index.capacity < 1 << 31
+        and filters.term_words.shape[0] <= cpu_scan.MAX_TERMS
+    )
+
+
+@staged("scan")
+def _scan_verified(index, xq, probe, k, filters, masks, qprog, must_verify, seen, tally):
+    """IVF scan with the Bloom pass; exact check of the survivors where required.
+
+    Scans a margin beyond k, verifies, and rescans with a larger margin
+    the rare queries whose verified survivors fall short of k while the
+    scan had more candidates. ``seen`` [b, 4] (optional) accumulates per
+    query: live items scanned, Bloom survivors, candidates checked, passed.
+    """
+    scan = index.scan_tensors()
+    if _fused_exact(index, xq, filters):
+        # the compiled scan checks these programs exactly: its results are final
+        prog_exact = torch.zeros(len(filters.programs), dtype=torch.bool)
+        rows = must_verify & (qprog >= 0)
+        prog_exact[qprog[rows]] = True
+        sf = ScanFilter(index.bloom, filters.term_words, filters.programs, qprog, exact=prog_exact,
+                        attr_ids=index.attr_ids, attr_offsets=index.attr_offsets, term_vocab=filters.term_vocab,
+                        masks=masks)
+        counts = torch.zeros(xq.shape[0], 2, dtype=torch.int64)
+        s, p = ivf_topk(xq, probe, k=k, scan_filter=sf, counts=counts, fused=True, **scan)
+        if seen is not None:
+            seen[:, :2] += counts
+        if tally is not None and bool(rows.any()):
+            survivors = _bloom_survivors(index, filters, probe[rows], qprog[rows])
+            tally.verified += survivors
+            tally.rejected += survivors - int(counts[rows, 1].sum())
+        return s, p
+    if not bool(must_verify.any()):
+        counts = None if seen is None else seen[:, :2]
+        sf = ScanFilter(index.bloom, filters.term_words, filters.programs, qprog, masks=masks)
+        return ivf_topk(xq, probe, k=k, scan_filter=sf, counts=counts, **scan)
+    b, dev = xq.shape[0], xq.device
+    out_s = torch.full((b, k), float("-inf"), device=dev)
+    out_p = torch.full((b, k), -1, dtype=torch.int64, device=dev)
+    pending = torch.arange(b, device=dev)
+    k_scan = k + max(16, k // 8)
+    first = True
+    while pending.numel():
+        sub_prog = qprog[pending]
+        counts = (torch.zeros(pending.numel(), 2, dtype=torch.int64, device=dev)
+                  if first and seen is not None else None)
+        sf = ScanFilter(index.bloom, filters.term_words, filters.programs, sub_prog, masks=masks)
+        s, p = ivf_topk(xq[pending], probe[pending], k=k_scan, scan_filter=sf, counts=counts, **scan)
+        if counts is not None:
+            seen[pending, :2] += counts
+        verify_prog = torch.where(must_verify[pending], sub_prog, torch.full_like(sub_prog, -1))
+        ok = verify(index, p, verify_prog, filters)
+        if counts is not None:
+            # precision of the Bloom survivors, for the selectivity estimate
+            seen[pending, 2] += (p >= 0).sum(1)
+            seen[pending, 3] += ok.sum(1)
+        if tally is not None:
+            checked = (p >= 0) & (verify_prog >= 0)[:, None]
+            tally.verified += int(checked.sum())
+            tally.rejected += int((checked & ~ok).sum())
+            if not first:
+                tally.refills += pending.numel()
+        exhausted = torch.isneginf(s[:, -1])
+        s2, p2 = order_results(s.masked_fill(~ok, float("-inf")), p.masked_fill(~ok, -1))
+        done = (ok.sum(1) >= k) | exhausted
+        idx = pending[done]
+        out_s[idx], out_p[idx] = s2[done, :k], p2[done, :k]
+        pending = pending[~done]
+        k_scan *= 4
+        first = False
+    return out_s, out_p
+
+
+def _bloom_survivors(index, filters: CompiledFilters, probe: torch.Tensor, qprog: torch.Tensor) -> int:
+    """Live items of the probed lists that pass their query's Bloom pass, summed (stats only).
+
+    One Bloom pass per distinct program over the lists its queries probe.
+    """
+    offs = index.list_offsets.tolist()
+    total = 0
+    for prog in qprog.unique().tolist():
+        plan = FilterPlan.build([filters.programs[prog]], bloom=True)
+        words = filters.term_words[plan.terms].to(index.bloom.device)
+        lists, times = probe[qprog == prog].reshape(-1).unique(return_counts=True)
+        for lst, n in zip(lists.tolist(), times.tolist()):
+            start, end = offs[lst], offs[lst + 1]
+            if end > start:
+                ok = plan.eval(bloom_term_hits(index.bloom[start:end], words))[0]
+                total += n * int((ok & unpack_bits_range(index.alive, start, end)).sum())
+    return total
+
+
+@staged("filter")
+def _prefilter_topk(index, xq, k, filters, prog: int, *, verify_exact: bool, tally: _Tally | None = None):
+    """Exact top-k over the whole eligible set: Bloom pass over every item, exact check, score."""
+    cand = []
+    step = PREFILTER_STEP
+    plan = FilterPlan.build([filters.programs[prog]], bloom=True)
+    words = filters.term_words[plan.terms].to(index.bloom.device)
+    for start in range(0, index.capacity, step):
+        end = min(start + step, index.capacity)
+        ok = plan.eval(bloom_term_hits(index.bloom[start:end], words))[0]
+        ok &= unpack_bits_range(index.alive, start, end)
+        cand.append(ok.nonzero().squeeze(1) + start)
+    pos = torch.cat(cand)
+    if verify_exact and pos.numel():
+        keep = verify(index, pos[None, :], torch.full((1,), prog, dtype=torch.int64, device=pos.device), filters)[0]
+        if tally is not None:
+            tally.verified += pos.numel()
+            tally.rejected += int((~keep).sum())
+        pos = pos[keep]
+    b, dev = xq.shape[0], xq.device
+    out_s = torch.full((b, k), float("-inf"), device=dev)
+    out_p = torch.full((b, k), -1, dtype=torch.int64, device=dev)
+    for s in range(0, pos.numel(), step):
+        blk = pos[s : s + step]
+        sc = (xq @ index.codes[blk].float().T) * index.scales[blk]
+        both_s = torch.cat([out_s, sc], dim=1)
+        both_p = torch.cat([out_p, blk.expand(b, -1)], dim=1)
+        kk = min(k, both_s.shape[1])
+        top_s, top_i = both_s.topk(kk, dim=1)
+        out_s[:, :kk], out_p[:, :kk] = top_s, both_p.gather(1, top_i)
+    return order_results(out_s, out_p)
