@@ -49,6 +49,7 @@ NEG_BITS = np.uint32(0xFF800000)  # fp32 −inf: "no candidate" in the score buf
 TT_TERMS = 8  # programs over at most this many distinct terms are evaluated by a truth table
 GROUP_MIN = 4  # queries of one list sharing a program, from which its eligible items are compacted
 SERIAL_ITEMS = 32_768  # items scanned below which one thread does the whole search
+HEAP_K = 1024  # k up to which a heap finds the k-th key; above, radix select on a key bound
 
 try:  # optional: the device image and minimal installs have no numba
     import numba
@@ -599,16 +600,18 @@ if HAVE_NUMBA:
     @njit(cache=True)
     def _select_query(  # pragma: no cover - compiled
         q, bmax, flat, k, colq, pair_nb, pair_n, pair_flat, pair_start, pair_map, pmap, item_ids, with_ids,
-        out_s, out_p, out_i, keys, tmp, pos, cid,
+        out_s, out_p, out_i, keys, tmp, samp,
     ):
         """Stages B and C for one query: top-k blocks by maximum, then top-k items among them.
 
         Candidates are gathered in position order (the query's lists by start) as 64-bit
         words: high half a key whose ascending order is descending score, low half the
-        candidate's index. The k-th key is found by a heap (small k) or a radix select
-        (large k); the survivors are ordered by a stable LSD radix sort on the high half,
-        so equal scores stay in position order. ``keys``, ``tmp``, ``pos`` and ``cid``
-        are the calling thread's scratch, large enough for every scanned item.
+        candidate's position. Above ``HEAP_K`` only the keys at or below a bound taken from
+        a sample of the scores are gathered (at least k of them, else everything is). The
+        k-th key is found by a heap (small k) or a radix select (large k); the survivors are
+        ordered by a stable LSD radix sort on the high half, so equal scores stay in position
+        order; ids are read for the k results only. ``keys``, ``tmp`` and ``samp`` are the
+        calling thread's scratch, large enough for every scanned item (``samp``: its sample).
         """
         nprobe = colq.shape[1]
         neg = np.float32(-np.inf)
@@ -627,33 +630,20 @@ if HAVE_NUMBA:
             beta = _kth_largest(row, width, kb)
             if beta == neg:
                 beta = np.float32(-3.4e38)  # fewer than kb non-empty blocks: take every finite one
-        jorder = np.argsort(pair_start[q * nprobe : (q + 1) * nprobe])
-        fu = flat.view(np.uint32)
-        m = 0
-        for jj in range(nprobe):
-            j = jorder[jj]
-            p = q * nprobe + j
-            for b in range(pair_nb[p]):
-                if row[colq[q, j] + b] >= beta:
-                    first = 16 * b
-                    cnt = min(16, pair_n[p] - first)
-                    mp = pair_map[p]
-                    for i in range(cnt):
-                        f = pair_flat[p] + first + i
-                        if fu[f] != NEG_BITS:  # bit test: immune to fast-math assumptions about inf
-                            keys[m] = (np.uint64(_desc_key(fu[f])) << np.uint64(32)) | np.uint64(m)
-                            at = pair_start[p] + first + i if mp < 0 else pmap[mp + first + i]
-                            pos[m] = at
-                            if with_ids:
-                                cid[m] = item_ids[at]  # sequential read (increasing positions)
-                            m += 1
+        every = np.int64(0xFFFFFFFF)
+        bound = every
+        if k > HEAP_K:  # gather only the keys a sample says hold the top k
+            bound = _sample_bound(q, row, beta, flat, k, colq, pair_nb, pair_n, pair_flat, samp)
+        m = _gather(q, row, beta, flat, colq, pair_nb, pair_n, pair_flat, pair_start, pair_map, pmap, bound, keys)
+        if m < k and bound != every:  # the sample's bound fell short of k: take every candidate
+            m = _gather(q, row, beta, flat, colq, pair_nb, pair_n, pair_flat, pair_start, pair_map, pmap, every, keys)
         kk = min(k, m)
         _pad(q, kk, k, with_ids, out_s, out_p, out_i)
         if kk == 0:
             return
         n = m
         if kk < m:
-            thr = np.uint64(_kth_smallest_heap(keys, m, kk) if kk <= 1024 else _kth_smallest_radix(keys, m, kk))
+            thr = np.uint64(_kth_smallest_heap(keys, m, kk) if kk <= HEAP_K else _kth_smallest_radix(keys, m, kk))
             n = 0
             for i in range(m):  # stable, branch-free compaction
                 x = keys[i]
@@ -666,11 +656,90 @@ if HAVE_NUMBA:
         sc = top.view(np.float32)
         low = np.uint64(0xFFFFFFFF)
         for r in range(kk):
-            c = np.int64(keys[r] & low)
+            at = np.int64(keys[r] & low)
             out_s[q, r] = sc[r]
-            out_p[q, r] = pos[c]
+            out_p[q, r] = at
             if with_ids:
-                out_i[q, r] = cid[c]
+                out_i[q, r] = item_ids[at]
+
+    @njit(cache=True, inline="always")
+    def _gather(  # pragma: no cover - compiled
+        q, row, beta, flat, colq, pair_nb, pair_n, pair_flat, pair_start, pair_map, pmap, bound, keys,
+    ):
+        """Query q's candidates with ``key <= bound`` (blocks with a maximum ≥ β), in position
+        order (its lists by start), as 64-bit words: high half the key, low half the candidate's
+        position (positions fit 32 bits where the fused scan runs). Branch-free: every item is
+        written, the count advances only past the kept ones (the scratch holds every scanned item).
+        Returns how many."""
+        nprobe = colq.shape[1]
+        jorder = np.argsort(pair_start[q * nprobe : (q + 1) * nprobe])
+        fu = flat.view(np.uint32)
+        m = 0
+        for jj in range(nprobe):
+            j = jorder[jj]
+            p = q * nprobe + j
+            nb = pair_nb[p]
+            c = colq[q, j]
+            b = 0
+            while b < nb:  # runs of consecutive blocks that pass β, each one flat loop
+                if row[c + b] < beta:
+                    b += 1
+                    continue
+                e = b + 1
+                while e < nb and row[c + e] >= beta:
+                    e += 1
+                first = 16 * b
+                last = min(16 * e, pair_n[p])
+                f0 = pair_flat[p]
+                mp = pair_map[p]
+                s0 = pair_start[p]
+                if mp < 0:
+                    for i in range(first, last):
+                        u = fu[f0 + i]
+                        key = _desc_key(u)
+                        keys[m] = (np.uint64(key) << np.uint64(32)) | np.uint64(s0 + i)
+                        # a bit test for −inf: immune to fast-math assumptions about inf
+                        m += (u != NEG_BITS) & (key <= bound)
+                else:
+                    for i in range(first, last):
+                        u = fu[f0 + i]
+                        key = _desc_key(u)
+                        keys[m] = (np.uint64(key) << np.uint64(32)) | np.uint64(pmap[mp + i])
+                        m += (u != NEG_BITS) & (key <= bound)
+                b = e
+        return m
+
+    @njit(cache=True)
+    def _sample_bound(q, row, beta, flat, k, colq, pair_nb, pair_n, pair_flat, samp):  # pragma: no cover - compiled
+        """A key bound for large k, from a sample: items 0 and 8 of every candidate block (one in 8).
+
+        Returns the r-th smallest sampled key, r the sample's share of k plus a margin of four
+        standard deviations, so the candidates with a key at or below it are very likely at least k
+        (the caller checks, and gathers everything when they are not: results never depend on the
+        sample). 0xFFFFFFFF (every key) when the sample cannot bound k.
+        """
+        nprobe = colq.shape[1]
+        fu = flat.view(np.uint32)
+        ns = 0
+        seen = 0
+        tot = 0
+        for j in range(nprobe):
+            p = q * nprobe + j
+            for b in range(pair_nb[p]):
+                if row[colq[q, j] + b] >= beta:
+                    cnt = min(16, pair_n[p] - 16 * b)
+                    tot += cnt
+                    for i in range(0, cnt, 8):
+                        u = fu[pair_flat[p] + 16 * b + i]
+                        seen += 1
+                        if u != NEG_BITS:
+                            samp[ns] = np.uint64(_desc_key(u)) << np.uint64(32)
+                            ns += 1
+        r = -(-k * seen // max(tot, 1))
+        r += 4 * np.int64(np.sqrt(r)) + 8
+        if r >= ns:
+            return np.int64(0xFFFFFFFF)
+        return _kth_smallest_radix(samp, ns, r)
 
     @njit(cache=True, inline="always")
     def _pad(q, start, k, with_ids, out_s, out_p, out_i):  # pragma: no cover - compiled
@@ -901,11 +970,10 @@ if HAVE_NUMBA:
         """Select queries t, t + T, t + 2T, … with one scratch allocation."""
         keys = np.empty(most, dtype=np.uint64)
         tmp = np.empty(most, dtype=np.uint64)
-        pos = np.empty(most, dtype=np.int64)
-        cid = np.empty(most if with_ids else 0, dtype=np.int64)
+        samp = np.empty(most // 8 + 2 * colq.shape[1] + 2 if k > HEAP_K else 0, dtype=np.uint64)
         for q in range(t, bmax.shape[0], T):
             _select_query(q, bmax, flat, k, colq, cmp[2], cmp[1], pair_flat, pair_start, cmp[3],
-                          cmp[4], item_ids, with_ids, out_s, out_p, out_i, keys, tmp, pos, cid)
+                          cmp[4], item_ids, with_ids, out_s, out_p, out_i, keys, tmp, samp)
 
     # Two drivers, one body: the same helpers in a parallel region (large
     # batches) or on the calling thread (small ones: no thread team to wake).
