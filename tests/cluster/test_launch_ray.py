@@ -112,32 +112,11 @@ def test_launch_ray_data_dir_killed_and_relaunched_recovers_every_replica(ray_cl
 def test_launch_ray_serves_a_learned_model_like_in_process(ray_cluster, learned_path, tmp_path):  # noqa: F811
     """Ray shards hold the learned model's item index; the router's LearnedHead reranks the merged K0
     with the towers, OverArch and heads: the in-process model's ids and values, bit for bit."""
-    import torch
+    from tests.cluster.learned_launch import assert_serves_learned_like_in_process
 
-    from sterling.model.learned import LearnedRetrievalModel
-    from tests.distributed.conftest import N_USERS
-
-    model = LearnedRetrievalModel.load(learned_path).eval()
     proc = _sterling("launch", "ray", "--model", str(learned_path), "--shards", "2",
                      "--shards-dir", str(tmp_path / "shards"), "--address", ray_cluster.address, "--port", "0")
-    try:
-        address = _read_address(proc, timeout_s=240)
-        users = [100 + i for i in range(N_USERS // 4)]
-        with Client(address, timeout_s=60) as c:
-            assert c.info().tasks == ["click", "like"]
-            for where in (None, "lang:en AND NOT policy:blocked"):
-                for k in (1, 50):
-                    res = c.retrieve(user_ids=users, k=k, k0=300, where=where)
-                    with torch.no_grad():
-                        ref = model(user_ids=users, k=k, k0=300, where=where, adaptive=False)
-                    assert (res.ids == ref.ids.numpy()).all()
-                    assert (res.scores == ref.values.numpy()).all()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+    assert_serves_learned_like_in_process(proc, learned_path, timeout_s=240)
 
 
 def test_launch_ray_refuses_a_learned_model_with_data_dir(learned_path, tmp_path):  # noqa: F811

@@ -101,28 +101,8 @@ def test_ranks_serve_exactly_and_a_killed_rank_restarts_then_stops_the_launcher(
 
 def test_a_learned_model_is_served_over_ranks_like_in_process(learned_path, tmp_path):  # noqa: F811
     """The router's LearnedHead on rank 0 reranks the K0 merged from 2 ranks: the in-process model's answer."""
-    import torch
+    from tests.cluster.learned_launch import assert_serves_learned_like_in_process
 
-    from sterling.model.learned import LearnedRetrievalModel
-    from tests.distributed.conftest import N_USERS
-
-    model = LearnedRetrievalModel.load(learned_path).eval()
     proc = _sterling("launch", "torchrun", "--nproc-per-node", "2", "--model", str(learned_path),
                      "--ranks-dir", str(tmp_path / "ranks"), "--port", "0")
-    try:
-        address = _read_address(proc, timeout_s=180)
-        users = [100 + i for i in range(N_USERS // 4)]
-        with Client(address, timeout_s=60) as c:
-            for where in (None, "lang:en AND NOT policy:blocked"):
-                for k in (1, 50):
-                    res = c.retrieve(user_ids=users, k=k, k0=300, where=where)
-                    with torch.no_grad():
-                        ref = model(user_ids=users, k=k, k0=300, where=where, adaptive=False)
-                    assert (res.ids == ref.ids.numpy()).all()
-                    assert (res.scores == ref.values.numpy()).all()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
+    assert_serves_learned_like_in_process(proc, learned_path, timeout_s=180)
