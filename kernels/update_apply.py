@@ -206,6 +206,18 @@ def _terms_in_slot(attr_ids, attr_offsets, slot, out, at):
 
 
 @_jit
+def _tombstone(s, item_ids, scales, bloom, alive, attr_ids, attr_offsets):
+    """Free slot ``s``: id −1, scale 0, Bloom row 0, exact list −1, alive bit 0 (the scan skips it)."""
+    item_ids[s] = -1
+    scales[s] = 0.0
+    for w in range(bloom.shape[1]):
+        bloom[s, w] = 0
+    for e in range(attr_offsets[s], attr_offsets[s + 1]):
+        attr_ids[e] = -1
+    alive[s >> 3] &= np.uint8(255 - (1 << (s & 7)))
+
+
+@_jit
 def upsert_apply(
     ids, codes_b, scales_b, lists_b, t_off, t_ids, t_words, has_terms,
     sorted_ids, sorted_slots, hkeys, hvals, free_buf, free_top, offs, counters,
@@ -319,15 +331,8 @@ def upsert_apply(
     counters[0] += added
     # the tensors: free the old slots, then fill the new ones (which may be freed ones)
     for r in range(n):
-        s = old[r]
-        if s >= 0:
-            item_ids[s] = -1
-            scales[s] = 0.0
-            for w in range(W):
-                bloom[s, w] = 0
-            for e in range(attr_offsets[s], attr_offsets[s + 1]):
-                attr_ids[e] = -1
-            alive[s >> 3] &= np.uint8(255 - (1 << (s & 7)))
+        if old[r] >= 0:
+            _tombstone(old[r], item_ids, scales, bloom, alive, attr_ids, attr_offsets)
     D = codes.shape[1]
     for r in range(n):
         p = pos[r]
@@ -358,7 +363,6 @@ def delete_apply(
 ):
     """Tombstone items by id in place (absent ids ignored); returns items deleted.
     Bumps ``version``."""
-    W = bloom.shape[1]
     gone = 0
     for r in range(ids.shape[0]):
         s = _slot_of(ids[r], sorted_ids, sorted_slots, hkeys, hvals)
@@ -368,13 +372,7 @@ def delete_apply(
         free_buf[offs[lst] + free_top[lst]] = s
         free_top[lst] += 1
         _set(ids[r], -1, hkeys, hvals, counters)
-        item_ids[s] = -1
-        scales[s] = 0.0
-        for w in range(W):
-            bloom[s, w] = 0
-        for e in range(attr_offsets[s], attr_offsets[s + 1]):
-            attr_ids[e] = -1
-        alive[s >> 3] &= np.uint8(255 - (1 << (s & 7)))
+        _tombstone(s, item_ids, scales, bloom, alive, attr_ids, attr_offsets)
         gone += 1
     counters[0] -= gone
     version[0] += 1

@@ -379,9 +379,6 @@ class SlotMap:
         if self.counters[1] + n > self._hkeys.shape[0] // 2:
             self.rebuild(index)
 
-    def free_count(self, lst: int) -> int:
-        return int(self.free_top[lst])
-
     def push(self, lst: int, slot: int) -> None:
         self.free_buf[self._offs[lst] + self.free_top[lst]] = slot
         self.free_top[lst] += 1
@@ -516,18 +513,14 @@ class ListsFullError(InvalidInputError):
 
 
 def _term_words(index, t_ids: np.ndarray) -> np.ndarray:
-    """[nnz] vocabulary ids → [nnz, W] int64 Bloom words (cached per term, per index)."""
-    cache = index.__dict__.setdefault("_term_word_cache", {})
-    spec = index.bloom_spec
-    key = (spec.bits, spec.hashes, spec.words)
-    table = cache.get(key)
-    vocab = len(index.vocab)
-    if table is None or table.shape[0] < vocab:
-        have = 0 if table is None else table.shape[0]
-        fresh = bloom_mod.term_words(index.vocab[have:vocab], spec).numpy()
+    """[nnz] vocabulary ids → [nnz, W] int64 Bloom words (hashed once per term, per index; the
+    vocabulary only grows, so the table is extended with the terms added since)."""
+    table = index.__dict__.get("_term_word_table")
+    have = 0 if table is None else table.shape[0]
+    if have < len(index.vocab):
+        fresh = bloom_mod.term_words(index.vocab[have:], index.bloom_spec).numpy()
         table = fresh if table is None else np.concatenate([table, fresh])
-        cache.clear()
-        cache[key] = table
+        index.__dict__["_term_word_table"] = table
     return np.ascontiguousarray(table[t_ids.astype(np.int64)])
 
 
