@@ -30,6 +30,7 @@ __all__ = [
     "DataError",
     "Interactions",
     "FeatureTable",
+    "ItemInputs",
     "Vocab",
     "read_interactions",
     "read_features",
@@ -90,6 +91,25 @@ class FeatureTable:
         pos = np.minimum(pos, len(s) - 1) if len(s) else pos
         found = (len(s) > 0) & (s[pos] == ids) if len(s) else np.zeros(len(ids), bool)
         return np.where(found, order[pos], -1)
+
+
+@dataclass(frozen=True, slots=True)
+class ItemInputs:
+    """The item tower's inputs for ``n`` items: sparse values already mapped to embedding rows.
+
+    What an upsert of a learned model logs (``sterling.model.wal``): replaying
+    it through the same item tower gives the same embedding, index entry and
+    cache row. ``values`` is key-major (all of key 0's rows, then key 1's …),
+    as a ``KeyedJaggedTensor`` lays it out.
+    """
+
+    keys: tuple[str, ...]
+    lengths: np.ndarray  # [len(keys), n] int32
+    values: np.ndarray  # [lengths.sum()] int64
+    dense: np.ndarray  # [n, dense_dim] float32 (dense_dim may be 0)
+
+    def __len__(self) -> int:
+        return int(self.dense.shape[0])
 
 
 def _stable_hash(v) -> int:

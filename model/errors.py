@@ -28,6 +28,7 @@ __all__ = [
     "SnapshotError",
     "CorruptLogError",
     "VersionTimeoutError",
+    "ItemFeaturesError",
 ]
 
 
@@ -129,3 +130,12 @@ class CorruptLogError(SterlingError):
 
 class VersionTimeoutError(SterlingError):
     """A read asked for a version (``min_version``) not reached before its deadline."""
+
+
+class ItemFeaturesError(InvalidInputError):
+    """An upsert that gives a vector where the model embeds item features itself, or the reverse.
+
+    A learned model's index entry and OverArch cache row both come from its
+    item tower, so its upserts carry item features (items-table columns), not
+    embeddings; an index model has no item tower and takes embeddings.
+    """

@@ -14,6 +14,7 @@ unchanged for models without towers.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from sterling.model.artifact import read_artifact, write_artifact
-from sterling.model.data import csr_take
+from sterling.model.data import ItemInputs, csr_take
 from sterling.model.errors import ArtifactError, InvalidInputError
 from sterling.model.heads import TaskHeads
 from sterling.model.index import ItemIndex
@@ -31,7 +32,7 @@ from sterling.model.stages import staged
 from sterling.model.towers import Tower, make_kjt
 from sterling.model.value_model import ValueModel
 
-__all__ = ["EmbeddingCache", "UserTable", "LearnedOutput", "LearnedRetrievalModel", "CACHE_DTYPES"]
+__all__ = ["CachePlan", "EmbeddingCache", "ItemInputs", "UserTable", "LearnedOutput", "LearnedRetrievalModel", "CACHE_DTYPES"]
 
 CACHE_DTYPES = ("fp32", "bf16", "int8")
 
@@ -39,48 +40,95 @@ CACHE_DTYPES = ("fp32", "bf16", "int8")
 class EmbeddingCache(nn.Module):
     """Item-side OverArch rows as buffers, next to the index: fp32, bf16, or int8 + per-row scale.
 
-    ``ids`` is sorted so a candidate's external id finds its row by binary search.
+    Rows are found by external id: ``ids`` [N] is sorted and row ``i`` of
+    ``data`` belongs to ``ids[i]`` (the build's layout). Streaming upserts
+    (``plan_upsert`` / ``apply``) change rows in place; a new item takes a
+    free row past the sorted part (``data`` has reserved capacity) and is
+    found through ``delta_ids`` (sorted) → ``delta_rows``. A delete clears
+    the row's ``live`` flag. When the free rows run out, the plan carries a
+    re-layout (every live row, sorted, with fresh spare capacity) that
+    ``apply`` swaps in whole. Readers never see a half-applied plan as long
+    as ``apply`` runs under the writer side of the caller's guard.
     """
 
-    ids: torch.Tensor  # [N] int64, sorted
-    data: torch.Tensor  # [N, C] fp32 | bf16 | int8
-    scale: torch.Tensor  # [N] fp32 (ones unless int8)
+    ids: torch.Tensor  # [N] int64, sorted (rows 0..N-1)
+    data: torch.Tensor  # [cap, C] fp32 | bf16 | int8, cap ≥ N + len(delta_ids)
+    scale: torch.Tensor  # [cap] fp32 (ones unless int8)
+    live: torch.Tensor  # [cap] bool: row holds a current item
+    delta_ids: torch.Tensor  # [M] int64, sorted: items added since the layout
+    delta_rows: torch.Tensor  # [M] int64: their rows (N ≤ row < cap)
 
-    def __init__(self, ids: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> None:
+    def __init__(self, ids: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, live: torch.Tensor | None = None,
+                 delta_ids: torch.Tensor | None = None, delta_rows: torch.Tensor | None = None) -> None:
         super().__init__()
         self.register_buffer("ids", ids)
         self.register_buffer("data", data)
         self.register_buffer("scale", scale)
+        self.register_buffer("live", torch.ones(data.shape[0], dtype=torch.bool) if live is None else live)
+        empty = torch.zeros(0, dtype=torch.int64)
+        self.register_buffer("delta_ids", empty if delta_ids is None else delta_ids)
+        self.register_buffer("delta_rows", empty.clone() if delta_rows is None else delta_rows)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Python-side summary of the buffers: rows in use, and whether the lookup may skip ``live``."""
+        self._used = int(self.ids.numel() + self.delta_ids.numel())
+        self._all_live = bool(self.live[: self._used].all()) and self.data.shape[0] >= self._used
+
+    @staticmethod
+    def encode(x: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """[n, C] fp32 rows → (stored rows, [n] scales) in the cache's format."""
+        if dtype not in CACHE_DTYPES:
+            raise InvalidInputError(f"cache dtype {dtype!r} is not supported; use one of {CACHE_DTYPES}")
+        x = x.detach().to(torch.float32)
+        scale = torch.ones(len(x))
+        if dtype == "fp32":
+            return x.contiguous(), scale
+        if dtype == "bf16":
+            return x.to(torch.bfloat16), scale
+        scale = x.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        return torch.round(x / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
     @classmethod
     def build(cls, ids: torch.Tensor, x: torch.Tensor, dtype: str = "fp32") -> EmbeddingCache:
-        if dtype not in CACHE_DTYPES:
-            raise InvalidInputError(f"cache dtype {dtype!r} is not supported; use one of {CACHE_DTYPES}")
         order = torch.argsort(ids)
-        ids, x = ids[order].contiguous(), x[order].detach().to(torch.float32)
-        scale = torch.ones(len(ids))
-        if dtype == "fp32":
-            data = x.contiguous()
-        elif dtype == "bf16":
-            data = x.to(torch.bfloat16)
-        else:
-            scale = x.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-            data = torch.round(x / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(ids, data, scale)
+        data, scale = cls.encode(x[order], dtype)
+        return cls(ids[order].contiguous(), data, scale)
 
     @property
     def dtype_name(self) -> str:
         return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int8: "int8"}[self.data.dtype]
 
+    @property
+    def num_items(self) -> int:
+        """Items with a live row."""
+        return int(self.live[: self._used].sum())
+
     def rows(self, ext_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[...] external ids → ([...] rows, [...] valid); −1 / unknown ids are invalid (row 0)."""
-        pos = torch.searchsorted(self.ids, ext_ids.clamp(min=0)).clamp(max=len(self.ids) - 1)
-        valid = (self.ids[pos] == ext_ids) & (ext_ids >= 0)
+        """[...] external ids → ([...] rows, [...] valid); −1 / unknown / deleted ids are invalid (row 0)."""
+        e = ext_ids.clamp(min=0)
+        N = self.ids.numel()
+        if N:
+            pos = torch.searchsorted(self.ids, e).clamp(max=N - 1)
+            found = self.ids[pos] == e
+        else:
+            pos, found = torch.zeros_like(e), torch.zeros(e.shape, dtype=torch.bool)
+        M = self.delta_ids.numel()
+        if M:
+            dp = torch.searchsorted(self.delta_ids, e).clamp(max=M - 1)
+            dfound = self.delta_ids[dp] == e
+            pos = torch.where(found, pos, torch.where(dfound, self.delta_rows[dp], torch.zeros_like(pos)))
+            found = found | dfound
+        valid = found & (ext_ids >= 0)
+        if not self._all_live:
+            valid &= self.live[pos]
         return torch.where(valid, pos, torch.zeros_like(pos)), valid
 
     def gather(self, ext_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, K] ids → ([B, K, C] fp32 rows, [B, K] valid)."""
         rows, valid = self.rows(ext_ids)
+        if not self.data.shape[0]:  # no rows at all (an emptied catalog): every candidate is invalid
+            return torch.zeros(*ext_ids.shape, self.data.shape[1]), valid
         flat = rows.reshape(-1)
         x = torch.index_select(self.data, 0, flat)  # ~1.7× faster than advanced indexing on CPU
         if self.data.dtype == torch.int8:
@@ -88,6 +136,106 @@ class EmbeddingCache(nn.Module):
         elif self.data.dtype != torch.float32:
             x = x.to(torch.float32)
         return x.view(*ext_ids.shape, -1), valid
+
+    # ------------------------------------------------------------ streaming updates
+    def plan_upsert(self, ids: torch.Tensor, x: torch.Tensor, *, slack: float = 0.125) -> CachePlan:
+        """The change that writes rows ``x`` [n, C] (fp32, before encoding) for unique ``ids`` [n].
+
+        Pure: reads the cache, changes nothing. Existing items (live or
+        deleted) keep their row; new ones take free rows, or — when too few
+        are left — the plan is a whole new layout with ``slack`` × items spare rows.
+        """
+        data, scale = self.encode(x, self.dtype_name)
+        rows = self._rows_any(ids)
+        new = rows < 0
+        n_new = int(new.sum())
+        if self._used + n_new > self.data.shape[0]:
+            return self._relayout(ids, data, scale, slack)
+        rows = rows.clone()
+        rows[new] = torch.arange(self._used, self._used + n_new, dtype=torch.int64)
+        d_ids, d_rows = self.delta_ids, self.delta_rows
+        if n_new:
+            d_ids = torch.cat([d_ids, ids[new]])
+            d_rows = torch.cat([d_rows, rows[new]])
+            order = torch.argsort(d_ids)
+            d_ids, d_rows = d_ids[order], d_rows[order]
+        return CachePlan(rows=rows, data=data, scale=scale, live=True, delta=(d_ids, d_rows))
+
+    def plan_delete(self, ids: torch.Tensor) -> CachePlan:
+        """The change that drops ``ids`` (absent ones are ignored)."""
+        rows = self._rows_any(ids)
+        rows = rows[rows >= 0]
+        return CachePlan(rows=rows, data=None, scale=None, live=False)
+
+    def plan_compact(self, slack: float = 0.125) -> CachePlan:
+        """A fresh layout of the live rows only (memory back to a build's, plus ``slack`` spare rows)."""
+        none = torch.zeros(0, dtype=torch.int64)
+        return self._relayout(none, self.data[:0], self.scale[:0], slack)
+
+    def apply(self, plan: CachePlan) -> None:
+        """Install ``plan`` (call under the writer guard; the plan was made from the current state)."""
+        if plan.layout is not None:
+            for name, t in plan.layout.items():
+                setattr(self, name, t)
+        else:
+            if plan.data is not None:
+                self.data[plan.rows] = plan.data
+                self.scale[plan.rows] = plan.scale
+            self.live[plan.rows] = plan.live
+            if plan.delta is not None:
+                self.delta_ids, self.delta_rows = plan.delta
+        self._refresh()
+
+    def _rows_any(self, ids: torch.Tensor) -> torch.Tensor:
+        """[n] row of each id, −1 where it has none (a deleted item keeps its row)."""
+        ids = ids.reshape(-1).to(torch.int64)
+        saved = self._all_live
+        self._all_live = True
+        try:
+            rows, found = self.rows(ids)
+        finally:
+            self._all_live = saved
+        return torch.where(found, rows, torch.full_like(rows, -1))
+
+    def _relayout(self, ids: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, slack: float) -> CachePlan:
+        used = torch.arange(self._used, dtype=torch.int64)
+        keep = used[self.live[: self._used]]
+        row_id = torch.empty(self._used, dtype=torch.int64)
+        row_id[: self.ids.numel()] = self.ids
+        row_id[self.delta_rows] = self.delta_ids
+        old_ids = row_id[keep]
+        mine = ~torch.isin(old_ids, ids)
+        all_ids = torch.cat([old_ids[mine], ids])
+        order = torch.argsort(all_ids)
+        n = int(all_ids.numel())
+        cap = n + max(64, math.ceil(slack * n))
+        new_data = self.data.new_zeros(cap, self.data.shape[1])
+        new_data[:n] = torch.cat([self.data[keep[mine]], data])[order]
+        new_scale = torch.ones(cap)
+        new_scale[:n] = torch.cat([self.scale[keep[mine]], scale])[order]
+        live = torch.zeros(cap, dtype=torch.bool)
+        live[:n] = True
+        empty = torch.zeros(0, dtype=torch.int64)
+        layout = {"ids": all_ids[order].contiguous(), "data": new_data, "scale": new_scale, "live": live,
+                  "delta_ids": empty, "delta_rows": empty.clone()}
+        return CachePlan(rows=empty, data=None, scale=None, live=True, layout=layout)
+
+
+@dataclass(frozen=True, slots=True)
+class CachePlan:
+    """One batch's change to an ``EmbeddingCache`` (``plan_upsert`` / ``plan_delete``), applied by ``apply``.
+
+    Either rows written in place (``rows`` [n], ``data`` [n, C] / ``scale``
+    [n] or ``None`` for a delete, the ``live`` flag they get, the new delta
+    lookup) or, when ``layout`` is set, a whole new set of buffers.
+    """
+
+    rows: torch.Tensor
+    data: torch.Tensor | None
+    scale: torch.Tensor | None
+    live: bool
+    delta: tuple[torch.Tensor, torch.Tensor] | None = None
+    layout: dict[str, torch.Tensor] | None = None
 
 
 class UserTable(nn.Module):
@@ -264,6 +412,73 @@ class LearnedRetrievalModel(nn.Module):
         return LearnedOutput(ids, top_v, task_scores, int(self.index.version), ann_ids, ann_scores)
 
     # -------------------------------------------------------- new catalogs
+    def item_inputs(self, items) -> ItemInputs:
+        """The item tower's inputs for the rows of ``items`` (a ``FeatureTable`` in the items-table layout).
+
+        Sparse values go through the training vocabularies (unseen values
+        share the hashed out-of-vocabulary rows); the id column is a feature
+        when the tower was trained on it; dense columns are concatenated in
+        table order. Raises ``DataError`` naming a missing column.
+        """
+        from sterling.model.data import DataError, Vocab
+
+        if self.item_tower is None:
+            raise ArtifactError("this model has no item tower to embed items with; retrain it with `sterling train`")
+        vocabs = {k: Vocab.from_meta(v) for k, v in self.extra_meta.get("vocabs", {}).items()}
+        vals, lens = [], []
+        n = len(items)
+        for key in self.item_tower.keys:
+            if key == "item_id":
+                raw, offs = np.asarray(items.ids), np.arange(n + 1, dtype=np.int64)
+            elif key in items.sparse:
+                raw, offs = items.sparse[key]
+            else:
+                raise DataError(f"{items.path or 'item features'}: the item tower needs sparse column {key!r}; "
+                                "add it to the items table")
+            if len(offs) != n + 1:
+                raise DataError(f"{items.path or 'item features'}: sparse column {key!r} has {len(offs) - 1} rows "
+                                f"for {n} items; give one row per item")
+            vals.append(vocabs[f"item.{key}"].lookup(raw[offs[0] : offs[-1]]))
+            lens.append(np.diff(offs).astype(np.int32))
+        dd = self.item_tower.config.dense_dim
+        dense = np.zeros((n, 0), np.float32)
+        if items.dense:
+            dense = np.concatenate([np.asarray(v, np.float32).reshape(n, -1) for v in items.dense.values()], axis=1)
+        if dense.shape[1] != dd:
+            raise DataError(f"{items.path or 'item features'}: the item tower needs {dd} dense values per item, "
+                            f"the table has {dense.shape[1]}")
+        if not np.isfinite(dense).all():
+            from sterling.model.errors import NonFiniteError
+
+            raise NonFiniteError(f"{items.path or 'item features'}: dense item features contain NaN or inf")
+        keys = tuple(self.item_tower.keys)
+        return ItemInputs(keys=keys, lengths=np.stack(lens) if lens else np.zeros((0, n), np.int32),
+                          values=np.concatenate(vals).astype(np.int64) if vals else np.zeros(0, np.int64),
+                          dense=np.ascontiguousarray(dense))
+
+    @torch.no_grad()
+    def embed_items(self, inputs: ItemInputs, *, step: int = 8192) -> torch.Tensor:
+        """[n, D] item-tower embeddings of ``inputs`` (no grad), in chunks of ``step`` items."""
+        from sterling.model.errors import InvalidInputError as _Bad
+
+        if self.item_tower is None:
+            raise ArtifactError("this model has no item tower to embed items with; retrain it with `sterling train`")
+        if tuple(inputs.keys) != tuple(self.item_tower.keys):
+            raise _Bad(f"item features have keys {list(inputs.keys)}; the item tower takes {self.item_tower.keys}")
+        n = len(inputs)
+        off = [np.concatenate([[0], np.cumsum(ln)]).astype(np.int64) for ln in inputs.lengths]
+        starts = np.concatenate([[0], np.cumsum([o[-1] for o in off])]).astype(np.int64)
+        vals = [inputs.values[starts[i] : starts[i + 1]] for i in range(len(off))]
+        dd = self.item_tower.config.dense_dim
+        dense = torch.from_numpy(np.ascontiguousarray(inputs.dense, dtype=np.float32)) if dd else None
+        E = []
+        for s in range(0, n, step):
+            e = min(s + step, n)
+            kjt = make_kjt(self.item_tower.keys, [v[o[s] : o[e]] for v, o in zip(vals, off)],
+                           [ln[s:e] for ln in inputs.lengths])
+            E.append(self.item_tower(kjt, None if dense is None else dense[s:e]))
+        return torch.cat(E) if E else torch.zeros(0, self.index.dim)
+
     @torch.no_grad()
     def with_catalog(self, items, *, index_config=None) -> LearnedRetrievalModel:
         """The same model over a new item catalog: re-embed it with the trained item tower.
@@ -276,34 +491,8 @@ class LearnedRetrievalModel(nn.Module):
         """
         from sterling.model.build import build_index
         from sterling.model.config import IndexConfig
-        from sterling.model.data import DataError, Vocab
 
-        if self.item_tower is None:
-            raise ArtifactError("this model has no item tower to re-embed a catalog with")
-        vocabs = {k: Vocab.from_meta(v) for k, v in self.extra_meta.get("vocabs", {}).items()}
-        vals, lens = [], []
-        for key in self.item_tower.keys:
-            if key == "item_id":
-                raw, offs = items.ids, np.arange(len(items) + 1, dtype=np.int64)
-            elif key in items.sparse:
-                raw, offs = items.sparse[key]
-            else:
-                raise DataError(f"{items.path}: the item tower needs sparse column {key!r}; add it to the items table")
-            mapped = vocabs[f"item.{key}"].lookup(raw)
-            vals.append(mapped)
-            lens.append(np.diff(offs))
-        dd = self.item_tower.config.dense_dim
-        dense = torch.from_numpy(np.concatenate(list(items.dense.values()), axis=1)) if items.dense else None
-        if dd and (dense is None or dense.shape[1] != dd):
-            raise DataError(f"{items.path}: the item tower needs {dd} dense values per item")
-        E = []
-        step = 8192
-        off = [np.concatenate([[0], np.cumsum(ln)]) for ln in lens]
-        for s in range(0, len(items), step):
-            e = min(s + step, len(items))
-            kjt = make_kjt(self.item_tower.keys, [v[o[s]:o[e]] for v, o in zip(vals, off)], [ln[s:e] for ln in lens])
-            E.append(self.item_tower(kjt, None if dense is None else dense[s:e]))
-        E = torch.cat(E)
+        E = self.embed_items(self.item_inputs(items))
         cfg = index_config or IndexConfig.from_dict({**self.index.config.to_dict(), "nlist": None})
         ids = torch.from_numpy(np.array(items.ids, dtype=np.int64))
         index = build_index(E, ids=ids, attributes=items.attributes, config=cfg)
@@ -317,6 +506,11 @@ class LearnedRetrievalModel(nn.Module):
     # ------------------------------------------------------------- artifact
     def save(self, path: str | Path) -> None:
         """One artifact: index, towers, vocabularies (meta), cache, OverArch, heads, users table, Value Model."""
+        tensors, meta = self.artifact_parts()
+        write_artifact(path, kind="learned_retrieval_model", meta=meta, tensors=tensors)
+
+    def artifact_parts(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, metadata) of the artifact ``save`` writes (the tensors are the live ones, not copies)."""
         tensors = {f"index.{n}": t for n, t in self.index.tensors().items()}
         parts = {"user_tower": self.user_tower, "overarch": self.overarch, "heads": self.heads, "cache": self.cache}
         if self.item_tower is not None:
@@ -336,7 +530,7 @@ class LearnedRetrievalModel(nn.Module):
             "users_keys": None if self.users is None else self.users.keys,
             "extra": self.extra_meta,
         }
-        write_artifact(path, kind="learned_retrieval_model", meta=meta, tensors=tensors)
+        return tensors, meta
 
     @classmethod
     def load(cls, path: str | Path, *, verify: bool = True) -> LearnedRetrievalModel:
@@ -361,7 +555,7 @@ class LearnedRetrievalModel(nn.Module):
         heads = TaskHeads(overarch.hidden_dim, m["tasks"])
         heads.load_state_dict(part("heads"), assign=True)
         c = part("cache")
-        cache = EmbeddingCache(c["ids"], c["data"], c["scale"])
+        cache = EmbeddingCache(c["ids"], c["data"], c["scale"], c.get("live"), c.get("delta_ids"), c.get("delta_rows"))
         users = None
         if m.get("users_keys") is not None:
             u = part("users")

@@ -31,6 +31,17 @@ it. A snapshot starts a new log segment and deletes the segments and older
 snapshots it covers. An interrupted snapshot leaves only a temp file, which
 recovery deletes.
 
+A learned model (``LearnedRetrievalModel``, ``sterling train``) is served the
+same way; its upserts carry item features (``item_features=``: a
+``FeatureTable`` in the items-table layout, or mapped ``ItemInputs``)
+instead of vectors. The item tower embeds them (no grad, eval mode); the
+index entry (quantized, assigned as for a vector) and the OverArch's cached
+item row (``EmbeddingCache.plan_upsert``) are written under the same hold of
+the writer guard, so a query sees both or neither. Deletes drop the cache row
+in the same hold. The log record (``upsert_features``) carries the tower's
+inputs, so replay re-embeds them into the same index entries and cache rows;
+snapshots are learned-model artifacts and include the cache.
+
 Example:
     >>> live = LiveModel.open(RetrievalModel.load("m.st"), LiveModel.Config(data_dir="data"))
     >>> v = live.upsert([1001, 1002], xb_new, [["lang:en"], ["lang:fr"]])
@@ -52,12 +63,15 @@ import torch
 
 from sterling.model import updates as upd
 from sterling.model.artifact import read_artifact, write_artifact
+from sterling.model.data import FeatureTable, ItemInputs
 from sterling.model.errors import (
     ArtifactError,
     InvalidInputError,
+    ItemFeaturesError,
     SnapshotError,
     VersionTimeoutError,
 )
+from sterling.model.learned import LearnedRetrievalModel
 from sterling.model.retrieval import RetrievalModel, RetrievalOutput
 from sterling.model.wal import LogRecord, RecordKind, UpdateLog
 
@@ -105,8 +119,15 @@ class ReadWriteGuard:
                 self._cv.notify_all()
 
 
+def load_model(path: str | Path) -> RetrievalModel | LearnedRetrievalModel:
+    """The model in an artifact: a learned one (``sterling train``) or an index model."""
+    if read_artifact(path, verify=False)[0]["kind"] == "learned_retrieval_model":
+        return LearnedRetrievalModel.load(path)
+    return RetrievalModel.load(path)
+
+
 class LiveModel:
-    """A ``RetrievalModel`` plus the guard, update log and snapshots that keep it fresh."""
+    """A ``RetrievalModel`` or ``LearnedRetrievalModel`` plus the guard, update log and snapshots that keep it fresh."""
 
     @dataclass(kw_only=True, slots=True)
     class Config:
@@ -142,8 +163,12 @@ class LiveModel:
                     f"update_backend {self.update_backend!r} is not one of {upd.BACKENDS} (or None)"
                 )
 
-    def __init__(self, model: RetrievalModel, config: Config, *, wal: UpdateLog | None, applied: int) -> None:
+    def __init__(self, model: RetrievalModel | LearnedRetrievalModel, config: Config, *, wal: UpdateLog | None,
+                 applied: int) -> None:
         self.model = model
+        self.learned = isinstance(model, LearnedRetrievalModel)
+        if self.learned:
+            model.eval()
         self.config = config
         self.guard = ReadWriteGuard()
         self._wal = wal
@@ -157,11 +182,11 @@ class LiveModel:
 
     # ------------------------------------------------------------ open / recover
     @classmethod
-    def open(cls, model: RetrievalModel | str | Path, config: Config | None = None) -> LiveModel:
+    def open(cls, model: RetrievalModel | LearnedRetrievalModel | str | Path, config: Config | None = None) -> LiveModel:
         """Recover from ``config.data_dir`` (newest snapshot + log), else start from ``model``."""
         config = config or cls.Config()
         if config.data_dir is None:
-            m = model if isinstance(model, RetrievalModel) else RetrievalModel.load(model)
+            m = model if isinstance(model, (RetrievalModel, LearnedRetrievalModel)) else load_model(model)
             return cls(m, config, wal=None, applied=0)
         d = Path(config.data_dir)
         d.mkdir(parents=True, exist_ok=True)
@@ -171,13 +196,20 @@ class LiveModel:
         m, covered = None, 0
         for seq, path in reversed(_snapshots(d)):
             try:
-                m = RetrievalModel.load(path)
+                m = load_model(path)
                 covered = int(read_artifact(path, verify=False)[0]["meta"].get("log_seq", seq))
                 break
             except ArtifactError as e:
                 log.error("snapshot %s is unreadable (%s); trying an older one", path, e)
         if m is None:
-            m = model if isinstance(model, RetrievalModel) else RetrievalModel.load(model)
+            m = model if isinstance(model, (RetrievalModel, LearnedRetrievalModel)) else load_model(model)
+        given = model if isinstance(model, (RetrievalModel, LearnedRetrievalModel)) else None
+        if given is not None and isinstance(given, LearnedRetrievalModel) != isinstance(m, LearnedRetrievalModel):
+            raise ArtifactError(
+                f"{d} holds snapshots of a {'learned' if isinstance(m, LearnedRetrievalModel) else 'index'} model "
+                "but the model given is not one; serve it with the model the data directory was made for, or a "
+                "fresh --data-dir"
+            )
         wal = UpdateLog.open(d, fsync=config.fsync)
         live = cls(m, config, wal=wal, applied=covered)
         n = 0
@@ -202,7 +234,7 @@ class LiveModel:
 
     @property
     def tower(self):
-        return self.model.tower
+        return getattr(self.model, "tower", None)
 
     def holding(self, ids: list[int]) -> list[bool]:
         """Whether each external id is in the index now."""
@@ -239,8 +271,27 @@ class LiveModel:
                 self._apply_cv.wait(left)
 
     # ----------------------------------------------------------------- writes
-    def upsert(self, ids, embeddings, attributes=None) -> int:
-        """Insert or replace items; returns the version that contains them (durable)."""
+    def upsert(self, ids, embeddings=None, attributes=None, *, item_features=None) -> int:
+        """Insert or replace items; returns the version that contains them (durable).
+
+        Args:
+            ids: [n] external ids, unique, ≥ 0.
+            embeddings: [n, D] vectors (index models).
+            attributes: ``None`` or one list of ``feature:value`` terms per item.
+            item_features: learned models: a ``FeatureTable`` whose ``ids`` are
+                ``ids`` (the items-table layout, docs/data.md), or ``ItemInputs``.
+        Raises:
+            ItemFeaturesError: embeddings for a learned model, item features for an index model.
+        """
+        if self.learned:
+            return self._upsert_features(ids, embeddings, attributes, item_features)
+        if item_features is not None:
+            raise ItemFeaturesError(
+                "item_features need a learned model with an item tower (`sterling train`); this is an index model: "
+                "send embeddings"
+            )
+        if embeddings is None:
+            raise InvalidInputError("upsert needs embeddings, one [D] row per id")
         batch = upd.prepare_upsert(self.model.index, ids, embeddings, attributes)
         meta = batch.attributes
         shape = (batch.ids.numel(), self.model.index.dim)
@@ -249,6 +300,60 @@ class LiveModel:
         else:
             vec = np.ascontiguousarray(torch.as_tensor(embeddings).detach().float().cpu().reshape(shape).numpy())
         return self._commit(RecordKind.UPSERT, batch.ids.numpy(), vec, meta, prepared=batch)
+
+    def _upsert_features(self, ids, embeddings, attributes, item_features) -> int:
+        if embeddings is not None or item_features is None:
+            raise ItemFeaturesError(
+                "this is a learned model: its index entries and OverArch cache rows come from the item tower, so "
+                "an upsert carries item features (item_features=, the items-table columns of docs/data.md), not "
+                "embeddings. To serve precomputed vectors, build an index model with `sterling build`"
+            )
+        id_t = upd.check_batch_ids(ids, "upsert")
+        if isinstance(item_features, FeatureTable):
+            got = np.asarray(item_features.ids, dtype=np.int64).reshape(-1)
+            if got.shape != (id_t.numel(),) or not np.array_equal(got, id_t.numpy()):
+                raise InvalidInputError(
+                    f"item_features hold ids {got[:5].tolist()}… for upsert ids {id_t[:5].tolist()}…; give one "
+                    "features row per id, in the same order"
+                )
+            inputs = self.model.item_inputs(item_features)
+        elif isinstance(item_features, ItemInputs):
+            inputs = item_features
+        else:
+            raise ItemFeaturesError(
+                f"item_features is a {type(item_features).__name__}; give a FeatureTable "
+                "(sterling.model.data.read_features(path, 'item_id')) or ItemInputs"
+            )
+        if len(inputs) != id_t.numel():
+            raise InvalidInputError(f"{id_t.numel()} ids but item features for {len(inputs)} items")
+        prepared = self._prepare_features(id_t, inputs, attributes)
+        empty = np.zeros((id_t.numel(), 0), np.float32)
+        return self._commit(RecordKind.UPSERT_FEATURES, id_t.numpy(), empty, prepared[0].attributes,
+                            prepared=prepared, features=inputs)
+
+    def _prepare_features(self, id_t: torch.Tensor, inputs: ItemInputs, attributes):
+        """(index batch, [n, C] fp32 cache rows): embed with the item tower, then encode as a vector upsert."""
+        E = self.model.embed_items(inputs)
+        batch = upd.prepare_upsert(self.model.index, id_t, E, attributes)
+        with torch.no_grad():
+            rows = self.model.overarch.item_side(E).detach().float()
+        return batch, rows
+
+    def _holding_cache(self, plan_fn):
+        """``guard.write`` that also applies the cache plan ``plan_fn()`` made just before, when the index
+        batch inside bumped the version (an apply that changed nothing — full lists — leaves the cache too)."""
+        cache, index = self.model.cache, self.model.index
+        plan = plan_fn()
+
+        @contextmanager
+        def exclusive():
+            with self.guard.write():
+                v0 = int(index.version)
+                yield
+                if int(index.version) != v0:
+                    cache.apply(plan)
+
+        return exclusive
 
     def delete(self, ids) -> int:
         """Delete items by id (absent ids are ignored); returns the version without them."""
@@ -269,13 +374,14 @@ class LiveModel:
             raise InvalidInputError(f"{id_t.numel()} ids but {len(lists)} attribute lists")
         return self._commit(RecordKind.ATTRIBUTES, id_t.numpy(), np.zeros((id_t.numel(), 0), np.float32), lists)
 
-    def _commit(self, kind: RecordKind, ids: np.ndarray, vec: np.ndarray, meta, *, prepared=None) -> int:
+    def _commit(self, kind: RecordKind, ids: np.ndarray, vec: np.ndarray, meta, *, prepared=None,
+                features: ItemInputs | None = None) -> int:
         if self._closed:
             raise InvalidInputError("this LiveModel is closed; open the data directory again")
         with self._seq_lock:
             seq = self._next_seq
             self._next_seq += 1
-            rec = LogRecord(kind, seq, ids, vec, meta)
+            rec = LogRecord(kind, seq, ids, vec, meta, features)
             if self._wal is not None:
                 self._wal.append(rec)
         if self._wal is not None:
@@ -295,19 +401,35 @@ class LiveModel:
     def _apply_record(self, rec: LogRecord, prepared=None) -> int:
         """Apply one logged batch; returns the version it produced."""
         index = self.model.index
-        if rec.kind is RecordKind.UPSERT:
-            batch = prepared or upd.prepare_upsert(index, rec.ids, torch.from_numpy(rec.vectors), rec.meta)
+        upsert = rec.kind in (RecordKind.UPSERT, RecordKind.UPSERT_FEATURES)
+        if upsert and (rec.kind is RecordKind.UPSERT_FEATURES) != self.learned:
+            raise ItemFeaturesError(
+                f"update log record {rec.seq} is a {rec.kind.name} batch but this is "
+                f"{'a learned' if self.learned else 'an index'} model; open the data directory with the model "
+                "it was written for"
+            )
+        if upsert:
+            exclusive = self.guard.write
+            if rec.kind is RecordKind.UPSERT_FEATURES:
+                ids_t = torch.from_numpy(rec.ids)
+                batch, rows = prepared or self._prepare_features(ids_t, rec.features, rec.meta)
+                exclusive = self._holding_cache(lambda: self.model.cache.plan_upsert(ids_t, rows))
+            else:
+                batch = prepared or upd.prepare_upsert(index, rec.ids, torch.from_numpy(rec.vectors), rec.meta)
             backend = self.config.update_backend
             try:
-                return upd.apply_upsert(index, batch, exclusive=self.guard.write, backend=backend)
+                return upd.apply_upsert(index, batch, exclusive=exclusive, backend=backend)
             except upd.ListsFullError as full:  # nothing was applied: make room, then apply
                 layout = upd.repack(index, extra=full.needed)  # queries keep running meanwhile
                 with self.guard.write():
                     upd.install_layout(index, layout)
-                return upd.apply_upsert(index, batch, exclusive=self.guard.write, backend=backend)
+                return upd.apply_upsert(index, batch, exclusive=exclusive, backend=backend)
         if rec.kind is RecordKind.DELETE:
-            return upd.apply_delete(index, torch.from_numpy(rec.ids), exclusive=self.guard.write,
-                                    backend=self.config.update_backend)[1]
+            ids_t = torch.from_numpy(rec.ids)
+            exclusive = self.guard.write
+            if self.learned:
+                exclusive = self._holding_cache(lambda: self.model.cache.plan_delete(ids_t))
+            return upd.apply_delete(index, ids_t, exclusive=exclusive, backend=self.config.update_backend)[1]
         with self.guard.write():
             upd.update_attributes(index, torch.from_numpy(rec.ids), rec.meta)
             return int(index.version)
@@ -346,11 +468,19 @@ class LiveModel:
             with self._apply_cv:
                 while self._applied != self._next_seq - 1:
                     self._apply_cv.wait()
-            before = upd.footprint(index)
+            before = upd.footprint(index) + self._cache_bytes()
             layout = upd.repack(index)
+            cache_plan = self.model.cache.plan_compact() if self.learned else None
             with self.guard.write():
                 upd.install_layout(index, layout)
-            return before - upd.footprint(index)
+                if cache_plan is not None:
+                    self.model.cache.apply(cache_plan)
+            return before - upd.footprint(index) - self._cache_bytes()
+
+    def _cache_bytes(self) -> int:
+        if not self.learned:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self.model.cache.buffers())
 
     def snapshot(self) -> Path | None:
         """Write the whole model as of the last applied batch; truncate the log it covers.
@@ -371,7 +501,8 @@ class LiveModel:
             self._since_snapshot = 0
         path = d / f"snapshot-{covered:020d}.st"
         try:
-            write_artifact(path, kind="retrieval_model", meta={**meta, "log_seq": covered}, tensors=tensors)
+            kind = "learned_retrieval_model" if self.learned else "retrieval_model"
+            write_artifact(path, kind=kind, meta={**meta, "log_seq": covered}, tensors=tensors)
         except OSError as e:  # disk full, quota, I/O error: write_artifact removed its temp file
             raise SnapshotError(
                 f"snapshot {path} could not be written ({e.strerror or e}); the previous snapshot and the "
@@ -393,10 +524,15 @@ class LiveModel:
             self._wal.close()
 
 
-def _model_parts(model: RetrievalModel) -> tuple[dict[str, torch.Tensor], dict]:
-    """Copies of the model's tensors and its artifact metadata (as ``RetrievalModel.save``)."""
+def _model_parts(model: RetrievalModel | LearnedRetrievalModel) -> tuple[dict[str, torch.Tensor], dict]:
+    """Copies of the model's tensors and its artifact metadata (as ``RetrievalModel.save`` /
+    ``LearnedRetrievalModel.save``)."""
     from dataclasses import asdict
 
+    if isinstance(model, LearnedRetrievalModel):
+        tensors, meta = model.artifact_parts()
+        meta["index"] = {**meta["index"], "vocab": list(model.index.vocab)}
+        return {n: t.detach().clone() for n, t in tensors.items()}, meta
     index = model.index
     tensors = {f"index.{n}": t.detach().clone() for n, t in index.tensors().items()}
     meta: dict = {"index": index.meta(), "tower": None}

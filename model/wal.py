@@ -11,6 +11,17 @@ Record layout (little endian)::
 ``delete`` (ids) or ``attributes`` (ids, meta = attribute lists). ``seq`` is
 the batch's sequence number: 1, 2, 3, … with no gaps across segments.
 
+``upsert_features`` (a learned model's upsert: the item tower embeds the
+items, so the record carries the tower's inputs, ``ItemInputs``, not a
+vector) has ``dim`` = the dense feature width, ``vectors`` = the dense
+features, and after them the sparse part::
+
+                   · lengths int32[len(keys) · n] · values int64[sum(lengths)]
+
+with ``meta = {"format": 1, "keys": [...], "nvalues": V, "attributes": ...}``.
+A record of an unknown ``format`` raises ``CorruptLogError`` (written by a
+newer Sterling) instead of being misread.
+
 Segments are files ``wal-<first seq, 20 digits>.log`` in one directory; a new
 segment starts at every snapshot, and segments whose records a snapshot
 covers are deleted. Group commit: ``append`` only writes (to the page cache);
@@ -39,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sterling.model.data import ItemInputs
 from sterling.model.errors import CorruptLogError
 
 __all__ = ["LogRecord", "RecordKind", "UpdateLog"]
@@ -48,12 +60,14 @@ log = logging.getLogger("sterling.wal")
 _FRAME = struct.Struct("<II")  # length, crc
 _HEAD = struct.Struct("<BQIII")  # kind, seq, n, dim, meta length
 _MAX_RECORD = 1 << 31
+FEATURES_FORMAT = 1  # layout version of ``upsert_features`` records
 
 
 class RecordKind(IntEnum):
     UPSERT = 1
     DELETE = 2
     ATTRIBUTES = 3
+    UPSERT_FEATURES = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +78,11 @@ class LogRecord:
         kind: what the batch does.
         seq: its sequence number.
         ids: [n] int64 external ids.
-        vectors: [n, dim] fp32 (upserts; [n, 0] otherwise).
-        meta: JSON value (attribute lists, or None).
+        vectors: [n, dim] fp32 (upserts; the dense item features of
+            ``upsert_features``; [n, 0] otherwise).
+        meta: JSON value (attribute lists, or None; an ``upsert_features``
+            record's attribute lists too — its format fields are added on disk).
+        features: the item tower's inputs (``upsert_features`` only).
     """
 
     kind: RecordKind
@@ -73,14 +90,29 @@ class LogRecord:
     ids: np.ndarray
     vectors: np.ndarray
     meta: object = None
+    features: ItemInputs | None = None
 
     def encode(self) -> bytes:
         ids = np.ascontiguousarray(self.ids, dtype="<i8")
-        vec = np.ascontiguousarray(self.vectors, dtype="<f4")
+        f = self.features
+        if (self.kind is RecordKind.UPSERT_FEATURES) != (f is not None):
+            raise ValueError(f"a {self.kind.name} record {'needs' if f is None else 'takes no'} item features")
+        tail: list[bytes] = []
+        meta_obj = self.meta
+        if f is not None:
+            if f.lengths.shape != (len(f.keys), ids.size):
+                raise ValueError(f"item features have lengths {f.lengths.shape} for {len(f.keys)} keys × {ids.size} ids")
+            meta_obj = {"format": FEATURES_FORMAT, "keys": list(f.keys), "nvalues": int(f.values.size),
+                        "attributes": self.meta}
+            vec = np.ascontiguousarray(f.dense, dtype="<f4").reshape(ids.size, -1)
+            tail = [np.ascontiguousarray(f.lengths, dtype="<i4").tobytes(),
+                    np.ascontiguousarray(f.values, dtype="<i8").tobytes()]
+        else:
+            vec = np.ascontiguousarray(self.vectors, dtype="<f4")
         n, dim = (vec.shape[0], vec.shape[1]) if vec.ndim == 2 else (ids.size, 0)
-        meta = json.dumps(self.meta, separators=(",", ":")).encode()
+        meta = json.dumps(meta_obj, separators=(",", ":")).encode()
         payload = b"".join([_HEAD.pack(int(self.kind), self.seq, ids.size, dim, len(meta)), meta,
-                            ids.tobytes(), vec.tobytes()])
+                            ids.tobytes(), vec.tobytes(), *tail])
         if n != ids.size:
             raise ValueError(f"record has {ids.size} ids but {n} vectors")
         return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
@@ -94,7 +126,24 @@ class LogRecord:
         ids = np.frombuffer(payload, dtype="<i8", count=n, offset=p).astype(np.int64)
         p += 8 * n
         vec = np.frombuffer(payload, dtype="<f4", count=n * dim, offset=p).astype(np.float32).reshape(n, dim)
-        return cls(RecordKind(kind), seq, ids, vec, meta)
+        p += 4 * n * dim
+        try:
+            kind = RecordKind(kind)
+        except ValueError as e:
+            raise CorruptLogError(f"update log record {seq} has kind {kind}, unknown to this Sterling; "
+                                  "recover this data directory with the Sterling version that wrote it") from e
+        if kind is not RecordKind.UPSERT_FEATURES:
+            return cls(kind, seq, ids, vec, meta)
+        if not isinstance(meta, dict) or meta.get("format") != FEATURES_FORMAT:
+            got = meta.get("format") if isinstance(meta, dict) else meta
+            raise CorruptLogError(f"update log record {seq} holds item features in format {got!r}; this Sterling "
+                                  f"reads format {FEATURES_FORMAT}. Recover with the Sterling version that wrote it")
+        keys = tuple(meta["keys"])
+        lengths = np.frombuffer(payload, dtype="<i4", count=len(keys) * n, offset=p).astype(np.int32)
+        p += 4 * len(keys) * n
+        values = np.frombuffer(payload, dtype="<i8", count=int(meta["nvalues"]), offset=p).astype(np.int64)
+        feats = ItemInputs(keys=keys, lengths=lengths.reshape(len(keys), n), values=values, dense=vec)
+        return cls(kind, seq, ids, np.zeros((n, 0), np.float32), meta["attributes"], feats)
 
 
 def _segment_name(first_seq: int) -> str:
