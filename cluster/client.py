@@ -156,12 +156,22 @@ class Client:
         return from_response(resp, k)
 
     def upsert(self, batches, *, timeout_s: float | None = None) -> pb.UpsertResponse:
-        """Stream ``(ids [n], embeddings [n, D], attributes or None)`` batches; one durable summary back."""
+        """Stream ``(ids [n], embeddings [n, D], attributes or None)`` batches; one durable summary back.
+
+        For a learned model the second element is a ``FeatureTable`` of the
+        items' feature columns (``read_features(path, "item_id")`` rows) instead
+        of embeddings: the server's item tower embeds them.
+        """
+        from sterling.cluster.item_features import features_to_proto
+        from sterling.model.data import FeatureTable
 
         def messages():
             for ids, x, attrs in batches:
-                x = np.asarray(x, dtype=np.float32)
-                msg = pb.UpsertRequest(ids=[int(i) for i in ids], embeddings=x.reshape(-1).tolist())
+                if isinstance(x, FeatureTable):
+                    msg = pb.UpsertRequest(ids=[int(i) for i in ids], item_features=features_to_proto(x))
+                else:
+                    x = np.asarray(x, dtype=np.float32)
+                    msg = pb.UpsertRequest(ids=[int(i) for i in ids], embeddings=x.reshape(-1).tolist())
                 if attrs is not None:
                     msg.attributes.extend(pb.Attributes(terms=list(t)) for t in attrs)
                 yield msg

@@ -9,7 +9,9 @@ with ``adaptive=False``).
 
 The head keeps everything *but* the item index (an empty slice stands in for
 it): towers, users table, OverArch, task heads and the item-embedding cache
-the OverArch reads for the K0 candidates.
+the OverArch reads for the K0 candidates. ``guard``: a query holds its read
+side from the fan-out to the rerank; streaming updates (``LiveShards``) apply
+a request to the shards' index slices and to the cache under its write side.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from sterling.cluster.errors import RequestTooLargeError
 from sterling.model.errors import DimensionMismatchError, InvalidInputError, LimitExceededError
 from sterling.model.index import prepare_queries
 from sterling.model.learned import LearnedRetrievalModel, nprobe_for_k0
+from sterling.model.live import ReadWriteGuard
 from sterling.sharding.documents import slice_index
 
 __all__ = ["SparseInput", "LearnedHead"]
@@ -56,8 +59,9 @@ class LearnedHead:
         self.model = LearnedRetrievalModel(
             index=slice_index(idx, (0, 0)), user_tower=model.user_tower, overarch=model.overarch,
             heads=model.heads, cache=model.cache, users=model.users, item_tower=model.item_tower,
-            value_formula=model.value_model.default, k0=model.k0,
+            value_formula=model.value_model.default, k0=model.k0, extra_meta=model.extra_meta,
         ).eval()
+        self.guard = ReadWriteGuard()
         self.tasks = list(self.model.tasks)
         self.value_model = self.model.value_model
         tower = model.user_tower

@@ -13,6 +13,17 @@ A crash between two shards' commits of one request leaves the request
 unacknowledged and the shards one batch apart in version; Retrieve then
 reports the skew, and ``min_version`` waits for the lowest shard.
 
+A learned model (``sterling train``) keeps its item index in the shards and
+its OverArch item cache in the router (``LearnedHead``). Its upserts carry
+item features: the router embeds them once with the item tower, the shards
+take the vectors (routed as above), and the cache takes the rows
+(``LiveCache``, durable in ``DIR/head``: its own log of the features and
+deletes, and cache snapshots). Each request is logged everywhere first, then
+applied to every shard and to the cache under one hold of the router's guard
+(``LearnedHead.guard``; queries hold its read side from fan-out to rerank), so
+a query sees the whole request or none of it — never a new index entry with
+an old cache row.
+
 The shards behind ``LiveShards`` need only the ``LiveModel`` write surface
 (``upsert``, ``delete``, ``update_attributes``, ``holding``, ``version``,
 ``applied_seq``, ``wait_for_version``): on Ray each one is a
@@ -23,6 +34,7 @@ to all replicas of the shard, each a ``LiveReplica`` inside its actor.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import logging
 import threading
 from pathlib import Path
 
@@ -31,24 +43,137 @@ import torch
 
 from sterling.cluster.backends import LocalBackend
 from sterling.cluster.errors import ReplicaOrderError
+from sterling.cluster.learned_head import LearnedHead
 from sterling.cluster.router import Router, RouterConfig
 from sterling.cluster.shard import ShardServer
 from sterling.model import updates as upd
-from sterling.model.errors import InvalidInputError
-from sterling.model.live import LiveModel
+from sterling.model.artifact import read_artifact, write_artifact
+from sterling.model.data import FeatureTable
+from sterling.model.errors import ArtifactError, InvalidInputError, ItemFeaturesError, SnapshotError
+from sterling.model.learned import CachePlan, LearnedRetrievalModel
+from sterling.model.live import LiveModel, load_model
 from sterling.model.retrieval import RetrievalModel
-from sterling.model.wal import LogRecord, RecordKind
+from sterling.model.wal import LogRecord, RecordKind, UpdateLog
 from sterling.sharding.documents import balanced_list_ranges, slice_model
 
-__all__ = ["LiveReplica", "LiveShards", "live_router"]
+__all__ = ["LiveCache", "LiveReplica", "LiveShards", "live_router"]
+
+log = logging.getLogger("sterling.live")
+
+
+class LiveCache:
+    """A learned model's OverArch item cache in the router, durable on its own (``DIR/head``).
+
+    Log records: ``upsert_features`` (ids, the item tower's inputs) and
+    ``delete``; snapshots ``cache-<seq>.st`` hold the cache buffers. Recovery
+    = newest snapshot + replay, re-embedding the logged features with the
+    same item tower. Writes are staged (logged, durable) by ``stage`` and
+    applied by ``apply`` under the caller's writer guard.
+    """
+
+    def __init__(self, model: LearnedRetrievalModel, data_dir: str | Path, *, snapshot_every: int = 1000,
+                 fsync: bool = True) -> None:
+        self.model = model
+        self.data_dir = Path(data_dir)
+        self.snapshot_every = snapshot_every
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        covered = 0
+        for tmp in self.data_dir.glob("cache-*.st.tmp-*"):
+            tmp.unlink()
+        for _seq, path in reversed(self._snapshots()):
+            try:
+                h, tensors = read_artifact(path)
+            except ArtifactError as e:
+                log.error("cache snapshot %s is unreadable (%s); trying an older one", path, e)
+                continue
+            model.cache.apply(CachePlan(rows=torch.zeros(0, dtype=torch.int64), data=None, scale=None, live=True,
+                                        layout=dict(tensors)))
+            covered = int(h["meta"]["log_seq"])
+            break
+        self._wal = UpdateLog.open(self.data_dir, fsync=fsync)
+        self.applied_seq = covered
+        self._since_snapshot = 0
+        for rec in self._wal.replay(after=covered):
+            self.apply(self._plan(rec))
+            self.applied_seq = rec.seq
+        self._next_seq = max(self.applied_seq, self._wal.last_seq) + 1
+
+    def _snapshots(self) -> list[tuple[int, Path]]:
+        out = []
+        for p in self.data_dir.glob("cache-*.st"):
+            try:
+                out.append((int(p.stem.split("-")[1]), p))
+            except (IndexError, ValueError):
+                continue
+        return sorted(out)
+
+    def stage(self, kind: RecordKind, ids: np.ndarray, features=None, rows: torch.Tensor | None = None):
+        """Log one batch (durable when this returns); ``rows`` [n, C]: the cache rows already computed."""
+        rec = LogRecord(kind, self._next_seq, np.ascontiguousarray(ids, dtype=np.int64),
+                        np.zeros((len(ids), 0), np.float32), None, features)
+        self._wal.append(rec)
+        self._next_seq += 1
+        self._wal.sync(rec.seq)
+        return rec, rows
+
+    def _plan(self, staged) -> tuple[int, CachePlan]:
+        rec, rows = staged if isinstance(staged, tuple) else (staged, None)
+        ids = torch.from_numpy(rec.ids)
+        if rec.kind is RecordKind.DELETE:
+            return rec.seq, self.model.cache.plan_delete(ids)
+        if rows is None:
+            with torch.no_grad():
+                rows = self.model.overarch.item_side(self.model.embed_items(rec.features))
+        return rec.seq, self.model.cache.plan_upsert(ids, rows.detach().float())
+
+    def plan(self, staged) -> tuple[int, CachePlan]:
+        """The cache change of a staged batch (made from the current cache; apply it next)."""
+        return self._plan(staged)
+
+    def apply(self, planned: tuple[int, CachePlan]) -> None:
+        seq, plan = planned
+        self.model.cache.apply(plan)
+        self.applied_seq = seq
+        self._since_snapshot += 1
+
+    def maintain(self) -> None:
+        if self.snapshot_every and self._since_snapshot >= self.snapshot_every:
+            try:
+                self.snapshot()
+            except SnapshotError:
+                log.exception("automatic cache snapshot failed; updates stay durable in the log")
+
+    def snapshot(self) -> Path:
+        """Write the cache as of the last applied batch; truncate the log it covers.
+
+        Called by the one writer (``LiveShards`` holds its request lock), so the copy is consistent.
+        """
+        covered = self._wal.rotate()
+        tensors = {n: t.detach().clone() for n, t in self.model.cache.state_dict().items()}
+        self._since_snapshot = 0
+        path = self.data_dir / f"cache-{covered:020d}.st"
+        try:
+            write_artifact(path, kind="embedding_cache", meta={"log_seq": covered}, tensors=tensors)
+        except OSError as e:
+            raise SnapshotError(f"cache snapshot {path} could not be written ({e.strerror or e}); the update log "
+                                "still holds every acknowledged batch. Free space and retry") from e
+        for seq, old in self._snapshots():
+            if seq < covered:
+                old.unlink()
+        self._wal.truncate(covered)
+        return path
+
+    def close(self) -> None:
+        self._wal.close()
 
 
 class LiveShards:
     """The shards' ``LiveModel``s and the routing of update requests to them."""
 
     def __init__(self, head: RetrievalModel, ranges: list[tuple[int, int]], lives: list, *,
-                 parallel: bool = False) -> None:
+                 parallel: bool = False, learned: LearnedHead | None = None, cache: LiveCache | None = None) -> None:
         self.head = head
+        self.learned, self.cache = learned, cache
         self.ranges = ranges
         self.lives = lives
         self._starts = np.array([r[0] for r in ranges])
@@ -70,15 +195,21 @@ class LiveShards:
         return [int(live.version) for live in self.lives]
 
     @classmethod
-    def open(cls, model: RetrievalModel, num_shards: int, data_dir: str | Path, *,
+    def open(cls, model: RetrievalModel | LearnedRetrievalModel, num_shards: int, data_dir: str | Path, *,
              snapshot_every: int = 1000) -> LiveShards:
+        """Shards recovered from ``data_dir/shard-NNNN`` (and, for a learned model, the cache from ``data_dir/head``)."""
+        learned = cache = None
+        if isinstance(model, LearnedRetrievalModel):
+            learned = LearnedHead(model)
+            cache = LiveCache(learned.model, Path(data_dir) / "head", snapshot_every=snapshot_every)
+            model = RetrievalModel(model.index)
         ranges = balanced_list_ranges(model.index, num_shards)
         lives = []
         for s, r in enumerate(ranges):
             sub = slice_model(model, r) if num_shards > 1 else model
             cfg = LiveModel.Config(data_dir=Path(data_dir) / f"shard-{s:04d}", snapshot_every=snapshot_every)
             lives.append(LiveModel.open(sub, cfg))
-        return cls(slice_model(model, (0, 0)), ranges, lives)
+        return cls(slice_model(model, (0, 0)), ranges, lives, learned=learned, cache=cache)
 
     @property
     def version(self) -> int:
@@ -104,8 +235,22 @@ class LiveShards:
         for live in self.lives:
             live.wait_for_version(version, timeout)
 
-    def upsert(self, ids, embeddings, attributes=None) -> tuple[int, int]:
-        """(items upserted, version); durable on every shard when it returns."""
+    def upsert(self, ids, embeddings=None, attributes=None, *, item_features: FeatureTable | None = None
+               ) -> tuple[int, int]:
+        """(items upserted, version); durable on every shard when it returns.
+
+        Index models take ``embeddings``; learned models ``item_features`` (a
+        ``FeatureTable`` for ``ids``), anything else is an ``ItemFeaturesError``.
+        """
+        if self.cache is not None:
+            return self._upsert_features(ids, embeddings, attributes, item_features)
+        if item_features is not None:
+            raise ItemFeaturesError(
+                "item_features need a learned model (`sterling train`); this server serves an index model: send "
+                "embeddings"
+            )
+        if embeddings is None:
+            raise InvalidInputError("upsert needs embeddings, one [D] row per id")
         batch = upd.prepare_upsert(self.head.index, ids, embeddings, attributes)  # validated once here
         owner = np.searchsorted(self._starts, batch.lists.numpy(), side="right") - 1
         x = torch.as_tensor(embeddings).detach().float().reshape(batch.ids.numel(), self.head.index.dim)
@@ -120,12 +265,65 @@ class LiveShards:
             self._each(one)
         return batch.ids.numel(), self.version
 
+    def _upsert_features(self, ids, embeddings, attributes, item_features) -> tuple[int, int]:
+        if item_features is None or (embeddings is not None and np.asarray(embeddings).size):
+            raise ItemFeaturesError(
+                "this server serves a learned model: its index entries and OverArch cache rows come from the item "
+                "tower, so an upsert carries item_features (the items-table columns of docs/data.md), not "
+                "embeddings; to serve precomputed vectors, build an index model with `sterling build`"
+            )
+        head = self.learned.model
+        id_t = upd.check_batch_ids(ids, "upsert")
+        got = np.asarray(item_features.ids, dtype=np.int64).reshape(-1)
+        if not np.array_equal(got, id_t.numpy()):
+            raise InvalidInputError(f"item_features hold {got.size} ids for {id_t.numel()} upsert ids; give one "
+                                    "features row per id, in the same order")
+        inputs = head.item_inputs(item_features)
+        E = head.embed_items(inputs)
+        with torch.no_grad():
+            rows = head.overarch.item_side(E).detach().float()
+        batch = upd.prepare_upsert(self.head.index, id_t, E, attributes)  # validated here, before any log
+        owner = np.searchsorted(self._starts, batch.lists.numpy(), side="right") - 1
+        with self._lock:
+            staged = []
+            try:
+                staged.append((self.cache, self.cache.stage(RecordKind.UPSERT_FEATURES, id_t.numpy(), inputs, rows)))
+                for s, live in enumerate(self.lives):
+                    own = torch.from_numpy(owner == s)
+                    attrs = None if batch.attributes is None else [a for a, o in zip(batch.attributes, own.tolist())
+                                                                   if o]
+                    staged.append((live, live.stage_upsert(id_t[own], E[own], attrs)))
+                    staged.append((live, live.stage_delete(id_t[~own])))
+            finally:
+                self._apply_all(staged)  # whatever was logged is applied, so later batches can follow it
+        return id_t.numel(), self.version
+
+    def _apply_all(self, staged: list) -> None:
+        """Apply logged batches of the shards and the cache under one hold of the router's writer guard."""
+        planned = [(who, who.plan(st) if who is self.cache else st) for who, st in staged]
+        with self.learned.guard.write():
+            for who, st in planned:
+                if who is self.cache:
+                    who.apply(st)
+                else:
+                    who.apply_staged(st, maintenance=False)
+        for who in {id(w): w for w, _ in staged}.values():
+            who.maintain()
+
     def delete(self, ids) -> tuple[int, int]:
         """(items that existed and are gone, version)."""
         id_t = upd.check_batch_ids(ids, "delete")
         with self._lock:
             held = sum(sum(live.holding(id_t.tolist())) for live in self.lives)
-            self._each(lambda s, live: live.delete(id_t))
+            if self.cache is None:
+                self._each(lambda s, live: live.delete(id_t))
+                return held, self.version
+            staged = []
+            try:
+                staged.append((self.cache, self.cache.stage(RecordKind.DELETE, id_t.numpy())))
+                staged.extend((live, live.stage_delete(id_t)) for live in self.lives)
+            finally:
+                self._apply_all(staged)
         return held, self.version
 
     def update_attributes(self, ids, attributes) -> tuple[int, int]:
@@ -155,6 +353,8 @@ class LiveShards:
             self._pool.shutdown(wait=True)
         for live in self.lives:
             live.close()
+        if self.cache is not None:
+            self.cache.close()
 
 
 class LiveReplica:
@@ -287,11 +487,13 @@ class LiveReplica:
         self.live.close()
 
 
-def live_router(model: RetrievalModel | str | Path, *, data_dir: str | Path, num_shards: int = 1,
-                config: RouterConfig | None = None, snapshot_every: int = 1000) -> tuple[Router, LiveShards]:
-    """A ``Router`` over in-process shards that take updates, recovered from ``data_dir`` first."""
-    if not isinstance(model, RetrievalModel):
-        model = RetrievalModel.load(model)
+def live_router(model: RetrievalModel | LearnedRetrievalModel | str | Path, *, data_dir: str | Path,
+                num_shards: int = 1, config: RouterConfig | None = None, snapshot_every: int = 1000
+                ) -> tuple[Router, LiveShards]:
+    """A ``Router`` over in-process shards that take updates, recovered from ``data_dir`` first
+    (a learned model's router keeps the OverArch cache, recovered from ``data_dir/head``)."""
+    if not isinstance(model, (RetrievalModel, LearnedRetrievalModel)):
+        model = load_model(model)
     shards = LiveShards.open(model, num_shards, data_dir, snapshot_every=snapshot_every)
     servers = [[ShardServer(live, shard=s, lists=r)] for s, (r, live) in enumerate(zip(shards.ranges, shards.lives))]
-    return Router(shards.head, LocalBackend(servers), config), shards
+    return Router(shards.head, LocalBackend(servers), config, learned=shards.learned), shards

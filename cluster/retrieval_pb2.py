@@ -26,15 +26,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsterling/v1/retrieval.proto\x12\x0bsterling.v1\"\x89\x03\n\x0fRetrieveRequest\x12\x17\n\x0fquery_embedding\x18\x01 \x03(\x02\x12\x15\n\ruser_features\x18\x02 \x03(\x02\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\t\x12\x0f\n\x07\x66ilters\x18\x05 \x03(\t\x12\t\n\x01k\x18\x06 \x01(\r\x12\x0e\n\x06nprobe\x18\x07 \x01(\r\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x08 \x01(\r\x12\x18\n\x10require_complete\x18\t \x01(\x08\x12\x1a\n\x12\x61pproximate_filter\x18\n \x01(\x08\x12+\n\x08\x61\x64\x61ptive\x18\x0b \x01(\x0e\x32\x19.sterling.v1.AdaptiveMode\x12\n\n\x02k0\x18\x0c \x01(\r\x12\x15\n\rvalue_formula\x18\r \x01(\t\x12\x34\n\x0fsparse_features\x18\x0e \x01(\x0b\x32\x1b.sterling.v1.SparseFeatures\x12\x10\n\x08user_ids\x18\x0f \x03(\x03\x12\x13\n\x0bmin_version\x18\x14 \x01(\x03\"*\n\nTaskScores\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\"X\n\x0bQueryResult\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12,\n\x0btask_scores\x18\x03 \x03(\x0b\x32\x17.sterling.v1.TaskScores\".\n\x0cShardVersion\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x0f\n\x07version\x18\x02 \x01(\x03\"?\n\x0eSparseFeatures\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x0f\n\x07lengths\x18\x02 \x03(\x05\x12\x0e\n\x06values\x18\x03 \x03(\x03\"\x82\x01\n\x0bShardTiming\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x0f\n\x07replica\x18\x02 \x01(\x05\x12\n\n\x02ms\x18\x03 \x01(\x01\x12\x10\n\x08probe_ms\x18\x04 \x01(\x01\x12\x11\n\tfilter_ms\x18\x05 \x01(\x01\x12\x0f\n\x07scan_ms\x18\x06 \x01(\x01\x12\x11\n\trerank_ms\x18\x07 \x01(\x01\"|\n\x06Timing\x12\x10\n\x08total_ms\x18\x01 \x01(\x01\x12\x11\n\tencode_ms\x18\x02 \x01(\x01\x12\x11\n\tfanout_ms\x18\x03 \x01(\x01\x12\x10\n\x08merge_ms\x18\x04 \x01(\x01\x12(\n\x06shards\x18\x05 \x03(\x0b\x32\x18.sterling.v1.ShardTiming\"\xd3\x01\n\x10RetrieveResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.sterling.v1.QueryResult\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x0f\n\x07partial\x18\x03 \x01(\x08\x12\x16\n\x0emissing_shards\x18\x04 \x03(\r\x12/\n\x0cversion_skew\x18\x05 \x03(\x0b\x32\x19.sterling.v1.ShardVersion\x12#\n\x06timing\x18\x06 \x01(\x0b\x32\x13.sterling.v1.Timing\"]\n\rUpsertRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x12\n\nembeddings\x18\x02 \x03(\x02\x12+\n\nattributes\x18\x03 \x03(\x0b\x32\x17.sterling.v1.Attributes\"\x1b\n\nAttributes\x12\r\n\x05terms\x18\x01 \x03(\t\"9\n\x0eUpsertResponse\x12\x10\n\x08upserted\x18\x01 \x01(\x04\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\"\x1c\n\rDeleteRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"8\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\"S\n\x17UpdateAttributesRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12+\n\nattributes\x18\x02 \x03(\x0b\x32\x17.sterling.v1.Attributes\"B\n\x18UpdateAttributesResponse\x12\x0f\n\x07updated\x18\x01 \x01(\x04\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\"\r\n\x0bInfoRequest\"\x8c\x01\n\tShardInfo\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x12\n\nlist_start\x18\x02 \x01(\r\x12\x10\n\x08list_end\x18\x03 \x01(\r\x12\r\n\x05items\x18\x04 \x01(\x04\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12\x10\n\x08replicas\x18\x06 \x01(\r\x12\x18\n\x10healthy_replicas\x18\x07 \x01(\r\"\xa4\x03\n\x0cInfoResponse\x12\x0b\n\x03\x64im\x18\x01 \x01(\r\x12\r\n\x05nlist\x18\x02 \x01(\r\x12\x16\n\x0e\x64\x65\x66\x61ult_nprobe\x18\x03 \x01(\r\x12\r\n\x05max_k\x18\x04 \x01(\r\x12\r\n\x05items\x18\x05 \x01(\x04\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\x12\x16\n\x0ehas_user_tower\x18\x07 \x01(\x08\x12\x18\n\x10user_feature_dim\x18\x08 \x01(\r\x12&\n\x06shards\x18\t \x03(\x0b\x32\x16.sterling.v1.ShardInfo\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\r\n\x05tasks\x18\x0b \x03(\t\x12\x12\n\ndefault_k0\x18\x0c \x01(\r\x12\x1d\n\x15\x64\x65\x66\x61ult_value_formula\x18\r \x01(\t\x12\x13\n\x0bsparse_keys\x18\x0e \x03(\t\x12\x0e\n\x06max_k0\x18\x0f \x01(\r\x12\x11\n\tupdatable\x18\x14 \x01(\x08\x12\x17\n\x0f\x61pplied_batches\x18\x15 \x01(\x04\x12-\n\x0creplica_logs\x18( \x03(\x0b\x32\x17.sterling.v1.ReplicaLog\"[\n\nReplicaLog\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x0f\n\x07replica\x18\x02 \x01(\r\x12\x0b\n\x03seq\x18\x03 \x01(\x03\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x0f\n\x07in_sync\x18\x05 \x01(\x08*Z\n\x0c\x41\x64\x61ptiveMode\x12\x1d\n\x19\x41\x44\x41PTIVE_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x44\x41PTIVE_MODE_OFF\x10\x01\x12\x14\n\x10\x41\x44\x41PTIVE_MODE_ON\x10\x02\x32\xfa\x02\n\tRetrieval\x12G\n\x08Retrieve\x12\x1c.sterling.v1.RetrieveRequest\x1a\x1d.sterling.v1.RetrieveResponse\x12\x43\n\x06Upsert\x12\x1a.sterling.v1.UpsertRequest\x1a\x1b.sterling.v1.UpsertResponse(\x01\x12\x41\n\x06\x44\x65lete\x12\x1a.sterling.v1.DeleteRequest\x1a\x1b.sterling.v1.DeleteResponse\x12_\n\x10UpdateAttributes\x12$.sterling.v1.UpdateAttributesRequest\x1a%.sterling.v1.UpdateAttributesResponse\x12;\n\x04Info\x12\x18.sterling.v1.InfoRequest\x1a\x19.sterling.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsterling/v1/retrieval.proto\x12\x0bsterling.v1\"\x89\x03\n\x0fRetrieveRequest\x12\x17\n\x0fquery_embedding\x18\x01 \x03(\x02\x12\x15\n\ruser_features\x18\x02 \x03(\x02\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\t\x12\x0f\n\x07\x66ilters\x18\x05 \x03(\t\x12\t\n\x01k\x18\x06 \x01(\r\x12\x0e\n\x06nprobe\x18\x07 \x01(\r\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x08 \x01(\r\x12\x18\n\x10require_complete\x18\t \x01(\x08\x12\x1a\n\x12\x61pproximate_filter\x18\n \x01(\x08\x12+\n\x08\x61\x64\x61ptive\x18\x0b \x01(\x0e\x32\x19.sterling.v1.AdaptiveMode\x12\n\n\x02k0\x18\x0c \x01(\r\x12\x15\n\rvalue_formula\x18\r \x01(\t\x12\x34\n\x0fsparse_features\x18\x0e \x01(\x0b\x32\x1b.sterling.v1.SparseFeatures\x12\x10\n\x08user_ids\x18\x0f \x03(\x03\x12\x13\n\x0bmin_version\x18\x14 \x01(\x03\"*\n\nTaskScores\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\"X\n\x0bQueryResult\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12,\n\x0btask_scores\x18\x03 \x03(\x0b\x32\x17.sterling.v1.TaskScores\".\n\x0cShardVersion\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x0f\n\x07version\x18\x02 \x01(\x03\"?\n\x0eSparseFeatures\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x0f\n\x07lengths\x18\x02 \x03(\x05\x12\x0e\n\x06values\x18\x03 \x03(\x03\"\x82\x01\n\x0bShardTiming\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x0f\n\x07replica\x18\x02 \x01(\x05\x12\n\n\x02ms\x18\x03 \x01(\x01\x12\x10\n\x08probe_ms\x18\x04 \x01(\x01\x12\x11\n\tfilter_ms\x18\x05 \x01(\x01\x12\x0f\n\x07scan_ms\x18\x06 \x01(\x01\x12\x11\n\trerank_ms\x18\x07 \x01(\x01\"|\n\x06Timing\x12\x10\n\x08total_ms\x18\x01 \x01(\x01\x12\x11\n\tencode_ms\x18\x02 \x01(\x01\x12\x11\n\tfanout_ms\x18\x03 \x01(\x01\x12\x10\n\x08merge_ms\x18\x04 \x01(\x01\x12(\n\x06shards\x18\x05 \x03(\x0b\x32\x18.sterling.v1.ShardTiming\"\xd3\x01\n\x10RetrieveResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.sterling.v1.QueryResult\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x0f\n\x07partial\x18\x03 \x01(\x08\x12\x16\n\x0emissing_shards\x18\x04 \x03(\r\x12/\n\x0cversion_skew\x18\x05 \x03(\x0b\x32\x19.sterling.v1.ShardVersion\x12#\n\x06timing\x18\x06 \x01(\x0b\x32\x13.sterling.v1.Timing\"\x94\x01\n\rUpsertRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x12\n\nembeddings\x18\x02 \x03(\x02\x12+\n\nattributes\x18\x03 \x03(\x0b\x32\x17.sterling.v1.Attributes\x12\x35\n\ritem_features\x18\x04 \x03(\x0b\x32\x1e.sterling.v1.ItemFeatureColumn\"{\n\x11ItemFeatureColumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07lengths\x18\x02 \x03(\x05\x12\x12\n\nint_values\x18\x03 \x03(\x03\x12\x15\n\rstring_values\x18\x04 \x03(\t\x12\r\n\x05width\x18\x05 \x01(\r\x12\r\n\x05\x64\x65nse\x18\x06 \x03(\x02\"\x1b\n\nAttributes\x12\r\n\x05terms\x18\x01 \x03(\t\"9\n\x0eUpsertResponse\x12\x10\n\x08upserted\x18\x01 \x01(\x04\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\"\x1c\n\rDeleteRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"8\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\"S\n\x17UpdateAttributesRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12+\n\nattributes\x18\x02 \x03(\x0b\x32\x17.sterling.v1.Attributes\"B\n\x18UpdateAttributesResponse\x12\x0f\n\x07updated\x18\x01 \x01(\x04\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\"\r\n\x0bInfoRequest\"\x8c\x01\n\tShardInfo\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x12\n\nlist_start\x18\x02 \x01(\r\x12\x10\n\x08list_end\x18\x03 \x01(\r\x12\r\n\x05items\x18\x04 \x01(\x04\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12\x10\n\x08replicas\x18\x06 \x01(\r\x12\x18\n\x10healthy_replicas\x18\x07 \x01(\r\"\xa4\x03\n\x0cInfoResponse\x12\x0b\n\x03\x64im\x18\x01 \x01(\r\x12\r\n\x05nlist\x18\x02 \x01(\r\x12\x16\n\x0e\x64\x65\x66\x61ult_nprobe\x18\x03 \x01(\r\x12\r\n\x05max_k\x18\x04 \x01(\r\x12\r\n\x05items\x18\x05 \x01(\x04\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\x12\x16\n\x0ehas_user_tower\x18\x07 \x01(\x08\x12\x18\n\x10user_feature_dim\x18\x08 \x01(\r\x12&\n\x06shards\x18\t \x03(\x0b\x32\x16.sterling.v1.ShardInfo\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\r\n\x05tasks\x18\x0b \x03(\t\x12\x12\n\ndefault_k0\x18\x0c \x01(\r\x12\x1d\n\x15\x64\x65\x66\x61ult_value_formula\x18\r \x01(\t\x12\x13\n\x0bsparse_keys\x18\x0e \x03(\t\x12\x0e\n\x06max_k0\x18\x0f \x01(\r\x12\x11\n\tupdatable\x18\x14 \x01(\x08\x12\x17\n\x0f\x61pplied_batches\x18\x15 \x01(\x04\x12-\n\x0creplica_logs\x18( \x03(\x0b\x32\x17.sterling.v1.ReplicaLog\"[\n\nReplicaLog\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x0f\n\x07replica\x18\x02 \x01(\r\x12\x0b\n\x03seq\x18\x03 \x01(\x03\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x0f\n\x07in_sync\x18\x05 \x01(\x08*Z\n\x0c\x41\x64\x61ptiveMode\x12\x1d\n\x19\x41\x44\x41PTIVE_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x44\x41PTIVE_MODE_OFF\x10\x01\x12\x14\n\x10\x41\x44\x41PTIVE_MODE_ON\x10\x02\x32\xfa\x02\n\tRetrieval\x12G\n\x08Retrieve\x12\x1c.sterling.v1.RetrieveRequest\x1a\x1d.sterling.v1.RetrieveResponse\x12\x43\n\x06Upsert\x12\x1a.sterling.v1.UpsertRequest\x1a\x1b.sterling.v1.UpsertResponse(\x01\x12\x41\n\x06\x44\x65lete\x12\x1a.sterling.v1.DeleteRequest\x1a\x1b.sterling.v1.DeleteResponse\x12_\n\x10UpdateAttributes\x12$.sterling.v1.UpdateAttributesRequest\x1a%.sterling.v1.UpdateAttributesResponse\x12;\n\x04Info\x12\x18.sterling.v1.InfoRequest\x1a\x19.sterling.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sterling.v1.retrieval_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ADAPTIVEMODE']._serialized_start=2258
-  _globals['_ADAPTIVEMODE']._serialized_end=2348
+  _globals['_ADAPTIVEMODE']._serialized_start=2439
+  _globals['_ADAPTIVEMODE']._serialized_end=2529
   _globals['_RETRIEVEREQUEST']._serialized_start=45
   _globals['_RETRIEVEREQUEST']._serialized_end=438
   _globals['_TASKSCORES']._serialized_start=440
@@ -51,28 +51,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TIMING']._serialized_end=944
   _globals['_RETRIEVERESPONSE']._serialized_start=947
   _globals['_RETRIEVERESPONSE']._serialized_end=1158
-  _globals['_UPSERTREQUEST']._serialized_start=1160
-  _globals['_UPSERTREQUEST']._serialized_end=1253
-  _globals['_ATTRIBUTES']._serialized_start=1255
-  _globals['_ATTRIBUTES']._serialized_end=1282
-  _globals['_UPSERTRESPONSE']._serialized_start=1284
-  _globals['_UPSERTRESPONSE']._serialized_end=1341
-  _globals['_DELETEREQUEST']._serialized_start=1343
-  _globals['_DELETEREQUEST']._serialized_end=1371
-  _globals['_DELETERESPONSE']._serialized_start=1373
-  _globals['_DELETERESPONSE']._serialized_end=1429
-  _globals['_UPDATEATTRIBUTESREQUEST']._serialized_start=1431
-  _globals['_UPDATEATTRIBUTESREQUEST']._serialized_end=1514
-  _globals['_UPDATEATTRIBUTESRESPONSE']._serialized_start=1516
-  _globals['_UPDATEATTRIBUTESRESPONSE']._serialized_end=1582
-  _globals['_INFOREQUEST']._serialized_start=1584
-  _globals['_INFOREQUEST']._serialized_end=1597
-  _globals['_SHARDINFO']._serialized_start=1600
-  _globals['_SHARDINFO']._serialized_end=1740
-  _globals['_INFORESPONSE']._serialized_start=1743
-  _globals['_INFORESPONSE']._serialized_end=2163
-  _globals['_REPLICALOG']._serialized_start=2165
-  _globals['_REPLICALOG']._serialized_end=2256
-  _globals['_RETRIEVAL']._serialized_start=2351
-  _globals['_RETRIEVAL']._serialized_end=2729
+  _globals['_UPSERTREQUEST']._serialized_start=1161
+  _globals['_UPSERTREQUEST']._serialized_end=1309
+  _globals['_ITEMFEATURECOLUMN']._serialized_start=1311
+  _globals['_ITEMFEATURECOLUMN']._serialized_end=1434
+  _globals['_ATTRIBUTES']._serialized_start=1436
+  _globals['_ATTRIBUTES']._serialized_end=1463
+  _globals['_UPSERTRESPONSE']._serialized_start=1465
+  _globals['_UPSERTRESPONSE']._serialized_end=1522
+  _globals['_DELETEREQUEST']._serialized_start=1524
+  _globals['_DELETEREQUEST']._serialized_end=1552
+  _globals['_DELETERESPONSE']._serialized_start=1554
+  _globals['_DELETERESPONSE']._serialized_end=1610
+  _globals['_UPDATEATTRIBUTESREQUEST']._serialized_start=1612
+  _globals['_UPDATEATTRIBUTESREQUEST']._serialized_end=1695
+  _globals['_UPDATEATTRIBUTESRESPONSE']._serialized_start=1697
+  _globals['_UPDATEATTRIBUTESRESPONSE']._serialized_end=1763
+  _globals['_INFOREQUEST']._serialized_start=1765
+  _globals['_INFOREQUEST']._serialized_end=1778
+  _globals['_SHARDINFO']._serialized_start=1781
+  _globals['_SHARDINFO']._serialized_end=1921
+  _globals['_INFORESPONSE']._serialized_start=1924
+  _globals['_INFORESPONSE']._serialized_end=2344
+  _globals['_REPLICALOG']._serialized_start=2346
+  _globals['_REPLICALOG']._serialized_end=2437
+  _globals['_RETRIEVAL']._serialized_start=2532
+  _globals['_RETRIEVAL']._serialized_end=2910
 # @@protoc_insertion_point(module_scope)

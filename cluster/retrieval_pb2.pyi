@@ -139,14 +139,32 @@ class RetrieveResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[QueryResult, _Mapping]]] = ..., model_version: _Optional[int] = ..., partial: _Optional[bool] = ..., missing_shards: _Optional[_Iterable[int]] = ..., version_skew: _Optional[_Iterable[_Union[ShardVersion, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
 
 class UpsertRequest(_message.Message):
-    __slots__ = ("ids", "embeddings", "attributes")
+    __slots__ = ("ids", "embeddings", "attributes", "item_features")
     IDS_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    ITEM_FEATURES_FIELD_NUMBER: _ClassVar[int]
     ids: _containers.RepeatedScalarFieldContainer[int]
     embeddings: _containers.RepeatedScalarFieldContainer[float]
     attributes: _containers.RepeatedCompositeFieldContainer[Attributes]
-    def __init__(self, ids: _Optional[_Iterable[int]] = ..., embeddings: _Optional[_Iterable[float]] = ..., attributes: _Optional[_Iterable[_Union[Attributes, _Mapping]]] = ...) -> None: ...
+    item_features: _containers.RepeatedCompositeFieldContainer[ItemFeatureColumn]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., embeddings: _Optional[_Iterable[float]] = ..., attributes: _Optional[_Iterable[_Union[Attributes, _Mapping]]] = ..., item_features: _Optional[_Iterable[_Union[ItemFeatureColumn, _Mapping]]] = ...) -> None: ...
+
+class ItemFeatureColumn(_message.Message):
+    __slots__ = ("name", "lengths", "int_values", "string_values", "width", "dense")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    INT_VALUES_FIELD_NUMBER: _ClassVar[int]
+    STRING_VALUES_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    DENSE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    lengths: _containers.RepeatedScalarFieldContainer[int]
+    int_values: _containers.RepeatedScalarFieldContainer[int]
+    string_values: _containers.RepeatedScalarFieldContainer[str]
+    width: int
+    dense: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, name: _Optional[str] = ..., lengths: _Optional[_Iterable[int]] = ..., int_values: _Optional[_Iterable[int]] = ..., string_values: _Optional[_Iterable[str]] = ..., width: _Optional[int] = ..., dense: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Attributes(_message.Message):
     __slots__ = ("terms",)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -204,33 +205,36 @@ class Router:
         widen = use_adaptive and filters.any
         req = ShardRequest(xq=xq_np, k=k_shard, nprobe=nprobe, where=where, exact=exact, min_versions=floors,
                            counts=widen)
-        fo = self.backend.fan_out(req, deadline)
-        t_fan = time.monotonic()
-        if fo.missing and (require_complete or not fo.replies):
-            if not fo.replies and time.monotonic() >= deadline:
-                raise DeadlineExceededError(
-                    f"no shard answered within {budget * 1e3:.0f} ms (shards {fo.missing}: "
-                    f"{'; '.join(fo.errors[s] for s in fo.missing)}); raise the deadline or check the shards"
+        # a learned model's updates write the shards' index slices and the router's cache under the
+        # write side of this guard: the candidates and the cache rows they are reranked with agree
+        with self.learned.guard.read() if self.learned is not None else nullcontext():
+            fo = self.backend.fan_out(req, deadline)
+            t_fan = time.monotonic()
+            if fo.missing and (require_complete or not fo.replies):
+                if not fo.replies and time.monotonic() >= deadline:
+                    raise DeadlineExceededError(
+                        f"no shard answered within {budget * 1e3:.0f} ms (shards {fo.missing}: "
+                        f"{'; '.join(fo.errors[s] for s in fo.missing)}); raise the deadline or check the shards"
+                    )
+                raise ShardsUnavailableError(
+                    f"shards {fo.missing} did not answer within {budget * 1e3:.0f} ms "
+                    f"({'; '.join(f'{s}: {fo.errors[s]}' for s in fo.missing)}); the request required all shards",
+                    missing=fo.missing,
                 )
-            raise ShardsUnavailableError(
-                f"shards {fo.missing} did not answer within {budget * 1e3:.0f} ms "
-                f"({'; '.join(f'{s}: {fo.errors[s]}' for s in fo.missing)}); the request required all shards",
-                missing=fo.missing,
-            )
-        order = sorted(fo.replies)
-        ids, scores = merge_topk([(fo.replies[s].ids, fo.replies[s].scores) for s in order], k_shard)
-        versions = {s: int(fo.replies[s].version) for s in order}
-        missing = list(fo.missing)
+            order = sorted(fo.replies)
+            ids, scores = merge_topk([(fo.replies[s].ids, fo.replies[s].scores) for s in order], k_shard)
+            versions = {s: int(fo.replies[s].version) for s in order}
+            missing = list(fo.missing)
 
-        if widen and not missing:
-            ids, scores = self._widen(xq_np, ids, scores, k_shard, nprobe, where, exact, filters, deadline,
-                                      versions, floors, [fo.replies[s].counts for s in order])
-        t_merge = time.monotonic()
-        task_scores, tasks, rerank_ms = None, (), 0.0
-        if self.learned is not None:
-            ids, scores, task_scores = self.learned.rank(xq, ids, scores, k, value_formula)
-            tasks = tuple(self.learned.tasks)
-            rerank_ms = (time.monotonic() - t_merge) * 1e3
+            if widen and not missing:
+                ids, scores = self._widen(xq_np, ids, scores, k_shard, nprobe, where, exact, filters, deadline,
+                                          versions, floors, [fo.replies[s].counts for s in order])
+            t_merge = time.monotonic()
+            task_scores, tasks, rerank_ms = None, (), 0.0
+            if self.learned is not None:
+                ids, scores, task_scores = self.learned.rank(xq, ids, scores, k, value_formula)
+                tasks = tuple(self.learned.tasks)
+                rerank_ms = (time.monotonic() - t_merge) * 1e3
         t_end = time.monotonic()
         counts = Counter(versions.values())
         version = counts.most_common(1)[0][0] if counts else int(self.head.index.version)

@@ -29,6 +29,7 @@ from sterling.cluster import retrieval_pb2_grpc as pb_grpc
 from sterling.cluster.admission import Admission, AdmissionConfig, guarded_service_handler
 from sterling.cluster.batching import Batcher, BatchingConfig
 from sterling.cluster.errors import ClusterConfigError, NotImplementedYetError, status_code_name
+from sterling.cluster.item_features import features_from_proto
 from sterling.cluster.learned_head import SparseInput
 from sterling.cluster.metrics import NullMetrics, make_metrics
 from sterling.cluster.router import Router
@@ -302,14 +303,20 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 ids = list(req.ids)
                 if not ids:
                     continue
-                x = _matrix(req.embeddings, len(ids), "embeddings")
                 attrs = None
                 if len(req.attributes):
                     if len(req.attributes) != len(ids):
                         raise_invalid(f"{len(ids)} ids but {len(req.attributes)} attribute lists; give one per id "
                                       "or none")
                     attrs = [list(a.terms) for a in req.attributes]
-                done, version = updates.upsert(ids, x, attrs)
+                if len(req.item_features):  # a learned model: its item tower embeds them
+                    if len(req.embeddings):
+                        raise_invalid("send embeddings or item_features, not both")
+                    table = features_from_proto(ids, req.item_features)
+                    done, version = updates.upsert(ids, None, attrs, item_features=table)
+                else:
+                    x = _matrix(req.embeddings, len(ids), "embeddings") if len(req.embeddings) else None
+                    done, version = updates.upsert(ids, x, attrs)
                 self._updated("upsert", t0)
                 n += done
             return pb.UpsertResponse(upserted=n, model_version=version)

@@ -116,9 +116,9 @@ def _learned_head(args: argparse.Namespace):
         from sterling.cluster.errors import NotImplementedYetError
 
         raise NotImplementedYetError(
-            f"{args.model} is a learned model: serving it with --data-dir (updates) needs item features for the "
-            "OverArch cache, which the update log does not carry yet; launch it without --data-dir, or retrain "
-            "(`sterling train`) to change its catalog"
+            f"{args.model} is a learned model: Ray shards do not take its updates yet (the router's OverArch cache "
+            "is not replicated); serve it with `sterling serve --model M --data-dir DIR [--shards N]`, which takes "
+            "upserts with item features, or launch it without --data-dir"
         )
     from sterling.cluster.learned_head import LearnedHead
     from sterling.model.learned import LearnedRetrievalModel

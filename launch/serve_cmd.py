@@ -137,18 +137,8 @@ def run(args: argparse.Namespace) -> int:
 
         raise InvalidInputError(f"--shards ({args.shards}) must be ≥ 1")
     updates = None
-    if args.data_dir:
+    if args.data_dir:  # a learned model's upserts carry item features (its item tower embeds them)
         from sterling.cluster.live import live_router
-        from sterling.model.artifact import read_header
-
-        if read_header(args.model).get("kind") == "learned_retrieval_model":
-            from sterling.cluster.errors import NotImplementedYetError
-
-            raise NotImplementedYetError(
-                f"{args.model} is a learned model: serving it with --data-dir (updates) needs item features for the "
-                "OverArch cache, which the update log does not carry yet; serve it without --data-dir, or retrain "
-                "(`sterling train`) to change its catalog"
-            )
 
         router, updates = live_router(args.model, data_dir=args.data_dir, num_shards=args.shards,
                                       config=router_config_from_args(args), snapshot_every=args.snapshot_every)

@@ -13,11 +13,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "update",
         help="send upserts / deletes from Parquet to a server started with --data-dir",
         description="Stream upserts (Parquet: id int64, embedding list<float>, optional attributes "
-        "list<string>) in batches — each batch atomic and durable once acknowledged — then delete the ids "
+        "list<string>; for a learned model the items-table layout of docs/data.md: item_id, feature columns, "
+        "optional attributes, embedded by the server's item tower) in batches — each batch atomic and durable once acknowledged — then delete the ids "
         "of --deletes (Parquet with an `id` column). Prints the final model version.",
     )
     p.add_argument("--address", required=True, help="HOST:PORT of `sterling serve --data-dir`")
-    p.add_argument("--upserts", help="Parquet with id, embedding[, attributes]")
+    p.add_argument("--upserts", help="Parquet with id, embedding[, attributes]; learned models: an items table")
     p.add_argument("--deletes", help="Parquet with an id column")
     p.add_argument("--batch", type=int, default=1000, help="items per atomic batch")
     p.add_argument("--token-file", help="file holding the bearer token")
@@ -36,9 +37,17 @@ def _batches(path: str, batch: int, bar):
 
     f = pq.ParquetFile(path)
     names = set(f.schema_arrow.names)
+    if "item_id" in names and "embedding" not in names:  # the items-table layout: a learned model's features
+        from sterling.model.data import read_feature_batches
+
+        for table in read_feature_batches(path, "item_id", batch):
+            yield table.ids, table, table.attributes
+            bar.update(len(table))
+        return
     if not {"id", "embedding"} <= names:
         raise InvalidInputError(f"{path} has columns {sorted(names)}; upserts need `id` and `embedding` "
-                                "(and optionally `attributes`)")
+                                "(and optionally `attributes`), or — for a learned model — the items-table layout "
+                                "of docs/data.md (`item_id`, feature columns, optional `attributes`)")
     cols = ["id", "embedding"] + (["attributes"] if "attributes" in names else [])
     for rb in f.iter_batches(batch_size=batch, columns=cols):
         ids = rb.column("id").to_numpy()

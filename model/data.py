@@ -34,6 +34,7 @@ __all__ = [
     "Vocab",
     "read_interactions",
     "read_features",
+    "read_feature_batches",
     "check_references",
     "csr_take",
     "write_parquet",
@@ -249,9 +250,30 @@ def read_interactions(path: str | Path) -> Interactions:
 
 def read_features(path: str | Path, id_column: str) -> FeatureTable:
     """Read and validate a users (``id_column="user_id"``) or items (``"item_id"``) table."""
+    return _features_of(_read_table(path), id_column, path)
+
+
+def read_feature_batches(path: str | Path, id_column: str, batch: int):
+    """``read_features`` ``batch`` rows at a time (memory bounded by one batch): yields ``FeatureTable``s.
+
+    Ids are checked for duplicates within each batch only.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not Path(path).exists():
+        raise DataError(f"{path} does not exist; pass the path of a Parquet file (see docs/data.md)")
+    try:
+        f = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several unrelated types for a bad file
+        raise DataError(f"{path} is not a readable Parquet file ({e}); write it with pyarrow or pandas.to_parquet") from e
+    for rb in f.iter_batches(batch_size=batch):
+        yield _features_of(pa.Table.from_batches([rb]), id_column, path)
+
+
+def _features_of(table, id_column: str, path) -> FeatureTable:
     import pyarrow as pa
 
-    table = _read_table(path)
     ids = _int_column(table, id_column, path)
     uniq, counts = np.unique(ids, return_counts=True)
     if (counts > 1).any():

@@ -54,7 +54,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,9 +75,17 @@ from sterling.model.learned import LearnedRetrievalModel
 from sterling.model.retrieval import RetrievalModel, RetrievalOutput
 from sterling.model.wal import LogRecord, RecordKind, UpdateLog
 
-__all__ = ["LiveModel", "ReadWriteGuard"]
+__all__ = ["LiveModel", "ReadWriteGuard", "Staged", "load_model"]
 
 log = logging.getLogger("sterling.live")
+
+
+@dataclass(frozen=True, slots=True)
+class Staged:
+    """A batch logged (durable) but not yet applied: ``LiveModel.apply_staged`` applies it."""
+
+    record: LogRecord
+    prepared: object = None
 
 
 class ReadWriteGuard:
@@ -248,10 +256,11 @@ class LiveModel:
 
     # ------------------------------------------------------------------ reads
     def __call__(self, *, min_version: int = 0, timeout: float | None = None, **kwargs) -> RetrievalOutput:
-        """``RetrievalModel.forward`` under the read guard; waits for ``min_version`` first."""
+        """The model's ``forward`` under the read guard (a learned model's without autograd: serving);
+        waits for ``min_version`` first."""
         if min_version:
             self.wait_for_version(min_version, timeout)
-        with self.guard.read():
+        with self.guard.read(), torch.no_grad() if self.learned else nullcontext():
             return self.model(**kwargs)
 
     def search(self, xq, **kwargs) -> RetrievalOutput:
@@ -273,6 +282,13 @@ class LiveModel:
     # ----------------------------------------------------------------- writes
     def upsert(self, ids, embeddings=None, attributes=None, *, item_features=None) -> int:
         """Insert or replace items; returns the version that contains them (durable).
+
+        ``stage_upsert`` + ``apply_staged`` (see there).
+        """
+        return self.apply_staged(self.stage_upsert(ids, embeddings, attributes, item_features=item_features))
+
+    def stage_upsert(self, ids, embeddings=None, attributes=None, *, item_features=None) -> Staged:
+        """Validate, encode and log an upsert batch (durable once this returns), without applying it.
 
         Args:
             ids: [n] external ids, unique, ≥ 0.
@@ -299,9 +315,9 @@ class LiveModel:
             vec = np.ascontiguousarray(embeddings)
         else:
             vec = np.ascontiguousarray(torch.as_tensor(embeddings).detach().float().cpu().reshape(shape).numpy())
-        return self._commit(RecordKind.UPSERT, batch.ids.numpy(), vec, meta, prepared=batch)
+        return self._stage(RecordKind.UPSERT, batch.ids.numpy(), vec, meta, prepared=batch)
 
-    def _upsert_features(self, ids, embeddings, attributes, item_features) -> int:
+    def _upsert_features(self, ids, embeddings, attributes, item_features) -> Staged:
         if embeddings is not None or item_features is None:
             raise ItemFeaturesError(
                 "this is a learned model: its index entries and OverArch cache rows come from the item tower, so "
@@ -328,7 +344,7 @@ class LiveModel:
             raise InvalidInputError(f"{id_t.numel()} ids but item features for {len(inputs)} items")
         prepared = self._prepare_features(id_t, inputs, attributes)
         empty = np.zeros((id_t.numel(), 0), np.float32)
-        return self._commit(RecordKind.UPSERT_FEATURES, id_t.numpy(), empty, prepared[0].attributes,
+        return self._stage(RecordKind.UPSERT_FEATURES, id_t.numpy(), empty, prepared[0].attributes,
                             prepared=prepared, features=inputs)
 
     def _prepare_features(self, id_t: torch.Tensor, inputs: ItemInputs, attributes):
@@ -357,8 +373,12 @@ class LiveModel:
 
     def delete(self, ids) -> int:
         """Delete items by id (absent ids are ignored); returns the version without them."""
+        return self.apply_staged(self.stage_delete(ids))
+
+    def stage_delete(self, ids) -> Staged:
+        """Log a delete batch (durable once this returns), without applying it."""
         id_t = upd.check_batch_ids(ids, "delete")
-        return self._commit(RecordKind.DELETE, id_t.numpy(), np.zeros((id_t.numel(), 0), np.float32), None)
+        return self._stage(RecordKind.DELETE, id_t.numpy(), np.zeros((id_t.numel(), 0), np.float32), None)
 
     def update_attributes(self, ids, attributes) -> int:
         """Replace the terms of existing items (``sterling.model.updates.update_attributes``)."""
@@ -372,10 +392,11 @@ class LiveModel:
                 upd.validate_term(term, where=f" of id {i}")
         if len(lists) != id_t.numel():
             raise InvalidInputError(f"{id_t.numel()} ids but {len(lists)} attribute lists")
-        return self._commit(RecordKind.ATTRIBUTES, id_t.numpy(), np.zeros((id_t.numel(), 0), np.float32), lists)
+        return self.apply_staged(
+            self._stage(RecordKind.ATTRIBUTES, id_t.numpy(), np.zeros((id_t.numel(), 0), np.float32), lists))
 
-    def _commit(self, kind: RecordKind, ids: np.ndarray, vec: np.ndarray, meta, *, prepared=None,
-                features: ItemInputs | None = None) -> int:
+    def _stage(self, kind: RecordKind, ids: np.ndarray, vec: np.ndarray, meta, *, prepared=None,
+               features: ItemInputs | None = None) -> Staged:
         if self._closed:
             raise InvalidInputError("this LiveModel is closed; open the data directory again")
         with self._seq_lock:
@@ -386,6 +407,17 @@ class LiveModel:
                 self._wal.append(rec)
         if self._wal is not None:
             self._wal.sync(seq)
+        return Staged(rec, prepared)
+
+    def apply_staged(self, staged: Staged, *, maintenance: bool = True) -> int:
+        """Apply a staged batch (after every batch staged before it); returns the version it produced.
+
+        Every staged batch must be applied, in any thread: later batches wait
+        for it. ``maintenance=False`` skips the automatic snapshot / compaction
+        check (call ``maintain()`` later) — for a caller that applies batches
+        of several models under one outer lock and wants no snapshot inside it.
+        """
+        rec, prepared, seq = staged.record, staged.prepared, staged.record.seq
         with self._apply_cv:
             while self._applied != seq - 1:
                 self._apply_cv.wait()
@@ -395,7 +427,8 @@ class LiveModel:
             with self._apply_cv:
                 self._applied = seq
                 self._apply_cv.notify_all()
-        self._after_batch()
+        if maintenance:
+            self.maintain()
         return version  # this batch's version (later batches may already be applied)
 
     def _apply_record(self, rec: LogRecord, prepared=None) -> int:
@@ -434,7 +467,8 @@ class LiveModel:
             upd.update_attributes(index, torch.from_numpy(rec.ids), rec.meta)
             return int(index.version)
 
-    def _after_batch(self) -> None:
+    def maintain(self) -> None:
+        """The automatic snapshot (``snapshot_every``) and background compaction (``compact_waste``) checks."""
         self._since_snapshot += 1
         if self.config.snapshot_every and self._since_snapshot >= self.config.snapshot_every:
             try:
