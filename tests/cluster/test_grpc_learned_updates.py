@@ -145,3 +145,38 @@ def test_sterling_update_cli_streams_an_items_table_to_a_learned_server(learned_
         client.close()
         srv.stop()
         updates.close()
+
+
+def test_sterling_serve_data_dir_serves_a_learned_model_and_recovers_after_sigkill(learned_path, items, tmp_path):
+    import os
+    import signal
+
+    from tests.cluster.test_grpc_service import _read_address, _sterling
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ("serve", "--model", str(learned_path), "--data-dir", str(tmp_path / "d"), "--port", "0",
+            "--shards", "2", "--snapshot-every", "2")
+    proc = _sterling(*args, env=env)
+    new = np.arange(60_000, 60_030)
+    try:
+        with Client(_read_address(proc), timeout_s=60) as c:
+            for b in range(3):
+                ids = new[10 * b : 10 * b + 10]
+                t = _table(items, ids, np.arange(10) + 10 * b)
+                t.attributes = [["src:serve"]] * 10
+                version = c.upsert([(ids, t, t.attributes)]).model_version
+            version = c.delete([int(new[0])]).model_version
+            before = c.retrieve(user_ids=[1, 2], k=40, k0=300, where="src:serve", adaptive=False)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc = _sterling(*args, env=env)
+        with Client(_read_address(proc), timeout_s=60) as c:
+            assert c.info().model_version == version
+            after = c.retrieve(user_ids=[1, 2], k=40, k0=300, where="src:serve", adaptive=False)
+        assert set(after.ids[after.ids >= 0].tolist()) == set(new[1:].tolist())
+        assert (after.ids == before.ids).all() and (after.scores == before.scores).all()
+        assert (after.task_scores == before.task_scores).all()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
