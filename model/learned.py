@@ -466,9 +466,23 @@ class LearnedRetrievalModel(nn.Module):
         if tuple(inputs.keys) != tuple(self.item_tower.keys):
             raise _Bad(f"item features have keys {list(inputs.keys)}; the item tower takes {self.item_tower.keys}")
         n = len(inputs)
+        if inputs.lengths.shape != (len(inputs.keys), n) or (inputs.lengths < 0).any() \
+                or int(inputs.lengths.sum()) != inputs.values.size:
+            raise _Bad(f"item features have lengths of shape {inputs.lengths.shape} summing to "
+                       f"{int(inputs.lengths.sum())} for {inputs.values.size} values; give [len(keys), n] "
+                       "non-negative lengths that sum to the number of values")
+        limits = {f.name: f.num_embeddings for f in self.item_tower.config.sparse}
+        if inputs.dense.shape != (n, self.item_tower.config.dense_dim):
+            raise _Bad(f"item features have dense shape {inputs.dense.shape}; the item tower takes "
+                       f"[{n}, {self.item_tower.config.dense_dim}]")
         off = [np.concatenate([[0], np.cumsum(ln)]).astype(np.int64) for ln in inputs.lengths]
         starts = np.concatenate([[0], np.cumsum([o[-1] for o in off])]).astype(np.int64)
         vals = [inputs.values[starts[i] : starts[i + 1]] for i in range(len(off))]
+        for key, v in zip(inputs.keys, vals):
+            bad = v[(v < 0) | (v >= limits[key])]
+            if bad.size:
+                raise _Bad(f"item feature {key!r} row {int(bad[0])} is outside its table (0..{limits[key] - 1}); "
+                           "map raw values with item_inputs() (unseen ones share the OOV rows)")
         dd = self.item_tower.config.dense_dim
         dense = torch.from_numpy(np.ascontiguousarray(inputs.dense, dtype=np.float32)) if dd else None
         E = []

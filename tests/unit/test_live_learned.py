@@ -390,3 +390,23 @@ def test_a_torn_feature_record_is_dropped_and_the_rest_replays(learned_path, ite
     probe = torch.tensor([[*items.ids.tolist(), *range(10_000, 10_060)]])
     assert torch.equal(a.gather(probe)[0], b.gather(probe)[0]) and torch.equal(a.gather(probe)[1], b.gather(probe)[1])
     again.close()
+
+
+def test_mapped_item_inputs_out_of_range_are_refused_before_logging(learned_path, tmp_path):
+    from sterling.model.data import ItemInputs
+    from sterling.model.errors import InvalidInputError
+    from sterling.model.live import LiveModel
+
+    live = LiveModel.open(learned_path, LiveModel.Config(data_dir=tmp_path / "d", fsync=False))
+    tower = live.model.item_tower
+    K, dd = len(tower.keys), tower.config.dense_dim
+    ok = ItemInputs(keys=tuple(tower.keys), lengths=np.ones((K, 2), np.int32), values=np.zeros(2 * K, np.int64),
+                    dense=np.zeros((2, dd), np.float32))
+    v = live.upsert([90_001, 90_002], item_features=ok)
+    for bad in (ItemInputs(keys=ok.keys, lengths=ok.lengths, values=np.full(2 * K, 10**9), dense=ok.dense),
+                ItemInputs(keys=ok.keys, lengths=ok.lengths * 2, values=ok.values, dense=ok.dense),
+                ItemInputs(keys=ok.keys[::-1] + ("x",), lengths=ok.lengths, values=ok.values, dense=ok.dense)):
+        with pytest.raises(InvalidInputError):
+            live.upsert([90_003, 90_004], item_features=bad)
+    assert live.version == v and live.holding([90_001, 90_003]) == [True, False]
+    live.close()
