@@ -300,6 +300,9 @@ class LiveShards:
 
     def _apply_all(self, staged: list) -> None:
         """Apply logged batches of the shards and the cache under one hold of the router's writer guard."""
+        for who, st in staged:  # list overflow: re-pack before the hold, while queries run
+            if who is not self.cache:
+                who.make_room(st)
         planned = [(who, who.plan(st) if who is self.cache else st) for who, st in staged]
         with self.learned.guard.write():
             for who, st in planned:

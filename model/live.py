@@ -409,6 +409,18 @@ class LiveModel:
             self._wal.sync(seq)
         return Staged(rec, prepared)
 
+    def make_room(self, staged: Staged) -> None:
+        """Re-pack now (queries keep running) when a staged vector upsert would not fit its lists, so that
+        ``apply_staged`` under a caller's outer lock does not re-pack inside it. Call it when every batch
+        staged before ``staged`` is applied."""
+        if staged.record.kind is not RecordKind.UPSERT or staged.prepared is None:
+            return
+        needed, fits = upd.free_slots_needed(self.model.index, staged.prepared)
+        if not fits:
+            layout = upd.repack(self.model.index, extra=needed)
+            with self.guard.write():
+                upd.install_layout(self.model.index, layout)
+
     def apply_staged(self, staged: Staged, *, maintenance: bool = True) -> int:
         """Apply a staged batch (after every batch staged before it); returns the version it produced.
 
