@@ -401,7 +401,8 @@ def run_size(cfg: ScaleConfig, n: int) -> dict:
         "attrs_per_item": attrs_per_item,
         "exact_qps_peer": cfg.queries / exact_s,
         "rss_before_load": served["rss_before_load"], "rss_after_load": served["rss_after_load"],
-        "rss_serving": served["rss_after_queries"], "rss_serving_peak": served["peak_rss"],
+        "rss_serving": served["rss_after_queries"], "rss_serving_untrimmed": served["rss_after_queries_untrimmed"],
+        "rss_serving_peak": served["peak_rss"],
         "rss_index": rss_index, "planned_resident_bytes": resident,
         "rss_index_error": None if resident is None else (resident - rss_index) / rss_index,
         "planned_fast_lists": None if tiers is None else tiers["fast_lists"],
@@ -454,17 +455,41 @@ def _build_child(spec: dict) -> dict:
     return out
 
 
-def _warm_up(dim: int, k: int, batch: int) -> None:
-    """Search a tiny index once, so the baseline RSS holds the runtime (JIT-compiled scan, thread pool)
-    and the serving RSS minus the baseline is what the index itself keeps resident."""
+def _malloc_trim() -> None:
+    """Hand freed heap back to the OS (glibc keeps the high-water mark of every arena otherwise), so the
+    RSS read next is what the process holds, not what a search once allocated and freed."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _warm_up(dim: int, k: int, batch: int, nprobes) -> None:
+    """Serve a tiny artifact the way the real one is served (loaded, tiered, searched at each nprobe), so the
+    baseline RSS holds the runtime (JIT-compiled scan, thread pool, library pages of every path taken) and
+    the serving RSS minus the baseline is what the index itself keeps resident."""
+    import tempfile
+
     import torch
 
     from sterling.model import IndexConfig, build_index
+    from sterling.model.index import ItemIndex
 
     g = torch.Generator().manual_seed(0)
-    tiny = build_index(torch.randn(max(4 * k, 512), dim, generator=g), config=IndexConfig(nlist=4))
-    tiny.search(torch.randn(batch, dim, generator=g), k=k, nprobe=2)
-    del tiny
+    nlist = 64
+    tiny = build_index(torch.randn(max(4 * k, 64 * nlist), dim, generator=g), config=IndexConfig(nlist=nlist))
+    with tempfile.TemporaryDirectory() as d:
+        tiny.save(f"{d}/tiny.st")
+        tiny = ItemIndex.load(f"{d}/tiny.st", tiers=False)
+        tiny.apply_tiers(np.ones(nlist, dtype=bool))
+        xq = torch.randn(batch, dim, generator=g)
+        for p in nprobes:
+            for _ in range(3):
+                tiny.search(xq, k=k, nprobe=min(p, nlist))
+        del tiny
+    _malloc_trim()
 
 
 def _serve_child(spec: dict) -> dict:
@@ -475,7 +500,7 @@ def _serve_child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     xq = torch.from_numpy(np.load(spec["queries"]))
     truth = np.load(spec["truth"])
-    _warm_up(xq.shape[1], spec["k"], spec["batch"])
+    _warm_up(xq.shape[1], spec["k"], spec["batch"], spec["nprobes"])
     before = rss_bytes()
     index = ItemIndex.load(spec["artifact"], tiers=False)
     if spec["fast"] is not None:
@@ -494,6 +519,8 @@ def _serve_child(spec: dict) -> dict:
             ids = torch.cat(got).numpy()
         nb = math.ceil(xq.shape[0] / B)
         out["nprobe"][str(p)] = {"qps": xq.shape[0] / best, "recall": recall(ids, truth), "batch_ms": 1e3 * best / nb}
+    out["rss_after_queries_untrimmed"] = rss_bytes()
+    _malloc_trim()
     out["rss_after_queries"] = rss_bytes()
     out["peak_rss"] = rss_bytes("VmHWM")
     return out
