@@ -261,7 +261,7 @@ class ScaleConfig:
     items: tuple[int, ...] = (1_000_000, 10_000_000)
     dim: int = 64
     nlist: int | None = None  # default: ``default_nlist(N)``
-    nprobes: tuple[int, ...] = (16, 32, 64)
+    nprobes: tuple[int, ...] = (16, 64, 256)
     k: int = 100
     queries: int = 1000
     batch: int = 16
@@ -402,7 +402,8 @@ def run_size(cfg: ScaleConfig, n: int) -> dict:
         "exact_qps_peer": cfg.queries / exact_s,
         "rss_before_load": served["rss_before_load"], "rss_after_load": served["rss_after_load"],
         "rss_serving": served["rss_after_queries"], "rss_serving_untrimmed": served["rss_after_queries_untrimmed"],
-        "rss_serving_peak": served["peak_rss"],
+        "rss_serving_peak": served["peak_rss"], "rss_serving_anon": served["rss_anon"],
+        "rss_serving_file": served["rss_file"],
         "rss_index": rss_index, "planned_resident_bytes": resident,
         "rss_index_error": None if resident is None else (resident - rss_index) / rss_index,
         "planned_fast_lists": None if tiers is None else tiers["fast_lists"],
@@ -522,6 +523,7 @@ def _serve_child(spec: dict) -> dict:
     out["rss_after_queries_untrimmed"] = rss_bytes()
     _malloc_trim()
     out["rss_after_queries"] = rss_bytes()
+    out["rss_anon"], out["rss_file"] = rss_bytes("RssAnon"), rss_bytes("RssFile")
     out["peak_rss"] = rss_bytes("VmHWM")
     return out
 

@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--items", type=_counts, default=(1_000_000, 10_000_000), help="catalog sizes, e.g. 1M,10M,100M")
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--nlist", type=int, default=None, help="IVF lists (default: a power of two near √N)")
-    p.add_argument("--nprobe", type=_ints, default=(16, 32, 64), help="fixed nprobe values served, e.g. 16,32,64")
+    p.add_argument("--nprobe", type=_ints, default=(16, 64, 256), help="fixed nprobe values served, e.g. 16,64,256")
     p.add_argument("--k", type=int, default=100, help="recall@k against exact")
     p.add_argument("--queries", type=int, default=1000, help="query sample (exact top-k is computed for each)")
     p.add_argument("--batch", type=int, default=16, help="queries per search call while serving")

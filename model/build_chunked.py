@@ -60,7 +60,7 @@ from sterling.model.errors import (
 )
 from sterling.model.kmeans import assign, spherical_kmeans
 
-__all__ = ["ChunkedCatalog", "build_chunked", "ResumeMismatchError", "MANIFEST", "BUFFER_ORDER"]
+__all__ = ["ChunkedCatalog", "NpyCatalog", "build_chunked", "ResumeMismatchError", "MANIFEST", "BUFFER_ORDER"]
 
 MANIFEST = "manifest.json"
 # Tensor order of an item-index artifact (``ItemIndex.tensors()``).
@@ -96,6 +96,61 @@ class ChunkedCatalog(Protocol):
 
     def fingerprint(self) -> dict:
         """What identifies the catalog's content (a resumed build must see the same)."""
+
+
+class NpyCatalog:
+    """``.npy`` embeddings [N, D] (and optional int64 ids [N]) read with ``pread``: no attributes.
+
+    What ``sterling build --catalog x.npy --work-dir DIR`` streams from.
+    """
+
+    attr_width = 0
+    attr_dtype = np.dtype(np.int16)
+
+    def __init__(self, path: str | Path, ids_path: str | Path | None = None) -> None:
+        from sterling.model.catalog import load_npy
+
+        self.path = Path(path)
+        emb = load_npy(self.path, what="catalog", mmap=True)
+        if emb.ndim != 2:
+            raise InvalidInputError(f"catalog {self.path} has shape {emb.shape}; give [N, D] embeddings")
+        if not np.issubdtype(emb.dtype, np.floating) or not emb.flags.c_contiguous:
+            raise InvalidInputError(f"catalog {self.path} holds {emb.dtype}; save C-ordered float32 [N, D] with np.save")
+        self.num_items, self.dim = (int(v) for v in emb.shape)
+        self._dtype, self._offset = emb.dtype, int(emb.offset)
+        self.vocab: list[str] = []
+        self._ids = None
+        if ids_path is not None:
+            ids = load_npy(ids_path, what="ids file", mmap=True)
+            if ids.shape != (self.num_items,) or not np.issubdtype(ids.dtype, np.integer):
+                raise InvalidInputError(
+                    f"ids file {ids_path} holds {ids.dtype} {ids.shape}; give int64 [{self.num_items}], one per item"
+                )
+            self._ids = ids
+        self._fd = os.open(self.path, os.O_RDONLY)
+        st = os.stat(self.path)
+        self._print = {"kind": "npy", "path": str(self.path.resolve()), "shape": [self.num_items, self.dim],
+                       "dtype": str(self._dtype), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+                       "ids": None if ids_path is None else str(Path(ids_path).resolve())}
+
+    def _rows(self, start: int, end: int) -> np.ndarray:
+        row = self.dim * self._dtype.itemsize
+        b = _pread(self._fd, self._offset + start * row, (end - start) * row)
+        return np.frombuffer(b, dtype=self._dtype).reshape(end - start, self.dim)
+
+    def read(self, start: int, end: int):
+        x = torch.from_numpy(self._rows(start, end).astype(np.float32))
+        ids = np.arange(start, end, dtype=np.int64) if self._ids is None else np.array(self._ids[start:end], np.int64)
+        return x, ids, np.zeros((end - start, 0), dtype=np.int16)
+
+    def read_rows(self, rows: np.ndarray) -> torch.Tensor:
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        for j, r in enumerate(rows.tolist()):
+            out[j] = self._rows(r, r + 1)[0]
+        return torch.from_numpy(out)
+
+    def fingerprint(self) -> dict:
+        return dict(self._print)
 
 
 # ------------------------------------------------------------------ manifest

@@ -176,3 +176,32 @@ def test_catalog_generation_resumes_to_identical_bytes(tmp_path, monkeypatch):
         assert (a.path / name).read_bytes() == (b.path / name).read_bytes()
     x = torch.from_numpy(np.load(a.path / "embeddings.npy"))
     assert torch.allclose(x.norm(dim=1), torch.ones(4_500), atol=1e-5)
+
+
+def test_sterling_build_with_a_work_dir_equals_the_in_memory_build(tmp_path):
+    from sterling.launch.cli import main
+
+    g = np.random.default_rng(0)
+    xb = g.standard_normal((3000, 12)).astype(np.float32)
+    ids = g.permutation(10_000)[:3000].astype(np.int64)  # unsorted: the builder checks uniqueness at the end
+    np.save(tmp_path / "x.npy", xb)
+    np.save(tmp_path / "ids.npy", ids)
+    assert main(["build", "--catalog", str(tmp_path / "x.npy"), "--ids", str(tmp_path / "ids.npy"), "--out",
+                 str(tmp_path / "m.st"), "--nlist", "16", "--work-dir", str(tmp_path / "w")]) == 0
+    got = ItemIndex.load(tmp_path / "m.st")
+    ref = build_index(torch.from_numpy(xb), ids=ids, config=IndexConfig(nlist=16))
+    assert got.meta() == ref.meta()
+    for name, want in ref.tensors().items():
+        assert torch.equal(got.tensors()[name], want), name
+
+
+def test_duplicate_ids_are_refused_by_the_chunked_build(tmp_path):
+    from sterling.model.build_chunked import NpyCatalog
+    from sterling.model.errors import DuplicateIdError
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(1).standard_normal((500, 4)).astype(np.float32))
+    np.save(tmp_path / "ids.npy", np.r_[np.arange(499), 7].astype(np.int64))
+    with pytest.raises(DuplicateIdError):
+        build_chunked(NpyCatalog(tmp_path / "x.npy", tmp_path / "ids.npy"), tmp_path / "m.st",
+                      config=IndexConfig(nlist=4, chunk_size=128), work_dir=tmp_path / "w", rows_per_commit=256)
+    assert not (tmp_path / "m.st").exists()
