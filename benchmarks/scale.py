@@ -391,7 +391,8 @@ def run_size(cfg: ScaleConfig, n: int) -> dict:
         "build_s": built["build_s"], "build_stage_s": built["stage_s"],
         "build_peak_rss_bytes": built["peak_rss"],
         "predicted": {**pred, "note": "build_s: assign + k-means FLOPs at planner.devices.CPU_FP32_FLOPS; "
-                      "build_memory_bound_bytes: the chunked builder's own bound (the planner has no build model)"},
+                      "build_memory_bound_bytes: the chunked builder's own estimate of its working memory, without the "
+                      "Python/PyTorch runtime (≈ 0.5 GB of RSS here; the planner has no build model)"},
         "artifact_bytes": size, "artifact_bytes_per_item": size / n,
         "scan_path_bytes_per_item": scan / n,
         "bytes_per_item": {t: nbytes[t] / n for t in nbytes},

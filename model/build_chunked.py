@@ -247,7 +247,8 @@ def build_chunked(
         progress: progress lines on stderr.
         hook: ``hook(point, i)`` called at ``"<stage>:done"`` and, mid-work,
             ``"assign:chunk"`` / ``"write:bucket"`` with the chunk / bucket
-            number (tests interrupt builds there).
+            number, ``"assign:commit"`` (a super-chunk on disk, not yet
+            committed) and ``"finalize:renamed"`` (tests interrupt builds there).
     Returns:
         a summary dict (items, nlist, capacity, bloom spec, bytes per tensor, seconds per stage).
     """
@@ -317,7 +318,7 @@ def build_chunked(
         lengths_b = st.get("bucket_bytes", [0] * n_buckets)
         counts = np.zeros(nlist, dtype=np.int64)
         if next_row:
-            counts = np.load(work / "counts.npy")
+            counts = np.load(work / st["counts_file"])
         hist = np.asarray(st.get("terms_hist", [0] * (A + 1)), dtype=np.int64)
         nnz_b = list(st.get("bucket_nnz", [0] * n_buckets))
         last_id = int(st.get("last_id", -1))
@@ -375,9 +376,14 @@ def build_chunked(
                         hook("assign:chunk", c)  # mid-chunk: some buckets appended, others not
                 for fd in fds:
                     os.fsync(fd)
-                _save_npy(work / "counts.npy", counts)
+                # a new file per commit: a kill between saving it and the commit leaves the last one valid
+                old_counts = st.get("counts_file")
+                _save_npy(work / f"counts-{end}.npy", counts)
+                hook("assign:commit", c)  # records and counts on disk, not yet committed
                 man.commit("assign", next_row=end, bucket_bytes=lengths_b, terms_hist=hist.tolist(),
-                           bucket_nnz=nnz_b, last_id=last_id, ids_sorted=ids_sorted)
+                           bucket_nnz=nnz_b, last_id=last_id, ids_sorted=ids_sorted, counts_file=f"counts-{end}.npy")
+                if old_counts and old_counts != st["counts_file"]:
+                    (work / old_counts).unlink(missing_ok=True)
                 _log(progress, f"assign+quantize: {end:,} / {N:,} rows ({time.perf_counter() - t0:.1f} s)")
                 c += 1
         finally:
@@ -387,7 +393,7 @@ def build_chunked(
         man.commit("assign", done=True)
         hook("assign:done", 0)
     st = man.get("assign")
-    counts = np.load(work / "counts.npy")
+    counts = np.load(work / st["counts_file"])
     hist = np.asarray(st["terms_hist"], dtype=np.int64)
     nnz_b = [int(v) for v in st["bucket_nnz"]]
 
@@ -494,6 +500,8 @@ def build_chunked(
         p.unlink(missing_ok=True)
 
     # 5. alive bitmask, id check, checksum, header, rename
+    if not man.done("finalize") and not partial.exists() and out.exists():
+        man.commit("finalize", done=True)  # killed between the rename and its commit
     if not man.done("finalize"):
         t0 = time.perf_counter()
         fd = os.open(partial, os.O_RDWR)
@@ -528,6 +536,7 @@ def build_chunked(
         os.chmod(partial, _umask_mode())
         out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(partial, out)
+        hook("finalize:renamed", 0)
         timed("finalize", t0)
         man.commit("finalize", done=True)
         hook("finalize:done", 0)
