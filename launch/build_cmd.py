@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-k", type=int, default=262_144, help="largest k a search of this model may ask for")
     p.add_argument("--max-filter-terms", type=int, default=256, help="most terms in one filter expression")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling and k-means")
+    p.add_argument("--work-dir", metavar="DIR",
+                   help="with .npy: build chunk by chunk on disk in bounded memory, resumable — rerun the same "
+                   "command with the same DIR after an interruption (docs/scale.md)")
     p.add_argument("--from-checkpoint", metavar="MODEL",
                    help="a `sterling train` artifact: re-embed --catalog (an items .parquet, docs/data.md) "
                    "with its item tower and write the model over the new catalog")
@@ -73,11 +76,24 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     check_output_path(args.out)
-    source = open_catalog(args.catalog, ids_path=args.ids)
     t0 = time.perf_counter()
-    index = build_index(source, config=config, progress=True)
-    build_s = time.perf_counter() - t0
-    RetrievalModel(index).save(args.out)
+    if args.work_dir:
+        from sterling.model.build_chunked import NpyCatalog, build_chunked
+        from sterling.model.errors import InvalidInputError
+        from sterling.model.index import ItemIndex
+
+        if not str(args.catalog).endswith(".npy"):
+            raise InvalidInputError(f"--work-dir builds .npy catalogs; {args.catalog} is not one (use a plain "
+                                    "`sterling build` for Parquet)")
+        build_chunked(NpyCatalog(args.catalog, args.ids), args.out, config=config, work_dir=args.work_dir,
+                      progress=True)
+        build_s = time.perf_counter() - t0
+        index = ItemIndex.load(args.out)
+    else:
+        source = open_catalog(args.catalog, ids_path=args.ids)
+        index = build_index(source, config=config, progress=True)
+        build_s = time.perf_counter() - t0
+        RetrievalModel(index).save(args.out)
     size = os.path.getsize(args.out)
     fpr = measure_fpr(index)
     table = Table(title=f"built {args.out}")

@@ -54,6 +54,7 @@ import torch
 
 __all__ = [
     "BloomSpec",
+    "TermsHistogram",
     "size_bloom",
     "expected_fpr",
     "term_positions",
@@ -82,8 +83,22 @@ class BloomSpec:
         return expected_fpr(n_terms, self.bits, self.hashes)
 
 
+@dataclass(frozen=True, slots=True)
+class TermsHistogram:
+    """Terms per item as a histogram: ``values`` [H] distinct counts (ascending), ``counts`` [H] items
+    with each. What a chunked build accumulates instead of the [N] counts (same sizing, bit for bit)."""
+
+    values: np.ndarray
+    counts: np.ndarray
+
+
 def _counts_hist(terms_per_item) -> tuple[np.ndarray, np.ndarray]:
-    """(distinct term counts, fraction of items with each) from an int or [N] counts."""
+    """(distinct term counts, fraction of items with each) from an int, [N] counts or a ``TermsHistogram``."""
+    if isinstance(terms_per_item, TermsHistogram):
+        cnt = np.asarray(terms_per_item.counts, dtype=np.int64)
+        if cnt.sum() == 0:
+            return np.zeros(1), np.ones(1)
+        return np.asarray(terms_per_item.values).astype(np.float64), cnt.astype(np.float64) / float(cnt.sum())
     if isinstance(terms_per_item, (int, np.integer)):
         return np.array([max(int(terms_per_item), 0)], dtype=np.float64), np.ones(1)
     c = torch.as_tensor(terms_per_item).reshape(-1).long()
@@ -116,8 +131,9 @@ def size_bloom(terms_per_item, target_fpr: float) -> BloomSpec:
     """Signature width and hash count for a catalog, from its terms-per-item statistics.
 
     Args:
-        terms_per_item: an int (every item has that many terms; e.g. the max) or
-            [N] per-item term counts (the catalog's real histogram; preferred).
+        terms_per_item: an int (every item has that many terms; e.g. the max),
+            [N] per-item term counts (the catalog's real histogram; preferred) or
+            the same as a ``TermsHistogram``.
         target_fpr: wanted per-term false-positive rate before verification.
     Returns:
         the fewest whole words W for which some k ≤ 16 reaches the target, with
