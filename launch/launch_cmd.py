@@ -4,7 +4,10 @@ On an existing cluster (``ray start --head`` / ``ray start --address …``,
 then ``--address auto`` or ``HOST:PORT``) or on a local one it starts.
 Shard artifacts are written next to the model (``<model>.shards/``) unless
 a current set is already there; actors are placed by the plan's
-assignments (``--plan``), otherwise round-robin over the alive nodes.
+assignments (``--plan``), otherwise round-robin over the alive nodes. With
+process groups (the plan's hosts × GPUs, or ``--ranks-per-host N``) each
+actor is rank 0 of a group of ranks on its host over rank slices of its
+shard (``sterling.cluster.group_shard``).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--shards-dir", help="where shard artifacts are (or go); default <model>.shards/")
     r.add_argument("--address", help="Ray cluster: auto or HOST:PORT (default: start a local one)")
     r.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (no --address)")
-    r.add_argument("--cpus-per-shard", type=float, default=1.0, help="Ray CPUs reserved per shard actor")
+    r.add_argument("--cpus-per-shard", type=float, default=1.0, help="Ray CPUs reserved per shard actor (per rank of its group with --ranks-per-host)")
     r.add_argument("--threads-per-shard", type=int, default=1, help="torch threads in each shard actor")
     r.add_argument("--spread", choices=("strict", "soft"), default="strict",
                    help="strict: one Ray node per plan host (STRICT_SPREAD); soft: best effort (SPREAD)")
@@ -130,12 +133,14 @@ def check_launch_args(args: argparse.Namespace) -> None:
 
 
 def group_shape(args: argparse.Namespace, plan, model: Path):
-    """``(groups, layout)`` for process-group shards, or ``None`` for one process per shard actor.
+    """``(groups, layout)`` for process-group shards, ``(N, None)`` for N ranks per shard, or ``None`` for one
+    process per shard actor.
 
     ``groups[s]``: with a plan, the plan shards (one per GPU) on one host that
     Ray-level shard ``s`` unites, ranks = those shards; without one,
-    ``--ranks-per-host`` (an int) for every shard. Refusals are typed and come
-    before Ray starts.
+    ``--ranks-per-host`` (an int) for every shard. With ``--data-dir`` and no
+    ``--ranks-per-host`` a plan keeps one actor per GPU (groups take no
+    updates). Refusals are typed and come before Ray starts.
     """
     from sterling.cluster.errors import ClusterConfigError
     from sterling.cluster.ray_backend import group_layout_from_plan
@@ -154,11 +159,10 @@ def group_shape(args: argparse.Namespace, plan, model: Path):
         )
     if sizes == [1]:
         return None
-    if args.data_dir:
-        raise ClusterConfigError(
-            f"--data-dir (updates) with --plan {args.plan}, whose hosts run {sizes} ranks each: process-group "
-            "shards take no updates yet; drop --data-dir, or add --ranks-per-host 1 (one actor per GPU)"
-        )
+    if args.data_dir:  # updates need one process per replica: the plan's GPUs as actors, as before groups
+        print(f"sterling launch ray: --data-dir takes updates, which process groups do not yet: one actor per "
+              f"plan shard (GPU) instead of {sizes} rank(s) per host", file=sys.stderr, flush=True)
+        return None
     return groups, layout
 
 

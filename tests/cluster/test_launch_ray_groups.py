@@ -224,8 +224,10 @@ def test_bad_group_flags_are_refused_before_ray_starts(cluster_model, tmp_path):
     plan = _hosts_x_gpus_plan(model.index.nlist)
     with pytest.raises(ClusterConfigError, match="--ranks-per-host 3 disagrees with the plan"):
         group_shape(parse("--ranks-per-host", "3"), plan, path)
-    with pytest.raises(ClusterConfigError, match="--data-dir.*--ranks-per-host 1"):
-        group_shape(parse("--data-dir", str(tmp_path / "d"), "--plan", "p.json"), plan, path)
+    # updates keep the one-actor-per-GPU path a plan launched before groups; asking for ranks too is refused
+    assert group_shape(parse("--data-dir", str(tmp_path / "d"), "--plan", "p.json"), plan, path) is None
+    with pytest.raises(ClusterConfigError, match="--data-dir.*--ranks-per-host 2"):
+        check_launch_args(parse("--data-dir", str(tmp_path / "d"), "--plan", "p.json", "--ranks-per-host", "2"))
     assert group_shape(parse("--ranks-per-host", "1"), plan, path) is None  # one actor per GPU, as before
     groups, layout = group_shape(parse(), plan, path)
     assert groups == [(0, 1), (2, 3)] and layout.hosts == ((0,), (1,))
