@@ -362,6 +362,14 @@ class RayBackend(ShardBackend):
         if not all(cpus):
             raise InvalidInputError(f"layout leaves hosts {[h for h, c in enumerate(cpus) if not c]} without actors")
         gpus = bundles_for(layout, gpus_per_rank, ranks) if gpus_per_rank > 0 else None
+        if gpus is not None:
+            have_gpus = float(ray.cluster_resources().get("GPU", 0.0))
+            if sum(gpus) > have_gpus + 1e-9:
+                raise ClusterConfigError(
+                    f"the shard actors' ranks × {gpus_per_rank:g} GPU need {sum(gpus):g} GPUs (per host {gpus}) but "
+                    f"the Ray cluster has {have_gpus:g}; run the ranks on CPU (--gpus-per-rank 0, gloo), "
+                    "or add GPU nodes (`ray start --address … --num-gpus N`)"
+                )
         bundles = [{"CPU": c} if gpus is None else {"CPU": c, "GPU": g} for c, g in zip(cpus, gpus or cpus)]
         strat = strategy if layout.num_hosts > 1 else "PACK"
         alive = len([x for x in ray.nodes() if x.get("Alive")])

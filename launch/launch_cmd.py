@@ -57,8 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="each shard actor runs a process group of N ranks on its host (rank slices of its shard, "
                    "gloo on CPU / NCCL on GPU, merged exactly); with --plan the default is the plan's GPUs per "
                    "host (its shards on one host become one group), without it 1; --cpus-per-shard is then per rank")
-    r.add_argument("--gpus-per-rank", type=float, default=0.0,
-                   help="GPUs Ray reserves per rank of a shard actor's group (NCCL when the actor sees GPUs)")
+    r.add_argument("--gpus-per-rank", type=float,
+                   help="GPUs Ray reserves per rank of a shard actor's group (NCCL when the actor sees GPUs); "
+                   "default 1 for a GPU plan's groups, else 0 (gloo on CPU)")
     add_server_arguments(r)
     r.set_defaults(func=run_ray)
     from sterling.launch.torchrun_cmd import register_torchrun
@@ -123,7 +124,7 @@ def check_launch_args(args: argparse.Namespace) -> None:
     ranks = getattr(args, "ranks_per_host", None)
     if ranks is not None and ranks < 1:
         raise ClusterConfigError(f"--ranks-per-host ({ranks}) must be ≥ 1")
-    if not getattr(args, "gpus_per_rank", 0.0) >= 0:
+    if getattr(args, "gpus_per_rank", None) is not None and not args.gpus_per_rank >= 0:
         raise ClusterConfigError(f"--gpus-per-rank ({args.gpus_per_rank}) must be ≥ 0")
     if args.data_dir and ranks is not None and ranks > 1:
         raise ClusterConfigError(
@@ -164,6 +165,13 @@ def group_shape(args: argparse.Namespace, plan, model: Path):
               f"plan shard (GPU) instead of {sizes} rank(s) per host", file=sys.stderr, flush=True)
         return None
     return groups, layout
+
+
+def _gpus_per_rank(args: argparse.Namespace, plan, ranks) -> float:
+    """``--gpus-per-rank``, else one GPU per rank when a GPU plan's hosts run groups (its shards sit on GPUs)."""
+    if args.gpus_per_rank is not None:
+        return float(args.gpus_per_rank)
+    return 1.0 if ranks and plan is not None and str(plan.topology.device.kind) == "gpu" else 0.0
 
 
 def ensure_group_slices(manifest, ranks, *, plan=None, groups=None) -> tuple[list[str], list[int]]:
@@ -267,7 +275,7 @@ def run_ray(args: argparse.Namespace) -> int:
             strategy="STRICT_SPREAD" if args.spread == "strict" else "SPREAD", ready_timeout_s=args.ready_timeout,
             local_ray=not args.address, snapshot_every=args.snapshot_every,
             data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None,  # actors' cwd may differ
-            rank_dirs=rank_dirs, ranks=ranks, gpus_per_rank=args.gpus_per_rank,
+            rank_dirs=rank_dirs, ranks=ranks, gpus_per_rank=_gpus_per_rank(args, plan, ranks),
         )
         updates = None
         if args.data_dir:

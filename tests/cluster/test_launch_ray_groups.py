@@ -170,6 +170,11 @@ def test_a_dead_rank_fails_the_replica_with_a_typed_error_until_its_group_is_bac
     model, _ = cluster_model
     dirs, ranks = ensure_group_slices(shards2, 2)
     assert ranks == [2, 2]
+    from sterling.cluster.errors import ClusterConfigError
+    from sterling.cluster.ray_backend import RayBackend
+
+    with pytest.raises(ClusterConfigError, match=r"need 4 GPUs .*--gpus-per-rank 0"):  # this cluster has none
+        RayBackend.launch(shards2, rank_dirs=dirs, ranks=ranks, gpus_per_rank=1.0, strategy="PACK")
     actor = ray.remote(ShardActor).options(num_cpus=2, max_restarts=0).remote(
         shards2.shards[1].path, 1, 0, 1, None, 1000, dirs[1], 120.0, 0)
     try:
