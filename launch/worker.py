@@ -8,6 +8,10 @@ whose router sees the whole group as one shard that answers already merged
 (``GroupBackend``). A learned model is served the same way as by ``sterling
 serve``: the router's ``LearnedHead`` runs the user tower and reranks the
 merged K0 candidates (OverArch, heads, Value Model) on rank 0.
+
+The same worker is ranks 1..N-1 of a Ray shard actor's group (``sterling
+launch ray --ranks-per-host N``, ``cluster.group_shard``): there the actor
+is rank 0, and ``STERLING_PARENT_PID`` makes a rank exit once it is gone.
 """
 
 from __future__ import annotations
