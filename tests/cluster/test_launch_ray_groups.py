@@ -260,3 +260,42 @@ def test_launch_ray_refuses_data_dir_with_ranks_before_starting_ray(cluster_mode
     err = proc.stderr.read()
     assert rc != 0 and "--data-dir" in err and "--ranks-per-host" in err and "Ray" not in err[:0], err[-2000:]
     assert "Started a local Ray instance" not in err
+
+
+def test_the_router_fails_over_to_the_other_replica_when_a_rank_of_one_dies(ray_cluster, cluster_model,
+                                                                             cluster_catalog, tmp_path):
+    """1 shard × 2 replicas, each a 2-rank group: killing a rank of one replica costs no request (the router asks
+    the other replica, answers stay exact and complete); the replica is healthy again once its group is back."""
+    from sterling.cluster.ray_backend import RayBackend
+    from sterling.cluster.router import Router
+    from sterling.launch.launch_cmd import ensure_group_slices
+    from sterling.model.retrieval import RetrievalModel
+    from sterling.sharding.documents import write_shards
+
+    model, path = cluster_model
+    manifest = write_shards(path, tmp_path / "one", num_shards=1)
+    dirs, ranks = ensure_group_slices(manifest, 2)
+    backend = RayBackend.launch(manifest, replicas=2, rank_dirs=dirs, ranks=ranks, strategy="STRICT_SPREAD",
+                                ready_timeout_s=240)
+    try:
+        router = Router(RetrievalModel.load(manifest.head), backend)
+        xq = synthetic_queries(cluster_catalog, 8, seed=35)
+        ref = model(query=xq, k=200, nprobe=8, where="lang:en", adaptive=False)
+        pids = [ray.get(row.ranks.remote(), timeout=30) for row in backend.actors[0]]
+        os.kill(pids[0][1], signal.SIGKILL)
+        t_end = time.monotonic() + 6.0  # several requests while replica 0's group is down and restarting
+        seen_down = False
+        while time.monotonic() < t_end:
+            seen_down |= not backend.healthy()[0][0]
+            res = router.retrieve(query=xq, k=200, nprobe=8, where="lang:en", require_complete=True, deadline_s=30)
+            assert not res.partial
+            assert (res.ids == ref.ids.numpy()).all() and (res.scores == ref.scores.numpy()).all()
+        assert seen_down and backend.healthy()[0][1]  # replica 0 was taken out, replica 1 never
+        deadline = time.monotonic() + 120
+        while not all(backend.healthy()[0]):  # the prober sees replica 0's restarted group ready again
+            assert time.monotonic() < deadline, "replica 0 never came back"
+            router.retrieve(query=xq, k=200, nprobe=8, where="lang:en", deadline_s=30)
+            time.sleep(0.3)
+        assert ray.get(backend.actors[0][0].ranks.remote(), timeout=30)[1] != pids[0][1]
+    finally:
+        backend.close()
