@@ -18,6 +18,7 @@ __all__ = [
     "ClusterConfigError",
     "ReplicaBehindError",
     "ReplicaOrderError",
+    "RankFailedError",
     "status_code_name",
 ]
 
@@ -77,13 +78,32 @@ class ReplicaOrderError(ClusterError):
     """
 
 
+class RankFailedError(ClusterError):
+    """A rank of a shard replica's process group died (or its collective failed) → UNAVAILABLE.
+
+    ``shard``, ``replica`` and ``rank`` name it. The replica reports unhealthy
+    until it has restarted its group; the router asks another replica meanwhile.
+    """
+
+    def __init__(self, message: str, *, shard: int, replica: int, rank: int | None) -> None:
+        super().__init__(message)
+        self.shard, self.replica, self.rank = shard, replica, rank
+
+    def __reduce__(self):  # Ray pickles it back to the router with its fields
+        return (_rank_failed, (str(self), self.shard, self.replica, self.rank))
+
+
+def _rank_failed(message: str, shard: int, replica: int, rank: int | None) -> RankFailedError:
+    return RankFailedError(message, shard=shard, replica=replica, rank=rank)
+
+
 def status_code_name(exc: BaseException) -> str:
     """The ``grpc.StatusCode`` name for an exception (pure, so unit tests need no gRPC server)."""
     if isinstance(exc, (RequestTooLargeError, OverloadedError)):
         return "RESOURCE_EXHAUSTED"
     if isinstance(exc, InvalidInputError):
         return "INVALID_ARGUMENT"
-    if isinstance(exc, (ShardsUnavailableError, ReplicaBehindError, ReplicaOrderError)):
+    if isinstance(exc, (ShardsUnavailableError, ReplicaBehindError, ReplicaOrderError, RankFailedError)):
         return "UNAVAILABLE"
     if isinstance(exc, DeadlineExceededError):
         return "DEADLINE_EXCEEDED"

@@ -29,7 +29,8 @@ from sterling.model.errors import InvalidInputError
 from sterling.sharding.documents import ShardManifest
 
 __all__ = [
-    "ActorLayout", "ShardActor", "RayBackend", "default_layout", "layout_from_plan", "check_capacity", "bundles_for",
+    "ActorLayout", "ShardActor", "RayBackend", "default_layout", "layout_from_plan", "group_layout_from_plan",
+    "check_capacity", "bundles_for",
 ]
 
 log = logging.getLogger(__name__)
@@ -38,20 +39,34 @@ log = logging.getLogger(__name__)
 class ShardActor:
     """The Ray actor body: a ``ShardServer`` over one shard artifact (wrapped with ``ray.remote`` at launch).
 
+    With ``rank_dir`` (rank slices of the shard, ``write_rank_slices``) the
+    actor is rank 0 of a process group on its host instead
+    (``sterling.cluster.group_shard.GroupShardServer``): one such group per
+    plan host, its ranks started by the actor, replies merged exactly.
+
     With ``data_dir`` the shard takes updates: a ``LiveReplica`` over
     ``data_dir/shard-<s>/replica-<r>/`` recovers its snapshot + update log in
     the constructor, so a restarted actor answers ``ready()`` only after that.
     """
 
     def __init__(self, path: str, shard: int, replica: int, threads: int, data_dir: str | None = None,
-                 snapshot_every: int = 1000) -> None:
+                 snapshot_every: int = 1000, rank_dir: str | None = None, group_timeout_s: float = 300.0,
+                 max_group_restarts: int = 10) -> None:
         import torch
 
         from sterling.cluster.shard import ShardServer
 
         torch.set_num_threads(threads)
         self.replica = None
-        if data_dir is None:
+        if rank_dir is not None:  # a process group over the shard's rank slices; this process is rank 0
+            from sterling.cluster.group_shard import GroupShardServer
+            from sterling.sharding.documents import shard_info
+
+            info = shard_info(path)
+            self.server = GroupShardServer(rank_dir, shard=shard, replica=replica, threads=threads,
+                                           lists=tuple(info["lists"]) if info else None, timeout_s=group_timeout_s,
+                                           max_group_restarts=max_group_restarts)
+        elif data_dir is None:
             self.server = ShardServer.load(path, shard=shard, replica=replica)
         else:
             from pathlib import Path
@@ -81,7 +96,14 @@ class ShardActor:
         return out
 
     def ready(self) -> bool:
-        return True
+        """True once the shard serves; a process-group shard raises ``RankFailedError`` while a rank is down."""
+        return self.server.ready()
+
+    def ranks(self) -> dict[int, int]:
+        """RANK → pid of this replica's process group (``{0: pid}`` without one)."""
+        import os
+
+        return self.server.pids() if hasattr(self.server, "pids") else {0: os.getpid()}
 
     # update path (``sterling.cluster.ray_live``); only with a data_dir
     def applied(self) -> tuple[int, int]:
@@ -168,17 +190,61 @@ def layout_from_plan(plan, num_shards: int) -> ActorLayout:
     return ActorLayout(hosts=tuple(out), num_hosts=len(hosts_used))
 
 
-def bundles_for(layout: ActorLayout, cpus_per_actor: float) -> list[float]:
-    """CPUs each plan host's bundle needs: its actor count × ``cpus_per_actor``."""
+def group_layout_from_plan(plan) -> tuple[list[tuple[int, ...]], ActorLayout]:
+    """The plan's hosts × GPUs as process groups: one group per (host, replica), its ranks the plan shards there.
+
+    Returns ``groups`` (per Ray-level shard, the plan shards its ranks hold, in
+    list order) and the layout of those shards' replicas over the plan's hosts.
+    Every replica must put the same consecutive plan shards together on a host
+    (the planner does when the shards fill whole hosts), else the replicas of
+    a Ray-level shard would hold different lists.
+    """
+    by = {(a.shard, a.replica): a.host for a in plan.assignments}
+    missing = [(s, r) for s in range(plan.num_shards) for r in range(plan.replicas) if (s, r) not in by]
+    if missing:
+        raise InvalidInputError(f"the plan assigns no host to (shard, replica) {missing[:8]}; re-plan")
+    per_replica = []
+    for r in range(plan.replicas):
+        on = {}
+        for s in range(plan.num_shards):
+            on.setdefault(by[(s, r)], []).append(s)
+        groups = sorted(tuple(v) for v in on.values())
+        for g in groups:
+            if list(g) != list(range(g[0], g[0] + len(g))):
+                raise InvalidInputError(
+                    f"the plan puts shards {list(g)} of replica {r} on one host: a host's process group needs "
+                    "consecutive shards (contiguous lists); re-plan, or launch one actor per GPU (--ranks-per-host 1)"
+                )
+        per_replica.append(groups)
+    for r, groups in enumerate(per_replica[1:], 1):
+        if groups != per_replica[0]:
+            raise InvalidInputError(
+                f"the plan groups replica 0's shards by host as {per_replica[0]} but replica {r}'s as {groups}: "
+                "the replicas of a host's group would hold different lists; re-plan with shards a multiple of "
+                "the GPUs per host, or launch one actor per GPU (--ranks-per-host 1)"
+            )
+    groups = per_replica[0]
+    used = sorted({by[(g[0], r)] for g in groups for r in range(plan.replicas)})
+    dense = {h: i for i, h in enumerate(used)}
+    hosts = tuple(tuple(dense[by[(g[0], r)]] for r in range(plan.replicas)) for g in groups)
+    return groups, ActorLayout(hosts=hosts, num_hosts=len(used))
+
+
+def bundles_for(layout: ActorLayout, cpus_per_actor: float, ranks: list[int] | None = None) -> list[float]:
+    """CPUs each plan host's bundle needs: its actor count × ``cpus_per_actor``.
+
+    With ``ranks`` (per shard, the ranks of its replicas' process groups) an
+    actor counts ``ranks[s]`` times: ``cpus_per_actor`` is then per rank.
+    """
     per_host = [0] * layout.num_hosts
-    for hs in layout.hosts:
+    for s, hs in enumerate(layout.hosts):
         for h in hs:
-            per_host[h] += 1
+            per_host[h] += 1 if ranks is None else ranks[s]
     return [cpus_per_actor * c for c in per_host]
 
 
 def check_capacity(bundles: list[float], node_cpus: list[float], *, strategy: str, cpus_per_actor: float,
-                   local: bool = False) -> None:
+                   local: bool = False, unit: str = "shard actor(s)") -> None:
     """Fail fast (instead of waiting for a placement group that can never be placed) when the Ray
     cluster's CPUs cannot hold the bundles.
 
@@ -187,6 +253,7 @@ def check_capacity(bundles: list[float], node_cpus: list[float], *, strategy: st
         node_cpus: total CPUs of each alive Ray node.
         strategy: ``STRICT_SPREAD`` (one node per bundle), ``SPREAD`` or ``PACK``.
         cpus_per_actor: the ``--cpus-per-shard`` value, to compute the fix.
+        unit: what ``cpus_per_actor`` is reserved for (``rank(s)`` for process-group shards).
         local: the Ray instance was started by this process, so ``--num-cpus`` is a fix that applies.
     Raises:
         ClusterConfigError: with the CPUs needed and available and the remedies that apply.
@@ -208,7 +275,7 @@ def check_capacity(bundles: list[float], node_cpus: list[float], *, strategy: st
                                                                 sorted(node_cpus, reverse=True)))
         per = int(per * 100) / 100
         if 0 < per < cpus_per_actor:
-            fixes.append(f"reserve fewer CPUs per shard actor: --cpus-per-shard {per:g}")
+            fixes.append(f"reserve fewer CPUs per {unit.removesuffix('(s)')}: --cpus-per-shard {per:g}")
     if local:
         fixes.append(f"give the local Ray instance more CPUs: --num-cpus {int(-(-need // 1))}")
     else:
@@ -216,7 +283,7 @@ def check_capacity(bundles: list[float], node_cpus: list[float], *, strategy: st
     fixes.append("use fewer --shards or --replicas")
     listed = " ".join(f"{i}) {f};" for i, f in enumerate(fixes, 1)).rstrip(";")
     raise ClusterConfigError(
-        f"{actors} shard actor(s) × {cpus_per_actor:g} CPU need {need:g} CPUs "
+        f"{actors} {unit} × {cpus_per_actor:g} CPU need {need:g} CPUs "
         f"({len(bundles)} host bundle(s) {bundles}, {strategy}) but the Ray cluster has {have:g} CPUs on "
         f"{len(node_cpus)} node(s) {node_cpus}; the actors could never be placed. Possible fixes: {listed}"
     )
@@ -253,6 +320,10 @@ class RayBackend(ShardBackend):
         local_ray: bool = False,
         data_dir: str | None = None,
         snapshot_every: int = 1000,
+        rank_dirs: list[str] | None = None,
+        ranks: list[int] | None = None,
+        gpus_per_rank: float = 0.0,
+        max_group_restarts: int = 10,
     ) -> RayBackend:
         """Create the placement group and one actor per (shard, replica); wait until all are ready.
 
@@ -264,6 +335,11 @@ class RayBackend(ShardBackend):
         error can suggest ``--num-cpus``. ``data_dir``: the shards take updates
         (``sterling.cluster.ray_live``), each replica keeping its snapshots and
         log in ``data_dir/shard-<s>/replica-<r>/`` on its node.
+
+        ``rank_dirs`` (per shard, a ``write_rank_slices`` directory over its
+        artifact, ``ranks[s]`` ranks): every replica of the shard is a process
+        group on its host (``GroupShardServer``), reserving ``ranks[s]`` ×
+        ``cpus_per_actor`` CPUs and ``ranks[s]`` × ``gpus_per_rank`` GPUs.
         """
         import ray
         from ray.util.placement_group import placement_group
@@ -275,14 +351,31 @@ class RayBackend(ShardBackend):
             layout = default_layout(n, replicas, max(1, len(nodes)))
         if len(layout.hosts) != n:
             raise InvalidInputError(f"layout has {len(layout.hosts)} shards, the manifest {n}")
-        cpus = bundles_for(layout, cpus_per_actor)
+        if rank_dirs is not None:
+            if data_dir is not None:
+                raise ClusterConfigError("process-group shards (rank_dirs) take no updates: drop data_dir")
+            if ranks is None or len(ranks) != n or len(rank_dirs) != n:
+                raise InvalidInputError(f"give rank_dirs and ranks for each of the {n} shards")
+        else:
+            ranks = None
+        cpus = bundles_for(layout, cpus_per_actor, ranks)
         if not all(cpus):
             raise InvalidInputError(f"layout leaves hosts {[h for h, c in enumerate(cpus) if not c]} without actors")
-        bundles = [{"CPU": c} for c in cpus]
+        gpus = bundles_for(layout, gpus_per_rank, ranks) if gpus_per_rank > 0 else None
+        if gpus is not None:
+            have_gpus = float(ray.cluster_resources().get("GPU", 0.0))
+            if sum(gpus) > have_gpus + 1e-9:
+                raise ClusterConfigError(
+                    f"the shard actors' ranks × {gpus_per_rank:g} GPU need {sum(gpus):g} GPUs (per host {gpus}) but "
+                    f"the Ray cluster has {have_gpus:g}; run the ranks on CPU (--gpus-per-rank 0, gloo), "
+                    "or add GPU nodes (`ray start --address … --num-gpus N`)"
+                )
+        bundles = [{"CPU": c} if gpus is None else {"CPU": c, "GPU": g} for c, g in zip(cpus, gpus or cpus)]
         strat = strategy if layout.num_hosts > 1 else "PACK"
         alive = len([x for x in ray.nodes() if x.get("Alive")])
         if not (strat == "STRICT_SPREAD" and layout.num_hosts > alive):
-            check_capacity(cpus, _node_cpus(), strategy=strat, cpus_per_actor=cpus_per_actor, local=local_ray)
+            check_capacity(cpus, _node_cpus(), strategy=strat, cpus_per_actor=cpus_per_actor, local=local_ray,
+                           unit="shard actor(s)" if ranks is None else "rank(s)")
         if strat == "STRICT_SPREAD" and layout.num_hosts > alive:
             raise InvalidInputError(
                 f"the layout spreads shards over {layout.num_hosts} hosts but this Ray cluster has {alive} alive "
@@ -306,9 +399,11 @@ class RayBackend(ShardBackend):
         for s, hs in enumerate(layout.hosts):
             row = []
             for r, h in enumerate(hs):
+                w = 1 if ranks is None else ranks[s]
                 row.append(
                     Actor.options(
-                        num_cpus=cpus_per_actor,
+                        num_cpus=cpus_per_actor * w,
+                        num_gpus=gpus_per_rank * w,
                         max_restarts=max_restarts,
                         max_task_retries=0,
                         max_concurrency=4,
@@ -317,7 +412,8 @@ class RayBackend(ShardBackend):
                             placement_group=pg, placement_group_bundle_index=h
                         ),
                     ).remote(manifest.shards[s].path, s, r, threads_per_actor,
-                             None if data_dir is None else str(data_dir), snapshot_every)
+                             None if data_dir is None else str(data_dir), snapshot_every,
+                             None if rank_dirs is None else str(rank_dirs[s]), ready_timeout_s, max_group_restarts)
                 )
             actors.append(row)
         backend = cls(actors, placement_group=pg, hedge_fraction=hedge_fraction)
@@ -360,10 +456,12 @@ class RayBackend(ShardBackend):
         import ray
         from ray.exceptions import RayTaskError
 
+        from sterling.cluster.errors import RankFailedError
+
         try:
             return ray.get(handle, timeout=0)
         except RayTaskError as e:
-            if isinstance(e.cause, InvalidInputError):
+            if isinstance(e.cause, (InvalidInputError, RankFailedError)):  # typed: the router fails over on the latter
                 raise e.cause from None
             raise
 

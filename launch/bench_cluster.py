@@ -37,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--concurrency", type=int, default=4, help="client threads against the router")
     p.add_argument("--threads-per-shard", type=int, default=1)
+    p.add_argument("--ranks-per-host", default="1",
+                   help="comma list (ray backend): each shard actor a process group of N gloo ranks (1 = no group)")
     p.add_argument("--batch-wait-ms", default="0,20",
                    help="comma list of router dynamic-batching waits to compare (0 = batching off)")
     p.add_argument("--out", help="append the JSON lines to this file")
@@ -142,20 +144,31 @@ def run(args: argparse.Namespace) -> int:
     reqs = list(xq_all.split(args.batch))
     base = _inprocess(model, reqs, args)
     counts = [int(x) for x in args.shards.split(",") if x.strip()]
+    rank_counts = [int(x) for x in str(args.ranks_per_host).split(",") if x.strip()]
+    if args.backend != "ray" and rank_counts != [1]:
+        from sterling.cluster.errors import ClusterConfigError
+
+        raise ClusterConfigError(f"--ranks-per-host {args.ranks_per_host} needs --backend ray (groups run in Ray actors)")
     if args.backend == "ray":
         import ray
 
-        ray.init(num_cpus=max(4, max(counts)), log_to_driver=False, include_dashboard=False)
+        ray.init(num_cpus=max(4, max(counts) * max(rank_counts)), log_to_driver=False, include_dashboard=False)
     rows = []
     try:
-        for n in counts:
+        for n, ranks in [(n, rk) for n in counts for rk in rank_counts]:
             manifest = write_shards(path, tmp / f"shards{n}", num_shards=n)
             head = RetrievalModel.load(manifest.head)
             if args.backend == "ray":
                 from sterling.cluster.ray_backend import RayBackend
 
+                groups = {}
+                if ranks > 1:
+                    from sterling.launch.launch_cmd import ensure_group_slices
+
+                    dirs, per = ensure_group_slices(manifest, ranks)
+                    groups = {"rank_dirs": dirs, "ranks": per}
                 backend = RayBackend.launch(manifest, replicas=1, threads_per_actor=args.threads_per_shard,
-                                            cpus_per_actor=1.0, strategy="PACK")
+                                            cpus_per_actor=1.0, strategy="PACK", **groups)
             else:
                 from sterling.cluster.backends import LocalBackend
                 from sterling.cluster.shard import ShardServer
@@ -174,7 +187,8 @@ def run(args: argparse.Namespace) -> int:
                         srv.stop()
                     equal = all(np.array_equal(a, b.numpy()) for a, b in zip(r["ids"], base["ids"]))
                     row = {
-                        "bench": "cluster", "backend": args.backend, "shards": n, "items": model.index.num_items,
+                        "bench": "cluster", "backend": args.backend, "shards": n, "ranks_per_shard": ranks,
+                        "items": model.index.num_items,
                         "dim": D, "nlist": model.index.nlist, "k": args.k, "nprobe": args.nprobe, "where": args.where,
                         "batch": args.batch, "requests": args.requests, "concurrency": args.concurrency,
                         "batch_wait_ms": wait,

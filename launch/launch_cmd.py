@@ -4,7 +4,10 @@ On an existing cluster (``ray start --head`` / ``ray start --address …``,
 then ``--address auto`` or ``HOST:PORT``) or on a local one it starts.
 Shard artifacts are written next to the model (``<model>.shards/``) unless
 a current set is already there; actors are placed by the plan's
-assignments (``--plan``), otherwise round-robin over the alive nodes.
+assignments (``--plan``), otherwise round-robin over the alive nodes. With
+process groups (the plan's hosts × GPUs, or ``--ranks-per-host N``) each
+actor is rank 0 of a group of ranks on its host over rank slices of its
+shard (``sterling.cluster.group_shard``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from sterling.launch.serve_cmd import (
     server_config_from_args,
 )
 
-__all__ = ["register", "run_ray", "ensure_shards", "remove_stale_shards", "check_launch_args"]
+__all__ = ["register", "run_ray", "ensure_shards", "remove_stale_shards", "check_launch_args", "group_shape",
+           "ensure_group_slices"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--shards-dir", help="where shard artifacts are (or go); default <model>.shards/")
     r.add_argument("--address", help="Ray cluster: auto or HOST:PORT (default: start a local one)")
     r.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (no --address)")
-    r.add_argument("--cpus-per-shard", type=float, default=1.0, help="Ray CPUs reserved per shard actor")
+    r.add_argument("--cpus-per-shard", type=float, default=1.0, help="Ray CPUs reserved per shard actor (per rank of its group with --ranks-per-host)")
     r.add_argument("--threads-per-shard", type=int, default=1, help="torch threads in each shard actor")
     r.add_argument("--spread", choices=("strict", "soft"), default="strict",
                    help="strict: one Ray node per plan host (STRICT_SPREAD); soft: best effort (SPREAD)")
@@ -49,6 +53,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--data-dir", help="take Upsert/Delete/UpdateAttributes: each shard replica keeps its snapshots "
                    "and update log in DIR/shard-<s>/replica-<r>/ on its node; a restart recovers before SERVING")
     r.add_argument("--snapshot-every", type=int, default=1000, help="update batches between replica snapshots")
+    r.add_argument("--ranks-per-host", type=int,
+                   help="each shard actor runs a process group of N ranks on its host (rank slices of its shard, "
+                   "gloo on CPU / NCCL on GPU, merged exactly); with --plan the default is the plan's GPUs per "
+                   "host (its shards on one host become one group), without it 1; --cpus-per-shard is then per rank")
+    r.add_argument("--gpus-per-rank", type=float,
+                   help="GPUs Ray reserves per rank of a shard actor's group (NCCL when the actor sees GPUs); "
+                   "default 1 for a GPU plan's groups, else 0 (gloo on CPU)")
     add_server_arguments(r)
     r.set_defaults(func=run_ray)
     from sterling.launch.torchrun_cmd import register_torchrun
@@ -56,22 +67,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     register_torchrun(kinds)
 
 
-def ensure_shards(model: Path, out: Path, *, num_shards: int | None, plan, plan_path: str | None):
+def ensure_shards(model: Path, out: Path, *, num_shards: int | None, plan, plan_path: str | None,
+                  ranges: list[tuple[int, int]] | None = None):
     """The shard manifest in ``out``: reused when written from this model file (not modified since) with
-    the same list ranges, else rewritten."""
+    the same list ranges, else rewritten. ``ranges``: exactly these shards (e.g. one per plan host)."""
     from sterling.sharding.documents import MANIFEST_NAME, read_manifest, write_shards
 
-    want = plan.num_shards if plan is not None else (num_shards or 1)
+    want = len(ranges) if ranges is not None else plan.num_shards if plan is not None else (num_shards or 1)
     if (out / MANIFEST_NAME).exists():
         m = read_manifest(out)
-        ranges = [s.lists for s in m.shards]
+        have = [tuple(s.lists) for s in m.shards]
         plan_ranges = [(s.list_start, s.list_end) for s in sorted(plan.shards, key=lambda s: s.shard)] if plan else None
+        if ranges is not None:
+            plan_ranges = [tuple(r) for r in ranges]
         if (m.num_shards == want and Path(m.source) == model
-                and (plan_ranges is None or plan_ranges == ranges)
+                and (plan_ranges is None or plan_ranges == have)
                 and all(Path(s.path).exists() for s in m.shards)
                 and Path(m.source).stat().st_mtime <= (out / MANIFEST_NAME).stat().st_mtime):
             return m
-    manifest = write_shards(model, out, num_shards=None if plan is not None else want, plan=plan, plan_path=plan_path)
+    if ranges is not None:
+        manifest = write_shards(model, out, ranges=ranges, plan_path=plan_path)
+    else:
+        manifest = write_shards(model, out, num_shards=None if plan is not None else want, plan=plan,
+                                plan_path=plan_path)
     remove_stale_shards(out, manifest)
     return manifest
 
@@ -103,6 +121,81 @@ def check_launch_args(args: argparse.Namespace) -> None:
         raise ClusterConfigError(f"--ready-timeout ({args.ready_timeout}) must be > 0 seconds")
     if args.address and args.num_cpus is not None:
         raise ClusterConfigError("--num-cpus sizes a local Ray instance; with --address the cluster's nodes decide")
+    ranks = getattr(args, "ranks_per_host", None)
+    if ranks is not None and ranks < 1:
+        raise ClusterConfigError(f"--ranks-per-host ({ranks}) must be ≥ 1")
+    if getattr(args, "gpus_per_rank", None) is not None and not args.gpus_per_rank >= 0:
+        raise ClusterConfigError(f"--gpus-per-rank ({args.gpus_per_rank}) must be ≥ 0")
+    if args.data_dir and ranks is not None and ranks > 1:
+        raise ClusterConfigError(
+            f"--data-dir (updates) with --ranks-per-host {ranks}: process-group shards take no updates yet; "
+            "drop --data-dir to serve over ranks, or use --ranks-per-host 1 to take updates"
+        )
+
+
+def group_shape(args: argparse.Namespace, plan, model: Path):
+    """``(groups, layout)`` for process-group shards, ``(N, None)`` for N ranks per shard, or ``None`` for one
+    process per shard actor.
+
+    ``groups[s]``: with a plan, the plan shards (one per GPU) on one host that
+    Ray-level shard ``s`` unites, ranks = those shards; without one,
+    ``--ranks-per-host`` (an int) for every shard. With ``--data-dir`` and no
+    ``--ranks-per-host`` a plan keeps one actor per GPU (groups take no
+    updates). Refusals are typed and come before Ray starts.
+    """
+    from sterling.cluster.errors import ClusterConfigError
+    from sterling.cluster.ray_backend import group_layout_from_plan
+
+    want = args.ranks_per_host
+    if plan is None:
+        return None if want is None or want == 1 else (want, None)
+    if want == 1:
+        return None
+    groups, layout = group_layout_from_plan(plan)
+    sizes = sorted({len(g) for g in groups})
+    if want is not None and sizes != [want]:
+        raise ClusterConfigError(
+            f"--ranks-per-host {want} disagrees with the plan, whose hosts hold {sizes} of its shards (GPUs) "
+            f"each; drop --ranks-per-host (the plan decides), or --ranks-per-host 1 for one actor per GPU"
+        )
+    if sizes == [1]:
+        return None
+    if args.data_dir:  # updates need one process per replica: the plan's GPUs as actors, as before groups
+        print(f"sterling launch ray: --data-dir takes updates, which process groups do not yet: one actor per "
+              f"plan shard (GPU) instead of {sizes} rank(s) per host", file=sys.stderr, flush=True)
+        return None
+    return groups, layout
+
+
+def _gpus_per_rank(args: argparse.Namespace, plan, ranks) -> float:
+    """``--gpus-per-rank``, else one GPU per rank when a GPU plan's hosts run groups (its shards sit on GPUs)."""
+    if args.gpus_per_rank is not None:
+        return float(args.gpus_per_rank)
+    return 1.0 if ranks and plan is not None and str(plan.topology.device.kind) == "gpu" else 0.0
+
+
+def ensure_group_slices(manifest, ranks, *, plan=None, groups=None) -> tuple[list[str], list[int]]:
+    """Per shard, the directory of its ranks' slices (``<shard>.ranks-N/``, reused when current) and N.
+
+    ``ranks`` an int: each shard's lists cut into that many by bytes; with a
+    plan's ``groups``, the ranks' lists are the plan shards'.
+    """
+    from sterling.launch.worker import ensure_rank_slices
+    from sterling.model.retrieval import RetrievalModel
+    from sterling.sharding.ranks import rank_ranges_within
+
+    dirs, counts = [], []
+    for s, sh in enumerate(manifest.shards):
+        if groups is not None:
+            ps = sorted(plan.shards, key=lambda x: x.shard)
+            ranges = [(int(ps[i].list_start), int(ps[i].list_end)) for i in groups[s]]
+        else:
+            ranges = rank_ranges_within(RetrievalModel.load(sh.path, verify=False).index, sh.lists, ranks)
+        out = Path(str(Path(sh.path).with_suffix("")) + f".ranks-{len(ranges)}")
+        ensure_rank_slices(Path(sh.path), out, world_size=len(ranges), ranges=ranges)
+        dirs.append(str(out.resolve()))
+        counts.append(len(ranges))
+    return dirs, counts
 
 
 def _learned_head(args: argparse.Namespace):
@@ -152,9 +245,20 @@ def run_ray(args: argparse.Namespace) -> int:
     check_servable(args.model)
     learned = _learned_head(args)  # before Ray starts: a refusal costs nothing
     model = Path(args.model)
+    shape = group_shape(args, plan, model)
     out = Path(args.shards_dir) if args.shards_dir else Path(str(model) + ".shards")
-    manifest = ensure_shards(model, out, num_shards=args.shards, plan=plan, plan_path=args.plan)
-    print(f"sterling launch ray: {manifest.num_shards} shard(s) in {out}/", flush=True)
+    groups = rank_dirs = ranks = None
+    if shape is not None and shape[1] is not None:  # the plan's hosts × GPUs: one shard per (host) group
+        groups, layout = shape
+        ps = sorted(plan.shards, key=lambda x: x.shard)
+        ranges = [(int(ps[g[0]].list_start), int(ps[g[-1]].list_end)) for g in groups]
+        manifest = ensure_shards(model, out, num_shards=None, plan=None, plan_path=args.plan, ranges=ranges)
+    else:
+        manifest = ensure_shards(model, out, num_shards=args.shards, plan=plan, plan_path=args.plan)
+    if shape is not None:
+        rank_dirs, ranks = ensure_group_slices(manifest, shape[0], plan=plan, groups=groups)
+    print(f"sterling launch ray: {manifest.num_shards} shard(s) in {out}/"
+          + (f", ranks per shard {ranks}" if ranks else ""), flush=True)
 
     if args.address:
         ray.init(address=args.address, log_to_driver=False)
@@ -163,15 +267,15 @@ def run_ray(args: argparse.Namespace) -> int:
     backend = None
     try:
         alive = [n for n in ray.nodes() if n.get("Alive")]
-        if plan is not None:
-            layout = layout_from_plan(plan, manifest.num_shards)
-        else:
-            layout = default_layout(manifest.num_shards, args.replicas or 1, len(alive))
+        if groups is None:  # else the layout came with the plan's host groups
+            layout = (layout_from_plan(plan, manifest.num_shards) if plan is not None
+                      else default_layout(manifest.num_shards, args.replicas or 1, len(alive)))
         backend = RayBackend.launch(
             manifest, layout=layout, cpus_per_actor=args.cpus_per_shard, threads_per_actor=args.threads_per_shard,
             strategy="STRICT_SPREAD" if args.spread == "strict" else "SPREAD", ready_timeout_s=args.ready_timeout,
             local_ray=not args.address, snapshot_every=args.snapshot_every,
             data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None,  # actors' cwd may differ
+            rank_dirs=rank_dirs, ranks=ranks, gpus_per_rank=_gpus_per_rank(args, plan, ranks),
         )
         updates = None
         if args.data_dir:
@@ -185,6 +289,8 @@ def run_ray(args: argparse.Namespace) -> int:
         nodes = sorted({w["node_id"] for row in where for w in row})
         for s, row in enumerate(where):
             placed = ", ".join(f"replica {r} on node {nodes.index(w['node_id'])}" for r, w in enumerate(row))
+            if ranks:
+                placed += f" ({ranks[s]} ranks each)"
             print(f"  shard {s} lists [{manifest.shards[s].lists[0]}, {manifest.shards[s].lists[1]}): {placed}")
         logged = f", updates logged in {args.data_dir} (model version {updates.version})" if updates else ""
         print(f"sterling launch ray: listening on {srv.address} ({manifest.num_shards} shard(s) × "

@@ -8,6 +8,10 @@ whose router sees the whole group as one shard that answers already merged
 (``GroupBackend``). A learned model is served the same way as by ``sterling
 serve``: the router's ``LearnedHead`` runs the user tower and reranks the
 merged K0 candidates (OverArch, heads, Value Model) on rank 0.
+
+The same worker is ranks 1..N-1 of a Ray shard actor's group (``sterling
+launch ray --ranks-per-host N``, ``cluster.group_shard``): there the actor
+is rank 0, and ``STERLING_PARENT_PID`` makes a rank exit once it is gone.
 """
 
 from __future__ import annotations
@@ -81,14 +85,17 @@ def add_worker_arguments(p: argparse.ArgumentParser) -> None:
     add_server_arguments(p)
 
 
-def ensure_rank_slices(model: Path, out: Path, *, world_size: int, plan=None, plan_path=None, sample=None):
-    """The rank manifest in ``out``: reused when written from this model (not modified since) for this world size."""
+def ensure_rank_slices(model: Path, out: Path, *, world_size: int, plan=None, plan_path=None, sample=None,
+                       ranges=None):
+    """The rank manifest in ``out``: reused when written from this model (not modified since) for this world size
+    (and, given ``ranges``, these rank list ranges)."""
     from sterling.sharding.documents import MANIFEST_NAME, read_manifest
     from sterling.sharding.ranks import write_rank_slices
 
     if (out / MANIFEST_NAME).exists():
         m = read_manifest(out)
         if (m.num_shards == world_size and Path(m.source) == model and m.plan == plan_path
+                and (ranges is None or [tuple(s.lists) for s in m.shards] == [tuple(r) for r in ranges])
                 and all(Path(s.path).exists() for s in m.shards)
                 and model.stat().st_mtime <= (out / MANIFEST_NAME).stat().st_mtime):
             return m
@@ -98,7 +105,17 @@ def ensure_rank_slices(model: Path, out: Path, *, world_size: int, plan=None, pl
 
         xq = torch.from_numpy(np.load(sample).astype("float32"))
     return write_rank_slices(model, out, world_size=None if plan is not None else world_size, plan=plan,
-                             plan_path=plan_path, xq_sample=xq)
+                             plan_path=plan_path, xq_sample=xq, ranges=ranges)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A rank started by a group shard (``cluster.group_shard``) exits when its rank 0 process is gone."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="sterling-parent-watch", daemon=True).start()
 
 
 def _say(msg: str) -> None:
@@ -123,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise ClusterConfigError("sterling.launch.worker runs under torchrun (RANK / WORLD_SIZE are not set); "
                                  "use `sterling launch torchrun --nproc-per-node N --model M`")
+    if os.environ.get("STERLING_PARENT_PID"):
+        _exit_with_parent(int(os.environ["STERLING_PARENT_PID"]))
     set_rank_threads(args.threads)
     backend, device = backend_for_device()
     if device.type == "cuda":

@@ -44,6 +44,7 @@ __all__ = [
     "balanced_list_ranges",
     "cut_ranges",
     "list_ranges_from_plan",
+    "check_tiling",
     "slice_index",
     "slice_model",
     "write_shards",
@@ -167,15 +168,21 @@ def list_ranges_from_plan(plan, nlist: int) -> list[tuple[int, int]]:
     ranges = [(int(s.list_start), int(s.list_end)) for s in shards]
     if [s.shard for s in shards] != list(range(plan.num_shards)):
         raise InvalidInputError(f"plan shards {[s.shard for s in shards]} are not 0..{plan.num_shards - 1}")
-    expect = 0
+    return check_tiling(ranges, nlist, what="plan shard list ranges")
+
+
+def check_tiling(ranges: list[tuple[int, int]], nlist: int, *, what: str = "shard list ranges",
+                 start: int = 0) -> list[tuple[int, int]]:
+    """``ranges`` checked to be non-empty, contiguous and to cover ``[start, nlist)`` exactly."""
+    expect = start
     for a, b in ranges:
         if a != expect or b <= a:
             raise InvalidInputError(
-                f"plan shard list ranges {ranges} must be non-empty, contiguous and cover [0, {nlist})"
+                f"{what} {ranges} must be non-empty, contiguous and cover [{start}, {nlist})"
             )
         expect = b
     if expect != nlist:
-        raise InvalidInputError(f"plan shard list ranges {ranges} end at {expect}, not at nlist={nlist}")
+        raise InvalidInputError(f"{what} {ranges} end at {expect}, not at {nlist}")
     return ranges
 
 
@@ -246,17 +253,22 @@ def write_shards(
     num_shards: int | None = None,
     plan=None,
     plan_path: str | None = None,
+    ranges: list[tuple[int, int]] | None = None,
 ) -> ShardManifest:
     """Write ``shard-XXXX.st`` per shard, ``head.st`` and ``manifest.json`` into ``out_dir``.
 
     With ``plan`` (a ``sterling.planner.Plan``) the plan's list ranges are
-    used; otherwise ``num_shards`` ranges balanced by bytes.
+    used; with ``ranges`` exactly those (contiguous, tiling ``[0, nlist)``:
+    e.g. one range per plan host, the union of its GPUs' shards); otherwise
+    ``num_shards`` ranges balanced by bytes.
     """
     model_path = Path(model_path)
     out = Path(out_dir)
     model = _document_model(model_path)
     index = model.index
-    if plan is not None:
+    if ranges is not None:
+        ranges = check_tiling([(int(a), int(b)) for a, b in ranges], index.nlist)
+    elif plan is not None:
         if num_shards is not None and num_shards != plan.num_shards:
             raise InvalidInputError(
                 f"--shards {num_shards} disagrees with the plan's num_shards ({plan.num_shards}); drop one"

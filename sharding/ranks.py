@@ -47,6 +47,7 @@ from sterling.sharding.documents import (
     ShardSlice,
     _save_slice,
     balanced_list_ranges,
+    check_tiling,
     cut_ranges,
     list_bytes,
     list_ranges_from_plan,
@@ -60,6 +61,7 @@ __all__ = [
     "probe_load",
     "rank_costs",
     "rank_list_ranges",
+    "rank_ranges_within",
     "write_rank_slices",
     "read_rank_manifest",
 ]
@@ -121,6 +123,22 @@ def rank_list_ranges(
     return cut_ranges(_list_costs(index, xq_sample, nprobe), world_size)
 
 
+def rank_ranges_within(index: ItemIndex, lists: tuple[int, int], world_size: int) -> list[tuple[int, int]]:
+    """``world_size`` contiguous ranges of whole lists inside a document shard's ``lists``, balanced by bytes.
+
+    For a process group over one document shard (``sterling launch ray
+    --ranks-per-host N``): the shard artifact keeps every centroid and empty
+    lists outside ``lists``, so the cut is over its own lists only.
+    """
+    a, b = int(lists[0]), int(lists[1])
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or not 1 <= world_size <= b - a:
+        raise InvalidInputError(
+            f"{world_size!r} ranks cannot split the {b - a} IVF lists [{a}, {b}) of this document shard (a rank "
+            f"owns whole lists): use at most {b - a} ranks per host (--ranks-per-host) or fewer shards (--shards)"
+        )
+    return [(a + x, a + y) for x, y in cut_ranges(list_bytes(index)[a:b], world_size)]
+
+
 def rank_costs(index: ItemIndex, ranges, *, xq_sample=None, nprobe: int | None = None) -> dict[str, list[float]]:
     """Per-rank shares of bytes and (with a sample) probe load, for reports and tests."""
     b = list_bytes(index).double()
@@ -144,11 +162,14 @@ def write_rank_slices(
     plan_path: str | None = None,
     xq_sample=None,
     nprobe: int | None = None,
+    ranges: list[tuple[int, int]] | None = None,
 ) -> ShardManifest:
     """Write one artifact per rank and ``manifest.json`` into ``out_dir``; returns the manifest.
 
     With ``plan`` its per-shard list ranges are the ranks' (one document
-    shard per GPU of the host); otherwise ``world_size`` ranges from
+    shard per GPU of the host); with ``ranges`` exactly those (contiguous,
+    e.g. ``rank_ranges_within`` a document shard's lists: the ranks of a
+    group over one shard artifact); otherwise ``world_size`` ranges from
     ``rank_list_ranges``. Each file is written atomically
     (``write_artifact``); the manifest is renamed into place last.
     """
@@ -163,7 +184,15 @@ def write_rank_slices(
 
         model = RetrievalModel.load(model_path)
     index = model.index
-    if plan is not None:
+    if ranges is not None:
+        ranges = [(int(a), int(b)) for a, b in ranges]
+        if world_size is not None and world_size != len(ranges):
+            raise InvalidInputError(f"world_size ({world_size}) disagrees with the {len(ranges)} rank ranges given")
+        check_tiling(ranges, ranges[-1][1] if ranges else 0, what="rank list ranges",
+                     start=ranges[0][0] if ranges else 0)
+        if not ranges or ranges[-1][1] > index.nlist:
+            raise InvalidInputError(f"rank list ranges {ranges} must be non-empty and within [0, {index.nlist})")
+    elif plan is not None:
         if world_size is not None and world_size != plan.num_shards:
             raise InvalidInputError(
                 f"--nproc-per-node {world_size} disagrees with the plan's num_shards ({plan.num_shards}); "
