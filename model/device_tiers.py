@@ -202,9 +202,10 @@ class TieredIndex:
         self._cold_lo = self.cold.host_offsets
         self.row_bytes = self.dim + 4 + 8 * int(source.bloom.shape[1])
         largest = int(self._sizes[~fast].max()) if cold_lists.size else 0
-        slot_rows = int(staging_bytes) // _SLOTS // self.row_bytes
+        # a staging row: its code, scale and Bloom words, plus one alive bit; slots hold multiples of 8 rows
+        slot_rows = int(staging_bytes) // _SLOTS * 8 // (8 * self.row_bytes + 1) // 8 * 8
         if self.mode is TierMode.STREAM and largest > slot_rows:
-            need = largest * self.row_bytes * _SLOTS
+            need = _SLOTS * (-(-largest // 8)) * (8 * self.row_bytes + 1)
             raise InvalidInputError(
                 f"staging_bytes ({staging_bytes}) gives {slot_rows} rows per staging slot, but the largest cold "
                 f"list has {largest} items; pass staging_bytes ≥ {need}, or keep that list hot")
