@@ -118,11 +118,14 @@ def estimate_cost(
     on top of its bytes. ``profile`` (CPU devices): measured rates
     (``planner/profile.py``) replace the constants — overhead, resident scan
     bandwidth, int8 rate, cold mapped bandwidth and cost per read — with no
-    efficiency factors (they are measured, not peak). ``items_per_query``:
+    efficiency factors (they are measured, not peak); with the profile's
+    read-around, the mapped bytes a batch reads are ``min(mapped tier bytes,
+    max(bytes scanned, slow_reads × read-around))``. ``items_per_query``:
     see ``batch_compute_ops``.
     """
     b = cfg.batch
     dev = topo.device
+    placements = tuple(placements)
     per_tier: dict[str, float] = {t.value: 0.0 for t in MemoryTier}
     for p in placements:
         per_tier[p.tier.value] += p.bytes_per_query * b
@@ -133,7 +136,11 @@ def estimate_cost(
             if measured is not None and t is MemoryTier.DRAM:
                 memory_s += per_tier[t.value] / measured.scan_bytes_per_s
             elif measured is not None and t is MemoryTier.MMAP:
-                memory_s += per_tier[t.value] / measured.mmap_cold_bw
+                read = per_tier[t.value]
+                if measured.mmap_readaround_bytes > 0:  # each separate fault reads its read-around window
+                    span = sum(p.nbytes for p in placements if p.tier is MemoryTier.MMAP)
+                    read = min(float(span), max(read, slow_reads * measured.mmap_readaround_bytes))
+                memory_s += read / measured.mmap_cold_bw
             else:
                 memory_s += per_tier[t.value] / (tier_bandwidth(topo, t) * MEMORY_EFFICIENCY)
     memory_s += slow_reads * (CPU_MMAP_READ_S if measured is None else measured.mmap_read_s)

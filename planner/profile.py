@@ -15,10 +15,14 @@ they are fitted on this host, at the thread count it serves with:
   batch), int8 ops (2 · query-item pairs · D), and a constant — giving
   ``overhead_s``, ``scan_bytes_per_s`` and ``int8_ops_per_s``.
 * **cold reads**: a scratch file is evicted from the page cache
-  (``posix_fadvise(DONTNEED)``) and read through a memory map in runs of
-  several sizes (IVF-list-sized runs, a share of them in file order, as a
-  scan visits lists); the timings fit ``mmap_read_s`` per separate read and
-  ``mmap_cold_bw`` bytes/s. ``page_cache_bw`` is the same reads, warm.
+  (``posix_fadvise(DONTNEED)``) and read through a fresh memory map:
+  sequentially (``mmap_cold_bw``), and one page at a time far apart — an
+  isolated fault costs the kernel's read-around, not one page, so its time
+  × the sequential bandwidth is ``mmap_readaround_bytes``. The planner then
+  charges a batch's slow tier ``min(slow tier bytes, max(slow bytes read,
+  slow reads × read-around))`` at ``mmap_cold_bw`` (reads of nearby lists
+  share their read-around). ``page_cache_bw``: the same sequential read,
+  warm.
 
 The profile is a JSON file (written atomically) naming the host's CPU and
 the thread count; a profile measured under load predicts that load.
@@ -53,6 +57,7 @@ class MachineProfile:
     mmap_cold_bw: float
     mmap_read_s: float
     page_cache_bw: float
+    mmap_readaround_bytes: float = 0.0  # bytes one isolated cold fault costs (the kernel's read-around)
     cpu: str = ""
     measured_at: str = ""
     fit_error: float = 0.0  # relative RMS error of the scan fit on its own points
@@ -105,7 +110,7 @@ def _scan_points(threads: int, items: int, dim: int, nlist: int, repeat: int, ba
     torch.set_num_threads(threads)
     cat = synthetic_catalog(items, dim, seed=97, with_attributes=False)
     index = build_index(cat.embeddings, ids=cat.ids, config=IndexConfig(nlist=nlist))
-    xq = synthetic_queries(cat, 512, seed=98)
+    xq = synthetic_queries(cat, 1024, seed=98)
     sizes = (index.list_offsets[1:] - index.list_offsets[:-1]).numpy()
     row = dim + 4  # codes + scale: the bytes the scan reads per item
     # batches around the planned one, on the same search path (small batches take the lean path)
@@ -113,65 +118,65 @@ def _scan_points(threads: int, items: int, dim: int, nlist: int, repeat: int, ba
     batches = sorted({max(1, batch // 2), batch, min(batch + batch // 2, top)})
     points = [(b, p) for b in batches for p in (8, 16, 32, 64) if p <= nlist]
     feats, best = [], np.full(len(points), np.inf)
-    for i, (b, nprobe) in enumerate(points):
-        q = xq[i * 8 % 256 : i * 8 % 256 + b]
-        probe = probe_lists(q, index.centroids, nprobe).numpy()
-        feats.append((1.0, float(sizes[np.unique(probe)].sum() * row), 2.0 * float(sizes[probe].sum()) * dim))
-    for _ in range(repeat):  # interleaved rounds, best of each point
+    rounds = 6  # distinct batches per point and round: a served stream, not one batch again from cache
+    for b, nprobe in points:
+        probe = probe_lists(xq[: b * rounds], index.centroids, nprobe).numpy().reshape(rounds, b, nprobe)
+        feats.append((1.0, float(np.mean([sizes[np.unique(p)].sum() for p in probe])) * row,
+                      2.0 * float(np.mean([sizes[p].sum() for p in probe])) * dim))
+    for _ in range(repeat):  # interleaved rounds; per point the mean over its batches, best round kept
         for i, (b, nprobe) in enumerate(points):
-            q = xq[i * 8 % 256 : i * 8 % 256 + b]
             t = time.perf_counter()
-            index.search(q, k=10, nprobe=nprobe)
-            best[i] = min(best[i], time.perf_counter() - t)
+            for r in range(rounds):
+                index.search(xq[r * b : (r + 1) * b], k=10, nprobe=nprobe)
+            best[i] = min(best[i], (time.perf_counter() - t) / rounds)
     return np.array(feats), best
 
 
-def _mmap_points(size: int, repeat: int):
+def _mmap_points(size: int, repeat: int) -> tuple[float, float, float]:
+    """(cold sequential bytes/s, seconds per isolated cold fault, warm sequential bytes/s) of a
+    scratch file read through a fresh memory map (one byte a page: the faults are the cost)."""
     fd, name = tempfile.mkstemp(prefix="sterling-calibrate-")
+    page = 4096
     try:
         with os.fdopen(fd, "wb") as f:
             rng = np.random.default_rng(5)
-            for _ in range(size // (8 << 20)):
+            for _ in range(max(1, size // (8 << 20))):
                 f.write(rng.integers(0, 255, 8 << 20, dtype=np.uint8).tobytes())
             f.flush()
             os.fsync(f.fileno())
+        size = os.path.getsize(name)
         rfd = os.open(name, os.O_RDONLY)
-        rows, cold, warm = [], [], []
-        rng = np.random.default_rng(6)
-        page = 4096
+        far = np.random.default_rng(6).choice(size // (1 << 20), min(64, size // (1 << 20)), replace=False)
+        seq_c = seq_w = one = float("inf")
         try:
-            # runs the size of IVF lists, a share of them read in file order (as a scan visits lists)
-            for run, share in ((16 << 10, 0.05), (16 << 10, 0.3), (64 << 10, 0.1), (64 << 10, 0.4),
-                               (256 << 10, 0.1), (256 << 10, 0.5)):
-                total = size // run
-                starts = np.sort(rng.choice(total, max(1, int(share * total)), replace=False)) * run
-                best_c = best_w = float("inf")
-                for _ in range(repeat):
-                    for timer in ("cold", "warm"):
-                        if timer == "cold":  # pages a mapping holds cannot be evicted: drop them unmapped
-                            os.posix_fadvise(rfd, 0, 0, os.POSIX_FADV_DONTNEED)
-                        arr = np.memmap(name, dtype=np.uint8, mode="r")  # a fresh mapping each pass
-                        t = time.perf_counter()
-                        for s in starts.tolist():
-                            int(arr[s : s + run : page].max())  # one byte a page: the fault is the cost
-                        dt = time.perf_counter() - t
-                        del arr
-                        if timer == "cold":
-                            best_c = min(best_c, dt)
-                        else:
-                            best_w = min(best_w, dt)
-                rows.append((float(starts.size), float(starts.size * run)))
-                cold.append(best_c)
-                warm.append(best_w)
+            for _ in range(repeat):
+                os.posix_fadvise(rfd, 0, 0, os.POSIX_FADV_DONTNEED)  # pages a mapping holds would stay
+                arr = np.memmap(name, dtype=np.uint8, mode="r")
+                t = time.perf_counter()
+                int(arr[::page].max())
+                seq_c = min(seq_c, time.perf_counter() - t)
+                del arr
+                arr = np.memmap(name, dtype=np.uint8, mode="r")  # warm: in the page cache, not mapped
+                t = time.perf_counter()
+                int(arr[::page].max())
+                seq_w = min(seq_w, time.perf_counter() - t)
+                del arr
+                os.posix_fadvise(rfd, 0, 0, os.POSIX_FADV_DONTNEED)
+                arr = np.memmap(name, dtype=np.uint8, mode="r")
+                t = time.perf_counter()
+                for mb in np.sort(far).tolist():  # one page each, 1 MiB apart or more: isolated faults
+                    int(arr[mb << 20])
+                one = min(one, (time.perf_counter() - t) / far.size)
+                del arr
         finally:
             os.close(rfd)
-        return np.array(rows), np.array(cold), np.array(warm)
+        return size / seq_c, one, size / seq_w
     finally:
         os.unlink(name)
 
 
-def measure_profile(*, threads: int = 2, batch: int = 16, items: int = 200_000, dim: int = 64, nlist: int = 512,
-                    repeat: int = 7, mmap_bytes: int = 128 << 20) -> MachineProfile:
+def measure_profile(*, threads: int = 2, batch: int = 16, items: int = 500_000, dim: int = 64, nlist: int = 1024,
+                    repeat: int = 4, mmap_bytes: int = 128 << 20) -> MachineProfile:
     """Measure this host (about a minute): the scan fit at batches around ``batch``, and the
     cold / warm mapped reads."""
     try:
@@ -184,15 +189,13 @@ def measure_profile(*, threads: int = 2, batch: int = 16, items: int = 200_000, 
     o, per_byte, per_op = _nnls(a, t)
     pred = a @ np.array([o, per_byte, per_op])
     fit_error = float(np.sqrt(np.mean(((pred - t) / t) ** 2)))
-    m, cold, warm = _mmap_points(mmap_bytes, 2)
-    read_s, per_cold = _nnls(m, cold)
-    _, per_warm = _nnls(m, warm)
+    cold_bw, fault_s, warm_bw = _mmap_points(mmap_bytes, 2)
     inf = float("inf")
     return MachineProfile(
         threads=int(threads), batch=int(batch), overhead_s=float(o),
         scan_bytes_per_s=1.0 / per_byte if per_byte > 0 else inf,
         int8_ops_per_s=1.0 / per_op if per_op > 0 else inf,
-        mmap_cold_bw=1.0 / per_cold if per_cold > 0 else inf, mmap_read_s=float(read_s),
-        page_cache_bw=1.0 / per_warm if per_warm > 0 else inf,
+        mmap_cold_bw=float(cold_bw), mmap_read_s=0.0, mmap_readaround_bytes=float(fault_s * cold_bw),
+        page_cache_bw=float(warm_bw),
         cpu=_cpu_name(), measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), fit_error=fit_error,
     )

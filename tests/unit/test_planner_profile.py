@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -33,14 +34,16 @@ def test_profile_round_trips_and_a_bad_file_is_a_typed_error(tmp_path):
         MachineProfile.load(tmp_path / "bad.json")
 
 
+@pytest.mark.parametrize("readaround", [0.0, 128 << 10])
 @pytest.mark.parametrize("fast_share", [1.0, 0.3, 0.0])
-def test_profiled_cpu_latency_is_the_sum_of_the_measured_terms(fast_share):
+def test_profiled_cpu_latency_is_the_sum_of_the_measured_terms(fast_share, readaround):
     stats, items = _stats()
     cfg = IndexModelConfig(items=int(items.sum()), dim=64, nlist=64, nprobe=8, k0=10, k=10, batch=16,
                            attrs_per_item=0, cache_dim=0, tower_params=0)
     fast = np.random.default_rng(1).random(64) < fast_share
     topo = make_topology("cpu")
-    p = plan(cfg, topo, list_stats=stats, list_fast=fast, profile=PROFILE)
+    prof = dataclasses.replace(PROFILE, mmap_readaround_bytes=float(readaround))
+    p = plan(cfg, topo, list_stats=stats, list_fast=fast, profile=prof)
     c = p.cost
     # oracle: the planner's own bytes per tier and ops, priced at the profile's rates
     from sterling.planner.cost import COMPUTE_EFFICIENCY, batch_compute_ops
@@ -50,8 +53,11 @@ def test_profiled_cpu_latency_is_the_sum_of_the_measured_terms(fast_share):
     from sterling.planner.tiers import slow_reads_per_batch, split_lists
 
     reads = slow_reads_per_batch(split_lists(stats, 0, fast=fast), stats, batch=16, k=10)
+    mapped = c.bytes_per_tier["mmap"]
+    if readaround:  # each separate read pulls its read-around window, at most the whole slow tier
+        mapped = min(float(stats.list_bytes[~fast].sum()), max(mapped, reads * readaround))
     want = (PROFILE.overhead_s + c.bytes_per_tier["dram"] / PROFILE.scan_bytes_per_s
-            + c.bytes_per_tier["mmap"] / PROFILE.mmap_cold_bw + reads * PROFILE.mmap_read_s
+            + mapped / PROFILE.mmap_cold_bw + reads * PROFILE.mmap_read_s
             + ops["int8"] / PROFILE.int8_ops_per_s + ops["fp32"] / (topo.device.fp32_flops * COMPUTE_EFFICIENCY)
             + ops["fp16"] / (topo.device.fp16_flops * COMPUTE_EFFICIENCY))
     assert math.isclose(c.latency_ms, want * 1e3, rel_tol=1e-9)
