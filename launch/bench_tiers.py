@@ -20,8 +20,11 @@ process's RSS once released: they are faulted in again). Writing
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,6 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", type=Path, default=None, help="where the artifact is written (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="also write all rows as one JSON document")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="machine profile for the planner's prediction (sterling plan --calibrate); default: "
+                        "measured first in a separate process, on its own synthetic data")
+    p.add_argument("--no-profile", action="store_true", help="predict with the built-in CPU constants")
+    p.add_argument("--staging-mb", type=float, default=64.0, help="GPU staging buffer for the stream mode")
     p.set_defaults(func=run)
 
 
@@ -79,9 +87,23 @@ def run(args: argparse.Namespace) -> int:
     from sterling.model.synthetic import synthetic_catalog
     from sterling.model.tiers import artifact_list_stats
     from sterling.planner import IndexModelConfig, PlanTargets, make_topology, plan
-    from sterling.planner.cost import MEMORY_EFFICIENCY
-    from sterling.planner.devices import CPU_MMAP_COLD_BW, CPU_MMAP_READ_S
+    from sterling.planner.profile import MachineProfile
     from sterling.planner.tiers import ListStats, slow_reads_per_batch, split_lists
+
+    profile, profile_note = None, "built-in CPU constants"
+    if not args.no_profile:
+        profile_path = args.profile
+        if profile_path is None:  # measured before, in another process, on other data
+            profile_path = Path(tempfile.mkdtemp(prefix="sterling-profile-")) / "profile.json"
+            subprocess.run([sys.executable, "-m", "sterling.launch.cli", "plan", "--calibrate", "--profile",
+                            str(profile_path), "--threads", str(args.threads)], check=True,
+                           stdout=subprocess.DEVNULL)
+            profile_note = f"calibrated in a separate process before the run ({profile_path})"
+        else:
+            profile_note = f"profile {profile_path}"
+        profile = MachineProfile.load(profile_path)
+        print(json.dumps({"bench": "tiers", "profile": dataclasses.asdict(profile), "note": profile_note}),
+              flush=True)
 
     torch.set_num_threads(args.threads)
     try:
@@ -112,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     dram = int((args.fast_fraction * total + window + stats.always) / 0.8) + 1
     topo = make_topology("cpu", host_dram_bytes=dram)
     free = PlanTargets(p99_ms=None)  # predict every layout; the bench measures, it does not gate
-    split_plan = plan(cfg, topo, free, list_stats=stats, cold_window=window)
+    split_plan = plan(cfg, topo, free, list_stats=stats, cold_window=window, profile=profile)
     fast_split = np.array([c == "1" for c in split_plan.devices[0].tiers["fast"]])
     configs = {
         "all fast": np.ones(args.nlist, dtype=bool),
@@ -120,16 +142,14 @@ def run(args: argparse.Namespace) -> int:
         "all slow": np.zeros(args.nlist, dtype=bool),
     }
     big = make_topology("cpu")
-    predicted, planned_bytes, slow_reads, slow_ms = {}, {}, {}, {}
+    predicted, planned_bytes, slow_reads = {}, {}, {}
     for name, mask in configs.items():
         p = plan(cfg, big if name == "all fast" else topo, free, list_stats=stats, cold_window=window,
-                 list_fast=mask)
+                 list_fast=mask, profile=profile)
         predicted[name] = p.cost.latency_ms
         planned_bytes[name] = {t: v for t, v in p.cost.bytes_per_tier.items() if v}
         sp = split_lists(stats, 0, fast=mask, cold_window=window)
         slow_reads[name] = slow_reads_per_batch(sp, stats, batch=args.batch, k=args.k)
-        slow_ms[name] = 1e3 * (planned_bytes[name].get("mmap", 0.0) / (CPU_MMAP_COLD_BW * MEMORY_EFFICIENCY)
-                               + slow_reads[name] * CPU_MMAP_READ_S)
 
     # recall of the (shared) answers against fp32 brute force
     exact = (xq @ cat.embeddings.T).topk(args.k, dim=1).indices
@@ -200,15 +220,26 @@ def run(args: argparse.Namespace) -> int:
                 "predicted_batch_ms": predicted[name],
                 "planned_bytes_per_batch": planned_bytes[name],
                 "prediction_error": (predicted[name] - mean) / mean,
+                "prediction_error_pct": round(100 * (predicted[name] - mean) / mean, 1),
                 "slow_reads_per_batch": slow_reads[name],
-                # the tier model alone: measured all-fast batch + the planner's slow-tier time
-                "tier_model_batch_ms": fast_mean[mode] + slow_ms[name],
-                "tier_model_error": (fast_mean[mode] + slow_ms[name] - mean) / mean,
+                # the tier model alone: measured all-fast batch + what the planner adds for the slow tier
+                "tier_model_batch_ms": fast_mean[mode] + predicted[name] - predicted["all fast"],
+                "tier_model_error": (fast_mean[mode] + predicted[name] - predicted["all fast"] - mean) / mean,
                 "fast_resident_mb": st.fast_resident_bytes() / 1e6,
             })
         rows.append(row)
         print(json.dumps(row), flush=True)
+    for mode in modes:
+        meas = float(np.mean(best[("planner split", mode)])) * 1e3
+        print(f"planner split ({mode} cache): predicted {predicted['planner split']:.2f} ms/batch, "
+              f"measured {meas:.2f} ms, error {100 * (predicted['planner split'] - meas) / meas:+.1f}% "
+              f"({profile_note}; the prediction assumes a cold page cache)", flush=True)
+    gpu_rows, gpu_same = _gpu_section(args, base, xq, fast_split, batches) if torch.cuda.is_available() else ([], True)
+    rows += gpu_rows
+    same &= gpu_same
     summary = {"bench": "tiers", "identical_answers": same, "cache_note": cache_note, "build_s": build_s,
+               "profile": profile_note, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else
+               "no CUDA device in this process: GPU section skipped",
                "artifact_mb": path.stat().st_size / 1e6, "lists_mb": total / 1e6,
                "planned_resident_mb": split_plan.devices[0].tiers["resident_bytes"] / 1e6}
     print(json.dumps(summary), flush=True)
@@ -218,3 +249,67 @@ def run(args: argparse.Namespace) -> int:
         path.unlink(missing_ok=True)
         work.rmdir()
     return 0 if same else 1
+
+
+def _gpu_section(args, base, xq, fast_split, batches):
+    """HBM vs pinned host (stream, zero-copy) on the CUDA device: the whole index in HBM is the peer."""
+    import numpy as np
+    import torch
+
+    from sterling.model.device_tiers import TierModeError
+
+    dev = torch.device("cuda")
+    name = torch.cuda.get_device_name(dev)
+    staging = int(args.staging_mb * 2**20)
+    configs = {"all HBM (peer)": base.cuda()}
+    for split, mask in (("planner split", fast_split), ("all pinned host", np.zeros(base.nlist, dtype=bool))):
+        for mode in ("stream", "zero-copy"):
+            try:
+                configs[f"{split}, {mode}"] = base.to_tiers(mask, device="cuda", mode=mode, staging_bytes=staging)
+            except TierModeError as e:
+                print(json.dumps({"bench": "tiers", "device": name, "config": f"{split}, {mode}",
+                                  "skipped": str(e)}), flush=True)
+    xd = xq.to(dev)
+
+    def timed(index):
+        lat, out_s, out_i = [], [], []
+        for rows in batches:
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            s, i = index.search(xd[rows], k=args.k, nprobe=args.nprobe)
+            torch.cuda.synchronize()
+            lat.append(time.perf_counter() - t)
+            out_s.append(s)
+            out_i.append(i)
+        return lat, torch.cat(out_s), torch.cat(out_i)
+
+    for index in configs.values():
+        timed(index)  # warm-up: Triton compiles, staging buffers touched
+    best: dict[str, list[float]] = {}
+    same = True
+    for _ in range(max(1, args.repeat)):
+        ref = None
+        for cname, index in configs.items():
+            lat, s, i = timed(index)
+            if ref is None:
+                ref = (s, i)
+            else:
+                same &= bool(torch.equal(s, ref[0]) and torch.equal(i, ref[1]))
+            if cname not in best or sum(lat) < sum(best[cname]):
+                best[cname] = lat
+    rows = []
+    peer = float(np.mean(best["all HBM (peer)"]))
+    for cname, lat in best.items():
+        arr = np.array(lat) * 1e3
+        row = {"bench": "tiers", "device": name, "config": cname, "qps": args.queries / (arr.sum() / 1e3),
+               "p50_ms": float(np.percentile(arr, 50)), "p99_ms": float(np.percentile(arr, 99)),
+               "mean_batch_ms": float(arr.mean()), "vs_hbm": peer / float(np.mean(lat)), "batch": args.batch}
+        index = configs[cname]
+        if hasattr(index, "stage_stats"):
+            row.update({"hot_mb": index.hot_bytes() / 1e6, "cold_pinned_mb": index.cold_bytes() / 1e6,
+                        "staging_mb": index.staging_bytes() / 1e6, "chunks": index.stage_stats.chunks,
+                        "staged_mb": index.stage_stats.bytes_staged / 1e6})
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(json.dumps({"bench": "tiers", "device": name, "identical_answers": same}), flush=True)
+    return rows, same

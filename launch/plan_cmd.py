@@ -8,6 +8,8 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import re
 import sys
 from pathlib import Path
@@ -73,6 +75,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="let the scan path (codes) spill to host DRAM instead of adding GPUs")
     hw.add_argument("--cold-window-mb", type=float, default=32.0,
                     help="CPU tiers (--model, --gpu cpu): slow-tier MB a serving process keeps mapped at a time")
+    hw.add_argument("--profile", type=Path, default=None,
+                    help="machine profile JSON (measured CPU scan and mapped-read costs) used instead of the "
+                         "built-in CPU constants; write one with --calibrate")
+    hw.add_argument("--calibrate", action="store_true",
+                    help="measure this host (scan, cold and warm mapped reads) and write --profile; ~1 min")
+    hw.add_argument("--threads", type=int, default=2, help="threads the calibration measures with")
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, default=None, help="write the plan JSON here")
     out.add_argument("--plot", type=Path, default=None, help="write a memory-per-device chart (PNG)")
@@ -96,6 +104,22 @@ def run(args: argparse.Namespace) -> int:
     from sterling.planner.placement import PlanTargets, plan
     from sterling.planner.report import render_plan
 
+    profile = None
+    if args.calibrate:
+        from sterling.planner.profile import measure_profile
+
+        if args.profile is None:
+            raise errors.InvalidPlanConfigError("--calibrate writes the profile to --profile PATH; give one")
+        profile = measure_profile(threads=args.threads)
+        profile.save(args.profile)
+        print(json.dumps(dataclasses.asdict(profile)))
+        print(f"wrote {args.profile}")
+        if args.items is None and args.model is None:
+            return 0
+    elif args.profile is not None:
+        from sterling.planner.profile import MachineProfile
+
+        profile = MachineProfile.load(args.profile)
     sparse = ()
     if args.sparse_tables is not None:
         try:
@@ -129,8 +153,6 @@ def run(args: argparse.Namespace) -> int:
             overarch_params=args.overarch_params, sparse_tables=sparse,
         )
     if inventory is not None and sparse:
-        import dataclasses
-
         cfg = dataclasses.replace(cfg, sparse_tables=sparse)
         inventory = inventory + tuple(
             t for t in inventory_from_config(cfg) if t.name.startswith("sparse.")
@@ -147,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     if args.cold_window_mb < 0:
         raise errors.InvalidPlanConfigError(f"--cold-window-mb ({args.cold_window_mb}) must be >= 0")
     result = plan(cfg, topo, targets, inventory=inventory, list_stats=list_stats,
-                  cold_window=int(args.cold_window_mb * 2**20))
+                  cold_window=int(args.cold_window_mb * 2**20), profile=profile)
     console = Console(width=None if sys.stdout.isatty() else 140)
     if args.quiet:
         for i, d in enumerate(result.decisions, 1):

@@ -20,7 +20,7 @@ from torch import nn
 
 from sterling.kernels import cpu_scan
 from sterling.kernels.bits import unpack_bits_range
-from sterling.kernels.ivf import ListStats, ids_of_positions
+from sterling.kernels.ivf import ListStats, ids_of_positions, ivf_topk
 from sterling.model import bloom as bloom_mod
 from sterling.model import search as search_mod
 from sterling.model.artifact import read_artifact, write_artifact
@@ -170,7 +170,7 @@ class ItemIndex(nn.Module):
             term_words_fn=lambda terms: bloom_mod.term_words(terms, self.bloom_spec),
             max_terms=self.config.max_filter_terms,
         )
-        if self.codes.device.type == "cuda":
+        if self.scan_device.type == "cuda":
             from sterling.kernels.triton_ivf import MAX_PROGRAM_TERMS
 
             check_program_terms(filters, MAX_PROGRAM_TERMS, backend="GPU (Triton)")
@@ -246,7 +246,7 @@ class ItemIndex(nn.Module):
         # detached and every buffer is a constant, so no autograd graph is recorded)
         xq = prepare_queries(xq, self.dim, self.metric)
         k, nprobe = self._check_k_nprobe(k, nprobe)
-        dev = self.codes.device
+        dev = self.scan_device
         if xq.device != dev:  # queries go to the index, results come back on the index's device
             xq = xq.to(dev)
         filters = None
@@ -262,6 +262,39 @@ class ItemIndex(nn.Module):
         return search_mod.verify(self, positions, qprog, filters)
 
     # ------------------------------------------------- views for the search
+    partitioned = False  # one array per tensor (a ``TieredIndex`` holds its lists in two parts)
+
+    @property
+    def scan_device(self) -> torch.device:
+        """Where the scan runs (the device of the codes)."""
+        return self.codes.device
+
+    def scan_topk(self, xq, probe, k, *, scan_filter=None, counts=None, fused=None, with_ids: bool = False):
+        """``ivf_topk`` over this index's buffers: (scores, positions) [B, k] (+ ids with ``with_ids``)."""
+        return ivf_topk(xq, probe, k=k, scan_filter=scan_filter, counts=counts, fused=fused,
+                        item_ids=self.item_ids if with_ids else None, **self.scan_tensors())
+
+    def item_rows(self, name: str, start: int, end: int) -> torch.Tensor:
+        """Rows ``start..end-1`` of the per-item buffer ``name``."""
+        return getattr(self, name)[start:end]
+
+    def rows_at(self, name: str, pos: torch.Tensor) -> torch.Tensor:
+        """Rows of the per-item buffer ``name`` at positions ``pos`` [M]."""
+        return getattr(self, name)[pos]
+
+    def to_tiers(self, fast, *, device="cuda", mode="stream", staging_bytes: int | None = None,
+                 pin: bool | None = None):
+        """A two-tier copy for serving: hot lists on ``device``, the rest in (pinned) host memory.
+
+        ``mode``: ``"stream"`` (the cold lists a batch probes are copied in chunks into a
+        bounded staging buffer, overlapped with the hot scan) or ``"zero-copy"`` (the kernel
+        reads host memory in place). See ``sterling.model.device_tiers``.
+        """
+        from sterling.model.device_tiers import DEFAULT_STAGING_BYTES, TieredIndex
+
+        return TieredIndex(self, fast, device=device, mode=mode, pin=pin,
+                           staging_bytes=DEFAULT_STAGING_BYTES if staging_bytes is None else staging_bytes)
+
     def scan_tensors(self) -> dict:
         """The buffers every scan reads, as ``ivf_topk`` keyword arguments."""
         args = dict(codes=self.codes, scales=self.scales, list_offsets=self.list_offsets, alive=self.alive)

@@ -36,7 +36,7 @@ from enum import StrEnum
 import numpy as np
 import torch
 
-from sterling.kernels import bloom_term_hits, cpu_scan, exact_term_hits, ivf_topk, probe_lists
+from sterling.kernels import bloom_term_hits, cpu_scan, exact_term_hits, probe_lists
 from sterling.kernels.bits import unpack_bits_range
 from sterling.kernels.filter_eval import OP_NOT, FilterPlan
 from sterling.kernels.ivf import BlockMasks, ScanFilter, order_results
@@ -227,7 +227,7 @@ def run(index, xq: torch.Tensor, *, k: int, nprobe: int, filters: CompiledFilter
     Returns:
         (scores [B, k], ids [B, k]) — plus ``SearchStats`` with ``stats``.
     """
-    dev = index.codes.device
+    dev = index.scan_device
     B = xq.shape[0]
     tally = None
     if stats:
@@ -255,7 +255,7 @@ def run(index, xq: torch.Tensor, *, k: int, nprobe: int, filters: CompiledFilter
             if tally is not None:
                 tally.probed(index, probe)
             with stage("scan"):
-                s, _, ids = ivf_topk(xq[rows], probe, k=k, item_ids=index.item_ids, **index.scan_tensors())
+                s, _, ids = index.scan_topk(xq[rows], probe, k, with_ids=True)
             if index.tiering is not None:
                 index.observe_probe(probe)
             return s, ids
@@ -275,7 +275,7 @@ def run(index, xq: torch.Tensor, *, k: int, nprobe: int, filters: CompiledFilter
 
 
 def _backend(index, xq: torch.Tensor, filters: CompiledFilters | None) -> ScanBackend:
-    if index.codes.device.type == "cuda":
+    if index.scan_device.type == "cuda":
         return ScanBackend.CUDA_TRITON
     fusable = cpu_scan.HAVE_NUMBA and index.capacity < 1 << 32 and (
         filters is None or filters.term_words.shape[0] <= cpu_scan.MAX_TERMS)
@@ -347,7 +347,7 @@ def _search_chunk(index, xq, k, nprobe, filters, masks, qprog, exact, adaptive, 
     try:
         filtered = qprog >= 0
         if not bool(filtered.any()):
-            return ivf_topk(xq, probe, k=k, **index.scan_tensors())
+            return index.scan_topk(xq, probe, k)
         dev = xq.device
         has_not = torch.tensor([any(op == OP_NOT for op, _ in p) for p in filters.programs] + [False]).to(dev)
         must_verify = filtered & (exact | has_not[qprog])
@@ -399,7 +399,8 @@ def _fused_exact(index, xq: torch.Tensor, filters: CompiledFilters) -> bool:
     return (
         cpu_scan.HAVE_NUMBA
         and xq.device.type == "cpu"
-        and index.codes.device.type == "cpu"
+        and index.scan_device.type == "cpu"
+        and not index.partitioned
         and index.capacity < 1 << 31
         and filters.term_words.shape[0] <= cpu_scan.MAX_TERMS
     )
@@ -414,7 +415,6 @@ def _scan_verified(index, xq, probe, k, filters, masks, qprog, must_verify, seen
     scan had more candidates. ``seen`` [b, 4] (optional) accumulates per
     query: live items scanned, Bloom survivors, candidates checked, passed.
     """
-    scan = index.scan_tensors()
     if _fused_exact(index, xq, filters):
         # the compiled scan checks these programs exactly: its results are final
         prog_exact = torch.zeros(len(filters.programs), dtype=torch.bool)
@@ -424,7 +424,7 @@ def _scan_verified(index, xq, probe, k, filters, masks, qprog, must_verify, seen
                         attr_ids=index.attr_ids, attr_offsets=index.attr_offsets, term_vocab=filters.term_vocab,
                         masks=masks)
         counts = torch.zeros(xq.shape[0], 2, dtype=torch.int64)
-        s, p = ivf_topk(xq, probe, k=k, scan_filter=sf, counts=counts, fused=True, **scan)
+        s, p = index.scan_topk(xq, probe, k, scan_filter=sf, counts=counts, fused=True)
         if seen is not None:
             seen[:, :2] += counts
         if tally is not None and bool(rows.any()):
@@ -435,7 +435,7 @@ def _scan_verified(index, xq, probe, k, filters, masks, qprog, must_verify, seen
     if not bool(must_verify.any()):
         counts = None if seen is None else seen[:, :2]
         sf = ScanFilter(index.bloom, filters.term_words, filters.programs, qprog, masks=masks)
-        return ivf_topk(xq, probe, k=k, scan_filter=sf, counts=counts, **scan)
+        return index.scan_topk(xq, probe, k, scan_filter=sf, counts=counts)
     b, dev = xq.shape[0], xq.device
     out_s = torch.full((b, k), float("-inf"), device=dev)
     out_p = torch.full((b, k), -1, dtype=torch.int64, device=dev)
@@ -447,7 +447,7 @@ def _scan_verified(index, xq, probe, k, filters, masks, qprog, must_verify, seen
         counts = (torch.zeros(pending.numel(), 2, dtype=torch.int64, device=dev)
                   if first and seen is not None else None)
         sf = ScanFilter(index.bloom, filters.term_words, filters.programs, sub_prog, masks=masks)
-        s, p = ivf_topk(xq[pending], probe[pending], k=k_scan, scan_filter=sf, counts=counts, **scan)
+        s, p = index.scan_topk(xq[pending], probe[pending], k_scan, scan_filter=sf, counts=counts)
         if counts is not None:
             seen[pending, :2] += counts
         verify_prog = torch.where(must_verify[pending], sub_prog, torch.full_like(sub_prog, -1))
@@ -482,12 +482,12 @@ def _bloom_survivors(index, filters: CompiledFilters, probe: torch.Tensor, qprog
     total = 0
     for prog in qprog.unique().tolist():
         plan = FilterPlan.build([filters.programs[prog]], bloom=True)
-        words = filters.term_words[plan.terms].to(index.bloom.device)
+        words = filters.term_words[plan.terms].to(index.scan_device)
         lists, times = probe[qprog == prog].reshape(-1).unique(return_counts=True)
         for lst, n in zip(lists.tolist(), times.tolist()):
             start, end = offs[lst], offs[lst + 1]
             if end > start:
-                ok = plan.eval(bloom_term_hits(index.bloom[start:end], words))[0]
+                ok = plan.eval(bloom_term_hits(index.item_rows("bloom", start, end), words))[0]
                 total += n * int((ok & unpack_bits_range(index.alive, start, end)).sum())
     return total
 
@@ -498,10 +498,10 @@ def _prefilter_topk(index, xq, k, filters, prog: int, *, verify_exact: bool, tal
     cand = []
     step = PREFILTER_STEP
     plan = FilterPlan.build([filters.programs[prog]], bloom=True)
-    words = filters.term_words[plan.terms].to(index.bloom.device)
+    words = filters.term_words[plan.terms].to(index.scan_device)
     for start in range(0, index.capacity, step):
         end = min(start + step, index.capacity)
-        ok = plan.eval(bloom_term_hits(index.bloom[start:end], words))[0]
+        ok = plan.eval(bloom_term_hits(index.item_rows("bloom", start, end), words))[0]
         ok &= unpack_bits_range(index.alive, start, end)
         cand.append(ok.nonzero().squeeze(1) + start)
     pos = torch.cat(cand)
@@ -516,7 +516,7 @@ def _prefilter_topk(index, xq, k, filters, prog: int, *, verify_exact: bool, tal
     out_p = torch.full((b, k), -1, dtype=torch.int64, device=dev)
     for s in range(0, pos.numel(), step):
         blk = pos[s : s + step]
-        sc = (xq @ index.codes[blk].float().T) * index.scales[blk]
+        sc = (xq @ index.rows_at("codes", blk).float().T) * index.rows_at("scales", blk)
         both_s = torch.cat([out_s, sc], dim=1)
         both_p = torch.cat([out_p, blk.expand(b, -1)], dim=1)
         kk = min(k, both_s.shape[1])

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 from sterling.planner.devices import CPU_MMAP_COLD_BW, CPU_MMAP_READ_S
 from sterling.planner.inventory import IndexModelConfig
+from sterling.planner.profile import MachineProfile
 from sterling.planner.types import (
     CostEstimate,
     DeviceKind,
@@ -76,11 +77,16 @@ def tier_bandwidth(topo: Topology, tier: MemoryTier) -> float:
     return topo.remote_bw
 
 
-def batch_compute_ops(cfg: IndexModelConfig, shard_fraction: float) -> dict[str, float]:
-    """Arithmetic per batch on one shard, by precision: int8 ops and fp FLOPs."""
+def batch_compute_ops(cfg: IndexModelConfig, shard_fraction: float,
+                      items_per_query: float | None = None) -> dict[str, float]:
+    """Arithmetic per batch on one shard, by precision: int8 ops and fp FLOPs.
+
+    ``items_per_query``: items a query scans on this shard, when the real
+    lists are known (probe-frequency weighted); default: uniform lists.
+    """
     b = cfg.batch
     nlist = cfg.resolved_nlist
-    scanned = cfg.n_cap * shard_fraction * cfg.nprobe / nlist  # items per query on this shard
+    scanned = cfg.n_cap * shard_fraction * cfg.nprobe / nlist if items_per_query is None else items_per_query
     scan = 2.0 * b * scanned * cfg.dim
     k0 = min(cfg.k0, cfg.items)
     return {
@@ -102,30 +108,52 @@ def estimate_cost(
     num_shards: int,
     replicas: int = 1,
     slow_reads: float = 0.0,
+    profile: MachineProfile | None = None,
+    items_per_query: float | None = None,
 ) -> CostEstimate:
     """Latency and throughput of one batch on the shard described by ``placements``.
 
     ``slow_reads``: separate reads per batch from the memory-mapped tier
     (``planner.tiers.slow_reads_per_batch``), each costing ``CPU_MMAP_READ_S``
-    on top of its bytes.
+    on top of its bytes. ``profile`` (CPU devices): measured rates
+    (``planner/profile.py``) replace the constants — overhead, resident scan
+    bandwidth, int8 rate, cold mapped bandwidth and cost per read — with no
+    efficiency factors (they are measured, not peak); with the profile's
+    read-around, the mapped bytes a batch reads are ``min(mapped tier bytes,
+    max(bytes scanned, slow_reads × read-around))``. ``items_per_query``:
+    see ``batch_compute_ops``.
     """
     b = cfg.batch
     dev = topo.device
+    placements = tuple(placements)
     per_tier: dict[str, float] = {t.value: 0.0 for t in MemoryTier}
     for p in placements:
         per_tier[p.tier.value] += p.bytes_per_query * b
     memory_s = 0.0
+    measured = profile if dev.kind is DeviceKind.CPU else None
     for t in MemoryTier:
         if per_tier[t.value]:
-            memory_s += per_tier[t.value] / (tier_bandwidth(topo, t) * MEMORY_EFFICIENCY)
-    memory_s += slow_reads * CPU_MMAP_READ_S
-    ops = batch_compute_ops(cfg, shard_fraction)
+            if measured is not None and t is MemoryTier.DRAM:
+                memory_s += per_tier[t.value] / measured.scan_bytes_per_s
+            elif measured is not None and t is MemoryTier.MMAP:
+                read = per_tier[t.value]
+                if measured.mmap_readaround_bytes > 0:  # each separate fault reads its read-around window
+                    span = sum(p.nbytes for p in placements if p.tier is MemoryTier.MMAP)
+                    read = min(float(span), max(read, slow_reads * measured.mmap_readaround_bytes))
+                memory_s += read / measured.mmap_cold_bw
+            else:
+                memory_s += per_tier[t.value] / (tier_bandwidth(topo, t) * MEMORY_EFFICIENCY)
+    memory_s += slow_reads * (CPU_MMAP_READ_S if measured is None else measured.mmap_read_s)
+    ops = batch_compute_ops(cfg, shard_fraction, items_per_query)
+    int8_rate = dev.int8_ops * COMPUTE_EFFICIENCY if measured is None else measured.int8_ops_per_s
     compute_s = (
-        ops["int8"] / (dev.int8_ops * COMPUTE_EFFICIENCY)
+        ops["int8"] / int8_rate
         + ops["fp16"] / (dev.fp16_flops * COMPUTE_EFFICIENCY)
         + ops["fp32"] / (dev.fp32_flops * COMPUTE_EFFICIENCY)
     )
     overhead = GPU_BATCH_OVERHEAD_S if dev.kind is DeviceKind.GPU else CPU_BATCH_OVERHEAD_S
+    if measured is not None:
+        overhead = measured.overhead_s
     merge_s = 0.0
     if num_shards > 1:
         merge_bytes = num_shards * b * min(cfg.k, cfg.items) * RESULT_BYTES_PER_ITEM

@@ -208,6 +208,7 @@ class _Planner:
         self.capacity = topo.capacity_per_device()
         self.cold_window = COLD_WINDOW_BYTES
         self.force_fast = None
+        self.profile = None
         self._cache: dict[tuple[int, int, int], _Eval] = {}
 
     def evaluate(self, num_shards: int, lists: int | None = None, replicas: int = 1,
@@ -230,12 +231,16 @@ class _Planner:
                 allow_scan_spill=self.targets.allow_scan_spill,
             )
         slow_reads = 0.0
+        items_per_query = None
         if split is not None:
-            slow_reads = slow_reads_per_batch(split, self.list_stats.subset(start, start + lists),
-                                              batch=self.cfg.batch, k=min(self.cfg.k0, self.cfg.items))
+            sub = self.list_stats.subset(start, start + lists)
+            slow_reads = slow_reads_per_batch(split, sub, batch=self.cfg.batch, k=min(self.cfg.k0, self.cfg.items))
+            if "scales" in sub.bytes_by_tensor:  # probe-weighted items per query (4 bytes of scale an item)
+                items_per_query = float(sub.probe_freq @ (sub.bytes_by_tensor["scales"] / 4.0))
         cost = estimate_cost(
             topo=self.topo, cfg=self.cfg, placements=placements,
             shard_fraction=fraction, num_shards=num_shards, replicas=replicas, slow_reads=slow_reads,
+            profile=self.profile, items_per_query=items_per_query,
         )
         ev = _Eval(num_shards, placements, overflow, cost, split)
         if replicas == 1:
@@ -309,6 +314,7 @@ def plan(
     list_stats: ListStats | None = None,
     cold_window: int = COLD_WINDOW_BYTES,
     list_fast=None,
+    profile=None,
 ) -> Plan:
     """Plan a deployment of ``cfg`` on at most ``topo.hosts`` hosts.
 
@@ -319,7 +325,9 @@ def plan(
     (``planner/tiers.py``) instead of adding hosts; ``cold_window`` is the
     slow-tier bytes a serving process keeps mapped at a time; ``list_fast``
     ([nlist] bool) imposes a split instead of choosing one (to predict a
-    given layout, e.g. all lists fast or all slow).
+    given layout, e.g. all lists fast or all slow). ``profile`` (a
+    ``planner.profile.MachineProfile``) replaces the CPU cost constants with
+    rates measured on the serving host.
 
     Example:
         >>> from sterling.planner import IndexModelConfig, make_topology, plan
@@ -332,6 +340,7 @@ def plan(
     pl = _Planner(cfg, topo, targets, inventory, list_stats)
     pl.cold_window = int(cold_window)
     pl.force_fast = list_fast
+    pl.profile = profile
     g = topo.gpus_per_host
     world = topo.world_size
     nlist = pl.nlist
