@@ -238,3 +238,40 @@ def test_a_model_artifact_serves_with_its_recorded_tiers(built, tmp_path, small_
     _same(model.index.search(xq, k=10, where="lang:en"), built.search(xq, k=10, where="lang:en"))
     with pytest.raises(InvalidInputError):
         retier_artifact(path, np.ones(3, dtype=bool))
+
+
+def test_tiers_follow_an_artifact_into_document_shards_and_their_rank_slices(built, tmp_path, small_catalog):
+    """The three levels together on one artifact: a tiered model cut into document shards
+    (``launch ray``) and each shard into rank slices (``--ranks-per-host``); every rank slice
+    loads with the original tier of each of its lists applied, and the exact merge of all
+    slices' answers equals the untiered index's."""
+    from sterling.cluster.merge import merge_topk
+    from sterling.model import RetrievalModel
+    from sterling.model.tiers import retier_artifact
+    from sterling.sharding.documents import write_shards
+    from sterling.sharding.ranks import rank_ranges_within, write_rank_slices
+
+    path = tmp_path / "model.st"
+    RetrievalModel(built).save(path)
+    fast = np.arange(64) % 3 == 0
+    retier_artifact(path, fast)
+    shards = write_shards(path, tmp_path / "shards", num_shards=2)
+    xq = small_catalog.embeddings[:12]
+    for where in (None, "lang:en"):
+        parts, covered = [], []
+        for s in shards.shards:
+            shard_index = RetrievalModel.load(s.path).index
+            ranges = rank_ranges_within(shard_index, tuple(s.lists), 2)
+            ranks = write_rank_slices(s.path, tmp_path / f"ranks-{s.index}", ranges=ranges)
+            for r in ranks.shards:
+                index = RetrievalModel.load(r.path).index
+                assert index.tiering is not None, f"rank slice {r.path} lost its tiers"
+                np.testing.assert_array_equal(index.tiering.fast, fast)
+                covered.append(tuple(r.lists))
+                scores, ids = index.search(xq, k=10, nprobe=8, where=where)
+                parts.append((ids.numpy(), scores.numpy()))
+        assert sorted(covered)[0][0] == 0 and sorted(covered)[-1][1] == 64
+        ids, scores = merge_topk(parts, 10)
+        want_s, want_i = built.search(xq, k=10, nprobe=8, where=where)
+        np.testing.assert_array_equal(ids, want_i.numpy())
+        np.testing.assert_array_equal(scores, want_s.numpy())
