@@ -144,12 +144,9 @@ def write_catalog(path: str | Path, n: int, dim: int, *, seed: int = 0, noise: f
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from sterling.model.build_chunked import write_durably
+
+    write_durably(path, lambda f: json.dump(obj, f), binary=False)
 
 
 class CatalogDir:

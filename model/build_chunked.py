@@ -176,21 +176,21 @@ class _Manifest:
 
     def commit(self, stage: str, **fields) -> None:
         self.state["stages"].setdefault(stage, {}).update(fields)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(self.state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_durably(self.path, lambda f: json.dump(self.state, f), binary=False)
 
 
-def _save_npy(path: Path, a: np.ndarray) -> None:
+def write_durably(path: Path, fill, *, binary: bool = True) -> None:
+    """Write ``path`` whole or not at all: ``fill(f)`` into ``path.tmp``, fsync, rename over ``path``."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, a)
+    with open(tmp, "wb" if binary else "w") as f:
+        fill(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _save_npy(path: Path, a: np.ndarray) -> None:
+    write_durably(path, lambda f: np.save(f, a))
 
 
 def _log(progress: bool, msg: str) -> None:

@@ -51,3 +51,19 @@ def tiny_model(tiny_rec_files):
     model, data, _ = train(read_interactions(p["interactions"]), read_features(p["users"], "user_id"),
                            read_features(p["items"], "item_id"), cfg, evaluate_k=20)
     return model, data
+
+
+@pytest.fixture(scope="module")
+def learned_path(tiny_model, tmp_path_factory):
+    """The tiny learned model saved as an artifact (the updates tests' starting point)."""
+    path = tmp_path_factory.mktemp("learned") / "m.st"
+    tiny_model[0].save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def items(tiny_rec_files):
+    """The tiny catalog's items table as a ``FeatureTable`` (the feature-upsert format)."""
+    from sterling.model.data import read_features
+
+    return read_features(tiny_rec_files["items"], "item_id")

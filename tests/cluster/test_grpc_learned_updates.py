@@ -24,20 +24,6 @@ from sterling.cluster.server import RetrievalServer, ServerConfig
 from tests.unit.test_live_learned import _stream, _table
 
 
-@pytest.fixture(scope="module")
-def learned_path(tiny_model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("learned_grpc") / "m.st"
-    tiny_model[0].save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def items(tiny_rec_files):
-    from sterling.model.data import read_features
-
-    return read_features(tiny_rec_files["items"], "item_id")
-
-
 def _serve(path, data_dir):
     router, updates = live_router(path, data_dir=data_dir, num_shards=2, config=RouterConfig(max_k=1000),
                                   snapshot_every=5)

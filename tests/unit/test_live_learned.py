@@ -81,18 +81,6 @@ def test_cache_round_trips_through_an_artifact_after_updates(tmp_path):
 
 
 # ------------------------------------------------------------------ the learned model
-@pytest.fixture(scope="module")
-def learned_path(tiny_model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("learned") / "m.st"
-    tiny_model[0].save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def items(tiny_rec_files):
-    from sterling.model.data import read_features
-
-    return read_features(tiny_rec_files["items"], "item_id")
 
 
 def _table(items, ids, src):
