@@ -49,7 +49,7 @@ from sterling.cluster.shard import ShardServer
 from sterling.model import updates as upd
 from sterling.model.artifact import read_artifact, write_artifact
 from sterling.model.data import FeatureTable
-from sterling.model.errors import ArtifactError, InvalidInputError, ItemFeaturesError, SnapshotError
+from sterling.model.errors import ArtifactError, InvalidInputError, SnapshotError
 from sterling.model.learned import CachePlan, LearnedRetrievalModel
 from sterling.model.live import LiveModel, load_model
 from sterling.model.retrieval import RetrievalModel
@@ -242,13 +242,9 @@ class LiveShards:
         Index models take ``embeddings``; learned models ``item_features`` (a
         ``FeatureTable`` for ``ids``), anything else is an ``ItemFeaturesError``.
         """
+        upd.check_upsert_kind(learned=self.cache is not None, embeddings=embeddings, item_features=item_features)
         if self.cache is not None:
-            return self._upsert_features(ids, embeddings, attributes, item_features)
-        if item_features is not None:
-            raise ItemFeaturesError(
-                "item_features need a learned model (`sterling train`); this server serves an index model: send "
-                "embeddings"
-            )
+            return self._upsert_features(ids, attributes, item_features)
         if embeddings is None:
             raise InvalidInputError("upsert needs embeddings, one [D] row per id")
         batch = upd.prepare_upsert(self.head.index, ids, embeddings, attributes)  # validated once here
@@ -265,13 +261,7 @@ class LiveShards:
             self._each(one)
         return batch.ids.numel(), self.version
 
-    def _upsert_features(self, ids, embeddings, attributes, item_features) -> tuple[int, int]:
-        if item_features is None or (embeddings is not None and np.asarray(embeddings).size):
-            raise ItemFeaturesError(
-                "this server serves a learned model: its index entries and OverArch cache rows come from the item "
-                "tower, so an upsert carries item_features (the items-table columns of docs/data.md), not "
-                "embeddings; to serve precomputed vectors, build an index model with `sterling build`"
-            )
+    def _upsert_features(self, ids, attributes, item_features) -> tuple[int, int]:
         head = self.learned.model
         id_t = upd.check_batch_ids(ids, "upsert")
         got = np.asarray(item_features.ids, dtype=np.int64).reshape(-1)

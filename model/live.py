@@ -299,13 +299,9 @@ class LiveModel:
         Raises:
             ItemFeaturesError: embeddings for a learned model, item features for an index model.
         """
+        upd.check_upsert_kind(learned=self.learned, embeddings=embeddings, item_features=item_features)
         if self.learned:
-            return self._upsert_features(ids, embeddings, attributes, item_features)
-        if item_features is not None:
-            raise ItemFeaturesError(
-                "item_features need a learned model with an item tower (`sterling train`); this is an index model: "
-                "send embeddings"
-            )
+            return self._upsert_features(ids, attributes, item_features)
         if embeddings is None:
             raise InvalidInputError("upsert needs embeddings, one [D] row per id")
         batch = upd.prepare_upsert(self.model.index, ids, embeddings, attributes)
@@ -317,13 +313,7 @@ class LiveModel:
             vec = np.ascontiguousarray(torch.as_tensor(embeddings).detach().float().cpu().reshape(shape).numpy())
         return self._stage(RecordKind.UPSERT, batch.ids.numpy(), vec, meta, prepared=batch)
 
-    def _upsert_features(self, ids, embeddings, attributes, item_features) -> Staged:
-        if embeddings is not None or item_features is None:
-            raise ItemFeaturesError(
-                "this is a learned model: its index entries and OverArch cache rows come from the item tower, so "
-                "an upsert carries item features (item_features=, the items-table columns of docs/data.md), not "
-                "embeddings. To serve precomputed vectors, build an index model with `sterling build`"
-            )
+    def _upsert_features(self, ids, attributes, item_features) -> Staged:
         id_t = upd.check_batch_ids(ids, "upsert")
         if isinstance(item_features, FeatureTable):
             got = np.asarray(item_features.ids, dtype=np.int64).reshape(-1)

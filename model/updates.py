@@ -39,7 +39,7 @@ import torch
 from sterling.kernels import update_apply as ua
 from sterling.model import bloom as bloom_mod
 from sterling.model.attributes import validate_term
-from sterling.model.errors import InvalidAttributeError, InvalidInputError
+from sterling.model.errors import InvalidAttributeError, InvalidInputError, ItemFeaturesError
 
 __all__ = [
     "BACKENDS",
@@ -194,6 +194,27 @@ class PreparedUpsert:
     scales: torch.Tensor
     lists: torch.Tensor
     attributes: list[list[str]] | None
+
+
+def check_upsert_kind(*, learned: bool, embeddings, item_features) -> None:
+    """An upsert carries item features for a learned model and embeddings for an index model.
+
+    An empty ``embeddings`` (a proto's default) counts as absent. Raises
+    ``ItemFeaturesError`` naming what to send instead.
+    """
+    has_vectors = embeddings is not None and (
+        embeddings.numel() if torch.is_tensor(embeddings) else np.asarray(embeddings).size) > 0
+    if learned and (has_vectors or item_features is None):
+        raise ItemFeaturesError(
+            "this is a learned model: its index entries and OverArch cache rows come from the item tower, so "
+            "an upsert carries item features (item_features=, the items-table columns of docs/data.md), not "
+            "embeddings. To serve precomputed vectors, build an index model with `sterling build`"
+        )
+    if not learned and item_features is not None:
+        raise ItemFeaturesError(
+            "item_features need a learned model with an item tower (`sterling train`); this is an index model: "
+            "send embeddings"
+        )
 
 
 def check_batch_ids(ids, what: str) -> torch.Tensor:
