@@ -43,7 +43,7 @@ from sterling.benchmarks.evaluation import commit, exact_topk, machine, recall
 from sterling.model.errors import InvalidInputError
 
 __all__ = ["ScaleConfig", "CatalogDir", "write_catalog", "scale_queries", "exact_truth", "run_scale",
-           "default_nlist", "rss_bytes"]
+           "default_nlist", "rss_bytes", "plot_scale", "write_records", "read_records"]
 
 ATTR_WIDTH = 7  # six features + an optional second category (sterling.model.synthetic)
 GEN_CHUNK = 262_144  # rows per generated chunk (the unit of the catalog's resumability)
@@ -435,6 +435,115 @@ def run_scale(cfg: ScaleConfig) -> list[dict]:
                "config": asdict(cfg)}
     print(json.dumps(summary), flush=True)
     return recs
+
+
+def write_records(recs: list[dict], path: str | Path) -> Path:
+    """The run's per-size records as one JSON list at ``path`` (temp + fsync + rename: whole or absent)."""
+    from sterling.model.build_chunked import write_durably
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_durably(out, lambda f: json.dump(recs, f, indent=1), binary=False)
+    return out
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Records written by ``write_records`` (or the JSON lines a run printed); typed error if neither."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise InvalidInputError(f"cannot read scale records {str(p)!r}: {e.strerror}; pass the file that "
+                                "`sterling bench scale --json FILE` wrote") from None
+    try:
+        data = json.loads(text)
+        recs = data if isinstance(data, list) else [data]
+    except json.JSONDecodeError:
+        try:
+            recs = [json.loads(ln) for ln in text.splitlines() if ln.strip().startswith("{")]
+        except json.JSONDecodeError as e:
+            raise InvalidInputError(f"{str(p)!r} line {e.lineno}: not JSON; pass the file that "
+                                    "`sterling bench scale --json FILE` wrote") from None
+    recs = [r for r in recs if isinstance(r, dict) and r.get("bench") == "scale" and not r.get("summary")]
+    if not recs or any("items" not in r or "serve" not in r for r in recs):
+        raise InvalidInputError(f"{str(p)!r} holds no per-size `bench scale` records; pass the file that "
+                                "`sterling bench scale --json FILE` wrote")
+    return sorted(recs, key=lambda r: r["items"])
+
+
+def plot_scale(recs: list[dict], path: str | Path) -> Path | None:
+    """Scale curves, measured next to the planner's prediction, as one PNG at ``path``.
+
+    Four panels over catalog size (log x): build time (measured vs the
+    planner's FLOP estimate), bytes per item (artifact, scan path, planned
+    scan path), serving RSS of the index vs the planner's resident bytes, and
+    QPS per fixed nprobe (measured solid, predicted dashed) with recall@k in
+    the legend. Returns None (and says so on stderr) without matplotlib.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench scale: matplotlib is not installed; no plot written", file=sys.stderr)
+        return None
+    recs = sorted(recs, key=lambda r: r["items"])
+    n = [r["items"] for r in recs]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.2))
+    ax = axes[0][0]
+    ax.plot(n, [r["build_s"] for r in recs], marker="o", label="measured")
+    ax.plot(n, [r["predicted"]["build_s"] for r in recs], marker="x", linestyle="--", label="planner (FLOPs)")
+    ax.set_ylabel("build time, s")
+    ax.set_yscale("log")
+    ax.set_title("build (chunked, resumable)", fontsize=9)
+    ax.legend(fontsize=8)
+    ax = axes[0][1]
+    ax.plot(n, [r["artifact_bytes_per_item"] for r in recs], marker="o", label="artifact")
+    ax.plot(n, [r["scan_path_bytes_per_item"] for r in recs], marker="o", label="scan path (codes+scales+ids+Bloom)")
+    ax.plot(n, [r["planned_scan_path_bytes_per_item"] for r in recs], marker="x", linestyle="--",
+            label="planner: scan path")
+    ax.set_ylabel("bytes per item")
+    ax.set_ylim(bottom=0)
+    ax.set_title("bytes per item", fontsize=9)
+    ax.legend(fontsize=8)
+    ax = axes[1][0]
+    ax.plot(n, [r["rss_index"] / 2**20 for r in recs], marker="o", label="measured (RSS after queries − before load)")
+    planned = [(x, r["planned_resident_bytes"] / 2**20) for x, r in zip(n, recs) if r.get("planned_resident_bytes")]
+    if planned:
+        ax.plot(*zip(*planned), marker="x", linestyle="--", label="planner: resident bytes")
+    ax.set_ylabel("serving RSS of the index, MiB")
+    ax.set_yscale("log")
+    ax.set_title("memory while serving", fontsize=9)
+    ax.legend(fontsize=8)
+    ax = axes[1][1]
+    k = recs[0]["k"]
+    for p in sorted({s["nprobe"] for r in recs for s in r["serve"]}):
+        pts = [(x, s) for x, r in zip(n, recs) for s in r["serve"] if s["nprobe"] == p]
+        xs = [x for x, _ in pts]
+        line, = ax.plot(xs, [s["qps"] for _, s in pts], marker="o",
+                        label=f"nprobe {p}: recall@{k} " + " / ".join(f"{s[f'recall@{k}']:.3f}" for _, s in pts))
+        ax.plot(xs, [s["predicted_qps"] for _, s in pts], marker="x", linestyle="--", color=line.get_color())
+    ax.set_ylabel("QPS (solid measured, dashed planner)")
+    ax.set_yscale("log")
+    ax.set_title("serving at fixed nprobe", fontsize=9)
+    ax.legend(fontsize=7)
+    for row in axes:
+        for a in row:
+            a.set_xscale("log")
+            a.set_xlabel("catalog items")
+            a.grid(True, which="both", linewidth=0.3)
+    where = recs[-1].get("machine")
+    fig.suptitle(f"sterling bench scale, dim {recs[0]['dim']}, {recs[0]['threads']} threads"
+                 + (f" — {where}" if where else ""), fontsize=9)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
 
 
 # ------------------------------------------------------------------ children

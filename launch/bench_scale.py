@@ -45,16 +45,38 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep", action="store_true", help="keep each size's catalog and artifact")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny version (seconds) for CI")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the per-size records to FILE (one JSON "
+                   "list, whole or absent), the input of --from-json")
+    p.add_argument("--plot", default=None, metavar="PNG", help="scale curves (build time, bytes per item, serving RSS, "
+                   "QPS and recall; the planner's prediction beside each) as a matplotlib PNG")
+    p.add_argument("--from-json", default=None, metavar="FILE", help="redraw --plot from the records of an earlier "
+                   "run's --json FILE instead of running")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from sterling.benchmarks.scale import ScaleConfig, run_scale
+    from sterling.benchmarks.scale import (
+        ScaleConfig,
+        plot_scale,
+        read_records,
+        run_scale,
+        write_records,
+    )
+    from sterling.model.errors import InvalidInputError
 
+    if args.from_json:
+        if not args.plot:
+            raise InvalidInputError("--from-json only redraws a plot; add --plot PNG")
+        plot_scale(read_records(args.from_json), args.plot)
+        return 0
     kw = dict(items=args.items, dim=args.dim, nlist=args.nlist, nprobes=args.nprobe, k=args.k, queries=args.queries,
               batch=args.batch, host_dram_gb=args.host_dram_gb, threads=args.threads, work_dir=args.work_dir,
               keep=args.keep, seed=args.seed)
     if args.quick:
         kw.update(QUICK)
-    run_scale(ScaleConfig(**kw))
+    recs = run_scale(ScaleConfig(**kw))
+    if args.json:
+        write_records(recs, args.json)
+    if args.plot:
+        plot_scale(recs, args.plot)
     return 0

@@ -17,8 +17,10 @@ import pytest
 
 
 def test_bench_scale_quick_prints_a_record_per_size_with_the_planner_beside_it(tmp_path):
+    saved, png = tmp_path / "scale.json", tmp_path / "scale.png"
     out = subprocess.run([sys.executable, "-m", "sterling.launch.cli", "bench", "scale", "--quick", "--keep",
-                          "--work-dir", str(tmp_path)], capture_output=True, text=True, timeout=240)
+                          "--work-dir", str(tmp_path), "--json", str(saved), "--plot", str(png)],
+                         capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "[build]" in out.stderr and "[scale]" in out.stderr  # progress goes to stderr, JSON to stdout
     recs = [json.loads(line) for line in out.stdout.splitlines()]
@@ -60,3 +62,37 @@ def test_bench_scale_quick_prints_a_record_per_size_with_the_planner_beside_it(t
     assert stored <= rec["planned_resident_bytes"] <= stored + rec["nlist"] * len(nbytes) * 4096
     assert rec["rss_after_load"] - rec["rss_before_load"] > 0.5 * rec["planned_resident_bytes"]
     assert rec["build_peak_rss_bytes"] > 0 and rec["predicted"]["build_s"] > 0
+
+    # --json holds exactly the printed per-size records; --plot drew them; --from-json redraws them
+    from sterling.benchmarks.scale import read_records
+
+    assert json.loads(saved.read_text()) == [rec]
+    assert read_records(saved) == [rec]
+    import matplotlib.image
+
+    assert matplotlib.image.imread(png).shape[2] in (3, 4)
+    again = tmp_path / "again.png"
+    redraw = subprocess.run([sys.executable, "-m", "sterling.launch.cli", "bench", "scale", "--from-json", str(saved),
+                             "--plot", str(again)], capture_output=True, text=True, timeout=120)
+    assert redraw.returncode == 0, redraw.stderr[-2000:]
+    assert matplotlib.image.imread(again).shape == matplotlib.image.imread(png).shape
+
+
+def test_scale_records_that_are_not_records_get_a_typed_error_naming_the_file(tmp_path):
+    from sterling.benchmarks.scale import read_records
+    from sterling.model.errors import InvalidInputError
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("not json at all\n")
+    with pytest.raises(InvalidInputError, match="bad.json"):
+        read_records(bad)
+    bad.write_text(json.dumps([{"bench": "ann"}]))
+    with pytest.raises(InvalidInputError, match="no per-size"):
+        read_records(bad)
+    with pytest.raises(InvalidInputError, match="cannot read"):
+        read_records(tmp_path / "missing.json")
+    printed = tmp_path / "printed.jsonl"  # the JSON lines a run printed on stdout also read back
+    printed.write_text("\n".join(json.dumps(r) for r in (
+        {"bench": "scale", "items": 10, "serve": []}, {"bench": "scale", "summary": True}, {"bench": "scale",
+                                                                                            "items": 5, "serve": []})))
+    assert [r["items"] for r in read_records(printed)] == [5, 10]
