@@ -270,13 +270,10 @@ def run_e2e(cfg: E2EConfig, emit=None) -> dict:
 
 def plot(results: dict, path: str, *, title: str = "") -> Path | None:
     """p99 latency vs achieved QPS per system (and the budgets); PNG at ``path``; None without matplotlib."""
-    try:
-        import matplotlib
+    from sterling.benchmarks.plots import pyplot, save
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("bench e2e: matplotlib is not installed; no plot written", file=sys.stderr)
+    plt = pyplot("e2e")
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, r in results.items():
@@ -291,10 +288,4 @@ def plot(results: dict, path: str, *, title: str = "") -> Path | None:
     ax.set_title(f"Sterling vs microservice mesh — {title}", fontsize=9)
     ax.legend()
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return save(fig, path)

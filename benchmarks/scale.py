@@ -480,13 +480,10 @@ def plot_scale(recs: list[dict], path: str | Path) -> Path | None:
     QPS per fixed nprobe (measured solid, predicted dashed) with recall@k in
     the legend. Returns None (and says so on stderr) without matplotlib.
     """
-    try:
-        import matplotlib
+    from sterling.benchmarks.plots import pyplot, save
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("bench scale: matplotlib is not installed; no plot written", file=sys.stderr)
+    plt = pyplot("scale")
+    if plt is None:
         return None
     recs = sorted(recs, key=lambda r: r["items"])
     n = [r["items"] for r in recs]
@@ -537,13 +534,7 @@ def plot_scale(recs: list[dict], path: str | Path) -> Path | None:
     fig.suptitle(f"sterling bench scale, dim {recs[0]['dim']}, {recs[0]['threads']} threads"
                  + (f" — {where}" if where else ""), fontsize=9)
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return save(fig, path, dpi=110)
 
 
 # ------------------------------------------------------------------ children

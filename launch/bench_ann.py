@@ -67,6 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated subset of the cases to run")
     p.add_argument("--write", action="store_true", help="write the figures into BENCHMARKS.md")
     p.add_argument("--out", default="BENCHMARKS.md")
+    p.add_argument("--plot", default=None, metavar="PNG", help="recall vs QPS over the --nprobe sweep (unfiltered "
+                   "rows), Sterling and both Faiss indexes, as a matplotlib PNG")
     p.set_defaults(func=run)
 
 
@@ -221,6 +223,10 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps({"bench": "ann", "case": "total", "seconds": elapsed}), flush=True)
     if args.write:
         _write(Path(args.out), rows_out, args, elapsed)
+    if args.plot:
+        from sterling.benchmarks.plots import plot_recall_qps
+
+        plot_recall_qps(rows_out, args.plot)
     return 0
 
 
