@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -175,3 +176,26 @@ def test_the_cold_fit_recovers_fault_and_byte_costs_from_a_fake_timer():
     want = np.array([1.5e-3, 1 / 1.2e9, 1 / 3e9])
     got = _nnls(a, a @ want)
     assert np.allclose(got, want, rtol=1e-4)
+
+
+def test_artifact_file_offsets_point_at_each_lists_bytes(tmp_path):
+    from sterling.model import IndexConfig, build_index
+    from sterling.model.synthetic import synthetic_catalog
+    from sterling.model.tiers import artifact_list_stats
+
+    cat = synthetic_catalog(3000, 16, seed=1, with_attributes=True)
+    index = build_index(cat.embeddings, ids=cat.ids, attributes=cat.attributes, config=IndexConfig(nlist=16))
+    path = tmp_path / "a.st"
+    index.save(path)
+    stats = ListStats.from_artifact(artifact_list_stats(path))
+    raw = path.read_bytes()
+    assert stats.file_bytes == len(raw)
+    off = index.list_offsets.numpy()
+    for name in ("codes", "scales", "item_ids"):
+        t = getattr(index, name).contiguous()
+        row = t.element_size() * (t[0].numel() if t.ndim > 1 else 1)
+        flat = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        for lst in range(16):
+            s, nb = int(stats.file_starts[name][lst]), int(stats.bytes_by_tensor[name][lst])
+            assert nb == (off[lst + 1] - off[lst]) * row
+            assert raw[s : s + nb] == flat[off[lst] * row : off[lst + 1] * row]
