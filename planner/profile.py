@@ -280,7 +280,7 @@ def _cold_batches(index, streams: dict, *, batch: int, before: int, after: int, 
         fd = os.open(path, os.O_RDONLY)
         try:
             for xq in streams.values():
-                for nprobe in (8, 32):
+                for nprobe in sorted({min(8, index.nlist), min(32, index.nlist)}):
                     freq = measure_probe_freq(xq, index.centroids, nprobe)
                     st = dataclasses.replace(st0, probe_freq=freq, nprobe=nprobe)
                     hot = pick_fast(freq, st.list_bytes, int(0.25 * st.list_bytes.sum()))
@@ -341,7 +341,7 @@ def measure_profile(*, threads: int = 2, batch: int = 16, items: int = 500_000, 
     call_s, list_s, direct_s, dequant_s, group_s = coef
     # the serving path's fixed cost per batch at the planned batch: whole search − probe − scan work
     work = pts["feats"][:, 1:] @ coef[1:]
-    o = float(np.median((pts["search_s"] - pts["probe_cost"] - work)[pts["at_batch"]]))
+    o = max(0.0, float(np.median((pts["search_s"] - pts["probe_cost"] - work)[pts["at_batch"]])))
     probe_s = pts["probe_s"]
     cold = _mmap_mechanism(mmap_bytes, 2)
     fit = _cold_batches(pts["index"], pts["streams"], batch=batch, before=cold["readaround_before"],
