@@ -315,8 +315,7 @@ def _plan(artifact: Path, *, nprobe: int, k: int, batch: int, host_dram_gb: floa
     from sterling.planner.tiers import ListStats
 
     d = artifact_list_stats(artifact)
-    stats = _at_nprobe(ListStats(bytes_by_tensor=d["bytes_by_tensor"], probe_freq=d["probe_freq"],
-                                 nprobe=d["nprobe"], always=d["always"]), nprobe)
+    stats = _at_nprobe(ListStats.from_artifact(d), nprobe)
     cfg, inventory = inventory_from_header(read_header(artifact), nprobe=nprobe, k0=k, batch=batch)
     topo = make_topology("cpu", host_dram_bytes=int(host_dram_gb * 2**30))
     return plan(cfg, topo, PlanTargets(p99_ms=None), inventory=inventory, list_stats=stats)

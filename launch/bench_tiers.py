@@ -125,8 +125,7 @@ def run(args: argparse.Namespace) -> int:
     build_s = time.perf_counter() - t0
 
     d = artifact_list_stats(path)
-    stats = ListStats(bytes_by_tensor=d["bytes_by_tensor"], probe_freq=d["probe_freq"], nprobe=d["nprobe"],
-                      always=d["always"])
+    stats = ListStats.from_artifact(d)
     total = int(stats.list_bytes.sum())
     window = int(args.cold_window_mb * 2**20)
     cfg = IndexModelConfig(items=base.capacity, dim=args.dim, nlist=args.nlist, nprobe=args.nprobe, k0=args.k,

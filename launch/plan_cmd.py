@@ -192,18 +192,16 @@ def _list_stats(args: argparse.Namespace):
     from sterling.model.tiers import artifact_list_stats
     from sterling.planner.tiers import ListStats
 
-    d = artifact_list_stats(args.model)
-    return ListStats(bytes_by_tensor=d["bytes_by_tensor"], probe_freq=d["probe_freq"], nprobe=d["nprobe"],
-                     always=d["always"])
+    return ListStats.from_artifact(artifact_list_stats(args.model))
 
 
 def _at_nprobe(stats, nprobe: int):
     """Probe frequencies measured at the build's nprobe, rescaled to the planned one (≤ 1 per list)."""
-    import numpy as np
+    import dataclasses
 
-    from sterling.planner.tiers import ListStats
+    import numpy as np
 
     if nprobe == stats.nprobe or stats.nprobe <= 0:
         return stats
     freq = np.minimum(stats.probe_freq * (nprobe / stats.nprobe), 1.0)
-    return ListStats(bytes_by_tensor=stats.bytes_by_tensor, probe_freq=freq, nprobe=nprobe, always=stats.always)
+    return dataclasses.replace(stats, probe_freq=freq, nprobe=nprobe)

@@ -387,10 +387,15 @@ def artifact_list_stats(path) -> dict:
     probe statistics and the bytes of the always-resident tensors.
 
     Returns ``{"bytes_by_tensor": {name: [nlist] int64}, "probe_freq": [nlist], "nprobe",
-    "measured": bool, "always": int, "fast": [nlist] bool | None}``; an artifact
+    "measured": bool, "always": int, "fast": [nlist] bool | None, "file_starts": {name: [nlist]
+    int64}, "file_bytes": int}`` (``file_starts``: the file offset of each list's first byte in
+    each tensor, which the planner's cold-read model needs: the kernel reads the file around a
+    fault, not the list); an artifact
     without probe statistics (built before they were recorded) gets a uniform
     frequency and ``measured=False``.
     """
+    from pathlib import Path
+
     from sterling.model.artifact import read_artifact
     from sterling.model.errors import ArtifactError
 
@@ -401,6 +406,12 @@ def artifact_list_stats(path) -> dict:
     off = own["list_offsets"].numpy().astype(np.int64)
     nlist = off.shape[0] - 1
     bytes_by_tensor = _partition_bytes(own, off)
+    file_bytes = Path(path).stat().st_size
+    prefix = "" if h["kind"] == "item_index" else "index."
+    tensor_at = {e["name"][len(prefix):]: int(e["offset"]) for e in h["tensors"] if e["name"].startswith(prefix)}
+    data_start = file_bytes - int(h["data_len"])  # the data section ends the file
+    file_starts = {name: data_start + tensor_at[name] + s for name, (s, _) in _byte_ranges(own, off).items()
+                   if name in tensor_at}
     layout = TierLayout.from_meta(h["meta"]["index"].get("tiers"), nlist)
     cfg = h["meta"]["index"].get("config", {})
     if layout is None:
@@ -410,7 +421,7 @@ def artifact_list_stats(path) -> dict:
         nprobe, freq, measured, fast = layout.nprobe, layout.probe_freq, layout.queries > 0, layout.fast
     always = sum(own[n].numel() * own[n].element_size() for n in _ALWAYS if n in own)
     return {"bytes_by_tensor": bytes_by_tensor, "probe_freq": freq, "nprobe": nprobe, "measured": measured,
-            "always": int(always), "fast": fast}
+            "always": int(always), "fast": fast, "file_starts": file_starts, "file_bytes": int(file_bytes)}
 
 
 def retier_artifact(path, fast: np.ndarray, out=None, *, cold_window: int | None = None) -> None:

@@ -12,6 +12,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+import numpy as np
+
+from sterling.planner.cpu_cost import SERIAL_ITEMS, ColdTerms, ScanTerms, scan_terms
 from sterling.planner.devices import CPU_MMAP_COLD_BW, CPU_MMAP_READ_S
 from sterling.planner.inventory import IndexModelConfig
 from sterling.planner.profile import MachineProfile
@@ -110,6 +113,8 @@ def estimate_cost(
     slow_reads: float = 0.0,
     profile: MachineProfile | None = None,
     items_per_query: float | None = None,
+    scan: ScanTerms | None = None,
+    cold: ColdTerms | None = None,
 ) -> CostEstimate:
     """Latency and throughput of one batch on the shard described by ``placements``.
 
@@ -122,10 +127,20 @@ def estimate_cost(
     read-around, the mapped bytes a batch reads are ``min(mapped tier bytes,
     max(bytes scanned, slow_reads × read-around))``. ``items_per_query``:
     see ``batch_compute_ops``.
+
+    A profile of the mechanism model (``profile.model >= 2``,
+    ``planner/cpu_cost.py``) prices the scan by its work — ``scan``: the
+    batch's expected lists, pair-items and dequantized items (default:
+    uniform lists) — and the mapped tier by ``cold``: the simulated faults,
+    bytes read from the disk and slow bytes mapped (without it, the mapped
+    bytes at the cold bandwidth).
     """
     b = cfg.batch
     dev = topo.device
     placements = tuple(placements)
+    if profile is not None and profile.model >= 2 and dev.kind is DeviceKind.CPU:
+        return _mechanism_cost(topo=topo, cfg=cfg, placements=placements, shard_fraction=shard_fraction,
+                               num_shards=num_shards, replicas=replicas, profile=profile, scan=scan, cold=cold)
     per_tier: dict[str, float] = {t.value: 0.0 for t in MemoryTier}
     for p in placements:
         per_tier[p.tier.value] += p.bytes_per_query * b
@@ -154,13 +169,55 @@ def estimate_cost(
     overhead = GPU_BATCH_OVERHEAD_S if dev.kind is DeviceKind.GPU else CPU_BATCH_OVERHEAD_S
     if measured is not None:
         overhead = measured.overhead_s
-    merge_s = 0.0
-    if num_shards > 1:
-        merge_bytes = num_shards * b * min(cfg.k, cfg.items) * RESULT_BYTES_PER_ITEM
-        if num_shards <= topo.gpus_per_host:
-            merge_s = INTRA_HOST_HOP_S + merge_bytes / topo.intra_host_bw
-        else:
-            merge_s = INTRA_HOST_HOP_S + NETWORK_HOP_S + merge_bytes / topo.inter_host_bw
+    return _estimate(topo, cfg, per_tier, overhead, memory_s, compute_s, num_shards, replicas)
+
+
+def _merge_s(topo: Topology, cfg: IndexModelConfig, num_shards: int) -> float:
+    if num_shards <= 1:
+        return 0.0
+    merge_bytes = num_shards * cfg.batch * min(cfg.k, cfg.items) * RESULT_BYTES_PER_ITEM
+    if num_shards <= topo.gpus_per_host:
+        return INTRA_HOST_HOP_S + merge_bytes / topo.intra_host_bw
+    return INTRA_HOST_HOP_S + NETWORK_HOP_S + merge_bytes / topo.inter_host_bw
+
+
+def scan_seconds(profile: MachineProfile, scan: ScanTerms) -> float:
+    """The mechanism model's scan + probe seconds for one batch (one thread when it runs serially)."""
+    work = (scan.lists * profile.list_s + scan.direct * profile.direct_s + scan.dequant * profile.dequant_s
+            + scan.group * profile.group_s)
+    if scan.pair_items < SERIAL_ITEMS:  # the fused scan keeps small batches on the calling thread
+        work *= max(1, profile.threads)
+    return work + scan.probe * profile.probe_s
+
+
+def cold_seconds(profile: MachineProfile, cold: ColdTerms) -> float:
+    """The mechanism model's mapped-tier seconds for one batch: faults, disk bytes, mapped bytes."""
+    touch_bw = profile.mmap_touch_bw if profile.mmap_touch_bw > 0 else profile.page_cache_bw
+    return cold.faults * profile.fault_s + cold.bytes_read / profile.mmap_cold_bw + cold.bytes_touched / touch_bw
+
+
+def _mechanism_cost(*, topo, cfg, placements, shard_fraction, num_shards, replicas, profile, scan, cold):
+    b = cfg.batch
+    per_tier: dict[str, float] = {t.value: 0.0 for t in MemoryTier}
+    for p in placements:
+        per_tier[p.tier.value] += p.bytes_per_query * b
+    if scan is None:  # uniform lists
+        nl = max(1, round(cfg.resolved_nlist * shard_fraction))
+        scan = scan_terms(np.full(nl, cfg.n_cap * shard_fraction / nl),
+                          np.full(nl, min(1.0, cfg.nprobe / cfg.resolved_nlist)), b)
+    if cold is not None:
+        memory_s = cold_seconds(profile, cold)
+    else:
+        memory_s = per_tier[MemoryTier.MMAP.value] / profile.mmap_cold_bw
+    ops = batch_compute_ops(cfg, shard_fraction)
+    dev = topo.device
+    compute_s = scan_seconds(profile, scan) + ops["fp16"] / (dev.fp16_flops * COMPUTE_EFFICIENCY)
+    return _estimate(topo, cfg, per_tier, profile.overhead_s, memory_s, compute_s, num_shards, replicas)
+
+
+def _estimate(topo, cfg, per_tier, overhead, memory_s, compute_s, num_shards, replicas) -> CostEstimate:
+    b = cfg.batch
+    merge_s = _merge_s(topo, cfg, num_shards)
     busy_s = overhead + memory_s + compute_s
     latency_s = busy_s + merge_s
     qps_replica = b / busy_s * TARGET_UTILIZATION

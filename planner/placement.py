@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from sterling.planner import errors
 from sterling.planner.cost import estimate_cost
+from sterling.planner.cpu_cost import cold_terms, scan_terms
 from sterling.planner.inventory import IndexModelConfig, inventory_from_config
 from sterling.planner.tiers import (
     COLD_WINDOW_BYTES,
@@ -232,15 +233,23 @@ class _Planner:
             )
         slow_reads = 0.0
         items_per_query = None
+        scan = cold = None
         if split is not None:
             sub = self.list_stats.subset(start, start + lists)
-            slow_reads = slow_reads_per_batch(split, sub, batch=self.cfg.batch, k=min(self.cfg.k0, self.cfg.items))
+            k0 = min(self.cfg.k0, self.cfg.items)
+            slow_reads = slow_reads_per_batch(split, sub, batch=self.cfg.batch, k=k0)
             if "scales" in sub.bytes_by_tensor:  # probe-weighted items per query (4 bytes of scale an item)
-                items_per_query = float(sub.probe_freq @ (sub.bytes_by_tensor["scales"] / 4.0))
+                items = sub.bytes_by_tensor["scales"] / 4.0
+                items_per_query = float(sub.probe_freq @ items)
+                if self.profile is not None and self.profile.model >= 2:
+                    scan = scan_terms(items, sub.probe_freq, self.cfg.batch)
+                    cold = cold_terms(sub, split.fast, batch=self.cfg.batch, k=k0,
+                                      before=self.profile.readaround_before, after=self.profile.readaround_after,
+                                      cold_window=split.cold_window)
         cost = estimate_cost(
             topo=self.topo, cfg=self.cfg, placements=placements,
             shard_fraction=fraction, num_shards=num_shards, replicas=replicas, slow_reads=slow_reads,
-            profile=self.profile, items_per_query=items_per_query,
+            profile=self.profile, items_per_query=items_per_query, scan=scan, cold=cold,
         )
         ev = _Eval(num_shards, placements, overflow, cost, split)
         if replicas == 1:

@@ -1,31 +1,36 @@
 """Machine profile: the CPU scan and memory-mapped read costs measured on this host.
 
-The planner's CPU cost model is ``overhead + resident bytes / bandwidth +
-int8 ops / rate + slow bytes / cold bandwidth + slow reads × cost per read``.
-Without a profile those rates are the dev box's constants
-(``planner/devices.py``, ``planner/cost.py``); with one
-(``sterling plan --calibrate --profile p.json``, then ``--profile p.json``)
-they are fitted on this host, at the thread count it serves with:
+``sterling plan --calibrate --profile p.json`` (then ``--profile p.json``)
+measures the rates of the planner's mechanism model (``planner/cpu_cost.py``)
+on this host, at the thread count it serves with, on its own synthetic
+catalog (never the one being planned):
 
-* **scan**: an in-memory index of a synthetic catalog (its own data, not the
-  one being planned) is searched at several (batch, nprobe) points around
-  the planned batch (on the same search path), best of interleaved rounds; each
-  timing is regressed (non-negative least squares) on the same features the
-  planner computes — list bytes read per batch (each probed list once per
-  batch), int8 ops (2 · query-item pairs · D), and a constant — giving
-  ``overhead_s``, ``scan_bytes_per_s`` and ``int8_ops_per_s``.
-* **cold reads**: a scratch file is evicted from the page cache
-  (``posix_fadvise(DONTNEED)``) and read through a fresh memory map:
-  sequentially (``mmap_cold_bw``), and one page at a time far apart — an
-  isolated fault costs the kernel's read-around, not one page, so its time
-  × the sequential bandwidth is ``mmap_readaround_bytes``. The planner then
-  charges a batch's slow tier ``min(slow tier bytes, max(slow bytes read,
-  slow reads × read-around))`` at ``mmap_cold_bw`` (reads of nearby lists
-  share their read-around). ``page_cache_bw``: the same sequential read,
-  warm.
+* **scan**: the fused scan alone (``cpu_scan.fused_topk`` on precomputed
+  probes) over uniform and Zipf-skewed query streams at batches around the
+  planned one and nprobe 8–64, best of rounds; each timing is regressed
+  (non-negative least squares) on the batch's exact ``ScanTerms`` — a
+  constant, distinct lists, pair-items scored from codes, items
+  dequantized, pair-items scored from a dequantized list — giving
+  ``list_s``, ``direct_s``, ``dequant_s``, ``group_s``. ``probe_s``: the
+  numpy probe timed alone. ``overhead_s``: what a whole ``search`` at the
+  planned batch takes beyond probe and scan work (median over the points) —
+  Python, and the hand-off between the probe's BLAS threads and the scan's
+  thread team.
+* **cold reads**: the kernel's read-around window (``readaround_before`` /
+  ``readaround_after``), read with ``mincore`` once one cold fault on a
+  scratch file has settled; then the calibration index is saved as an
+  artifact and served with a memory-mapped tier (four tier masks, two
+  nprobe, both streams), the page cache evicted before each batch, against
+  the same batches in memory; the extra seconds are regressed on the
+  read-around simulation's faults, bytes read and slow bytes scanned for
+  the same lists: ``fault_s``, ``mmap_cold_bw``, ``mmap_touch_bw``.
+  ``page_cache_bw``: a warm sequential read through a fresh mapping.
 
-The profile is a JSON file (written atomically) naming the host's CPU and
-the thread count; a profile measured under load predicts that load.
+Profiles written before the mechanism model (``model`` 1) hold the older
+terms (``scan_bytes_per_s``, ``int8_ops_per_s``, ``mmap_readaround_bytes``)
+and are priced as before. The profile is a JSON file (written atomically)
+naming the host's CPU and the thread count; a profile measured under load
+predicts that load.
 """
 
 from __future__ import annotations
@@ -61,6 +66,18 @@ class MachineProfile:
     cpu: str = ""
     measured_at: str = ""
     fit_error: float = 0.0  # relative RMS error of the scan fit on its own points
+    # the mechanism model (planner/cpu_cost.py), model = 2; profiles written before it have model = 1
+    model: int = 1
+    list_s: float = 0.0  # seconds per distinct list a batch probes
+    direct_s: float = 0.0  # seconds per (query, item) scored straight from the int8 codes
+    dequant_s: float = 0.0  # seconds per item dequantized (a list probed by >= GROUP_MIN queries)
+    group_s: float = 0.0  # seconds per (query, item) scored from a dequantized list
+    probe_s: float = 0.0  # seconds per query x centroid score of the probe step
+    readaround_before: int = 0  # bytes the kernel reads before a faulting page of a cold mapping
+    readaround_after: int = 0  # bytes it reads from the faulting page on
+    fault_s: float = 0.0  # seconds per cold fault on top of its bytes at mmap_cold_bw
+    mmap_touch_bw: float = 0.0  # slow-tier bytes/s the scan maps and reads once the disk has them (cold)
+    cold_fit_error: float = 0.0  # RMS error of the cold-read fit on its own points / their mean
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -99,44 +116,97 @@ def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return x / scale
 
 
-def _scan_points(threads: int, items: int, dim: int, nlist: int, repeat: int, batch: int):
+def _skewed(cat, nq: int, zipf: float, seed: int):
+    """Queries around the catalog's clusters, cluster popularity Zipf(``zipf``): lists are shared."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    C, dim = cat.centers.shape
+    perm = torch.randperm(C, generator=torch.Generator().manual_seed(seed + 1))
+    p = 1.0 / torch.arange(1, C + 1, dtype=torch.float64) ** zipf
+    c = perm[torch.multinomial(p / p.sum(), nq, replacement=True, generator=g)]
+    return F.normalize(cat.centers[c] + 0.8 * torch.randn(nq, dim, generator=g) / dim**0.5, dim=1)
+
+
+def _mechanism_scan_points(threads: int, items: int, dim: int, nlist: int, repeat: int, batch: int) -> dict:
+    """Timings of the fused scan alone (``cpu_scan.fused_topk`` on precomputed probes) and of the
+    whole search, with their ``cpu_cost.ScanTerms`` features, over uniform and skewed streams; and
+    the probe step's seconds per query x centroid (numpy, timed on its own)."""
     import torch
 
-    from sterling.kernels import probe_lists
+    from sterling.kernels import cpu_scan, probe_lists
     from sterling.model import IndexConfig, build_index
     from sterling.model.search import SMALL_BATCH
     from sterling.model.synthetic import synthetic_catalog, synthetic_queries
+    from sterling.planner.cpu_cost import scan_terms_of_probe
 
     torch.set_num_threads(threads)
     cat = synthetic_catalog(items, dim, seed=97, with_attributes=False)
     index = build_index(cat.embeddings, ids=cat.ids, config=IndexConfig(nlist=nlist))
-    xq = synthetic_queries(cat, 1024, seed=98)
-    sizes = (index.list_offsets[1:] - index.list_offsets[:-1]).numpy()
-    row = dim + 4  # codes + scale: the bytes the scan reads per item
-    # batches around the planned one, on the same search path (small batches take the lean path)
+    streams = {"uniform": synthetic_queries(cat, 1024, seed=98), "zipf": _skewed(cat, 1024, 1.1, seed=99)}
+    sizes = (index.list_offsets[1:] - index.list_offsets[:-1]).numpy().astype(np.float64)
+    views = index.numpy_views() if cpu_scan.HAVE_NUMBA else None
     top = SMALL_BATCH if batch <= SMALL_BATCH else 4 * batch
-    batches = sorted({max(1, batch // 2), batch, min(batch + batch // 2, top)})
-    points = [(b, p) for b in batches for p in (8, 16, 32, 64) if p <= nlist]
-    feats, best = [], np.full(len(points), np.inf)
-    rounds = 6  # distinct batches per point and round: a served stream, not one batch again from cache
-    for b, nprobe in points:
-        probe = probe_lists(xq[: b * rounds], index.centroids, nprobe).numpy().reshape(rounds, b, nprobe)
-        feats.append((1.0, float(np.mean([sizes[np.unique(p)].sum() for p in probe])) * row,
-                      2.0 * float(np.mean([sizes[p].sum() for p in probe])) * dim))
-    for _ in range(repeat):  # interleaved rounds; per point the mean over its batches, best round kept
-        for i, (b, nprobe) in enumerate(points):
+    batches = sorted({max(1, batch // 2), batch, min(2 * batch, top)})
+    points = [(w, b, p) for w in streams for b in batches for p in (8, 16, 32, 64) if p <= nlist]
+    rounds = 6  # distinct batches per point: a served stream, not one batch again from cache
+    feats, probes = [], []
+    for w, b, nprobe in points:
+        probe = probe_lists(streams[w][: b * rounds], index.centroids, nprobe).numpy().reshape(rounds, b, nprobe)
+        probes.append(np.ascontiguousarray(probe, dtype=np.int64))
+        feats.append(np.mean([scan_terms_of_probe(p, sizes).features() for p in probe], axis=0))
+    xs = {w: np.ascontiguousarray(q.numpy()) for w, q in streams.items()}
+
+    def scan_only(i: int, r: int) -> None:
+        w, b, nprobe = points[i]
+        if views is None:  # no numba: the torch scan of the index
+            index.scan_topk(streams[w][r * b : (r + 1) * b], torch.from_numpy(probes[i][r]), 10, with_ids=True)
+            return
+        cpu_scan.fused_topk(xs[w][r * b : (r + 1) * b], probes[i][r], views["codes"], views["scales"],
+                            views["list_offsets"], views["alive"], 10, item_ids=views["item_ids"])
+
+    for i, (w, b, nprobe) in enumerate(points):  # warm-up: compiled code loaded, scratch buffers sized
+        index.search(streams[w][:b], k=10, nprobe=nprobe)
+        scan_only(i, 0)
+    scan_t = np.full(len(points), np.inf)
+    search_t = np.full(len(points), np.inf)
+    for _ in range(repeat):  # rounds over all points; per point the mean over its batches, best round kept
+        # the scan alone first, after a pause: threads a BLAS call left spinning would slow it
+        time.sleep(0.1)
+        for i in range(len(points)):
             t = time.perf_counter()
             for r in range(rounds):
-                index.search(xq[r * b : (r + 1) * b], k=10, nprobe=nprobe)
-            best[i] = min(best[i], (time.perf_counter() - t) / rounds)
-    return np.array(feats), best
+                scan_only(i, r)
+            scan_t[i] = min(scan_t[i], (time.perf_counter() - t) / rounds)
+        for i, (w, b, nprobe) in enumerate(points):
+            t = time.perf_counter()
+            for r in range(rounds):
+                index.search(streams[w][r * b : (r + 1) * b], k=10, nprobe=nprobe)
+            search_t[i] = min(search_t[i], (time.perf_counter() - t) / rounds)
+    ct = np.ascontiguousarray(index.centroids.numpy().T)
+    x = xs["uniform"][:batch]
+    probe_t = np.inf
+    for _ in range(max(3, repeat)):
+        time.sleep(0.05)  # alone: no thread team left spinning by the searches above
+        t = time.perf_counter()
+        for _ in range(20):
+            np.argpartition(-(x @ ct), 8, axis=1)
+        probe_t = min(probe_t, (time.perf_counter() - t) / 20)
+    return {"index": index, "streams": streams, "feats": np.array(feats), "scan_s": scan_t, "search_s": search_t,
+            "probe_s": probe_t / (x.shape[0] * ct.shape[1]), "at_batch": np.array([b == batch for _, b, _ in points]),
+            "probe_cost": np.array([b * nlist * probe_t / (x.shape[0] * ct.shape[1]) for _, b, _ in points])}
 
 
-def _mmap_points(size: int, repeat: int) -> tuple[float, float, float]:
-    """(cold sequential bytes/s, seconds per isolated cold fault, warm sequential bytes/s) of a
-    scratch file read through a fresh memory map (one byte a page: the faults are the cost)."""
+def _mmap_mechanism(size: int, repeat: int) -> dict:
+    """The kernel's read-around window around a cold fault (mincore after it settles) and the
+    cold-read fit: time = faults x fault_s + bytes read / cold bandwidth, over touch patterns whose
+    faults and bytes come from the same read-around simulation the planner runs."""
+    import ctypes
+
+    from sterling.planner.cpu_cost import SIM_PAGE
+
     fd, name = tempfile.mkstemp(prefix="sterling-calibrate-")
-    page = 4096
     try:
         with os.fdopen(fd, "wb") as f:
             rng = np.random.default_rng(5)
@@ -146,56 +216,150 @@ def _mmap_points(size: int, repeat: int) -> tuple[float, float, float]:
             os.fsync(f.fileno())
         size = os.path.getsize(name)
         rfd = os.open(name, os.O_RDONLY)
-        far = np.random.default_rng(6).choice(size // (1 << 20), min(64, size // (1 << 20)), replace=False)
-        seq_c = seq_w = one = float("inf")
         try:
-            for _ in range(repeat):
-                os.posix_fadvise(rfd, 0, 0, os.POSIX_FADV_DONTNEED)  # pages a mapping holds would stay
+            before = after = 0
+            libc = ctypes.CDLL(None, use_errno=True)
+            vec = (ctypes.c_ubyte * (size // SIM_PAGE + 1))()
+            for _ in range(2):  # the window: pages resident once the fault's read has settled
+                os.posix_fadvise(rfd, 0, 0, os.POSIX_FADV_DONTNEED)
                 arr = np.memmap(name, dtype=np.uint8, mode="r")
-                t = time.perf_counter()
-                int(arr[::page].max())
-                seq_c = min(seq_c, time.perf_counter() - t)
+                mid = size // 2 // SIM_PAGE * SIM_PAGE
+                int(arr[mid])
+                time.sleep(0.05)
+                libc.mincore(ctypes.c_void_p(arr.ctypes.data), ctypes.c_size_t(size), vec)
+                res = np.flatnonzero(np.frombuffer(vec, dtype=np.uint8)[: -(-size // SIM_PAGE)] & 1)
+                if res.size:
+                    before = max(before, mid - int(res[0]) * SIM_PAGE)
+                    after = max(after, (int(res[-1]) + 1) * SIM_PAGE - mid)
                 del arr
-                arr = np.memmap(name, dtype=np.uint8, mode="r")  # warm: in the page cache, not mapped
-                t = time.perf_counter()
-                int(arr[::page].max())
-                seq_w = min(seq_w, time.perf_counter() - t)
-                del arr
+            after = max(after, SIM_PAGE)
+            seq = np.inf
+            for _ in range(repeat):  # the whole file in order, cold: the kernel's readahead streams it
                 os.posix_fadvise(rfd, 0, 0, os.POSIX_FADV_DONTNEED)
                 arr = np.memmap(name, dtype=np.uint8, mode="r")
                 t = time.perf_counter()
-                for mb in np.sort(far).tolist():  # one page each, 1 MiB apart or more: isolated faults
-                    int(arr[mb << 20])
-                one = min(one, (time.perf_counter() - t) / far.size)
+                int(arr[::SIM_PAGE].max())
+                seq = min(seq, time.perf_counter() - t)
+                del arr
+            warm = np.inf
+            for _ in range(repeat):  # warm: in the page cache, not mapped
+                arr = np.memmap(name, dtype=np.uint8, mode="r")
+                int(arr[::SIM_PAGE].max())
+                del arr
+                arr = np.memmap(name, dtype=np.uint8, mode="r")
+                t = time.perf_counter()
+                int(arr[::SIM_PAGE].max())
+                warm = min(warm, time.perf_counter() - t)
                 del arr
         finally:
             os.close(rfd)
-        return size / seq_c, one, size / seq_w
     finally:
         os.unlink(name)
+    return {"readaround_before": int(before), "readaround_after": int(after), "mmap_cold_bw": float(size / seq),
+            "page_cache_bw": float(size / warm)}
+
+
+def _cold_batches(index, streams: dict, *, batch: int, before: int, after: int, repeat: int, cold_window: int = 8 << 20) -> dict:
+    """Cold batches on the serving path, on the calibration's own index saved as an artifact: per
+    (stream, nprobe, tier mask) the mean extra seconds of a batch over the memory-mapped tier with
+    the page cache evicted before it, against the same batches in memory; regressed on the
+    read-around simulation's faults and bytes (``cpu_cost.cold_terms``) for the same lists."""
+    import dataclasses
+
+    from sterling.model import ItemIndex
+    from sterling.model.tiers import artifact_list_stats, measure_probe_freq
+    from sterling.planner.cpu_cost import cold_terms
+    from sterling.planner.tiers import ListStats, pick_fast
+
+    rounds = 12
+    feats, extra = [], []
+    with tempfile.TemporaryDirectory(prefix="sterling-calibrate-") as d:
+        path = Path(d) / "calibrate.st"
+        index.save(path)
+        st0 = ListStats.from_artifact(artifact_list_stats(path))
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for xq in streams.values():
+                for nprobe in sorted({min(8, index.nlist), min(32, index.nlist)}):
+                    freq = measure_probe_freq(xq, index.centroids, nprobe)
+                    st = dataclasses.replace(st0, probe_freq=freq, nprobe=nprobe)
+                    hot = pick_fast(freq, st.list_bytes, int(0.25 * st.list_bytes.sum()))
+                    ids = np.arange(index.nlist)
+                    # all slow, the hottest quarter fast, and only the first quarter / eighth of the
+                    # lists slow (a smaller part of the file read: the faults and bytes vary)
+                    for mask in (np.zeros(index.nlist, dtype=bool), hot, ids >= index.nlist // 4,
+                                 ids >= index.nlist // 8):
+                        ix = ItemIndex.load(path, verify=False, tiers=False)
+                        ix.apply_tiers(mask, cold_window=cold_window)
+                        ct = cold_terms(st, mask, batch=batch, k=10, before=before, after=after, cold_window=cold_window)
+                        best = np.inf
+                        for _ in range(repeat):  # a block in memory, then the same batches cold, in a row
+                            # (a batch right after a cold one runs slower: the disk's after-effects)
+                            warm = cold = 0.0
+                            for r in range(rounds):
+                                t = time.perf_counter()
+                                index.search(xq[r * batch : (r + 1) * batch], k=10, nprobe=nprobe)
+                                warm += time.perf_counter() - t
+                            for r in range(rounds):
+                                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                                t = time.perf_counter()
+                                ix.search(xq[r * batch : (r + 1) * batch], k=10, nprobe=nprobe)
+                                cold += time.perf_counter() - t
+                            best = min(best, (cold - warm) / rounds)
+                        del ix
+                        feats.append([ct.faults, ct.bytes_read, ct.bytes_touched])
+                        extra.append(max(best, 0.0))
+        finally:
+            os.close(fd)
+    a, y = np.array(feats), np.array(extra)
+    fault_s, per_byte, per_touched = _nnls(a, y)
+    pred = a @ np.array([fault_s, per_byte, per_touched])
+    return {"fault_s": float(fault_s), "per_byte": float(per_byte), "per_touched": float(per_touched),
+            "cold_fit_error": float(np.sqrt(np.mean((pred - y) ** 2)) / max(float(np.mean(y)), 1e-9)),
+            "points": (a, y)}
+
+
+def fit_scan(feats: np.ndarray, seconds: np.ndarray) -> tuple[np.ndarray, float]:
+    """NNLS of batch seconds on the ``ScanTerms.features`` [P, 5]: (the five rates, relative RMS error)."""
+    coef = _nnls(feats, seconds)
+    pred = feats @ coef
+    return coef, float(np.sqrt(np.mean(((pred - seconds) / seconds) ** 2)))
 
 
 def measure_profile(*, threads: int = 2, batch: int = 16, items: int = 500_000, dim: int = 64, nlist: int = 1024,
                     repeat: int = 4, mmap_bytes: int = 128 << 20) -> MachineProfile:
-    """Measure this host (about a minute): the scan fit at batches around ``batch``, and the
-    cold / warm mapped reads."""
+    """Measure this host (about two minutes): the scan fit at batches around ``batch``, the
+    read-around window, and the cold-batch fit."""
     try:
         import numba
 
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     except ImportError:
         pass
-    a, t = _scan_points(threads, items, dim, nlist, repeat, batch)
-    o, per_byte, per_op = _nnls(a, t)
-    pred = a @ np.array([o, per_byte, per_op])
-    fit_error = float(np.sqrt(np.mean(((pred - t) / t) ** 2)))
-    cold_bw, fault_s, warm_bw = _mmap_points(mmap_bytes, 2)
-    inf = float("inf")
+    pts = _mechanism_scan_points(threads, items, dim, nlist, repeat, batch)
+    coef, fit_error = fit_scan(pts["feats"], pts["scan_s"])
+    call_s, list_s, direct_s, dequant_s, group_s = coef
+    # the serving path's fixed cost per batch at the planned batch: whole search − probe − scan work
+    work = pts["feats"][:, 1:] @ coef[1:]
+    o = max(0.0, float(np.median((pts["search_s"] - pts["probe_cost"] - work)[pts["at_batch"]])))
+    probe_s = pts["probe_s"]
+    cold = _mmap_mechanism(mmap_bytes, 2)
+    fit = _cold_batches(pts["index"], pts["streams"], batch=batch, before=cold["readaround_before"],
+                        after=cold["readaround_after"], repeat=2)
+    if fit["per_byte"] > 0:  # else the points could not separate the two: keep the sequential bandwidth
+        cold["mmap_cold_bw"] = 1.0 / fit["per_byte"]
+    cold.update(fault_s=fit["fault_s"], cold_fit_error=fit["cold_fit_error"],
+                mmap_touch_bw=1.0 / fit["per_touched"] if fit["per_touched"] > 0 else cold["page_cache_bw"])
+    if os.environ.get("STERLING_CALIBRATE_DEBUG"):  # the fit's points, for a look at the mechanism
+        print(json.dumps({"scan": np.column_stack([pts["feats"], pts["scan_s"], pts["search_s"]]).tolist(),
+                          "cold": np.column_stack(fit["points"]).tolist()}))
+    # the old terms stay filled (their closest reading of the same fit) for tools that print them
+    pair = (direct_s + group_s) / 2
     return MachineProfile(
         threads=int(threads), batch=int(batch), overhead_s=float(o),
-        scan_bytes_per_s=1.0 / per_byte if per_byte > 0 else inf,
-        int8_ops_per_s=1.0 / per_op if per_op > 0 else inf,
-        mmap_cold_bw=float(cold_bw), mmap_read_s=0.0, mmap_readaround_bytes=float(fault_s * cold_bw),
-        page_cache_bw=float(warm_bw),
+        scan_bytes_per_s=float("inf"), int8_ops_per_s=float(2 * dim / pair) if pair > 0 else float("inf"),
+        mmap_read_s=0.0, mmap_readaround_bytes=0.0,
         cpu=_cpu_name(), measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), fit_error=fit_error,
+        model=2, list_s=float(list_s), direct_s=float(direct_s), dequant_s=float(dequant_s),
+        group_s=float(group_s), probe_s=float(probe_s), **cold,
     )

@@ -53,12 +53,24 @@ class ListStats:
     tensor; ``probe_freq`` [nlist] expected probes per query (sums to the
     nprobe it was measured at); ``always`` bytes of the tensors every query
     reads whole (centroids, list offsets, alive bitmask), which stay fast.
+    ``file_starts[name]`` [nlist] (optional) the artifact file offset of each
+    list's first byte in that tensor, and ``file_bytes`` the file's size: the
+    cold-read model (``planner/cpu_cost.py``) needs where the lists lie in
+    the file, since the kernel reads the file around a fault, not a list.
     """
 
     bytes_by_tensor: Mapping[str, np.ndarray]
     probe_freq: np.ndarray
     nprobe: int
     always: int = 0
+    file_starts: Mapping[str, np.ndarray] | None = None
+    file_bytes: int = 0
+
+    @classmethod
+    def from_artifact(cls, d: Mapping) -> ListStats:
+        """From ``sterling.model.tiers.artifact_list_stats``' dict."""
+        return cls(bytes_by_tensor=d["bytes_by_tensor"], probe_freq=d["probe_freq"], nprobe=d["nprobe"],
+                   always=d["always"], file_starts=d.get("file_starts"), file_bytes=int(d.get("file_bytes", 0)))
 
     def __post_init__(self) -> None:
         n = self.probe_freq.shape[0]
@@ -78,8 +90,10 @@ class ListStats:
 
     def subset(self, start: int, end: int) -> ListStats:
         """The lists ``[start, end)`` (a document shard)."""
+        starts = None if self.file_starts is None else {n: b[start:end] for n, b in self.file_starts.items()}
         return ListStats(bytes_by_tensor={n: b[start:end] for n, b in self.bytes_by_tensor.items()},
-                         probe_freq=self.probe_freq[start:end], nprobe=self.nprobe, always=self.always)
+                         probe_freq=self.probe_freq[start:end], nprobe=self.nprobe, always=self.always,
+                         file_starts=starts, file_bytes=self.file_bytes)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
