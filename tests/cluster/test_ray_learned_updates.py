@@ -132,4 +132,51 @@ def test_learned_feature_upserts_on_ray_match_one_process_through_shard_actor_re
             srv.stop()
         else:
             backend.close()
-    _ = np
+
+
+def test_launch_ray_data_dir_serves_a_learned_model_and_recovers_router_cache_and_shards_after_sigkill(
+        ray_cluster, learned_path, items, tmp_path):
+    """`sterling launch ray --data-dir` with a `sterling train` artifact: feature upserts and deletes over gRPC
+    answer like the single-process model; after a SIGKILL of the service the relaunch recovers the router's
+    cache (DIR/head) and every shard replica (DIR/shard-<s>/replica-<r>) and answers the same."""
+    import signal
+
+    from sterling.model.live import LiveModel
+    from tests.cluster.test_grpc_service import _read_address, _sterling
+
+    args = ("launch", "ray", "--model", str(learned_path), "--shards", "2", "--shards-dir", str(tmp_path / "shards"),
+            "--address", ray_cluster.address, "--port", "0", "--data-dir", str(tmp_path / "d"),
+            "--snapshot-every", "2", "--max-k", "1000")
+    oracle = LiveModel.open(learned_path)
+    users = [int(u) for u in oracle.model.users.ids[:6]]
+    new = np.arange(70_000, 70_030)
+    proc = _sterling(*args)
+    try:
+        with Client(_read_address(proc, timeout_s=240), timeout_s=120) as c:
+            for b in range(3):
+                ids = new[10 * b: 10 * b + 10]
+                t = _table(items, ids, np.arange(10) * 7 + b)
+                version = c.upsert([(ids, t, t.attributes)]).model_version
+                oracle.upsert(ids, item_features=t, attributes=t.attributes)
+            gone = [int(new[0]), int(items.ids[1])]
+            version = c.delete(gone).model_version
+            oracle.delete(gone)
+            before = _same(c, oracle, users, version)
+        assert (tmp_path / "d" / "head").is_dir() and any((tmp_path / "d" / "head").glob("wal-*.log"))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc = _sterling(*args)
+        with Client(_read_address(proc, timeout_s=240), timeout_s=120) as c:
+            assert c.info().model_version == version
+            after = _same(c, oracle, users, version)
+            for where in (None, "lang:en"):
+                _same(c, oracle, users, version, where)
+            every = c.retrieve(user_ids=users, k=50, k0=len(items) + 40, adaptive=False)
+            assert not set(every.ids.reshape(-1).tolist()) & set(gone)
+        assert (after.ids == before.ids).all() and (after.scores == before.scores).all()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
