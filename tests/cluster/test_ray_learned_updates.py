@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 import time
 
+import grpc
 import numpy as np
 import pytest
 
@@ -125,6 +126,10 @@ def test_learned_feature_upserts_on_ray_match_one_process_through_shard_actor_re
         assert not set(everything.ids.reshape(-1).tolist()) & gone
         for where in (None, "lang:en", "NOT lang:en"):
             _same(client, oracle, users, version, where)
+        with pytest.raises(grpc.RpcError) as e:  # a learned model takes item features, not vectors
+            client.upsert([([77_000], np.zeros((1, oracle.model.index.dim), np.float32), None)])
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "item_features" in e.value.details()
+        assert client.info().model_version == info.model_version  # nothing was applied
     finally:
         if client is not None:
             client.close()
