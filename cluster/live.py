@@ -22,7 +22,9 @@ deletes, and cache snapshots). Each request is logged everywhere first, then
 applied to every shard and to the cache under one hold of the router's guard
 (``LearnedHead.guard``; queries hold its read side from fan-out to rerank), so
 a query sees the whole request or none of it — never a new index entry with
-an old cache row.
+an old cache row. Remote shards (Ray, ``parallel=True``) log and apply a batch
+in one call, so there the cache's record is logged first and the guard is held
+across the shards' commits and the cache's apply (``_commit_remote``).
 
 The shards behind ``LiveShards`` need only the ``LiveModel`` write surface
 (``upsert``, ``delete``, ``update_attributes``, ``holding``, ``version``,
