@@ -22,7 +22,9 @@ deletes, and cache snapshots). Each request is logged everywhere first, then
 applied to every shard and to the cache under one hold of the router's guard
 (``LearnedHead.guard``; queries hold its read side from fan-out to rerank), so
 a query sees the whole request or none of it — never a new index entry with
-an old cache row.
+an old cache row. Remote shards (Ray, ``parallel=True``) log and apply a batch
+in one call, so there the cache's record is logged first and the guard is held
+across the shards' commits and the cache's apply (``_commit_remote``).
 
 The shards behind ``LiveShards`` need only the ``LiveModel`` write surface
 (``upsert``, ``delete``, ``update_attributes``, ``holding``, ``version``,
@@ -182,12 +184,15 @@ class LiveShards:
         self._pool = cf.ThreadPoolExecutor(len(lives), thread_name_prefix="sterling-upd") if parallel else None
 
     def _each(self, fn) -> None:
-        """``fn(s, live)`` for every shard: in turn, or concurrently when ``parallel`` (first error re-raised)."""
+        """``fn(s, live)`` for every shard: in turn, or concurrently when ``parallel``; returns once every
+        shard's call has ended (none still running behind a caller's guard), then re-raises the first error."""
         if self._pool is None:
             for s, live in enumerate(self.lives):
                 fn(s, live)
             return
-        for f in [self._pool.submit(fn, s, live) for s, live in enumerate(self.lives)]:
+        futures = [self._pool.submit(fn, s, live) for s, live in enumerate(self.lives)]
+        cf.wait(futures)
+        for f in futures:
             f.result()
 
     def shard_versions(self) -> list[int]:
@@ -274,6 +279,17 @@ class LiveShards:
             rows = head.overarch.item_side(E).detach().float()
         batch = upd.prepare_upsert(self.head.index, id_t, E, attributes)  # validated here, before any log
         owner = np.searchsorted(self._starts, batch.lists.numpy(), side="right") - 1
+        if self._pool is not None:  # remote shards (Ray): each commits its own numbered batches
+
+            def one(s: int, live) -> None:
+                own = torch.from_numpy(owner == s)
+                attrs = None if batch.attributes is None else [a for a, o in zip(batch.attributes, own.tolist()) if o]
+                live.upsert(id_t[own], E[own], attrs)
+                live.delete(id_t[~own])
+
+            with self._lock:
+                self._commit_remote(self.cache.stage(RecordKind.UPSERT_FEATURES, id_t.numpy(), inputs, rows), one)
+            return id_t.numel(), self.version
         with self._lock:
             staged = []
             try:
@@ -287,6 +303,31 @@ class LiveShards:
             finally:
                 self._apply_all(staged)  # whatever was logged is applied, so later batches can follow it
         return id_t.numel(), self.version
+
+    def _commit_remote(self, staged, fn) -> None:
+        """One learned request over remote shards: ``staged`` (the cache's record, already durable), then
+        ``fn(s, shard)`` on every shard, each shard's batches committed on all its replicas.
+
+        Remote shards log and apply a batch in one call, so the router's
+        writer guard is held across the shards' commits and the cache's apply:
+        queries wait for the request (a remote fsync per shard, ~ms; up to a
+        straggler's ``straggler_s`` when a replica is away) and see the whole
+        of it or none of it. The cache's row is applied even when a shard
+        fails, as a restart would replay its log; the request then failed
+        (UNAVAILABLE) and its retry — upserts and deletes are idempotent —
+        brings the shards level. A delete is therefore in the cache once
+        logged there: the OverArch drops a candidate without a live cache row,
+        so a deleted item is never served after the delete is logged.
+        """
+        planned = self.cache.plan(staged)
+        try:
+            with self.learned.guard.write():
+                try:
+                    self._each(fn)
+                finally:
+                    self.cache.apply(planned)
+        finally:
+            self.cache.maintain()
 
     def _apply_all(self, staged: list) -> None:
         """Apply logged batches of the shards and the cache under one hold of the router's writer guard."""
@@ -310,6 +351,10 @@ class LiveShards:
             held = sum(sum(live.holding(id_t.tolist())) for live in self.lives)
             if self.cache is None:
                 self._each(lambda s, live: live.delete(id_t))
+                return held, self.version
+            if self._pool is not None:
+                self._commit_remote(self.cache.stage(RecordKind.DELETE, id_t.numpy()),
+                                    lambda s, live: live.delete(id_t))
                 return held, self.version
             staged = []
             try:

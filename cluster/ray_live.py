@@ -28,6 +28,20 @@ so losing a node's disk loses one replica, not the shard.
   UNAVAILABLE until every replica answers again and all are brought to the
   newest sequence any of them holds. The same reconciliation runs at start-up.
 
+A learned model (``sterling train``) on Ray: the shards hold its item index
+and take plain vector batches as above; the router holds the ``LearnedHead``
+and with it the OverArch's item-embedding cache, so the cache lives in the
+router process, durable in ``DIR/head`` on the router's disk (a ``LiveCache``:
+feature and delete records, cache snapshots). A feature upsert is embedded
+once by the router's item tower; its record goes into the cache log first,
+then the vectors to the owning shard (nearest centroid of the head model) and
+a delete to every other shard (an item that moved leaves its old shard), and
+the cache rows are applied — the shards' commits and the cache apply under
+the write side of ``LearnedHead.guard``, which queries hold from fan-out to
+rerank, so no query pairs a new index entry with an old cache row. A router
+restarted on the same DIR recovers the cache from its snapshot + log, the
+shards theirs from their own directories.
+
 Example:
     >>> backend = RayBackend.launch(manifest, replicas=2, data_dir="data")
     >>> router, updates = ray_live_router(manifest, backend)
@@ -39,14 +53,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from sterling.cluster.errors import ReplicaOrderError, ShardsUnavailableError
-from sterling.cluster.live import LiveShards
+from sterling.cluster.learned_head import LearnedHead
+from sterling.cluster.live import LiveCache, LiveShards
 from sterling.cluster.router import Router, RouterConfig
 from sterling.model.errors import InvalidInputError, VersionTimeoutError
+from sterling.model.learned import LearnedRetrievalModel
 from sterling.model.retrieval import RetrievalModel
 from sterling.model.wal import LogRecord, RecordKind
 
@@ -266,7 +283,8 @@ class ReplicatedShard:
 
     def upsert(self, ids, embeddings, attributes=None) -> int:
         id_np = torch.as_tensor(ids).reshape(-1).to(torch.int64).numpy()
-        x = torch.as_tensor(embeddings).detach().float().reshape(id_np.size, -1).numpy()
+        x = torch.as_tensor(embeddings).detach().float()
+        x = x.reshape(id_np.size, x.shape[-1] if x.ndim else -1).numpy()  # [n, D], n may be 0
         return self._commit(RecordKind.UPSERT, id_np, np.ascontiguousarray(x), attributes)
 
     def delete(self, ids) -> int:
@@ -295,14 +313,31 @@ class ReplicatedShard:
 
 
 def ray_live_router(manifest, backend, config: RouterConfig | None = None, *,
-                    write_timeout_s: float = 30.0, timeout_s: float = 60.0) -> tuple[Router, LiveShards]:
+                    write_timeout_s: float = 30.0, timeout_s: float = 60.0,
+                    learned: LearnedRetrievalModel | None = None, head_dir: str | Path | None = None,
+                    snapshot_every: int = 1000) -> tuple[Router, LiveShards]:
     """Router + update path over a ``RayBackend`` launched with ``data_dir``.
 
     Reconciles every shard first (all replicas answer, all brought to the
     newest batch any holds), then hooks ``rejoin`` into the backend's health
     prober so a restarted replica is caught up before it serves again.
+
+    ``learned`` (the artifact the manifest was cut from, ``sterling train``):
+    the router keeps its ``LearnedHead`` — towers, OverArch, heads and the
+    item-embedding cache the OverArch reads — and takes feature upserts: the
+    item tower embeds them here, the vectors go to the shards like any
+    upsert, and the cache rows stay in this process, durable in
+    ``head_dir`` (a ``LiveCache``: its own log of features and deletes, and
+    cache snapshots; recovered before the router is returned).
     """
     head = RetrievalModel.load(manifest.head)
+    head_model = cache = None
+    if learned is not None:
+        if head_dir is None:
+            raise InvalidInputError("a learned model's router keeps its OverArch cache on disk: give head_dir "
+                                    "(launch ray uses DIR/head)")
+        head_model = LearnedHead(learned)
+        cache = LiveCache(head_model.model, head_dir, snapshot_every=snapshot_every)
     groups = [ReplicatedShard(backend, s, write_timeout_s=write_timeout_s) for s in range(manifest.num_shards)]
     end = time.monotonic() + timeout_s
     for g in groups:
@@ -315,4 +350,5 @@ def ray_live_router(manifest, backend, config: RouterConfig | None = None, *,
             time.sleep(0.2)
     backend.rejoin = lambda s, r: groups[s].rejoin(r)
     ranges = [tuple(s.lists) for s in manifest.shards]
-    return Router(head, backend, config), LiveShards(head, ranges, groups, parallel=True)
+    return (Router(head, backend, config, learned=head_model),
+            LiveShards(head, ranges, groups, parallel=True, learned=head_model, cache=cache))

@@ -51,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="strict: one Ray node per plan host (STRICT_SPREAD); soft: best effort (SPREAD)")
     r.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for every actor")
     r.add_argument("--data-dir", help="take Upsert/Delete/UpdateAttributes: each shard replica keeps its snapshots "
-                   "and update log in DIR/shard-<s>/replica-<r>/ on its node; a restart recovers before SERVING")
+                   "and update log in DIR/shard-<s>/replica-<r>/ on its node; a learned model's router keeps its "
+                   "OverArch item cache in DIR/head on this host; a restart recovers before SERVING")
     r.add_argument("--snapshot-every", type=int, default=1000, help="update batches between replica snapshots")
     r.add_argument("--ranks-per-host", type=int,
                    help="each shard actor runs a process group of N ranks on its host (rank slices of its shard, "
@@ -198,25 +199,16 @@ def ensure_group_slices(manifest, ranks, *, plan=None, groups=None) -> tuple[lis
     return dirs, counts
 
 
-def _learned_head(args: argparse.Namespace):
-    """For a learned artifact, the router's ``LearnedHead`` (towers, OverArch, heads, item cache;
-    the shards hold its item index); None for an index model."""
+def _learned_model(args: argparse.Namespace):
+    """For a learned artifact, the ``LearnedRetrievalModel`` whose ``LearnedHead`` the router keeps (towers,
+    OverArch, heads, item cache; the shards hold its item index); None for an index model."""
     from sterling.model.artifact import read_header
 
     if read_header(args.model).get("kind") != "learned_retrieval_model":
         return None
-    if args.data_dir:
-        from sterling.cluster.errors import NotImplementedYetError
-
-        raise NotImplementedYetError(
-            f"{args.model} is a learned model: Ray shards do not take its updates yet (the router's OverArch cache "
-            "is not replicated); serve it with `sterling serve --model M --data-dir DIR [--shards N]`, which takes "
-            "upserts with item features, or launch it without --data-dir"
-        )
-    from sterling.cluster.learned_head import LearnedHead
     from sterling.model.learned import LearnedRetrievalModel
 
-    return LearnedHead(LearnedRetrievalModel.load(args.model).eval())
+    return LearnedRetrievalModel.load(args.model).eval()
 
 
 def run_ray(args: argparse.Namespace) -> int:
@@ -243,7 +235,7 @@ def run_ray(args: argparse.Namespace) -> int:
         if args.replicas is not None and args.replicas != plan.replicas:
             raise InvalidInputError(f"--replicas {args.replicas} disagrees with the plan ({plan.replicas}); drop one")
     check_servable(args.model)
-    learned = _learned_head(args)  # before Ray starts: a refusal costs nothing
+    learned = _learned_model(args)  # before Ray starts: a bad artifact costs nothing
     model = Path(args.model)
     shape = group_shape(args, plan, model)
     out = Path(args.shards_dir) if args.shards_dir else Path(str(model) + ".shards")
@@ -281,9 +273,15 @@ def run_ray(args: argparse.Namespace) -> int:
         if args.data_dir:
             from sterling.cluster.ray_live import ray_live_router
 
-            router, updates = ray_live_router(manifest, backend, router_cfg, timeout_s=args.ready_timeout)
+            data_dir = Path(args.data_dir).resolve()
+            router, updates = ray_live_router(manifest, backend, router_cfg, timeout_s=args.ready_timeout,
+                                              learned=learned, head_dir=data_dir / "head",
+                                              snapshot_every=args.snapshot_every)
         else:
-            router = Router(RetrievalModel.load(manifest.head), backend, router_cfg, learned=learned)
+            from sterling.cluster.learned_head import LearnedHead
+
+            router = Router(RetrievalModel.load(manifest.head), backend, router_cfg,
+                            learned=None if learned is None else LearnedHead(learned))
         srv = RetrievalServer(router, server_cfg, backend_name="ray", updates=updates).start()
         where = backend.where()
         nodes = sorted({w["node_id"] for row in where for w in row})

@@ -23,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-fraction", type=float, help="held-out fraction per user, by time (default 0.1)")
     p.add_argument("--overarch", help="dot, mlp, mol or attention (default mol)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--list-slack", type=float,
+                   help="spare slots per IVF list for streaming upserts, a fraction of its items (default 0.125)")
     p.add_argument("--k", type=int, default=100, help="k of the held-out recall@k / NDCG@k")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -44,7 +46,8 @@ def load_config(args: argparse.Namespace):
             raise InvalidInputError(f"cannot read training config {args.config}: {e}") from e
         if not isinstance(d, dict):
             raise InvalidInputError(f"{args.config} must hold a mapping of TrainConfig keys, got {type(d).__name__}")
-    for key, val in (("eval_fraction", args.eval_fraction), ("overarch", args.overarch), ("seed", args.seed)):
+    for key, val in (("eval_fraction", args.eval_fraction), ("overarch", args.overarch), ("seed", args.seed),
+                     ("list_slack", args.list_slack)):
         if val is not None:
             d[key] = val
     d.setdefault("progress", not args.quiet)

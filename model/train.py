@@ -42,7 +42,14 @@ __all__ = ["TrainConfig", "Dataset", "train", "evaluate", "split_by_time"]
 
 @dataclass(kw_only=True, slots=True)
 class TrainConfig:
-    """Everything ``sterling train`` can set (``--config train.yaml`` holds these keys)."""
+    """Everything ``sterling train`` can set (``--config train.yaml`` holds these keys).
+
+    ``list_slack``: spare slots per IVF list of the trained index, as a fraction
+    of the list's items (at least one per non-empty list), so streaming
+    upserts (``LiveModel.upsert(ids, item_features=…)``) land in place instead
+    of re-packing the whole index for the first new item; 0.125 by default,
+    the item cache's own growth margin.
+    """
 
     dim: int = 64
     emb_dim: int = 32
@@ -64,6 +71,7 @@ class TrainConfig:
     k0: int = 1000
     cache_dtype: str = "fp32"
     nlist: int | None = None
+    list_slack: float = 0.125
     eval_fraction: float = 0.1
     rerank_fraction: float = 0.2
     oov_buckets: int = 8
@@ -85,6 +93,9 @@ class TrainConfig:
             )
         if self.temperature <= 0:
             raise InvalidInputError(f"temperature ({self.temperature}) must be > 0")
+        if not 0.0 <= self.list_slack <= 10.0:
+            raise InvalidInputError(f"list_slack ({self.list_slack}) must be in [0, 10] (spare slots per list for "
+                                    "upserts, as a fraction of its items; 0 = the first new item re-packs)")
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -443,7 +454,7 @@ def train(inter: Interactions, users: FeatureTable | None, items: FeatureTable |
     E = item_embeddings(item_tower, data)
     attrs = data.items.attributes
     index = build_index(E, ids=torch.from_numpy(data.item_ids.copy()), attributes=attrs,
-                        config=IndexConfig(nlist=cfg.nlist, seed=cfg.seed))
+                        config=IndexConfig(nlist=cfg.nlist, seed=cfg.seed, list_slack=cfg.list_slack))
     _seed(cfg.seed + 2)
     overarch = build_overarch(cfg.overarch, cfg.dim, **cfg.overarch_options)
     heads = TaskHeads(overarch.hidden_dim, data.tasks, prior_scale=1.0 / cfg.temperature)

@@ -117,11 +117,3 @@ def test_launch_ray_serves_a_learned_model_like_in_process(ray_cluster, learned_
     proc = _sterling("launch", "ray", "--model", str(learned_path), "--shards", "2",
                      "--shards-dir", str(tmp_path / "shards"), "--address", ray_cluster.address, "--port", "0")
     assert_serves_learned_like_in_process(proc, learned_path, timeout_s=240)
-
-
-def test_launch_ray_refuses_a_learned_model_with_data_dir(learned_path, tmp_path):  # noqa: F811
-    proc = _sterling("launch", "ray", "--model", str(learned_path), "--shards", "2", "--data-dir",
-                     str(tmp_path / "d"), "--port", "0")
-    rc = proc.wait(timeout=120)
-    err = proc.stderr.read() if proc.stderr else ""
-    assert rc != 0 and "learned model" in err and "--data-dir" in err, err[-2000:]

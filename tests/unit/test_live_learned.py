@@ -398,3 +398,50 @@ def test_mapped_item_inputs_out_of_range_are_refused_before_logging(learned_path
             live.upsert([90_003, 90_004], item_features=bad)
     assert live.version == v and live.holding([90_001, 90_003]) == [True, False]
     live.close()
+
+
+def _fill_free_slots(live, items, first_id: int) -> tuple[np.ndarray, bool]:
+    """Upsert, as new ids, copies of catalog items — per list at most as many as it has free slots (at least one
+    per list with items), one item per batch (its embedding is then the one computed here, bit for bit);
+    returns (new ids, whether the index was re-packed)."""
+    from sterling.model import updates as upd
+
+    index = live.model.index
+    offs = index.list_offsets.clone()
+    free = [int((index.item_ids[offs[i]:offs[i + 1]] < 0).sum()) for i in range(index.nlist)]
+    sizes = [int((index.item_ids[offs[i]:offs[i + 1]] >= 0).sum()) for i in range(index.nlist)]
+    used: dict[int, int] = defaultdict(int)
+    new = []
+    for row in range(len(items)):
+        t = _table(items, [first_id + row], [row])
+        lst = int(upd.prepare_upsert(index, t.ids, live.model.embed_items(live.model.item_inputs(t))).lists[0])
+        if sizes[lst] and used[lst] < max(free[lst], 1):
+            used[lst] += 1
+            live.upsert(t.ids, item_features=t)
+            new.append(first_id + row)
+    repacked = not torch.equal(index.list_offsets, offs)
+    assert all(live.holding(new))
+    return np.asarray(new, dtype=np.int64), repacked
+
+
+def test_a_freshly_trained_artifact_takes_new_items_in_its_list_slack_without_repacking(learned_path, items):
+    """`sterling train` reserves per-list slack (TrainConfig.list_slack, default 0.125): new items land in
+    their lists' spare slots in place; the same model rebuilt with list_slack=0 re-packs for them."""
+    from sterling.model.config import IndexConfig
+    from sterling.model.learned import LearnedRetrievalModel
+    from sterling.model.live import LiveModel
+    from sterling.model.train import TrainConfig
+
+    model = LearnedRetrievalModel.load(learned_path)
+    assert model.index.config.list_slack == TrainConfig().list_slack == 0.125
+    assert model.index.capacity > model.index.num_items
+    live = LiveModel.open(model)
+    new, repacked = _fill_free_slots(live, items, 90_000)
+    assert not repacked and len(new) >= live.model.index.nlist // 2
+    n = live.model.index.num_items
+    got = live(user_ids=torch.tensor([1]), k=n, k0=n, nprobe=live.model.index.nlist, adaptive=False)
+    assert set(new.tolist()) <= set(got.ids.reshape(-1).tolist())  # every new item is served
+
+    tight = LearnedRetrievalModel.load(learned_path).with_catalog(
+        items, index_config=IndexConfig.from_dict({**model.index.config.to_dict(), "list_slack": 0.0}))
+    assert _fill_free_slots(LiveModel.open(tight), items, 90_000)[1]

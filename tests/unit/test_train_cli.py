@@ -71,6 +71,9 @@ def test_train_rejects_unknown_config_keys_and_bad_files(tiny_rec_files, tmp_pat
                  "--config", str(cfg)]) == 2
     assert main(["train", "--interactions", str(p["users"]), "--out", str(tmp_path / "x.st")]) == 2
     assert "error" in capsys.readouterr().err
+    assert main(["train", "--interactions", str(p["interactions"]), "--out", str(tmp_path / "x.st"),
+                 "--list-slack", "-0.5"]) == 2
+    assert "list_slack (-0.5)" in capsys.readouterr().err
     assert not (tmp_path / "x.st").exists()
 
 
