@@ -153,3 +153,14 @@ def test_merges_keep_a_position_once_at_its_higher_score():
     assert p.tolist() == [[10, 12, 11, 13, -1]]
     ids, sc = merge_widened_ids(p1.numpy(), s1.numpy(), p2.numpy(), s2.numpy(), 5)
     assert ids.tolist() == [[10, 12, 11, 13, -1]] and np.isneginf(sc[0, -1])
+
+
+@pytest.mark.parametrize("bad", [-1, 3, 4, 1.5, True])
+def test_skip_lists_out_of_range_is_a_typed_error(small_index, bad):
+    from sterling.model.errors import InvalidInputError
+
+    xq = torch.randn(2, small_index.dim, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(InvalidInputError, match="skip_lists"):
+        small_index.search(xq, k=5, nprobe=3, where="lang:en", adaptive=False, skip_lists=bad)
+    with pytest.raises(InvalidInputError, match="adaptive=False"):
+        small_index.search(xq, k=5, nprobe=3, where="lang:en", adaptive=True, skip_lists=1)
