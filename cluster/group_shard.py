@@ -208,7 +208,8 @@ class GroupShardServer:
                                          f"below the acknowledged {need}; ask another replica")
         xq = np.ascontiguousarray(req.xq, dtype=np.float32)
         try:
-            res = group.search(xq, k=req.k, nprobe=req.nprobe, where=req.where, exact=req.exact, counts=req.counts)
+            res = group.search(xq, k=req.k, nprobe=req.nprobe, where=req.where, exact=req.exact, counts=req.counts,
+                               skip_lists=req.skip_lists)
         except RuntimeError as e:  # a collective failed: a peer is gone (the monitor names it) or the group broke
             deadline = time.monotonic() + 2.0
             dead = self._dead_rank()

@@ -33,7 +33,7 @@ from sterling.cluster.errors import (
     ShardsUnavailableError,
 )
 from sterling.cluster.learned_head import LearnedHead, SparseInput
-from sterling.cluster.merge import merge_topk
+from sterling.cluster.merge import merge_topk, merge_widened_ids
 from sterling.cluster.shard import ShardRequest
 from sterling.model.errors import InvalidInputError
 from sterling.model.index import prepare_queries
@@ -256,8 +256,12 @@ class Router:
         scan; each list lives in one shard, so their sum is what the single
         index counted, and ``widen_for_selectivity`` picks the same queries
         and nprobe as the adaptive model. Each widened nprobe is one fan-out
-        of its queries (the model rescans the same groups, so on the fused
-        CPU scan the answers are the model's); a query the rule pre-filters
+        of its queries over the lists ranked nprobe..w (``skip_lists``), whose
+        top-k is merged into the first answer (the model scans the same
+        groups and lists, so on the fused CPU scan the answers are the
+        model's; at an exact score tie between a first-scan and a widened
+        item the first-scan item comes first here, the lower position
+        there); a query the rule pre-filters
         is rescanned over all nlist lists (the same verified eligible set;
         the model scores it outside the scan, so scores may differ in the
         last bits). Nothing is widened when a shard's transport reports no
@@ -272,19 +276,22 @@ class Router:
                                    nlist=nlist)
         groups = [wd.widen & (wd.nprobe == w) for w in wd.nprobe[wd.widen].unique().tolist()]
         groups.append(wd.brute)
-        for sel in groups:
+        for g, sel in enumerate(groups):
             rows = sel.nonzero().squeeze(1).numpy()
             if not rows.size or time.monotonic() >= deadline:
                 continue
+            brute = g == len(groups) - 1
             wide = int(wd.nprobe[rows[0]])
             sub_where = [where[i] for i in rows] if isinstance(where, (list, tuple)) else where
             fo = self.backend.fan_out(
-                ShardRequest(xq=xq[rows], k=k, nprobe=wide, where=sub_where, exact=exact, min_versions=floors),
+                ShardRequest(xq=xq[rows], k=k, nprobe=wide, where=sub_where, exact=exact, min_versions=floors,
+                             skip_lists=0 if brute else nprobe),
                 deadline,
             )
             if fo.missing:
                 continue
             order = sorted(fo.replies)
-            ids[rows], scores[rows] = merge_topk([(fo.replies[s].ids, fo.replies[s].scores) for s in order], k)
+            new = merge_topk([(fo.replies[s].ids, fo.replies[s].scores) for s in order], k)
+            ids[rows], scores[rows] = new if brute else merge_widened_ids(ids[rows], scores[rows], *new, k)
             versions.update({s: int(fo.replies[s].version) for s in order})
         return ids, scores

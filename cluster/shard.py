@@ -33,6 +33,8 @@ class ShardRequest:
     exact: bool = True
     min_versions: tuple[int, ...] | None = None  # per shard: answer only from this version on (else ReplicaBehindError)
     counts: bool = False  # also reply the per-query selectivity counts of the scan (adaptive widening)
+    # scan only the lists ranked skip_lists..nprobe: a widening round, whose first lists the shard answered
+    skip_lists: int = 0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -95,13 +97,14 @@ class ShardServer:
         query = torch.from_numpy(np.ascontiguousarray(req.xq, dtype=np.float32))
         counts = None
         with record_stages() as st:
-            if req.counts:  # RetrievalModel.forward, with the index's stats
+            if req.counts or req.skip_lists:  # RetrievalModel.forward, with the index's stats
                 xq = self.model.encode(query=query)
                 scores, ids, stats = self.model.index.search(
                     xq, k=req.k, nprobe=req.nprobe, where=req.where, exact=req.exact, adaptive=False,
-                    return_stats=True,
+                    return_stats=True, skip_lists=req.skip_lists,
                 )
-                version, counts = int(self.model.index.version), stats.selectivity_counts.numpy()
+                version = int(self.model.index.version)
+                counts = stats.selectivity_counts.numpy() if req.counts else None
             else:
                 out = self.model(query=query, k=req.k, nprobe=req.nprobe, where=req.where, exact=req.exact,
                                  adaptive=False)

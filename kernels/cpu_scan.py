@@ -608,8 +608,9 @@ if HAVE_NUMBA:
         words: high half a key whose ascending order is descending score, low half the
         candidate's position. Above ``HEAP_K`` only the keys at or below a bound taken from
         a sample of the scores are gathered (at least k of them, else everything is). The
-        k-th key is found by a heap (small k) or a radix select (large k); the survivors are
-        ordered by a stable LSD radix sort on the high half, so equal scores stay in position
+        k-th key is found by a heap (small k) or a radix select (large k; skipped when the
+        bounded gather kept at most k + 25 %, which the sort then orders whole); the survivors
+        are ordered by a stable LSD radix sort on the high half, so equal scores stay in position
         order; ids are read for the k results only. ``keys``, ``tmp`` and ``samp`` are the
         calling thread's scratch, large enough for every scanned item (``samp``: its sample).
         """
@@ -642,7 +643,7 @@ if HAVE_NUMBA:
         if kk == 0:
             return
         n = m
-        if kk < m:
+        if kk < m and (kk <= HEAP_K or m > kk + (kk >> 2)):  # a bounded gather within k + 25 %: sort it all
             thr = np.uint64(_kth_smallest_heap(keys, m, kk) if kk <= HEAP_K else _kth_smallest_radix(keys, m, kk))
             n = 0
             for i in range(m):  # stable, branch-free compaction

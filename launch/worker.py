@@ -51,7 +51,7 @@ class GroupBackend(ShardBackend):
     def _search(self, req: ShardRequest) -> ShardReply:
         t0 = time.perf_counter()
         res = self.group.search(req.xq, k=req.k, nprobe=req.nprobe, where=req.where, exact=req.exact,
-                                counts=req.counts)
+                                counts=req.counts, skip_lists=req.skip_lists)
         return ShardReply(shard=0, replica=0, ids=res.ids, scores=res.scores, version=res.version,
                           ms=(time.perf_counter() - t0) * 1e3, counts=res.counts)
 

@@ -204,6 +204,7 @@ class ItemIndex(nn.Module):
         adaptive: bool | None = None,
         *,
         return_stats: bool = False,
+        skip_lists: int = 0,
     ):
         """Top-k items per query, Faiss-like.
 
@@ -226,6 +227,11 @@ class ItemIndex(nn.Module):
             return_stats: also return a ``sterling.model.search.SearchStats``
                 (lists probed, nprobe after widening, verified / rejected
                 candidates, ...). Off, nothing is counted.
+            skip_lists: scan only the lists ranked ``skip_lists``..``nprobe``
+                by centroid score (0 = all ``nprobe``), with ``adaptive=False``:
+                what a document shard scans when the router widens a query
+                whose first ``skip_lists`` lists it has already answered
+                (``sterling.model.search.merge_widened`` merges the two).
         Returns:
             (scores [B, k] fp32, ids [B, k] int64); missing results are
             −inf / −1. Within equal scores, lower index position first.
@@ -234,14 +240,14 @@ class ItemIndex(nn.Module):
         ``sterling.model.search``.
         """
         if torch.compiler.is_compiling():  # data-dependent loops: a compiled model calls it eagerly
-            return self._search_eager(xq, k, nprobe, where, exact, adaptive, return_stats)
-        return self._search(xq, k, nprobe, where, exact, adaptive, return_stats)
+            return self._search_eager(xq, k, nprobe, where, exact, adaptive, return_stats, skip_lists)
+        return self._search(xq, k, nprobe, where, exact, adaptive, return_stats, skip_lists)
 
     @torch.compiler.disable
     def _search_eager(self, *args):
         return self._search(*args)
 
-    def _search(self, xq, k, nprobe, where, exact, adaptive, return_stats=False):
+    def _search(self, xq, k, nprobe, where, exact, adaptive, return_stats=False, skip_lists=0):
         # (no torch.no_grad(): its context costs more than a small search; the queries are
         # detached and every buffer is a constant, so no autograd graph is recorded)
         xq = prepare_queries(xq, self.dim, self.metric)
@@ -254,8 +260,15 @@ class ItemIndex(nn.Module):
             with stage("filter"):
                 filters = self.compile_filters(where, xq.shape[0])
         adaptive = self.config.adaptive_filter if adaptive is None else adaptive
+        if skip_lists:
+            if isinstance(skip_lists, bool) or not isinstance(skip_lists, (int, np.integer)) \
+                    or not 0 <= skip_lists < nprobe or adaptive:
+                raise InvalidInputError(
+                    f"skip_lists ({skip_lists!r}) must be an integer in 0..nprobe - 1 ({nprobe - 1}) with "
+                    f"adaptive=False (adaptive={adaptive})"
+                )
         return search_mod.run(self, xq, k=k, nprobe=nprobe, filters=filters, exact=exact, adaptive=adaptive,
-                              stats=return_stats)
+                              stats=return_stats, skip=int(skip_lists))
 
     def verify(self, positions: torch.Tensor, qprog: torch.Tensor, filters: CompiledFilters) -> torch.Tensor:
         """Exact filter check: positions [b, K] with program per row [b] → bool [b, K] (``search.verify``)."""

@@ -15,8 +15,10 @@ kernel calls:
    margin (``_scan_verified``).
 4. **Adaptive widening** (``widen_for_selectivity``) — a filtered query
    whose measured selectivity says its eligible top-k lies beyond the
-   probed lists is rescanned with more lists, or, past half of all lists,
-   scored on its exactly verified eligible set directly (``_prefilter_topk``).
+   probed lists scans the next lists by centroid rank (those ranked nprobe..w;
+   its top-k so far is merged in, ``merge_widened``), or, past half of all
+   lists, is scored on its exactly verified eligible set directly
+   (``_prefilter_topk``).
 
 The filter reaches every backend as one ``kernels.ivf.ScanFilter``; the
 batch's Bloom results per list block live in one ``BlockMasks`` made here,
@@ -50,6 +52,7 @@ __all__ = [
     "SearchStats",
     "Widening",
     "measured_selectivity",
+    "merge_widened",
     "run",
     "verify",
     "widen_for_selectivity",
@@ -84,15 +87,16 @@ class SearchStats:
         nprobe_used: [B] lists each query ended with: nprobe, the widened
             nprobe, or nlist for a query scored on its whole eligible set.
         lists_probed: (query, list) pairs scanned, first scans and widening
-            rescans (refills rescan the same pairs and are not counted here).
+            scans (lists ranked nprobe..w; refills rescan the same pairs and
+            are not counted here).
         items_scanned: live items in those pairs.
         verified: candidates checked against the exact attribute store
             (in the compiled scan, every Bloom survivor of a checked query).
         rejected: of those, the ones that failed: Bloom false positives
             (and items a NOT excludes, which the Bloom pass cannot decide).
         refills: query rescans with a larger margin after verification.
-        widened: queries rescanned with a wider probe.
-        widen_rounds: widening rescans run (one per distinct widened nprobe).
+        widened: queries widened to more lists.
+        widen_rounds: widening scans run (one per distinct widened nprobe).
         prefiltered: queries scored on their exactly verified eligible set.
         selectivity_counts: [B, 4] int64, per query, of its first scan: live
             items scanned, of which passed the in-scan filter, candidates
@@ -168,7 +172,7 @@ class Widening:
 
     Attributes:
         need: float64 lists the eligible top-k is estimated to need (0 = unfiltered).
-        widen: bool — rescan with ``nprobe[q]`` lists.
+        widen: bool — widen to ``nprobe[q]`` lists.
         brute: bool — skip IVF, score the verified eligible set directly.
         nprobe: int64 lists after widening (the asked nprobe where not widened).
     """
@@ -195,9 +199,10 @@ def widen_for_selectivity(frac: torch.Tensor, filtered: torch.Tensor, *, nprobe:
     The eligible top-k of a query whose filter passes a fraction f of the
     items lie in a wider ball, and about nprobe / √f lists hold it (the ball
     grows sublinearly in lists; nprobe / f overshoots). A query that needs
-    more than 1.25 × nprobe is rescanned with that many lists, rounded up to
-    half-steps of nprobe (so each rescan is one batch and the overshoot stays
-    small); one that needs half of all lists or more is pre-filtered.
+    more than 1.25 × nprobe is widened to that many lists, rounded up to
+    half-steps of nprobe (⌊nprobe / 2⌋, at least 1: each widening is one
+    batch, the overshoot stays small and a widened query gets more lists): it scans the lists ranked nprobe..w and keeps the best k of
+    both scans. One that needs half of all lists or more is pre-filtered.
 
     Args:
         frac: [B] float64 measured eligible fraction of the scanned items.
@@ -206,13 +211,38 @@ def widen_for_selectivity(frac: torch.Tensor, filtered: torch.Tensor, *, nprobe:
     need = torch.where(filtered, nprobe / frac.clamp(min=1e-12).sqrt(), torch.zeros_like(frac))
     brute = filtered & (need >= 0.5 * nlist)
     widen = filtered & ~brute & (need > 1.25 * nprobe)
-    wide = torch.clamp(torch.ceil(2 * need / nprobe) * nprobe / 2, max=nlist).long()
+    half = max(1, nprobe // 2)
+    wide = torch.clamp(torch.ceil(need / half) * half, max=nlist).long()
     used = torch.where(widen, wide, torch.where(brute, torch.full_like(wide, nlist), torch.full_like(wide, nprobe)))
     return Widening(need=need, widen=widen, brute=brute, nprobe=used)
 
 
+def merge_widened(s1: torch.Tensor, p1: torch.Tensor, s2: torch.Tensor, p2: torch.Tensor,
+                  k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of the first scan ∪ top-k of the widening lists → the top-k over all of them.
+
+    ``s1``/``p1`` [b, k]: a query's answer over its first nprobe lists;
+    ``s2``/``p2`` [b, k]: over the lists ranked nprobe..w (both ordered, −inf
+    / −1 pads). The lists are disjoint, so the k best of both, by (score
+    desc, position asc), are the answer of one scan over all w lists. A
+    position in both (a list ranked differently by the widening probe of a
+    subset than by the batch's first probe, at a near-tie of centroid
+    scores) is kept once, at its higher score. Returns (scores, positions) [b, k].
+    """
+    s, p = order_results(torch.cat([s1, s2], 1), torch.cat([p1, p2], 1))
+    o = p.argsort(dim=1, stable=True)  # equal positions: the higher score first (rows are score-ordered)
+    ps = p.gather(1, o)
+    dup = torch.zeros_like(ps, dtype=torch.bool)
+    dup[:, 1:] = (ps[:, 1:] == ps[:, :-1]) & (ps[:, 1:] >= 0)
+    if bool(dup.any()):
+        drop = torch.zeros_like(dup).scatter_(1, o, dup)
+        s, p = order_results(s.masked_fill(drop, float("-inf")), p.masked_fill(drop, -1))
+    return s[:, :k], p[:, :k]
+
+
 def run(index, xq: torch.Tensor, *, k: int, nprobe: int, filters: CompiledFilters | None, exact: bool,
-        adaptive: bool, stats: bool = False, small_batch: int = SMALL_BATCH, chunk_budget: int = CHUNK_BUDGET):
+        adaptive: bool, stats: bool = False, small_batch: int = SMALL_BATCH, chunk_budget: int = CHUNK_BUDGET,
+        skip: int = 0):
     """Search validated queries over ``index`` (``ItemIndex.search`` validates, then calls this).
 
     Args:
@@ -224,6 +254,7 @@ def run(index, xq: torch.Tensor, *, k: int, nprobe: int, filters: CompiledFilter
         stats: also return a ``SearchStats``.
         small_batch: unfiltered CPU batches up to this size take the lean path.
         chunk_budget: scores one chunk may hold.
+        skip: scan only the lists ranked skip..nprobe (``ItemIndex.search(skip_lists=)``; not adaptive).
     Returns:
         (scores [B, k], ids [B, k]) — plus ``SearchStats`` with ``stats``.
     """
@@ -239,7 +270,7 @@ def run(index, xq: torch.Tensor, *, k: int, nprobe: int, filters: CompiledFilter
     scanned = nprobe * avg
     per_query = scanned + min(16 * k, scanned + 16 * nprobe)  # probed scores + selected candidates
     step = max(1, min(B, chunk_budget // max(per_query, 1)))
-    if filters is None and B <= small_batch and step >= B:
+    if filters is None and B <= small_batch and step >= B and not skip:
         fast = _small_batch_cpu(index, xq, k, nprobe, tally)
         if fast is not None:
             return fast if tally is None else (*fast, tally.freeze(B))
@@ -251,7 +282,7 @@ def run(index, xq: torch.Tensor, *, k: int, nprobe: int, filters: CompiledFilter
             tally.chunks += 1
         if filters is None:  # the scan maps positions to ids itself (sequential reads)
             with stage("probe"):
-                probe = probe_lists(xq[rows], index.centroids, nprobe)
+                probe = probe_lists(xq[rows], index.centroids, nprobe)[:, skip:]
             if tally is not None:
                 tally.probed(index, probe)
             with stage("scan"):
@@ -259,7 +290,8 @@ def run(index, xq: torch.Tensor, *, k: int, nprobe: int, filters: CompiledFilter
             if index.tiering is not None:
                 index.observe_probe(probe)
             return s, ids
-        s, p = _search_chunk(index, xq[rows], k, nprobe, filters, masks, qprog_all[rows], exact, adaptive, tally)
+        s, p = _search_chunk(index, xq[rows], k, nprobe, filters, masks, qprog_all[rows], exact, adaptive, tally,
+                             skip)
         return s, index.positions_to_ids(p)
 
     if step >= B:  # one chunk (the common case): no copies
@@ -333,15 +365,16 @@ def verify(index, positions: torch.Tensor, qprog: torch.Tensor, filters: Compile
     return ok.reshape(b, K)
 
 
-def _search_chunk(index, xq, k, nprobe, filters, masks, qprog, exact, adaptive, tally):
+def _search_chunk(index, xq, k, nprobe, filters, masks, qprog, exact, adaptive, tally, skip=0):
     """Search one chunk of filtered queries; widen for selectivity (``widen_for_selectivity``).
 
     Selectivity f is measured as the eligible fraction of the items the
     first scan touched (times the exact precision of its survivors,
     ``measured_selectivity``). Turn widening off with ``adaptive=False``.
+    ``skip``: scan only the lists ranked skip..nprobe (a shard's part of a widening; never adaptive).
     """
     with stage("probe"):
-        probe = probe_lists(xq, index.centroids, nprobe)
+        probe = probe_lists(xq, index.centroids, nprobe)[:, skip:]
     if tally is not None:
         tally.probed(index, probe)
     try:
@@ -366,10 +399,11 @@ def _search_chunk(index, xq, k, nprobe, filters, masks, qprog, exact, adaptive, 
                 tally.widened += rows.numel()
             for w in wide.unique().tolist():
                 sel = rows[wide == w]
-                with stage("probe"):
-                    p2 = probe_lists(xq[sel], index.centroids, int(w))
-                out_s[sel], out_p[sel] = _scan_verified(index, xq[sel], p2, k, filters, masks, qprog[sel],
-                                                        must_verify[sel], None, tally)
+                with stage("probe"):  # only the lists ranked nprobe..w: the first nprobe are scanned
+                    p2 = probe_lists(xq[sel], index.centroids, int(w))[:, nprobe:]
+                s2, q2 = _scan_verified(index, xq[sel], p2, k, filters, masks, qprog[sel], must_verify[sel],
+                                        None, tally)
+                out_s[sel], out_p[sel] = merge_widened(out_s[sel], out_p[sel], s2, q2, k)
                 if index.tiering is not None:
                     index.observe_probe(p2)
                 if tally is not None:

@@ -89,6 +89,7 @@ class GroupRequest:
     where: str | list[str | None] | None = None
     exact: bool = True
     counts: bool = False  # also sum the ranks' selectivity counts (``SearchStats.selectivity_counts``)
+    skip_lists: int = 0  # scan only the lists ranked skip_lists..nprobe (``ItemIndex.search``)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -191,7 +192,8 @@ class RankGroup:
         else:
             u = torch.from_numpy(req.xq)
         out = self.part.index.search(u.to(self.device), k=req.k, nprobe=req.nprobe, where=req.where,
-                                     exact=req.exact, adaptive=False, return_stats=req.counts)
+                                     exact=req.exact, adaptive=False, return_stats=req.counts,
+                                     skip_lists=req.skip_lists)
         scores, ids = out[0], out[1]
         counts = None
         if req.counts:
@@ -258,10 +260,11 @@ class RankGroup:
             return self._step(req)
 
     def search(self, xq, *, k: int = 10, nprobe: int | None = None, where=None, exact: bool = True,
-               counts: bool = False) -> GroupResult:
+               counts: bool = False, skip_lists: int = 0) -> GroupResult:
         """Rank 0: the index stage over all ranks — ``index.search(xq, k, nprobe, where, adaptive=False)``.
 
         ``counts``: also return the summed selectivity counts (the router's adaptive widening reads them).
+        ``skip_lists``: scan only the lists ranked skip_lists..nprobe (a widening round of the router).
         """
         index = self.part.index
         k = self._check_k(k)
@@ -274,7 +277,7 @@ class RankGroup:
         if where is not None:
             index.compile_filters(where, int(xq.shape[0]))
         return self._run(GroupRequest(op="search", xq=np.ascontiguousarray(xq.numpy()), k=k, nprobe=int(nprobe),
-                                      where=where, exact=exact, counts=bool(counts)))
+                                      where=where, exact=exact, counts=bool(counts), skip_lists=int(skip_lists)))
 
     def retrieve(self, query=None, *, user_ids=None, kjt=None, dense=None, k: int = 10, k0: int | None = None,
                  nprobe: int | None = None, where=None, value_formula: str | None = None, exact: bool = True,

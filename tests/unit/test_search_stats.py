@@ -122,8 +122,10 @@ def test_verify_rejects_exactly_the_bloom_false_positives_of_the_probed_lists(ca
 
 
 def test_widening_stats_say_which_nprobe_each_query_ended_with(catalog):
-    """A selective filter widens: each widened group's answer is a fixed-nprobe search at the
-    nprobe its stats report; pre-filtered queries report nlist."""
+    """A selective filter widens: each widened group's answer is its first answer merged with a scan
+    of the lists ranked nprobe..w (what a shard answers to ``skip_lists``), the items of a fixed-nprobe
+    search at the w its stats report (scores up to the rounding of the path that scored them, which
+    the batch fixes); pre-filtered queries report nlist."""
     index, _ = catalog
     xq = torch.randn(30, 8, generator=torch.Generator().manual_seed(4))
     where = ["lang:v0 AND tier:v1 AND country:v2"] * 20 + ["lang:v1"] * 10
@@ -134,8 +136,19 @@ def test_widening_stats_say_which_nprobe_each_query_ended_with(catalog):
     assert st.prefiltered == int((used == index.nlist).sum())
     assert st.widen_rounds == len(used[widened].unique())
     assert st.nprobe_max == int(used.max()) and st.nprobe_mean == pytest.approx(float(used.double().mean()))
+    fs, fi = index.search(xq, k=10, nprobe=2, where=where, adaptive=False)
+    pos = {int(v): p for p, v in enumerate(index.item_ids.tolist())}
+
+    def positions(ids):
+        return torch.tensor([[pos.get(int(v), -1) for v in row] for row in ids.tolist()])
+
     for w in used[widened].unique().tolist():
         sel = (used == w).nonzero().squeeze(1)
-        ws, wi = index.search(xq[sel], k=10, nprobe=w, where=[where[j] for j in sel], adaptive=False)
-        assert torch.equal(wi, i[sel]) and torch.equal(ws, s[sel])
-    assert st.lists_probed == 2 * 30 + int(used[widened].sum())
+        sub = [where[j] for j in sel]
+        ws, wi = index.search(xq[sel], k=10, nprobe=w, where=sub, adaptive=False)
+        assert torch.equal(wi, i[sel])
+        torch.testing.assert_close(ws, s[sel], rtol=1e-6, atol=1e-5)
+        xs, xi = index.search(xq[sel], k=10, nprobe=w, where=sub, adaptive=False, skip_lists=2)
+        ms, mp = search_mod.merge_widened(fs[sel], positions(fi[sel]), xs, positions(xi), 10)
+        assert torch.equal(mp, positions(i[sel])) and torch.equal(ms, s[sel])
+    assert st.lists_probed == 2 * 30 + int((used[widened] - 2).sum())
