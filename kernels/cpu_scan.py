@@ -378,25 +378,57 @@ if HAVE_NUMBA:
                 mx = neg
 
     @njit(fastmath=True, cache=True, inline="always")
-    def _score_masked(xq, q, codes, scales, s, n, mask, g, flat, base, bmax, c0):  # pragma: no cover - compiled
-        """One query × one list straight from the codes; items outside ``mask[g]`` score −inf, unscored."""
+    def _score_gathered(xq, q, codes, scales, s, idx, m, n, flat, base, bmax, c0):  # pragma: no cover - compiled
+        """One query × the items ``idx[:m]`` (ascending offsets into a list of n at position s),
+        straight from the codes, four items per step; every other slot of the list scores −inf.
+        Block maxima of the blocks holding an eligible item are raised (the rest stay −inf)."""
         D = xq.shape[1]
         neg = np.float32(-np.inf)
-        mx = neg
         for i in range(n):
-            if mask[g, i]:
-                p = s + i
-                acc = np.float32(0.0)
-                for d in range(D):
-                    acc += xq[q, d] * np.float32(codes[p, d])
-                v = acc * scales[p]
-                flat[base + i] = v
-                mx = v if v > mx else mx
-            else:
-                flat[base + i] = neg
-            if (i & 15) == 15 or i == n - 1:
-                bmax[q, c0 + (i >> 4)] = mx
-                mx = neg
+            flat[base + i] = neg
+        j = 0
+        while j + 4 <= m:
+            i0 = idx[j]
+            i1 = idx[j + 1]
+            i2 = idx[j + 2]
+            i3 = idx[j + 3]
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            for d in range(D):
+                x = xq[q, d]
+                a0 += x * np.float32(codes[s + i0, d])
+                a1 += x * np.float32(codes[s + i1, d])
+                a2 += x * np.float32(codes[s + i2, d])
+                a3 += x * np.float32(codes[s + i3, d])
+            v0 = a0 * scales[s + i0]
+            v1 = a1 * scales[s + i1]
+            v2 = a2 * scales[s + i2]
+            v3 = a3 * scales[s + i3]
+            flat[base + i0] = v0
+            flat[base + i1] = v1
+            flat[base + i2] = v2
+            flat[base + i3] = v3
+            b = c0 + (i0 >> 4)
+            bmax[q, b] = max(bmax[q, b], v0)
+            b = c0 + (i1 >> 4)
+            bmax[q, b] = max(bmax[q, b], v1)
+            b = c0 + (i2 >> 4)
+            bmax[q, b] = max(bmax[q, b], v2)
+            b = c0 + (i3 >> 4)
+            bmax[q, b] = max(bmax[q, b], v3)
+            j += 4
+        while j < m:
+            i0 = idx[j]
+            a0 = np.float32(0.0)
+            for d in range(D):
+                a0 += xq[q, d] * np.float32(codes[s + i0, d])
+            v0 = a0 * scales[s + i0]
+            flat[base + i0] = v0
+            b = c0 + (i0 >> 4)
+            bmax[q, b] = max(bmax[q, b], v0)
+            j += 1
 
     @njit(fastmath=True, cache=True)
     def _scan_list_filtered(  # pragma: no cover - compiled
@@ -425,6 +457,7 @@ if HAVE_NUMBA:
         srt, gprog, gstart = _groups(p0, p1, pair_q, flt.qprog)
         ng = gprog.shape[0]
         mask = np.empty((ng, n), dtype=np.bool_)
+        elig = np.empty(n, dtype=np.int64)
         stack = np.empty(flt.ops.shape[1] + 1, dtype=np.bool_)
         tt_terms, tt_len, tt_tab = tt
         need_b = False
@@ -514,10 +547,14 @@ if HAVE_NUMBA:
                     counts[r, 1] = m
                 mo += n
             else:
+                m = 0
+                for i in range(n):
+                    elig[m] = i
+                    m += mask[g, i]
                 for j in range(g0, g1):
                     r = p0 + srt[j]
-                    _score_masked(xq, pair_q[r], codes, scales, s, n, mask, g, flat, pair_flat[r], bmax,
-                                  pair_col[r])
+                    _score_gathered(xq, pair_q[r], codes, scales, s, elig, m, n, flat, pair_flat[r], bmax,
+                                    pair_col[r])
                     counts[r, 0] = nlive
                     counts[r, 1] = nelig
 
