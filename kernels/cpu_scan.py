@@ -430,6 +430,79 @@ if HAVE_NUMBA:
             bmax[q, b] = max(bmax[q, b], v0)
             j += 1
 
+    @njit(cache=True, inline="always")
+    def _group_mask(hb, he, gprog, flt, tt, w, stack):  # pragma: no cover - compiled
+        """Word w of the eligibility bits, over the list's program groups, of an item with Bloom
+        term hits hb and exact term hits he (bit g: group g's program admits it; −1 admits all)."""
+        tt_terms, tt_len, tt_tab = tt
+        out = np.int64(0)
+        for g in range(64 * w, min(64 * w + 64, gprog.shape[0])):
+            pr = gprog[g]
+            ok = True
+            if pr >= 0:
+                ex = flt.need_exact[pr]
+                h = he if ex else hb
+                tl = tt_len[pr]
+                if tl >= 0:
+                    ix = 0
+                    for u in range(tl):
+                        ix |= ((h >> tt_terms[pr, u]) & 1) << u
+                    ok = tt_tab[pr, ix]
+                else:
+                    ok = _eval_prog(flt.ops[pr], flt.args[pr], flt.lens[pr], h, stack, ex)
+            if ok:
+                out |= np.int64(1) << np.int64(g & 63)
+        return out
+
+    @njit(cache=True)
+    def _group_words(s, n, live_all, alive, gprog, flt, tt, nw):  # pragma: no cover - compiled
+        """[nw, n] int64 eligibility bits of a list's items over its program groups (0 for dead items).
+
+        Each item's term hits are computed once (Bloom and / or exact, as the groups' programs
+        need); the programs run once per distinct hit pattern of the list (a small memo: a list
+        holds few distinct attribute combinations), not once per item and group."""
+        gw = np.zeros((nw, n), dtype=np.int64)
+        stack = np.empty(flt.ops.shape[1] + 1, dtype=np.bool_)
+        need_b = False
+        need_e = False
+        for g in range(gprog.shape[0]):
+            if gprog[g] >= 0:
+                if flt.need_exact[gprog[g]]:
+                    need_e = True
+                else:
+                    need_b = True
+        H = 256  # memo slots, open addressing; beyond MEMO_FULL entries the programs run directly
+        kb = np.empty(H, dtype=np.int64)
+        ke = np.empty(H, dtype=np.int64)
+        used = np.zeros(H, dtype=np.bool_)
+        val = np.empty((H, nw), dtype=np.int64)
+        filled = 0
+        for i in range(n):
+            p = s + i
+            if not (live_all or ((alive[p >> 3] >> (p & 7)) & 1) == 1):
+                continue
+            hb = _bloom_hits(flt.bloom, flt.term_words, p) if need_b else np.int64(0)
+            he = _exact_hits(flt.attr_ids, flt.attr_offsets, flt.vocab_bits, p) if need_e else np.int64(0)
+            x = (hb * np.int64(-7046029254386353131)) ^ (he * np.int64(-4658895280553007687))
+            slot = np.int64((x >> np.int64(40)) & (H - 1))
+            while used[slot] and not (kb[slot] == hb and ke[slot] == he):
+                slot = (slot + 1) & (H - 1)
+            if used[slot]:
+                for w in range(nw):
+                    gw[w, i] = val[slot, w]
+            elif filled < H // 2:
+                used[slot] = True
+                kb[slot] = hb
+                ke[slot] = he
+                filled += 1
+                for w in range(nw):
+                    val[slot, w] = _group_mask(hb, he, gprog, flt, tt, w, stack)
+                    gw[w, i] = val[slot, w]
+            else:
+                for w in range(nw):
+                    gw[w, i] = _group_mask(hb, he, gprog, flt, tt, w, stack)
+        return gw
+
     @njit(fastmath=True, cache=True)
     def _scan_list_filtered(  # pragma: no cover - compiled
         li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pair_col, pair_flat, flt, tt, cmp,
@@ -456,53 +529,24 @@ if HAVE_NUMBA:
         live_all = _all_alive(alive, s, n)
         srt, gprog, gstart = _groups(p0, p1, pair_q, flt.qprog)
         ng = gprog.shape[0]
-        mask = np.empty((ng, n), dtype=np.bool_)
+        nw = (ng + 63) >> 6
+        gw = _group_words(s, n, live_all, alive, gprog, flt, tt, nw)
         elig = np.empty(n, dtype=np.int64)
-        stack = np.empty(flt.ops.shape[1] + 1, dtype=np.bool_)
-        tt_terms, tt_len, tt_tab = tt
-        need_b = False
-        need_e = False
-        for g in range(ng):
-            if gprog[g] >= 0:
-                if flt.need_exact[gprog[g]]:
-                    need_e = True
-                else:
-                    need_b = True
         nlive = 0
         for i in range(n):
             p = s + i
-            if not (live_all or ((alive[p >> 3] >> (p & 7)) & 1) == 1):
-                for g in range(ng):
-                    mask[g, i] = False
-                continue
-            nlive += 1
-            hb = _bloom_hits(flt.bloom, flt.term_words, p) if need_b else np.int64(0)
-            he = _exact_hits(flt.attr_ids, flt.attr_offsets, flt.vocab_bits, p) if need_e else np.int64(0)
-            for g in range(ng):
-                pr = gprog[g]
-                if pr < 0:
-                    mask[g, i] = True
-                    continue
-                ex = flt.need_exact[pr]
-                h = he if ex else hb
-                tl = tt_len[pr]
-                if tl >= 0:
-                    idx = 0
-                    for u in range(tl):
-                        idx |= ((h >> tt_terms[pr, u]) & 1) << u
-                    mask[g, i] = tt_tab[pr, idx]
-                else:
-                    mask[g, i] = _eval_prog(flt.ops[pr], flt.args[pr], flt.lens[pr], h, stack, ex)
+            nlive += live_all or ((alive[p >> 3] >> (p & 7)) & 1) == 1
         mo = cmp[5][li]
         for g in range(ng):
             g0 = gstart[g]
             g1 = gstart[g + 1]
             ident = gprog[g] < 0 and live_all
-            nelig = nlive
-            if gprog[g] >= 0:
-                nelig = 0
-                for i in range(n):
-                    nelig += mask[g, i]
+            wg = g >> 6
+            bg = np.int64(g & 63)
+            nelig = 0
+            for i in range(n):
+                elig[nelig] = i
+                nelig += (gw[wg, i] >> bg) & 1
             if g1 - g0 >= GROUP_MIN:
                 m = 0
                 if ident:
@@ -513,10 +557,9 @@ if HAVE_NUMBA:
                         for d in range(D):
                             blk[i, d] = codes[s + i, d] * sc
                 else:
-                    for i in range(n):
-                        if mask[g, i]:
-                            cmp[4][mo + m] = s + i
-                            m += 1
+                    m = nelig
+                    for j in range(m):
+                        cmp[4][mo + j] = s + elig[j]
                     blk = np.empty((m, D), dtype=np.float32)
                     for j in range(m):
                         p = cmp[4][mo + j]
@@ -547,13 +590,9 @@ if HAVE_NUMBA:
                     counts[r, 1] = m
                 mo += n
             else:
-                m = 0
-                for i in range(n):
-                    elig[m] = i
-                    m += mask[g, i]
                 for j in range(g0, g1):
                     r = p0 + srt[j]
-                    _score_gathered(xq, pair_q[r], codes, scales, s, elig, m, n, flat, pair_flat[r], bmax,
+                    _score_gathered(xq, pair_q[r], codes, scales, s, elig, nelig, n, flat, pair_flat[r], bmax,
                                     pair_col[r])
                     counts[r, 0] = nlive
                     counts[r, 1] = nelig
