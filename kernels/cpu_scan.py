@@ -7,9 +7,11 @@ a list probed by several queries is dequantized once into a scratch buffer
 with filtered queries is filtered once per distinct program, not per query
 (``_scan_list_filtered``): term hits per item (exact from the CSR attributes
 for programs marked ``need_exact``, else Bloom with NOT = "maybe"), one
-truth-table lookup per program, and a program shared by four or more of the
+truth-table lookup per program (memoised per distinct hit pattern of the
+list, into per-item group words), and a program shared by four or more of the
 list's queries has its eligible items compacted and scored 4 × 2 like an
-unfiltered list.
+unfiltered list; smaller groups score only their gathered eligible items,
+two queries × four items per step.
 
 A score depends on the query, the item and the code path that scored it
 (int8 direct, 4x2 dot, or single-query remainder), which the batch and the
@@ -430,6 +432,76 @@ if HAVE_NUMBA:
             bmax[q, b] = max(bmax[q, b], v0)
             j += 1
 
+    @njit(fastmath=True, cache=True, inline="always")
+    def _score_gathered2(xq, q0, q1, codes, scales, s, idx, m, n, flat, b0, b1, bmax, c0, c1):  # pragma: no cover
+        """``_score_gathered`` for two queries sharing a program: each loaded code feeds both
+        (2 queries × 4 items, 8 accumulators); the remainder goes one query at a time."""
+        D = xq.shape[1]
+        neg = np.float32(-np.inf)
+        for i in range(n):
+            flat[b0 + i] = neg
+            flat[b1 + i] = neg
+        j = 0
+        while j + 4 <= m:
+            i0 = idx[j]
+            i1 = idx[j + 1]
+            i2 = idx[j + 2]
+            i3 = idx[j + 3]
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            e0 = np.float32(0.0)
+            e1 = np.float32(0.0)
+            e2 = np.float32(0.0)
+            e3 = np.float32(0.0)
+            for d in range(D):
+                x = xq[q0, d]
+                y = xq[q1, d]
+                u0 = np.float32(codes[s + i0, d])
+                u1 = np.float32(codes[s + i1, d])
+                u2 = np.float32(codes[s + i2, d])
+                u3 = np.float32(codes[s + i3, d])
+                a0 += x * u0
+                a1 += x * u1
+                a2 += x * u2
+                a3 += x * u3
+                e0 += y * u0
+                e1 += y * u1
+                e2 += y * u2
+                e3 += y * u3
+            sc0 = scales[s + i0]
+            sc1 = scales[s + i1]
+            sc2 = scales[s + i2]
+            sc3 = scales[s + i3]
+            _put(flat, b0, bmax, q0, c0, i0, a0 * sc0)
+            _put(flat, b0, bmax, q0, c0, i1, a1 * sc1)
+            _put(flat, b0, bmax, q0, c0, i2, a2 * sc2)
+            _put(flat, b0, bmax, q0, c0, i3, a3 * sc3)
+            _put(flat, b1, bmax, q1, c1, i0, e0 * sc0)
+            _put(flat, b1, bmax, q1, c1, i1, e1 * sc1)
+            _put(flat, b1, bmax, q1, c1, i2, e2 * sc2)
+            _put(flat, b1, bmax, q1, c1, i3, e3 * sc3)
+            j += 4
+        while j < m:
+            i0 = idx[j]
+            a0 = np.float32(0.0)
+            e0 = np.float32(0.0)
+            for d in range(D):
+                u0 = np.float32(codes[s + i0, d])
+                a0 += xq[q0, d] * u0
+                e0 += xq[q1, d] * u0
+            _put(flat, b0, bmax, q0, c0, i0, a0 * scales[s + i0])
+            _put(flat, b1, bmax, q1, c1, i0, e0 * scales[s + i0])
+            j += 1
+
+    @njit(cache=True, inline="always")
+    def _put(flat, base, bmax, q, c0, i, v):  # pragma: no cover - compiled
+        """Write item i's score and raise its 16-item block's maximum."""
+        flat[base + i] = v
+        b = c0 + (i >> 4)
+        bmax[q, b] = max(bmax[q, b], v)
+
     @njit(cache=True, inline="always")
     def _group_mask(hb, he, gprog, flt, tt, w, stack):  # pragma: no cover - compiled
         """Word w of the eligibility bits, over the list's program groups, of an item with Bloom
@@ -518,7 +590,8 @@ if HAVE_NUMBA:
         has its eligible items compacted (positions into ``cmp.pmap``) and
         dequantized once; its queries are scored 4 × 2 on the compacted block,
         block maxima written as they go — the unfiltered fast path, over fewer
-        items. Smaller groups score straight from the codes, skipping ineligible items.
+        items. Smaller groups score only their eligible items, gathered straight from the codes
+        (two queries of a group at a time); the other slots of their rows score −inf.
         """
         D = xq.shape[1]
         lst = lists[li]
@@ -590,10 +663,19 @@ if HAVE_NUMBA:
                     counts[r, 1] = m
                 mo += n
             else:
-                for j in range(g0, g1):
+                j = g0
+                while j + 2 <= g1:
+                    r0 = p0 + srt[j]
+                    r1 = p0 + srt[j + 1]
+                    _score_gathered2(xq, pair_q[r0], pair_q[r1], codes, scales, s, elig, nelig, n, flat,
+                                     pair_flat[r0], pair_flat[r1], bmax, pair_col[r0], pair_col[r1])
+                    j += 2
+                if j < g1:
                     r = p0 + srt[j]
                     _score_gathered(xq, pair_q[r], codes, scales, s, elig, nelig, n, flat, pair_flat[r], bmax,
                                     pair_col[r])
+                for j in range(g0, g1):
+                    r = p0 + srt[j]
                     counts[r, 0] = nlive
                     counts[r, 1] = nelig
 
