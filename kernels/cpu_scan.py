@@ -7,9 +7,11 @@ a list probed by several queries is dequantized once into a scratch buffer
 with filtered queries is filtered once per distinct program, not per query
 (``_scan_list_filtered``): term hits per item (exact from the CSR attributes
 for programs marked ``need_exact``, else Bloom with NOT = "maybe"), one
-truth-table lookup per program, and a program shared by four or more of the
+truth-table lookup per program (memoised per distinct hit pattern of the
+list, into per-item group words), and a program shared by four or more of the
 list's queries has its eligible items compacted and scored 4 × 2 like an
-unfiltered list.
+unfiltered list; smaller groups score only their gathered eligible items,
+two queries × four items per step.
 
 A score depends on the query, the item and the code path that scored it
 (int8 direct, 4x2 dot, or single-query remainder), which the batch and the
@@ -378,25 +380,200 @@ if HAVE_NUMBA:
                 mx = neg
 
     @njit(fastmath=True, cache=True, inline="always")
-    def _score_masked(xq, q, codes, scales, s, n, mask, g, flat, base, bmax, c0):  # pragma: no cover - compiled
-        """One query × one list straight from the codes; items outside ``mask[g]`` score −inf, unscored."""
+    def _score_gathered(xq, q, codes, scales, s, idx, m, n, flat, base, bmax, c0):  # pragma: no cover - compiled
+        """One query × the items ``idx[:m]`` (ascending offsets into a list of n at position s),
+        straight from the codes, four items per step; every other slot of the list scores −inf.
+        Block maxima of the blocks holding an eligible item are raised (the rest stay −inf)."""
         D = xq.shape[1]
         neg = np.float32(-np.inf)
-        mx = neg
         for i in range(n):
-            if mask[g, i]:
-                p = s + i
-                acc = np.float32(0.0)
-                for d in range(D):
-                    acc += xq[q, d] * np.float32(codes[p, d])
-                v = acc * scales[p]
-                flat[base + i] = v
-                mx = v if v > mx else mx
+            flat[base + i] = neg
+        j = 0
+        while j + 4 <= m:
+            i0 = idx[j]
+            i1 = idx[j + 1]
+            i2 = idx[j + 2]
+            i3 = idx[j + 3]
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            for d in range(D):
+                x = xq[q, d]
+                a0 += x * np.float32(codes[s + i0, d])
+                a1 += x * np.float32(codes[s + i1, d])
+                a2 += x * np.float32(codes[s + i2, d])
+                a3 += x * np.float32(codes[s + i3, d])
+            v0 = a0 * scales[s + i0]
+            v1 = a1 * scales[s + i1]
+            v2 = a2 * scales[s + i2]
+            v3 = a3 * scales[s + i3]
+            flat[base + i0] = v0
+            flat[base + i1] = v1
+            flat[base + i2] = v2
+            flat[base + i3] = v3
+            b = c0 + (i0 >> 4)
+            bmax[q, b] = max(bmax[q, b], v0)
+            b = c0 + (i1 >> 4)
+            bmax[q, b] = max(bmax[q, b], v1)
+            b = c0 + (i2 >> 4)
+            bmax[q, b] = max(bmax[q, b], v2)
+            b = c0 + (i3 >> 4)
+            bmax[q, b] = max(bmax[q, b], v3)
+            j += 4
+        while j < m:
+            i0 = idx[j]
+            a0 = np.float32(0.0)
+            for d in range(D):
+                a0 += xq[q, d] * np.float32(codes[s + i0, d])
+            v0 = a0 * scales[s + i0]
+            flat[base + i0] = v0
+            b = c0 + (i0 >> 4)
+            bmax[q, b] = max(bmax[q, b], v0)
+            j += 1
+
+    @njit(fastmath=True, cache=True, inline="always")
+    def _score_gathered2(xq, q0, q1, codes, scales, s, idx, m, n, flat, b0, b1, bmax, c0, c1):  # pragma: no cover
+        """``_score_gathered`` for two queries sharing a program: each loaded code feeds both
+        (2 queries × 4 items, 8 accumulators); the remainder goes one query at a time."""
+        D = xq.shape[1]
+        neg = np.float32(-np.inf)
+        for i in range(n):
+            flat[b0 + i] = neg
+            flat[b1 + i] = neg
+        j = 0
+        while j + 4 <= m:
+            i0 = idx[j]
+            i1 = idx[j + 1]
+            i2 = idx[j + 2]
+            i3 = idx[j + 3]
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            e0 = np.float32(0.0)
+            e1 = np.float32(0.0)
+            e2 = np.float32(0.0)
+            e3 = np.float32(0.0)
+            for d in range(D):
+                x = xq[q0, d]
+                y = xq[q1, d]
+                u0 = np.float32(codes[s + i0, d])
+                u1 = np.float32(codes[s + i1, d])
+                u2 = np.float32(codes[s + i2, d])
+                u3 = np.float32(codes[s + i3, d])
+                a0 += x * u0
+                a1 += x * u1
+                a2 += x * u2
+                a3 += x * u3
+                e0 += y * u0
+                e1 += y * u1
+                e2 += y * u2
+                e3 += y * u3
+            sc0 = scales[s + i0]
+            sc1 = scales[s + i1]
+            sc2 = scales[s + i2]
+            sc3 = scales[s + i3]
+            _put(flat, b0, bmax, q0, c0, i0, a0 * sc0)
+            _put(flat, b0, bmax, q0, c0, i1, a1 * sc1)
+            _put(flat, b0, bmax, q0, c0, i2, a2 * sc2)
+            _put(flat, b0, bmax, q0, c0, i3, a3 * sc3)
+            _put(flat, b1, bmax, q1, c1, i0, e0 * sc0)
+            _put(flat, b1, bmax, q1, c1, i1, e1 * sc1)
+            _put(flat, b1, bmax, q1, c1, i2, e2 * sc2)
+            _put(flat, b1, bmax, q1, c1, i3, e3 * sc3)
+            j += 4
+        while j < m:
+            i0 = idx[j]
+            a0 = np.float32(0.0)
+            e0 = np.float32(0.0)
+            for d in range(D):
+                u0 = np.float32(codes[s + i0, d])
+                a0 += xq[q0, d] * u0
+                e0 += xq[q1, d] * u0
+            _put(flat, b0, bmax, q0, c0, i0, a0 * scales[s + i0])
+            _put(flat, b1, bmax, q1, c1, i0, e0 * scales[s + i0])
+            j += 1
+
+    @njit(cache=True, inline="always")
+    def _put(flat, base, bmax, q, c0, i, v):  # pragma: no cover - compiled
+        """Write item i's score and raise its 16-item block's maximum."""
+        flat[base + i] = v
+        b = c0 + (i >> 4)
+        bmax[q, b] = max(bmax[q, b], v)
+
+    @njit(cache=True, inline="always")
+    def _group_mask(hb, he, gprog, flt, tt, w, stack):  # pragma: no cover - compiled
+        """Word w of the eligibility bits, over the list's program groups, of an item with Bloom
+        term hits hb and exact term hits he (bit g: group g's program admits it; −1 admits all)."""
+        tt_terms, tt_len, tt_tab = tt
+        out = np.int64(0)
+        for g in range(64 * w, min(64 * w + 64, gprog.shape[0])):
+            pr = gprog[g]
+            ok = True
+            if pr >= 0:
+                ex = flt.need_exact[pr]
+                h = he if ex else hb
+                tl = tt_len[pr]
+                if tl >= 0:
+                    ix = 0
+                    for u in range(tl):
+                        ix |= ((h >> tt_terms[pr, u]) & 1) << u
+                    ok = tt_tab[pr, ix]
+                else:
+                    ok = _eval_prog(flt.ops[pr], flt.args[pr], flt.lens[pr], h, stack, ex)
+            if ok:
+                out |= np.int64(1) << np.int64(g & 63)
+        return out
+
+    @njit(cache=True)
+    def _group_words(s, n, live_all, alive, gprog, flt, tt, nw):  # pragma: no cover - compiled
+        """[nw, n] int64 eligibility bits of a list's items over its program groups (0 for dead items).
+
+        Each item's term hits are computed once (Bloom and / or exact, as the groups' programs
+        need); the programs run once per distinct hit pattern of the list (a small memo: a list
+        holds few distinct attribute combinations), not once per item and group."""
+        gw = np.zeros((nw, n), dtype=np.int64)
+        stack = np.empty(flt.ops.shape[1] + 1, dtype=np.bool_)
+        need_b = False
+        need_e = False
+        for g in range(gprog.shape[0]):
+            if gprog[g] >= 0:
+                if flt.need_exact[gprog[g]]:
+                    need_e = True
+                else:
+                    need_b = True
+        H = 256  # memo slots, open addressing; beyond MEMO_FULL entries the programs run directly
+        kb = np.empty(H, dtype=np.int64)
+        ke = np.empty(H, dtype=np.int64)
+        used = np.zeros(H, dtype=np.bool_)
+        val = np.empty((H, nw), dtype=np.int64)
+        filled = 0
+        for i in range(n):
+            p = s + i
+            if not (live_all or ((alive[p >> 3] >> (p & 7)) & 1) == 1):
+                continue
+            hb = _bloom_hits(flt.bloom, flt.term_words, p) if need_b else np.int64(0)
+            he = _exact_hits(flt.attr_ids, flt.attr_offsets, flt.vocab_bits, p) if need_e else np.int64(0)
+            x = (hb * np.int64(-7046029254386353131)) ^ (he * np.int64(-4658895280553007687))
+            slot = np.int64((x >> np.int64(40)) & (H - 1))
+            while used[slot] and not (kb[slot] == hb and ke[slot] == he):
+                slot = (slot + 1) & (H - 1)
+            if used[slot]:
+                for w in range(nw):
+                    gw[w, i] = val[slot, w]
+            elif filled < H // 2:
+                used[slot] = True
+                kb[slot] = hb
+                ke[slot] = he
+                filled += 1
+                for w in range(nw):
+                    val[slot, w] = _group_mask(hb, he, gprog, flt, tt, w, stack)
+                    gw[w, i] = val[slot, w]
             else:
-                flat[base + i] = neg
-            if (i & 15) == 15 or i == n - 1:
-                bmax[q, c0 + (i >> 4)] = mx
-                mx = neg
+                for w in range(nw):
+                    gw[w, i] = _group_mask(hb, he, gprog, flt, tt, w, stack)
+        return gw
 
     @njit(fastmath=True, cache=True)
     def _scan_list_filtered(  # pragma: no cover - compiled
@@ -413,7 +590,8 @@ if HAVE_NUMBA:
         has its eligible items compacted (positions into ``cmp.pmap``) and
         dequantized once; its queries are scored 4 × 2 on the compacted block,
         block maxima written as they go — the unfiltered fast path, over fewer
-        items. Smaller groups score straight from the codes, skipping ineligible items.
+        items. Smaller groups score only their eligible items, gathered straight from the codes
+        (two queries of a group at a time); the other slots of their rows score −inf.
         """
         D = xq.shape[1]
         lst = lists[li]
@@ -424,52 +602,24 @@ if HAVE_NUMBA:
         live_all = _all_alive(alive, s, n)
         srt, gprog, gstart = _groups(p0, p1, pair_q, flt.qprog)
         ng = gprog.shape[0]
-        mask = np.empty((ng, n), dtype=np.bool_)
-        stack = np.empty(flt.ops.shape[1] + 1, dtype=np.bool_)
-        tt_terms, tt_len, tt_tab = tt
-        need_b = False
-        need_e = False
-        for g in range(ng):
-            if gprog[g] >= 0:
-                if flt.need_exact[gprog[g]]:
-                    need_e = True
-                else:
-                    need_b = True
+        nw = (ng + 63) >> 6
+        gw = _group_words(s, n, live_all, alive, gprog, flt, tt, nw)
+        elig = np.empty(n, dtype=np.int64)
         nlive = 0
         for i in range(n):
             p = s + i
-            if not (live_all or ((alive[p >> 3] >> (p & 7)) & 1) == 1):
-                for g in range(ng):
-                    mask[g, i] = False
-                continue
-            nlive += 1
-            hb = _bloom_hits(flt.bloom, flt.term_words, p) if need_b else np.int64(0)
-            he = _exact_hits(flt.attr_ids, flt.attr_offsets, flt.vocab_bits, p) if need_e else np.int64(0)
-            for g in range(ng):
-                pr = gprog[g]
-                if pr < 0:
-                    mask[g, i] = True
-                    continue
-                ex = flt.need_exact[pr]
-                h = he if ex else hb
-                tl = tt_len[pr]
-                if tl >= 0:
-                    idx = 0
-                    for u in range(tl):
-                        idx |= ((h >> tt_terms[pr, u]) & 1) << u
-                    mask[g, i] = tt_tab[pr, idx]
-                else:
-                    mask[g, i] = _eval_prog(flt.ops[pr], flt.args[pr], flt.lens[pr], h, stack, ex)
+            nlive += live_all or ((alive[p >> 3] >> (p & 7)) & 1) == 1
         mo = cmp[5][li]
         for g in range(ng):
             g0 = gstart[g]
             g1 = gstart[g + 1]
             ident = gprog[g] < 0 and live_all
-            nelig = nlive
-            if gprog[g] >= 0:
-                nelig = 0
-                for i in range(n):
-                    nelig += mask[g, i]
+            wg = g >> 6
+            bg = np.int64(g & 63)
+            nelig = 0
+            for i in range(n):
+                elig[nelig] = i
+                nelig += (gw[wg, i] >> bg) & 1
             if g1 - g0 >= GROUP_MIN:
                 m = 0
                 if ident:
@@ -480,10 +630,9 @@ if HAVE_NUMBA:
                         for d in range(D):
                             blk[i, d] = codes[s + i, d] * sc
                 else:
-                    for i in range(n):
-                        if mask[g, i]:
-                            cmp[4][mo + m] = s + i
-                            m += 1
+                    m = nelig
+                    for j in range(m):
+                        cmp[4][mo + j] = s + elig[j]
                     blk = np.empty((m, D), dtype=np.float32)
                     for j in range(m):
                         p = cmp[4][mo + j]
@@ -514,10 +663,19 @@ if HAVE_NUMBA:
                     counts[r, 1] = m
                 mo += n
             else:
+                j = g0
+                while j + 2 <= g1:
+                    r0 = p0 + srt[j]
+                    r1 = p0 + srt[j + 1]
+                    _score_gathered2(xq, pair_q[r0], pair_q[r1], codes, scales, s, elig, nelig, n, flat,
+                                     pair_flat[r0], pair_flat[r1], bmax, pair_col[r0], pair_col[r1])
+                    j += 2
+                if j < g1:
+                    r = p0 + srt[j]
+                    _score_gathered(xq, pair_q[r], codes, scales, s, elig, nelig, n, flat, pair_flat[r], bmax,
+                                    pair_col[r])
                 for j in range(g0, g1):
                     r = p0 + srt[j]
-                    _score_masked(xq, pair_q[r], codes, scales, s, n, mask, g, flat, pair_flat[r], bmax,
-                                  pair_col[r])
                     counts[r, 0] = nlive
                     counts[r, 1] = nelig
 
