@@ -23,8 +23,12 @@ from sterling.kernels.filter_eval import OP_AND, OP_FALSE, OP_NOT, OP_OR, OP_TER
 pytestmark = pytest.mark.skipif(not cpu_scan.HAVE_NUMBA, reason="numba not installed")
 
 
-def _oracle_eval(prog, hit):
-    """Postfix program over ``hit(t) -> bool``; NOT is passed as None = 'maybe' by the caller's hit."""
+def _oracle_eval(prog, hit, *, bloom: bool = False):
+    """Postfix program over ``hit(t) -> bool``.
+
+    ``bloom=True`` gives Bloom semantics: a Bloom match cannot decide a
+    negation, so NOT of anything is True (a candidate the exact check decides).
+    """
     stack = []
     for op, arg in prog:
         if op == OP_TERM:
@@ -34,26 +38,8 @@ def _oracle_eval(prog, hit):
         elif op == OP_FALSE:
             stack.append(False)
         elif op == OP_NOT:
-            stack.append(not stack.pop())
-        else:
-            b, a = stack.pop(), stack.pop()
-            stack.append((a and b) if op == OP_AND else (a or b))
-    return stack[0]
-
-
-def _oracle_bloom_eval(prog, hit):
-    """Bloom semantics: a Bloom match cannot decide a negation, so NOT of anything is True."""
-    stack = []
-    for op, arg in prog:
-        if op == OP_TERM:
-            stack.append(hit(arg))
-        elif op == OP_TRUE:
-            stack.append(True)
-        elif op == OP_FALSE:
-            stack.append(False)
-        elif op == OP_NOT:
-            stack.pop()
-            stack.append(True)
+            v = stack.pop()
+            stack.append(True if bloom else not v)
         else:
             b, a = stack.pop(), stack.pop()
             stack.append((a and b) if op == OP_AND else (a or b))
@@ -131,7 +117,8 @@ def _check(c, k):
             ok = [p for p in live if _oracle_eval(c["progs"][pr], lambda t, p=p: t in c["terms_of"][p])]
         else:
             ok = [p for p in live
-                  if _oracle_bloom_eval(c["progs"][pr], lambda t, p=p: bool(((bloom[p] & tw[t]) == tw[t]).all()))]
+                  if _oracle_eval(c["progs"][pr], lambda t, p=p: bool(((bloom[p] & tw[t]) == tw[t]).all()),
+                               bloom=True)]
         assert counts[q].tolist() == [len(live), len(ok)]
         score = deq[ok] @ c["xq"][q].astype(np.float64)
         want = np.sort(score)[::-1][:k]
