@@ -201,8 +201,9 @@ def widen_for_selectivity(frac: torch.Tensor, filtered: torch.Tensor, *, nprobe:
     grows sublinearly in lists; nprobe / f overshoots). A query that needs
     more than 1.25 × nprobe is widened to that many lists, rounded up to
     half-steps of nprobe (⌊nprobe / 2⌋, at least 1: each widening is one
-    batch, the overshoot stays small and a widened query gets more lists): it scans the lists ranked nprobe..w and keeps the best k of
-    both scans. One that needs half of all lists or more is pre-filtered.
+    batch, the overshoot stays small and a widened query gets more lists):
+    it scans the lists ranked nprobe..w and keeps the best k of both scans.
+    One that needs half of all lists or more is pre-filtered.
 
     Args:
         frac: [B] float64 measured eligible fraction of the scanned items.
