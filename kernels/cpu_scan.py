@@ -404,32 +404,17 @@ if HAVE_NUMBA:
                 a1 += x * np.float32(codes[s + i1, d])
                 a2 += x * np.float32(codes[s + i2, d])
                 a3 += x * np.float32(codes[s + i3, d])
-            v0 = a0 * scales[s + i0]
-            v1 = a1 * scales[s + i1]
-            v2 = a2 * scales[s + i2]
-            v3 = a3 * scales[s + i3]
-            flat[base + i0] = v0
-            flat[base + i1] = v1
-            flat[base + i2] = v2
-            flat[base + i3] = v3
-            b = c0 + (i0 >> 4)
-            bmax[q, b] = max(bmax[q, b], v0)
-            b = c0 + (i1 >> 4)
-            bmax[q, b] = max(bmax[q, b], v1)
-            b = c0 + (i2 >> 4)
-            bmax[q, b] = max(bmax[q, b], v2)
-            b = c0 + (i3 >> 4)
-            bmax[q, b] = max(bmax[q, b], v3)
+            _put(flat, base, bmax, q, c0, i0, a0 * scales[s + i0])
+            _put(flat, base, bmax, q, c0, i1, a1 * scales[s + i1])
+            _put(flat, base, bmax, q, c0, i2, a2 * scales[s + i2])
+            _put(flat, base, bmax, q, c0, i3, a3 * scales[s + i3])
             j += 4
         while j < m:
             i0 = idx[j]
             a0 = np.float32(0.0)
             for d in range(D):
                 a0 += xq[q, d] * np.float32(codes[s + i0, d])
-            v0 = a0 * scales[s + i0]
-            flat[base + i0] = v0
-            b = c0 + (i0 >> 4)
-            bmax[q, b] = max(bmax[q, b], v0)
+            _put(flat, base, bmax, q, c0, i0, a0 * scales[s + i0])
             j += 1
 
     @njit(fastmath=True, cache=True, inline="always")
