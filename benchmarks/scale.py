@@ -379,7 +379,8 @@ def run_size(cfg: ScaleConfig, n: int) -> dict:
                               "truth": str(work / "truth.npy"), "nprobes": list(nprobes), "k": cfg.k,
                               "batch": cfg.batch, "threads": cfg.threads, "fast": tiers["fast"] if tiers else None,
                               "cold_window": tiers["cold_window_bytes"] if tiers else 0}, work)
-    resident = tiers["resident_bytes"] if tiers else None
+    last = plans[nprobes[-1]].devices[0].tiers  # served last: its scan scratch is what the pool keeps at the end
+    resident = tiers["resident_bytes"] - tiers["scan_scratch_bytes"] + last["scan_scratch_bytes"] if tiers else None
     rss_index = served["rss_after_queries"] - served["rss_before_load"]
     rec = {
         "bench": "scale", "items": n, "dim": cfg.dim, "nlist": nlist, "k": cfg.k, "queries": cfg.queries,
@@ -409,9 +410,17 @@ def run_size(cfg: ScaleConfig, n: int) -> dict:
     for p in nprobes:
         s = served["nprobe"][str(p)]
         pc = plans[p].cost
+        tp = plans[p].devices[0].tiers
+        planned_p = None if tiers is None else \
+            tiers["resident_bytes"] - tiers["scan_scratch_bytes"] + tp["scan_scratch_bytes"]
+        rss_p = s["rss_after"] - served["rss_before_load"]
         rec["serve"].append({"nprobe": p, "qps": s["qps"], f"recall@{cfg.k}": s["recall"],
                              "predicted_qps": pc.qps_per_replica, "predicted_batch_ms": pc.latency_ms,
-                             "batch_ms": s["batch_ms"], "qps_vs_exact_peer": s["qps"] / rec["exact_qps_peer"]})
+                             "batch_ms": s["batch_ms"], "qps_vs_exact_peer": s["qps"] / rec["exact_qps_peer"],
+                             "rss_index": rss_p, "scan_scratch_kept": s["scan_scratch_kept"],
+                             "planned_scan_scratch": None if tp is None else tp["scan_scratch_bytes"],
+                             "planned_resident_bytes": planned_p,
+                             "rss_index_error": None if planned_p is None else (planned_p - rss_p) / rss_p})
     if not cfg.keep:
         import shutil
 
@@ -593,6 +602,7 @@ def _warm_up(dim: int, k: int, batch: int, nprobes) -> None:
 def _serve_child(spec: dict) -> dict:
     import torch
 
+    from sterling.kernels import cpu_scan
     from sterling.model.index import ItemIndex
 
     torch.set_num_threads(spec["threads"])
@@ -616,7 +626,9 @@ def _serve_child(spec: dict) -> dict:
             best = min(best, time.perf_counter() - t)
             ids = torch.cat(got).numpy()
         nb = math.ceil(xq.shape[0] / B)
-        out["nprobe"][str(p)] = {"qps": xq.shape[0] / best, "recall": recall(ids, truth), "batch_ms": 1e3 * best / nb}
+        _malloc_trim()
+        out["nprobe"][str(p)] = {"qps": xq.shape[0] / best, "recall": recall(ids, truth), "batch_ms": 1e3 * best / nb,
+                                 "rss_after": rss_bytes(), "scan_scratch_kept": cpu_scan.scratch_bytes()}
     out["rss_after_queries_untrimmed"] = rss_bytes()
     _malloc_trim()
     out["rss_after_queries"] = rss_bytes()

@@ -26,7 +26,8 @@ from collections import namedtuple
 
 import numpy as np
 
-__all__ = ["HAVE_NUMBA", "MAX_TERMS", "KernelFilter", "fused_topk", "kernel_filter", "programs_to_arrays"]
+__all__ = ["HAVE_NUMBA", "MAX_TERMS", "KernelFilter", "fused_topk", "kernel_filter", "programs_to_arrays",
+           "scratch_bytes"]
 
 KernelFilter = namedtuple(
     "KernelFilter",
@@ -1217,27 +1218,35 @@ def fused_topk(xq, probe, codes, scales, list_offsets, alive, k, filt=None, *, i
         parallel = total >= SERIAL_ITEMS
     run = _run_parallel if parallel else _run_serial
     flat = _SCRATCH.take(max(total, 1))
-    bmax = _SCRATCH.take(max(B * max(width, 1), 1))
+    bmax = _BMAX.take(max(B * max(width, 1), 1))
     try:
         run(xq, probe, codes, scales, list_offsets, alive, k, filt, item_ids if with_ids else _NO_IDS, with_ids,
             out_s, out_p, out_i, counts, numba.get_num_threads(), flat, bmax)
     finally:
         _SCRATCH.give(flat)
-        _SCRATCH.give(bmax)
+        _BMAX.give(bmax)
     return out_s, out_p, counts, (out_i if with_ids else None)
 
 
 class _ScratchPool:
-    """Reused fp32 scratch (the score buffer and block maxima of a search).
+    """Reused fp32 scratch of one kind (the score buffers, or the block maxima, of searches).
 
     A fresh buffer of a few hundred MB costs more in page faults than the
-    scan that fills it, so buffers are kept for the next search: at most
-    ``keep`` of them, each at most ``max_bytes``. Thread-safe: concurrent
-    searches take different buffers.
+    scan that fills it, so buffers are kept for the next search, bounded:
+    at most ``keep`` of them and ``max_total`` bytes, none over ``max_bytes``,
+    and none under half the largest one given since (a small buffer is
+    cheap to fault in again, and after a heavier search the lighter ones'
+    buffers would only hold memory). A new buffer gets 1/8 headroom and
+    replaces the largest free one that was too small, so batches of varying
+    size reuse one buffer instead of collecting one each. Serving one batch
+    size and nprobe, the pool holds about one buffer per concurrent search —
+    what the planner counts as the scan's scratch
+    (``planner.tiers.scan_scratch_bytes``).
+    Thread-safe: concurrent searches take different buffers.
     """
 
-    def __init__(self, keep: int = 4, max_bytes: int = 1 << 28):
-        self.keep, self.max_bytes = keep, max_bytes
+    def __init__(self, keep: int = 4, max_bytes: int = 1 << 28, max_total: int = 1 << 30):
+        self.keep, self.max_bytes, self.max_total = keep, max_bytes, max_total
         self._free: list[np.ndarray] = []
         self._lock = threading.Lock()
 
@@ -1246,19 +1255,40 @@ class _ScratchPool:
             for i, buf in enumerate(self._free):  # sorted by size: the smallest that fits
                 if buf.size >= n:
                     return self._free.pop(i)
-        return np.empty(n, dtype=np.float32)
+            if self._free:
+                self._free.pop()  # the largest is too small for this load: the new buffer replaces it
+        grown = n + (n >> 3)  # headroom, so the next batch's slightly larger scan still fits
+        return np.empty(grown if 4 * grown <= self.max_bytes else n, dtype=np.float32)
 
     def give(self, buf: np.ndarray) -> None:
         if buf.nbytes > self.max_bytes:
             return
         with self._lock:
+            if self._free and buf.size < self._free[-1].size // 2:
+                return  # lighter than what the pool keeps: not worth its memory
+            self._free = [b for b in self._free if b.size >= buf.size // 2]  # stale after a heavier search
             self._free.append(buf)
             self._free.sort(key=lambda b: b.size)
-            while len(self._free) > self.keep:
+            while len(self._free) > self.keep or sum(b.nbytes for b in self._free) > self.max_total:
                 self._free.pop(0)  # drop the smallest
 
+    def kept_bytes(self) -> int:
+        """Bytes the pool holds now."""
+        with self._lock:
+            return sum(b.nbytes for b in self._free)
 
-_SCRATCH = _ScratchPool()
+    def clear(self) -> None:
+        with self._lock:
+            self._free = []
+
+
+_SCRATCH = _ScratchPool()  # score buffers (one float per scanned item of a search chunk)
+_BMAX = _ScratchPool()  # block maxima (one float per 16 items of a query's lists)
+
+
+def scratch_bytes() -> int:
+    """Bytes the scan's scratch pools keep between searches (``_ScratchPool``)."""
+    return _SCRATCH.kept_bytes() + _BMAX.kept_bytes()
 _NO_IDS = np.zeros(1, dtype=np.int64)
 _NO_BLOOM = np.zeros((1, 1), dtype=np.int64)  # "no filter" arguments of the compiled scan
 _NO_TERMS = np.zeros((0, 1), dtype=np.int64)

@@ -34,6 +34,7 @@ from sterling.planner.tiers import (
     COLD_WINDOW_BYTES,
     ListStats,
     TierSplit,
+    scan_scratch_bytes,
     slow_reads_per_batch,
     split_lists,
     split_placements,
@@ -262,12 +263,16 @@ class _Planner:
         others = [s for s in specs if s.name not in per_item and s.role is not TensorRole.SPARSE]
         placements, overflow = place_on_device(others, self.capacity, kind=DeviceKind.CPU)
         used = sum(p.nbytes for p in placements if p.tier is MemoryTier.DRAM)
-        budget = self.capacity.dram - used - self.cold_window
+        scratch = 0
+        if "scales" in stats.bytes_by_tensor:  # the scan's kept score buffers (4 bytes of scale an item)
+            items = float(stats.probe_freq @ (stats.bytes_by_tensor["scales"] / 4.0))
+            scratch = scan_scratch_bytes(items, batch=self.cfg.batch, nprobe=self.cfg.nprobe)
+        budget = self.capacity.dram - used - self.cold_window - scratch
         split = split_lists(stats, budget, fast=self.force_fast, cold_window=self.cold_window)
         placements = split_placements(split, stats, k0=min(self.cfg.k0, self.cfg.items), batch=self.cfg.batch,
                                       other=placements)
         slow = sum(p.bytes_per_query for p in placements if p.tier is split.slow_tier) * self.cfg.batch
-        split = dataclasses.replace(split, batch_slow_bytes=int(math.ceil(slow)))
+        split = dataclasses.replace(split, batch_slow_bytes=int(math.ceil(slow)), scan_scratch=scratch)
         return placements, overflow, split
 
     def _capacity_for(self, specs: Sequence[TensorSpec], num_shards: int) -> Storage:

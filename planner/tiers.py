@@ -16,6 +16,7 @@ and pinned host DRAM.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ __all__ = [
     "ListRange",
     "TierSplit",
     "pick_fast",
+    "scan_scratch_bytes",
     "slow_reads_per_batch",
     "split_lists",
 ]
@@ -38,6 +40,11 @@ __all__ = [
 # Slow-tier bytes a tiered index scans between two releases of their pages: the
 # part of the slow tier resident at any time (same as sterling.model.index.DEFAULT_COLD_WINDOW).
 COLD_WINDOW_BYTES: int = 32 << 20
+# Scores one search chunk may hold (same as sterling.model.search.CHUNK_BUDGET): the CPU scan's
+# score buffer for a batch is at most this many fp32 values.
+SEARCH_CHUNK_SCORES: int = 1 << 26
+# Largest scratch buffer the scan keeps between searches (sterling.kernels.cpu_scan._ScratchPool).
+SCRATCH_MAX_BYTES: int = 1 << 28
 # Residency is decided per 4 KiB page (x86-64 Linux base page).
 PAGE_BYTES: int = 4096
 # Tensors read for every item of a probed list; the rest of a list's bytes are read only
@@ -126,13 +133,15 @@ class TierSplit:
     probe_freq: np.ndarray | None = None  # [nlist], for the plot
     list_bytes: np.ndarray | None = None  # [nlist]
     batch_slow_bytes: int = 0  # slow-tier bytes one batch scans (mapped until the batch ends)
+    scan_scratch: int = 0  # the CPU scan's score buffer and block maxima, kept between batches
 
     @property
     def resident_bytes(self) -> int:
         """What a serving process keeps resident for the index: fast pages + small tensors + the slow
-        window, or one batch's slow scan when that is larger (a batch's pages stay mapped while it runs)."""
+        window, or one batch's slow scan when that is larger (a batch's pages stay mapped while it runs),
+        + the scan's scratch (``scan_scratch_bytes``)."""
         slow = max(self.cold_window, self.batch_slow_bytes) if (~self.fast).any() else 0
-        return self.fast_pages_bytes + self.always + slow
+        return self.fast_pages_bytes + self.always + slow + self.scan_scratch
 
     def to_dict(self) -> dict:
         return {
@@ -145,12 +154,36 @@ class TierSplit:
             "fast_pages_bytes": self.fast_pages_bytes,
             "cold_window_bytes": self.cold_window,
             "batch_slow_bytes": self.batch_slow_bytes,
+            "scan_scratch_bytes": self.scan_scratch,
             "always_resident_bytes": self.always,
             "tensors": self.bytes_by_tensor,
             "ranges": [r.to_dict() for r in self.ranges],
             "probe_freq": [] if self.probe_freq is None else [float(f"{x:.4g}") for x in self.probe_freq.tolist()],
             "list_bytes": [] if self.list_bytes is None else [int(x) for x in self.list_bytes.tolist()],
         }
+
+
+def scan_scratch_bytes(items_per_query: float, *, batch: int, nprobe: int) -> int:
+    """Bytes the CPU scan keeps between batches of ``batch`` queries that scan ``items_per_query`` items each.
+
+    The fused scan scores a search chunk into one fp32 buffer (one value per
+    scanned item of the chunk; a chunk holds at most ``SEARCH_CHUNK_SCORES``)
+    plus block maxima (one per 16 items of each probed list, rounded up per
+    list: ≈ nprobe / 2 more per query), and keeps each for the next batch
+    when it is at most ``SCRATCH_MAX_BYTES`` (``sterling.kernels.cpu_scan._ScratchPool``,
+    which allocates 1/8 more than asked): those stay resident. A single query scanning more than a chunk is a
+    chunk of its own, and its buffer is freed after it.
+    """
+    per_query = max(0.0, float(items_per_query))
+    if per_query <= 0:
+        return 0
+    q = min(int(batch), max(1, int(SEARCH_CHUNK_SCORES // per_query)))  # queries in one chunk
+    kept = 0
+    for floats in (q * per_query, q * (per_query / 16.0 + nprobe / 2.0)):  # score buffer, block maxima
+        if 4 * floats <= SCRATCH_MAX_BYTES:  # a larger buffer is freed after its search
+            grown = floats * 1.125 if 4 * floats * 1.125 <= SCRATCH_MAX_BYTES else floats  # the pool's headroom
+            kept += -(-4 * int(math.ceil(grown)) // PAGE_BYTES) * PAGE_BYTES
+    return int(kept)
 
 
 def pick_fast(probe_freq: np.ndarray, nbytes: np.ndarray, budget: int) -> np.ndarray:
