@@ -184,11 +184,11 @@ if HAVE_NUMBA:
         return True
 
     @njit(fastmath=True, cache=True, inline="always")
-    def _scan_pair_plain(xq, q, codes, scales, s, n, flat, base, bmax, c0):  # pragma: no cover - compiled
-        """One query × one fully alive list straight from the int8 codes (no dequantized copy):
-        one tight dot loop, four items per step, then block maxima over the just-written scores."""
+    def _scan_pair_plain(xq, q, codes, scales, s, n, flat, base, bmax, c0, alive, holes):  # pragma: no cover
+        """One query × one list straight from the int8 codes (no dequantized copy): one tight dot
+        loop, four items per step, then (``holes``: the dead items' scores set to −inf) block
+        maxima over the just-written scores."""
         D = xq.shape[1]
-        neg = np.float32(-np.inf)
         i = 0
         while i + 4 <= n:  # each loaded query value feeds four FMAs
             a0 = np.float32(0.0)
@@ -213,6 +213,14 @@ if HAVE_NUMBA:
                 acc += xq[q, d] * np.float32(codes[s + i, d])
             flat[base + i] = acc * scales[s + i]
             i += 1
+        if holes:
+            _mask_dead(alive, s, n, flat, base)
+        _block_max(flat, base, n, bmax, q, c0)
+
+    @njit(cache=True, inline="always")
+    def _block_max(flat, base, n, bmax, q, c0):  # pragma: no cover - compiled
+        """The 16-item block maxima of scores flat[base : base + n] into bmax[q, c0 ...]."""
+        neg = np.float32(-np.inf)
         nf = n >> 4
         for j in range(nf):
             m = neg
@@ -226,6 +234,55 @@ if HAVE_NUMBA:
                 v = flat[base + i]
                 m = v if v > m else m
             bmax[q, c0 + nf] = m
+
+    @njit(cache=True, inline="always")
+    def _mask_dead(alive, s, n, flat, base):  # pragma: no cover - compiled
+        """Scores of the dead items among positions [s, s + n) → −inf (whole alive bytes skipped)."""
+        neg = np.float32(-np.inf)
+        i = 0
+        while i < n:
+            p = s + i
+            if (p & 7) == 0 and i + 8 <= n and alive[p >> 3] == 255:
+                i += 8
+                continue
+            if ((alive[p >> 3] >> (p & 7)) & 1) == 0:
+                flat[base + i] = neg
+            i += 1
+
+    @njit(cache=True, inline="always")
+    def _live_extent(alive, s, n):  # pragma: no cover - compiled
+        """(ne, nlive) of a list at positions [s, s + n): its live items all lie in [s, s + ne)
+        (the dead tail, e.g. unused slack, trimmed) and nlive of them are alive."""
+        ne = n
+        while ne > 0:
+            p = s + ne - 1
+            if (p & 7) == 7 and ne >= 8 and alive[p >> 3] == 0:
+                ne -= 8
+            elif ((alive[p >> 3] >> (p & 7)) & 1) == 0:
+                ne -= 1
+            else:
+                break
+        nlive = 0
+        i = 0
+        while i < ne:
+            p = s + i
+            if (p & 7) == 0 and i + 8 <= ne:
+                b = np.int64(alive[p >> 3])
+                b = b - ((b >> 1) & 0x55)
+                b = (b & 0x33) + ((b >> 2) & 0x33)
+                nlive += (b + (b >> 4)) & 0x0F
+                i += 8
+                continue
+            nlive += (alive[p >> 3] >> (p & 7)) & 1
+            i += 1
+        return ne, nlive
+
+    @njit(cache=True, inline="always")
+    def _masked_route(ne, nlive):  # pragma: no cover - compiled
+        """An unfiltered list whose live extent is at least half alive is scored whole over that
+        extent with the dead items' scores masked to −inf (the fast path plus one pass over the
+        alive bytes); a sparser one goes to the gathered scoring of ``_scan_list_filtered``."""
+        return 2 * nlive >= ne
 
     @njit(cache=True, inline="always")
     def _eval_prog(ops, args, length, hits, stack, exact):  # pragma: no cover - compiled
@@ -352,7 +409,7 @@ if HAVE_NUMBA:
             n = list_offsets[lists[li] + 1] - list_offsets[lists[li]]
             use = 0
             s = list_offsets[lists[li]]
-            if n > 0 and (_any_filtered(p0, p1, pair_q, qprog) or not _all_alive(alive, s, n)):
+            if n > 0 and _to_filtered(p0, p1, pair_q, qprog, alive, s, n):
                 _, _, gstart = _groups(p0, p1, pair_q, qprog)
                 for g in range(gstart.shape[0] - 1):
                     if gstart[g + 1] - gstart[g] >= GROUP_MIN:
@@ -366,6 +423,17 @@ if HAVE_NUMBA:
             if qprog[pair_q[r]] >= 0:
                 return True
         return False
+
+    @njit(cache=True, inline="always")
+    def _to_filtered(p0, p1, pair_q, qprog, alive, s, n):  # pragma: no cover - compiled
+        """Whether ``_scan_list`` hands a list to ``_scan_list_filtered``: a filtered query probes
+        it, or its live extent is too sparse for the masked fast path (``_masked_route``)."""
+        if _any_filtered(p0, p1, pair_q, qprog):
+            return True
+        if _all_alive(alive, s, n):
+            return False
+        ne, nlive = _live_extent(alive, s, n)
+        return not _masked_route(ne, nlive)
 
     @njit(fastmath=True, cache=True, inline="always")
     def _dot1_track(xq, q, blk, m, flat, base, bmax, c0):  # pragma: no cover - compiled
@@ -672,10 +740,12 @@ if HAVE_NUMBA:
     ):
         """Scan one probed list for every query of the batch that probes it.
 
-        Lists with a filtered query or a dead item go to ``_scan_list_filtered``.
-        Otherwise: probed by fewer than four queries, each is scored straight
-        from the codes; by more, the list is dequantized once and scored four
-        queries × two items per step.
+        Lists with a filtered query, or whose live items are sparse (``_to_filtered``),
+        go to ``_scan_list_filtered``. Otherwise: probed by fewer than four queries,
+        each is scored straight from the codes; by more, the list is dequantized
+        once and scored four queries × two items per step. A list with dead items
+        (tombstones, unused slack) is scanned up to its last live item and the
+        dead items' scores are masked to −inf before the block maxima.
         """
         D = xq.shape[1]
         lst = lists[li]
@@ -685,31 +755,54 @@ if HAVE_NUMBA:
         p1 = lstart[li + 1]
         if n == 0:
             return
-        if _any_filtered(p0, p1, pair_q, flt.qprog) or not _all_alive(alive, s, n):
+        if _to_filtered(p0, p1, pair_q, flt.qprog, alive, s, n):
             _scan_list_filtered(li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pair_col,
                                 pair_flat, flt, tt, cmp, flat, bmax, counts)
             return
+        # every query unfiltered; dead items (tombstones, unused slack) are scored and masked to −inf,
+        # and a dead tail is not scanned at all: the query's pair ends at the live extent ne
+        ne = n
+        nlive = n
+        holes = False
+        if not _all_alive(alive, s, n):
+            ne, nlive = _live_extent(alive, s, n)
+            holes = nlive < ne
+            for pi in range(p0, p1):
+                qp = cmp[0][pi]
+                cmp[1][qp] = ne
+                cmp[2][qp] = (ne + 15) // 16
         for pi in range(p0, p1):
-            counts[pi, 0] = n
-            counts[pi, 1] = n
+            counts[pi, 0] = nlive
+            counts[pi, 1] = nlive
+        if ne == 0:
+            return
         if p1 - p0 < GROUP_MIN:
             for pi in range(p0, p1):
-                _scan_pair_plain(xq, pair_q[pi], codes, scales, s, n, flat, pair_flat[pi], bmax, pair_col[pi])
+                _scan_pair_plain(xq, pair_q[pi], codes, scales, s, ne, flat, pair_flat[pi], bmax, pair_col[pi],
+                                 alive, holes)
             return
-        blk = np.empty((n, D), dtype=np.float32)
-        for i in range(n):
+        blk = np.empty((ne, D), dtype=np.float32)
+        for i in range(ne):
             sc = scales[s + i]
             for d in range(D):
                 blk[i, d] = codes[s + i, d] * sc
         pi = p0
         while pi + 4 <= p1:
             _dot4x2(xq, pair_q[pi], pair_q[pi + 1], pair_q[pi + 2], pair_q[pi + 3], blk, flat,
-                    pair_flat[pi], pair_flat[pi + 1], pair_flat[pi + 2], pair_flat[pi + 3], n,
-                    bmax, pair_col[pi], pair_col[pi + 1], pair_col[pi + 2], pair_col[pi + 3], True)
+                    pair_flat[pi], pair_flat[pi + 1], pair_flat[pi + 2], pair_flat[pi + 3], ne,
+                    bmax, pair_col[pi], pair_col[pi + 1], pair_col[pi + 2], pair_col[pi + 3], not holes)
             pi += 4
         while pi < p1:
-            _dot1_track(xq, pair_q[pi], blk, n, flat, pair_flat[pi], bmax, pair_col[pi])
+            if holes:
+                for i in range(ne):
+                    flat[pair_flat[pi] + i] = _dot1(xq, pair_q[pi], blk, i)
+            else:
+                _dot1_track(xq, pair_q[pi], blk, ne, flat, pair_flat[pi], bmax, pair_col[pi])
             pi += 1
+        if holes:
+            for pi in range(p0, p1):
+                _mask_dead(alive, s, ne, flat, pair_flat[pi])
+                _block_max(flat, pair_flat[pi], ne, bmax, pair_q[pi], pair_col[pi])
 
     @njit(cache=True, inline="always")
     def _kth_largest(vals, m, kk):  # pragma: no cover - compiled
