@@ -47,13 +47,18 @@ __all__ = [
     "ROOM",
     "SHORT",
     "check_and_quantize",
+    "check_quantize_assign",
     "delete_apply",
+    "delete_commit",
     "free_stacks",
     "hash_set",
     "lookup_many",
     "quantize_rows",
     "snapshot",
     "upsert_apply",
+    "upsert_commit",
+    "upsert_plan",
+    "upsert_prewrite",
 ]
 
 ROOM = -1  # upsert_apply: some list has too few free slots (need_out says how many it needs)
@@ -158,6 +163,27 @@ def check_and_quantize(ids, x, codes, scales):
 
 
 @_jit
+def check_quantize_assign(ids, x, products, codes, scales, lists):
+    """``check_and_quantize`` plus each row's list: the first column of its largest entry in
+    ``products`` [n, nlist] (``x @ centroids.T``), as ``torch.argmax`` picks it. One GIL-free
+    call for the whole batch encoding. Returns (status, where) as ``check_and_quantize``."""
+    status, at = check_and_quantize(ids, x, codes, scales)
+    if status != 0:
+        return status, at
+    n, nl = products.shape
+    for r in range(n):
+        best = products[r, 0]
+        arg = 0
+        for c in range(1, nl):
+            v = products[r, c]
+            if v > best:
+                best = v
+                arg = c
+        lists[r] = arg
+    return 0, 0
+
+
+@_jit
 def quantize_rows(x, codes, scales):
     """[n, D] fp32 → int8 codes and per-row scales in place, bit-identical to
     ``sterling.kernels.quantize_int8`` (fp32 arithmetic, round half to even).
@@ -234,10 +260,42 @@ def upsert_apply(
     ``need_out``: for ``ROOM`` [nlist] free slots each list needs; for ``SHORT`` [n] terms of
     each row whose new slot's exact list is too short (else −1). ``pos_out`` [n]: the slot
     each row gets (also for ``SHORT``).
+
+    The three steps ``upsert_plan`` (reads only), ``upsert_prewrite`` (rows landing in slots
+    that are dead now) and ``upsert_commit`` (the rest) in one call; a caller that holds
+    queries out only while the live items change runs them one by one (``apply_upsert``).
+    """
+    plan = upsert_plan(ids, codes_b, scales_b, lists_b, t_off, t_ids, t_words, has_terms,
+                       sorted_ids, sorted_slots, hkeys, hvals, free_buf, free_top, offs,
+                       bloom, attr_ids, attr_offsets, need_out, pos_out)
+    if plan[0] < 0:
+        return plan[0]
+    upsert_prewrite(plan, ids, codes_b, scales_b, codes, scales, bloom, attr_ids, attr_offsets)
+    return upsert_commit(plan, ids, codes_b, scales_b, hkeys, hvals, free_buf, free_top, offs, counters,
+                         codes, scales, item_ids, bloom, alive, attr_ids, attr_offsets, version)
+
+
+@_jit
+def upsert_plan(
+    ids, codes_b, scales_b, lists_b, t_off, t_ids, t_words, has_terms,
+    sorted_ids, sorted_slots, hkeys, hvals, free_buf, free_top, offs,
+    bloom, attr_ids, attr_offsets, need_out, pos_out,
+):
+    """Where every row of an upsert batch goes, and what it will hold; changes nothing.
+
+    Returns ``(status, old, pos, early, nterm, toff, terms, sig, pushed, pstart, npush, npop)``:
+    status 0, or ``ROOM`` / ``SHORT`` (``need_out`` as in ``upsert_apply``; the rest is then
+    empty); ``old`` [n] each row's current slot (−1: new id), ``pos`` [n] its new slot,
+    ``early`` [n] whether that slot is dead now (not one the batch frees), so the row can be
+    written before queries are held out; each row's exact terms ``terms[toff[r]:toff[r+1]]``
+    and Bloom row ``sig[r]``; the free-slot stack changes (``pushed`` per list from ``pstart``,
+    ``npush`` / ``npop`` per list).
     """
     n = ids.shape[0]
     nl = free_top.shape[0]
     W = bloom.shape[1]
+    e64 = np.zeros(0, dtype=np.int64)
+    eb = np.zeros(0, dtype=np.bool_)
     old = np.empty(n, dtype=np.int64)
     old_list = np.full(n, -1, dtype=np.int64)
     want = np.zeros(nl, dtype=np.int64)
@@ -259,7 +317,8 @@ def upsert_apply(
     if not room:
         for lst in range(nl):
             need_out[lst] = want[lst] if want[lst] > 0 else 0
-        return ROOM
+        return (ROOM, e64, e64, eb, e64, e64, attr_ids[:0].copy(), np.zeros((0, W), dtype=bloom.dtype),
+                e64, e64, e64, e64)
     # where each row lands, worked out without touching the stacks: a list's pops take the
     # slots its moved items free (last freed first), then its free stack from the top
     pstart = np.zeros(nl + 1, dtype=np.int64)
@@ -273,10 +332,12 @@ def upsert_apply(
             cur[old_list[r]] += 1
     npop = np.zeros(nl, dtype=np.int64)
     pos = np.empty(n, dtype=np.int64)
+    early = np.empty(n, dtype=np.bool_)
     for r in range(n):
         lst = lists_b[r]
         j = npop[lst]
         npop[lst] += 1
+        early[r] = j >= npush[lst]  # a slot of the free stack: dead now, invisible to queries
         if j < npush[lst]:
             pos[r] = pushed[pstart[lst] + npush[lst] - 1 - j]
         else:
@@ -297,7 +358,8 @@ def upsert_apply(
     if short:
         for r in range(n):
             need_out[r] = nterm[r] if nterm[r] > attr_offsets[pos[r] + 1] - attr_offsets[pos[r]] else -1
-        return SHORT
+        return (SHORT, e64, e64, eb, e64, e64, attr_ids[:0].copy(), np.zeros((0, W), dtype=bloom.dtype),
+                e64, e64, e64, e64)
     # gather what the old slots hold before anything is written (a freed slot may be reused)
     sig = np.zeros((n, W), dtype=bloom.dtype)
     toff = np.zeros(n + 1, dtype=np.int64)
@@ -314,6 +376,52 @@ def upsert_apply(
             _terms_in_slot(attr_ids, attr_offsets, old[r], terms, toff[r])
             for w in range(W):
                 sig[r, w] = bloom[old[r], w]
+    return (np.int64(0), old, pos, early, nterm, toff, terms, sig, pushed, pstart, npush, npop)
+
+
+@_jit
+def _write_row(r, p, codes_b, scales_b, nterm, toff, terms, sig, codes, scales, bloom, attr_ids, attr_offsets):
+    """Row r of a batch into slot p: codes, scale, Bloom row, exact list (padded by repeating its
+    last term, or −1 when it has none). Not the id nor the alive bit."""
+    for j in range(codes.shape[1]):
+        codes[p, j] = codes_b[r, j]
+    scales[p] = scales_b[r]
+    for w in range(bloom.shape[1]):
+        bloom[p, w] = sig[r, w]
+    a0, a1 = attr_offsets[p], attr_offsets[p + 1]
+    k = nterm[r]
+    for e in range(a1 - a0):
+        if e < k:
+            attr_ids[a0 + e] = terms[toff[r] + e]
+        elif k:
+            attr_ids[a0 + e] = terms[toff[r] + k - 1]
+        else:
+            attr_ids[a0 + e] = -1
+
+
+@_jit
+def upsert_prewrite(plan, ids, codes_b, scales_b, codes, scales, bloom, attr_ids, attr_offsets):
+    """Write the rows whose new slot is dead now (``plan``'s ``early``): queries skip dead slots
+    (the scan masks or never reads them; ids and alive bits are left to ``upsert_commit``), so
+    this may run while queries do."""
+    _, old, pos, early, nterm, toff, terms, sig, _, _, _, _ = plan
+    for r in range(ids.shape[0]):
+        if early[r]:
+            _write_row(r, pos[r], codes_b, scales_b, nterm, toff, terms, sig, codes, scales, bloom, attr_ids,
+                       attr_offsets)
+
+
+@_jit
+def upsert_commit(
+    plan, ids, codes_b, scales_b, hkeys, hvals, free_buf, free_top, offs, counters,
+    codes, scales, item_ids, bloom, alive, attr_ids, attr_offsets, version,
+):
+    """The visible part of an upsert batch, after ``upsert_prewrite``: the slot map (stacks,
+    id → slot), the old slots freed, the rows landing in freed slots written, every new
+    slot's id and alive bit set, the version bumped. Returns the new version."""
+    _, old, pos, early, nterm, toff, terms, sig, pushed, pstart, npush, npop = plan
+    n = ids.shape[0]
+    nl = free_top.shape[0]
     # the slot map: stacks, id → slot
     for lst in range(nl):
         keep = npush[lst] - npop[lst]
@@ -333,24 +441,12 @@ def upsert_apply(
     for r in range(n):
         if old[r] >= 0:
             _tombstone(old[r], item_ids, scales, bloom, alive, attr_ids, attr_offsets)
-    D = codes.shape[1]
     for r in range(n):
         p = pos[r]
-        for j in range(D):
-            codes[p, j] = codes_b[r, j]
-        scales[p] = scales_b[r]
+        if not early[r]:
+            _write_row(r, p, codes_b, scales_b, nterm, toff, terms, sig, codes, scales, bloom, attr_ids,
+                       attr_offsets)
         item_ids[p] = ids[r]
-        for w in range(W):
-            bloom[p, w] = sig[r, w]
-        a0, a1 = attr_offsets[p], attr_offsets[p + 1]
-        k = nterm[r]
-        for e in range(a1 - a0):
-            if e < k:
-                attr_ids[a0 + e] = terms[toff[r] + e]
-            elif k:
-                attr_ids[a0 + e] = terms[toff[r] + k - 1]
-            else:
-                attr_ids[a0 + e] = -1
         alive[p >> 3] |= np.uint8(1 << (p & 7))
     version[0] += 1
     return version[0]
@@ -362,11 +458,24 @@ def delete_apply(
     item_ids, scales, bloom, alive, attr_ids, attr_offsets, version,
 ):
     """Tombstone items by id in place (absent ids ignored); returns items deleted.
-    Bumps ``version``."""
+    Bumps ``version``. ``lookup_many`` (reads only, may run while queries do), then
+    ``delete_commit``."""
+    slots = lookup_many(ids, sorted_ids, sorted_slots, hkeys, hvals)
+    return delete_commit(ids, slots, hkeys, hvals, free_buf, free_top, offs, counters,
+                         item_ids, scales, bloom, alive, attr_ids, attr_offsets, version)
+
+
+@_jit
+def delete_commit(
+    ids, slots, hkeys, hvals, free_buf, free_top, offs, counters,
+    item_ids, scales, bloom, alive, attr_ids, attr_offsets, version,
+):
+    """Tombstone the slots ``lookup_many`` found for ``ids`` (−1: absent; a slot already dead,
+    an id given twice, is skipped); returns items deleted. Bumps ``version``."""
     gone = 0
     for r in range(ids.shape[0]):
-        s = _slot_of(ids[r], sorted_ids, sorted_slots, hkeys, hvals)
-        if s < 0:
+        s = slots[r]
+        if s < 0 or ((alive[s >> 3] >> (s & 7)) & 1) == 0:
             continue
         lst = _list_of(offs, s)
         free_buf[offs[lst] + free_top[lst]] = s

@@ -339,21 +339,27 @@ def _prepare_compiled(index, ids, embeddings, attributes) -> PreparedUpsert | No
     x = np.ascontiguousarray(embeddings)
     codes = np.empty(x.shape, dtype=np.int8)
     scales = np.empty(x.shape[0], dtype=np.float32)
-    status, at = ua.check_and_quantize(id_np, x, codes, scales)
+    xt = torch.from_numpy(x)
+    small = 0 < x.shape[0] <= 16_384
+    if small:  # the assignment's products (as ``assign``), then checks, codes and argmax in one call
+        lists = np.empty(x.shape[0], dtype=np.int64)
+        products = (xt @ index.centroids.T).numpy()
+        status, at = ua.check_quantize_assign(id_np, x, products, codes, scales, lists)
+    else:
+        status, at = ua.check_and_quantize(id_np, x, codes, scales)
     if status == 1:
         raise DuplicateIdError(f"item {at} has negative id {int(id_np[at])}; ids must be ≥ 0 (−1 marks empty slots)")
     if status == 2:
         raise DuplicateIdError(f"id {at} is used by more than one item; ids must be unique")
     if status == 3:
         raise NonFiniteError(f"embedding of id {int(id_np[at])} contains NaN or inf; fix or drop that item")
-    lists = _check_attributes(index, id_np.tolist(), attributes)
-    xt = torch.from_numpy(x)
+    terms = _check_attributes(index, id_np.tolist(), attributes)
     return PreparedUpsert(
         ids=torch.from_numpy(id_np),
         codes=torch.from_numpy(codes),
         scales=torch.from_numpy(scales),
-        lists=_assign(xt, index.centroids),
-        attributes=lists,
+        lists=torch.from_numpy(lists) if small else _assign(xt, index.centroids),
+        attributes=terms,
     )
 
 
@@ -504,14 +510,23 @@ def apply_upsert(index, batch: PreparedUpsert, *, exclusive=nullcontext, backend
     args = (batch.ids.numpy(), batch.codes.numpy(), batch.scales.numpy(), batch.lists.numpy(),
             t_off, t_ids, t_words, has_terms, *sm.arrays())
     version = index.version.reshape(1).numpy()
+    sm_arrays = args[8:]
     for _ in range(2):
-        with exclusive():
-            v = ua.upsert_apply(*args, index.codes.numpy(), index.scales.numpy(), index.item_ids.numpy(),
-                                index.bloom.numpy(), index.alive.numpy(), index.attr_ids.numpy(),
-                                index.attr_offsets.numpy(), version, need, pos)
+        # where every row goes and the rows landing in dead slots are worked out and written while
+        # queries run (they skip dead slots); only the visible part holds them out
+        codes, scales, bloom = index.codes.numpy(), index.scales.numpy(), index.bloom.numpy()
+        attr_ids, attr_offsets = index.attr_ids.numpy(), index.attr_offsets.numpy()
+        plan = ua.upsert_plan(*args[:12], *sm_arrays[4:7], bloom, attr_ids, attr_offsets, need, pos)
+        v = int(plan[0])
         if v == ua.ROOM:
             raise ListsFullError(torch.from_numpy(need[: index.nlist].copy()))
         if v != ua.SHORT:
+            ids_b, codes_b, scales_b = args[0], args[1], args[2]
+            ua.upsert_prewrite(plan, ids_b, codes_b, scales_b, codes, scales, bloom, attr_ids, attr_offsets)
+            with exclusive():
+                v = ua.upsert_commit(plan, ids_b, codes_b, scales_b, *sm_arrays[2:], codes, scales,
+                                     index.item_ids.numpy(), bloom, index.alive.numpy(), attr_ids, attr_offsets,
+                                     version)
             return int(v)
         # some exact lists are too short for their new terms: lay the CSR out again with room
         # (same content; readers may keep using the old arrays until the swap), then apply
@@ -613,10 +628,12 @@ def apply_delete(index, ids: torch.Tensor, *, exclusive=nullcontext, backend: st
     sm = slot_map(index)
     sm.reserve(index, ids.numel())
     if update_backend(index, backend) == "kernel":
+        arrays = sm.arrays()
+        slots = ua.lookup_many(ids.numpy(), *arrays[:4])  # reads only: while queries run
         with exclusive():
-            gone = ua.delete_apply(ids.numpy(), *sm.arrays(), index.item_ids.numpy(), index.scales.numpy(),
-                                   index.bloom.numpy(), index.alive.numpy(), index.attr_ids.numpy(),
-                                   index.attr_offsets.numpy(), index.version.reshape(1).numpy())
+            gone = ua.delete_commit(ids.numpy(), slots, *arrays[2:], index.item_ids.numpy(), index.scales.numpy(),
+                                    index.bloom.numpy(), index.alive.numpy(), index.attr_ids.numpy(),
+                                    index.attr_offsets.numpy(), index.version.reshape(1).numpy())
         return int(gone), int(index.version)
     id_list = ids.tolist()
     old = sm.lookup(id_list)
