@@ -9,11 +9,12 @@ filter with the *head* model (centroids, tower, vocabulary; no items), send
 the same batch to every shard with the request's deadline, and merge the
 per-shard top-k (``merge_topk``). Shards always scan a fixed probe
 (``adaptive=False``), which is what makes the merge exact; when the request
-asks for selectivity-adaptive search the router widens the probe globally
-with the model's own rule (``sterling.model.search.widen_for_selectivity``):
-the shards report the selectivity counts of their fixed-probe scan, whose sum
-is the single index's count, so the router widens the queries the model
-widens, to the same nprobe.
+asks for selectivity-adaptive search the router sizes and widens the probe
+globally with the model's own rules: the first scan of each filtered query
+from the selectivity sample the head carries (``first_scan_plan``), then
+``widen_for_selectivity`` on the selectivity counts the shards report for
+that scan, whose sum is the single index's count — so the router scans and
+widens the queries the model does, to the same nprobe.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from __future__ import annotations
 import time
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
-from sterling.cluster.backends import ShardBackend
+from sterling.cluster.backends import FanOutResult, ShardBackend
 from sterling.cluster.errors import (
     DeadlineExceededError,
     RequestTooLargeError,
@@ -34,11 +35,11 @@ from sterling.cluster.errors import (
 )
 from sterling.cluster.learned_head import LearnedHead, SparseInput
 from sterling.cluster.merge import merge_topk, merge_widened_ids
-from sterling.cluster.shard import ShardRequest
+from sterling.cluster.shard import ShardReply, ShardRequest
 from sterling.model.errors import InvalidInputError
 from sterling.model.index import prepare_queries
 from sterling.model.retrieval import RetrievalModel
-from sterling.model.search import measured_selectivity, widen_for_selectivity
+from sterling.model.search import first_scan_plan, measured_selectivity, widen_for_selectivity
 
 __all__ = ["RouterConfig", "RouterResult", "Router"]
 
@@ -205,10 +206,12 @@ class Router:
         widen = use_adaptive and filters.any
         req = ShardRequest(xq=xq_np, k=k_shard, nprobe=nprobe, where=where, exact=exact, min_versions=floors,
                            counts=widen)
+        # the model's first-scan sizes, from the selectivity sample the head carries (None: nprobe for all)
+        plan = first_scan_plan(self.head.index, filters, filters.query_program, nprobe) if widen else None
         # a learned model's updates write the shards' index slices and the router's cache under the
         # write side of this guard: the candidates and the cache rows they are reranked with agree
         with self.learned.guard.read() if self.learned is not None else nullcontext():
-            fo = self.backend.fan_out(req, deadline)
+            fo, first = self._first_round(req, plan, deadline)
             t_fan = time.monotonic()
             if fo.missing and (require_complete or not fo.replies):
                 if not fo.replies and time.monotonic() >= deadline:
@@ -228,7 +231,7 @@ class Router:
 
             if widen and not missing:
                 ids, scores = self._widen(xq_np, ids, scores, k_shard, nprobe, where, exact, filters, deadline,
-                                          versions, floors, [fo.replies[s].counts for s in order])
+                                          versions, floors, [fo.replies[s].counts for s in order], first)
             t_merge = time.monotonic()
             task_scores, tasks, rerank_ms = None, (), 0.0
             if self.learned is not None:
@@ -249,14 +252,59 @@ class Router:
             },
         )
 
-    def _widen(self, xq, ids, scores, k, nprobe, where, exact, filters, deadline, versions, floors, counts):
+    def _first_round(self, req: ShardRequest, plan, deadline: float) -> tuple[FanOutResult, torch.Tensor]:
+        """The first fan-out, sized as the model sizes its first scans (``first_scan_plan``):
+        one fan-out per first size, each of the queries of that size (the model scans the same
+        groups, so the answers are its own); a query the sample pre-filters is scanned over
+        all nlist lists at once. Returns the replies assembled over the whole batch (a shard
+        that misses any group counts as missing) and [B] each query's first size (nlist:
+        answered whole)."""
+        B = req.xq.shape[0]
+        if plan is None or not bool((plan.widen | plan.brute).any()):
+            return self.backend.fan_out(req, deadline), torch.full((B,), req.nprobe, dtype=torch.int64)
+        nlist = self.head.index.nlist
+        first = torch.where(plan.brute, torch.full_like(plan.nprobe, nlist), plan.nprobe)
+        parts: dict[int, list] = {}
+        missing: set[int] = set()
+        errors: dict[int, str] = {}
+        for w in first.unique().tolist():
+            rows = (first == w).nonzero().squeeze(1).numpy()
+            sub_where = [req.where[i] for i in rows] if isinstance(req.where, (list, tuple)) else req.where
+            fo = self.backend.fan_out(replace(req, xq=req.xq[rows], nprobe=int(w), where=sub_where,
+                                              counts=req.counts and w < nlist), deadline)
+            missing.update(fo.missing)
+            errors.update(fo.errors)
+            for s, r in fo.replies.items():
+                parts.setdefault(s, []).append((rows, r))
+        k = req.k
+        replies = {}
+        for s, got in parts.items():
+            if s in missing:
+                continue
+            ids = np.full((B, k), -1, dtype=np.int64)
+            scores = np.full((B, k), -np.inf, dtype=np.float32)
+            counts = np.zeros((B, 4), dtype=np.int64)
+            for rows, r in got:
+                ids[rows], scores[rows] = r.ids, r.scores
+                if r.counts is not None:
+                    counts[rows] = r.counts
+            head = got[0][1]
+            replies[s] = ShardReply(shard=s, replica=head.replica, ids=ids, scores=scores,
+                                    version=min(int(r.version) for _, r in got), ms=sum(r.ms for _, r in got),
+                                    stages=head.stages, counts=counts if req.counts else None)
+        return FanOutResult(replies=replies, missing=sorted(missing), errors=errors), first
+
+    def _widen(self, xq, ids, scores, k, nprobe, where, exact, filters, deadline, versions, floors, counts,
+               first):
         """Selectivity-adaptive widening by the model's rule, on the global counts.
 
-        ``counts``: each shard's [B, 4] selectivity counts of the fixed-probe
+        ``counts``: each shard's [B, 4] selectivity counts of the first
         scan; each list lives in one shard, so their sum is what the single
         index counted, and ``widen_for_selectivity`` picks the same queries
-        and nprobe as the adaptive model. Each widened nprobe is one fan-out
-        of its queries over the lists ranked nprobe..w (``skip_lists``), whose
+        and nprobe as the adaptive model. ``first`` [B]: each query's first
+        scan size (nlist: already answered over its whole eligible set).
+        Each (first, widened nprobe) pair is one fan-out
+        of its queries over the lists ranked first..w (``skip_lists``), whose
         top-k is merged into the first answer (the model scans the same
         groups and lists, so on the fused CPU scan the answers are the
         model's; at an exact score tie between a first-scan and a widened
@@ -272,11 +320,13 @@ class Router:
             return ids, scores
         nlist = self.head.index.nlist
         total = torch.from_numpy(np.sum(counts, axis=0))
-        wd = widen_for_selectivity(measured_selectivity(total), filters.query_program >= 0, nprobe=nprobe,
-                                   nlist=nlist)
-        groups = [wd.widen & (wd.nprobe == w) for w in wd.nprobe[wd.widen].unique().tolist()]
-        groups.append(wd.brute)
-        for g, sel in enumerate(groups):
+        open_ = (filters.query_program >= 0) & (first < nlist)
+        wd = widen_for_selectivity(measured_selectivity(total), open_, nprobe=nprobe, nlist=nlist)
+        more = wd.widen & (wd.nprobe > first)
+        pairs = sorted({(int(f), int(w)) for f, w in zip(first[more].tolist(), wd.nprobe[more].tolist())})
+        groups = [(more & (first == f) & (wd.nprobe == w), f) for f, w in pairs]
+        groups.append((wd.brute, 0))
+        for g, (sel, skip) in enumerate(groups):
             rows = sel.nonzero().squeeze(1).numpy()
             if not rows.size or time.monotonic() >= deadline:
                 continue
@@ -285,7 +335,7 @@ class Router:
             sub_where = [where[i] for i in rows] if isinstance(where, (list, tuple)) else where
             fo = self.backend.fan_out(
                 ShardRequest(xq=xq[rows], k=k, nprobe=wide, where=sub_where, exact=exact, min_versions=floors,
-                             skip_lists=0 if brute else nprobe),
+                             skip_lists=skip),
                 deadline,
             )
             if fo.missing:

@@ -30,6 +30,7 @@ from sterling.model.errors import (
 )
 from sterling.model.index import ItemIndex
 from sterling.model.kmeans import assign, spherical_kmeans
+from sterling.model.selectivity import SelectivitySample, sample_rows
 from sterling.model.tiers import TierLayout, measure_probe_freq
 
 __all__ = ["build_index", "check_ids"]
@@ -168,7 +169,9 @@ def build_index(
         "version": torch.tensor(1, dtype=torch.int64),
     }
     cfg = IndexConfig.from_dict({**config.to_dict(), "nlist": nlist})
-    return ItemIndex(config=cfg, vocab=attrs.vocab, bloom_spec=spec, tensors=tensors, tiers=tiers)
+    sel = SelectivitySample.from_term_lists(
+        attrs.ids[int(attrs.offsets[r]) : int(attrs.offsets[r + 1])].numpy() for r in sample_rows(N).tolist())
+    return ItemIndex(config=cfg, vocab=attrs.vocab, bloom_spec=spec, tensors=tensors, tiers=tiers, selectivity=sel)
 
 
 # Queries the build-time probe statistics are measured on (at most).

@@ -59,6 +59,7 @@ from sterling.model.errors import (
     TooManyAttributesError,
 )
 from sterling.model.kmeans import assign, spherical_kmeans
+from sterling.model.selectivity import SelectivitySample, sample_rows
 
 __all__ = ["ChunkedCatalog", "NpyCatalog", "build_chunked", "ResumeMismatchError", "MANIFEST", "BUFFER_ORDER"]
 
@@ -303,9 +304,11 @@ def build_chunked(
         centroids = spherical_kmeans(sample, nlist, iters=config.kmeans_iters, seed=config.seed)
         tiers = _probe_stats(sample, centroids, config, nlist, D, source="items")
         del sample
+        # the same catalog rows' exact terms as build_index's selectivity sample
+        sel = SelectivitySample.from_term_lists(catalog.read(r, r + 1)[2][0] for r in sample_rows(N).tolist())
         _save_npy(work / "centroids.npy", centroids.numpy())
         timed("sample", t0)
-        man.commit("sample", done=True, tiers=tiers.to_meta())
+        man.commit("sample", done=True, tiers=tiers.to_meta(), selectivity_sample=sel.to_meta())
         hook("sample:done", 0)
     centroids = torch.from_numpy(np.load(work / "centroids.npy"))
 
@@ -419,7 +422,8 @@ def build_chunked(
         off += nbytes + _pad(nbytes)
     data_len = off
     meta = {"index": {"config": cfg.to_dict(), "vocab": list(catalog.vocab),
-                      "bloom": {"words": spec.words, "hashes": spec.hashes}, "tiers": man.get("sample")["tiers"]}}
+                      "bloom": {"words": spec.words, "hashes": spec.hashes}, "tiers": man.get("sample")["tiers"],
+                      "selectivity_sample": man.get("sample").get("selectivity_sample")}}
     where = {e["name"]: e for e in entries}
 
     def header_bytes(crc: int) -> bytes:

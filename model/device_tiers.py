@@ -170,6 +170,7 @@ class TieredIndex:
         self.vocab = source.vocab
         self.vocab_index = source.vocab_index
         self.bloom_spec = source.bloom_spec
+        self.selectivity_sample = source.selectivity_sample  # sizes first scans as the untiered index does
         self.fast = fast.copy()
         pin = dev.type == "cuda" if pin is None else bool(pin)
         go = source.list_offsets.cpu().numpy().astype(np.int64)

@@ -33,6 +33,7 @@ from sterling.model.errors import (
     NonFiniteError,
 )
 from sterling.model.filter import CompiledFilters, check_program_terms, compile_filters
+from sterling.model.selectivity import SelectivitySample
 from sterling.model.stages import stage
 from sterling.model.tiers import PER_ITEM_TENSORS, TieredStorage, TierLayout, pick_fast
 
@@ -121,6 +122,7 @@ class ItemIndex(nn.Module):
         bloom_spec: bloom_mod.BloomSpec,
         tensors: dict[str, torch.Tensor],
         tiers: TierLayout | None = None,
+        selectivity: SelectivitySample | None = None,
     ) -> None:
         super().__init__()
         missing = [b for b in _BUFFERS if b not in tensors]
@@ -133,6 +135,9 @@ class ItemIndex(nn.Module):
         self.vocab_index = {t: i for i, t in enumerate(self.vocab)}
         self.bloom_spec = bloom_spec
         self.tier_layout = tiers if tiers is not None and tiers.nlist == self.nlist else None
+        # a build-time sample of items' exact attribute sets: sizes a filtered query's first scan
+        # (``sterling.model.selectivity``); carried whole into every slice, None for older artifacts
+        self.selectivity_sample = selectivity
         self._tiering: TieredStorage | None = None
         self._mapped: dict[str, int] = {}  # buffer → data_ptr, for buffers that are views of the artifact
 
@@ -370,6 +375,8 @@ class ItemIndex(nn.Module):
         }
         if self.tier_layout is not None:
             meta["tiers"] = self.tier_layout.to_meta()
+        if self.selectivity_sample is not None:
+            meta["selectivity_sample"] = self.selectivity_sample.to_meta()
         return meta
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -384,6 +391,7 @@ class ItemIndex(nn.Module):
             tensors=tensors,
             tiers=TierLayout.from_meta(meta.get("tiers"), int(tensors["centroids"].shape[0]))
             if "centroids" in tensors else None,
+            selectivity=SelectivitySample.from_meta(meta.get("selectivity_sample")),
         )
 
     def save(self, path: str | Path) -> None:

@@ -51,6 +51,7 @@ __all__ = [
     "ScanBackend",
     "SearchStats",
     "Widening",
+    "first_scan_plan",
     "measured_selectivity",
     "merge_widened",
     "run",
@@ -98,6 +99,8 @@ class SearchStats:
         widened: queries widened to more lists.
         widen_rounds: widening scans run (one per distinct widened nprobe).
         prefiltered: queries scored on their exactly verified eligible set.
+        presized: filtered queries whose first scan was sized by the selectivity
+            sample's estimate (more lists than nprobe, or the eligible set directly).
         selectivity_counts: [B, 4] int64, per query, of its first scan: live
             items scanned, of which passed the in-scan filter, candidates
             checked after the scan, of which passed (zeros for an unfiltered
@@ -118,6 +121,7 @@ class SearchStats:
     widened: int
     widen_rounds: int
     prefiltered: int
+    presized: int
     selectivity_counts: torch.Tensor
 
     @property
@@ -146,6 +150,7 @@ class _Tally:
     widened: int = 0
     widen_rounds: int = 0
     prefiltered: int = 0
+    presized: int = 0
     selectivity_counts: torch.Tensor | None = None  # [B, 4] int64
 
     def probed(self, index, probe) -> None:
@@ -162,7 +167,7 @@ class _Tally:
             nprobe_used=tuple(self.nprobe_used.tolist()), lists_probed=self.lists_probed,
             items_scanned=self.items_scanned, verified=self.verified, rejected=self.rejected,
             refills=self.refills, widened=self.widened, widen_rounds=self.widen_rounds,
-            prefiltered=self.prefiltered, selectivity_counts=self.selectivity_counts,
+            prefiltered=self.prefiltered, presized=self.presized, selectivity_counts=self.selectivity_counts,
         )
 
 
@@ -181,6 +186,10 @@ class Widening:
     widen: torch.Tensor
     brute: torch.Tensor
     nprobe: torch.Tensor
+
+    def take(self, rows) -> Widening:
+        """The decisions of queries ``rows`` (a slice or index tensor)."""
+        return Widening(need=self.need[rows], widen=self.widen[rows], brute=self.brute[rows], nprobe=self.nprobe[rows])
 
 
 def measured_selectivity(counts: torch.Tensor) -> torch.Tensor:
@@ -267,8 +276,14 @@ def run(index, xq: torch.Tensor, *, k: int, nprobe: int, filters: CompiledFilter
                        backend=_backend(index, xq, filters),
                        selectivity_counts=torch.zeros(B, 4, dtype=torch.int64))
     qprog_all = None if filters is None else filters.query_program.to(dev)
+    # each filtered query's first scan, sized once for the batch from the selectivity sample
+    plan = first_scan_plan(index, filters, qprog_all, nprobe) if filters is not None and adaptive and not skip \
+        else None
+    widest = nprobe
+    if plan is not None and bool((~plan.brute).any()):
+        widest = max(nprobe, int(plan.nprobe[~plan.brute].max()))  # chunks bound the widest first scan
     avg = max(1, index.capacity // max(index.nlist, 1))
-    scanned = nprobe * avg
+    scanned = widest * avg
     per_query = scanned + min(16 * k, scanned + 16 * nprobe)  # probed scores + selected candidates
     step = max(1, min(B, chunk_budget // max(per_query, 1)))
     if filters is None and B <= small_batch and step >= B and not skip:
@@ -292,7 +307,7 @@ def run(index, xq: torch.Tensor, *, k: int, nprobe: int, filters: CompiledFilter
                 index.observe_probe(probe)
             return s, ids
         s, p = _search_chunk(index, xq[rows], k, nprobe, filters, masks, qprog_all[rows], exact, adaptive, tally,
-                             skip)
+                             skip, None if plan is None else plan.take(rows))
         return s, index.positions_to_ids(p)
 
     if step >= B:  # one chunk (the common case): no copies
@@ -366,42 +381,120 @@ def verify(index, positions: torch.Tensor, qprog: torch.Tensor, filters: Compile
     return ok.reshape(b, K)
 
 
-def _search_chunk(index, xq, k, nprobe, filters, masks, qprog, exact, adaptive, tally, skip=0):
-    """Search one chunk of filtered queries; widen for selectivity (``widen_for_selectivity``).
+def first_scan_plan(index, filters: CompiledFilters, qprog: torch.Tensor, nprobe: int) -> Widening | None:
+    """Each filtered query's first scan, sized before it runs: the widening rule on the eligible
+    fraction of its filter estimated on the index's selectivity sample
+    (``sterling.model.selectivity``). None when the index has no sample (built before it
+    existed): the first scan is then nprobe lists and only the measured rule widens.
 
-    Selectivity f is measured as the eligible fraction of the items the
-    first scan touched (times the exact precision of its survivors,
-    ``measured_selectivity``). Turn widening off with ``adaptive=False``.
-    ``skip``: scan only the lists ranked skip..nprobe (a shard's part of a widening; never adaptive).
+    The router calls this with its head index (the same sample, carried into every slice), so
+    the cluster sizes the same first scans as the single-process model.
+    """
+    sample = getattr(index, "selectivity_sample", None)
+    filtered = qprog >= 0
+    if sample is None or not bool(filtered.any()):
+        return None
+    with stage("filter"):
+        est = sample.eligible_fraction(filters.programs, filters.term_vocab).to(qprog.device)
+    frac = torch.where(filtered, est[qprog.clamp(min=0)], torch.ones_like(est[:1]).expand(qprog.shape[0]))
+    return widen_for_selectivity(frac, filtered, nprobe=nprobe, nlist=index.nlist)
+
+
+def _search_chunk(index, xq, k, nprobe, filters, masks, qprog, exact, adaptive, tally, skip=0, plan=None):
+    """Search one chunk of filtered queries, sized and widened for selectivity.
+
+    With ``adaptive`` each filtered query's first scan is sized by its filter's eligible
+    fraction estimated on the index's selectivity sample (``first_scan_plan``): the
+    lists the widening rule asks for, or straight to its exactly verified eligible set
+    (``_prefilter_topk``) when that is half of all lists or more; queries of one first
+    size are scanned together. Then the measured selectivity of that scan
+    (``measured_selectivity``) widens further where the estimate fell short. Turn both
+    off with ``adaptive=False``. ``skip``: scan only the lists ranked skip..nprobe (a
+    shard's part of a widening; never adaptive). ``plan``: these queries' rows of the
+    batch's ``first_scan_plan`` (None: every first scan is nprobe lists).
+    """
+    filtered = qprog >= 0
+    if plan is None or not bool((plan.widen | plan.brute).any()):
+        return _search_group(index, xq, k, nprobe, nprobe, filters, masks, qprog, exact, adaptive, tally, skip,
+                             None)
+    b, dev = xq.shape[0], xq.device
+    out_s = torch.full((b, k), float("-inf"), device=dev)
+    out_p = torch.full((b, k), -1, dtype=torch.int64, device=dev)
+    if tally is not None:
+        tally.presized += int((plan.widen | plan.brute).sum())
+    scan = ~plan.brute
+    for w in plan.nprobe[scan].unique().tolist():
+        grp = (scan & (plan.nprobe == w)).nonzero().squeeze(1)
+        out_s[grp], out_p[grp] = _search_group(index, xq[grp], k, nprobe, int(w), filters, masks, qprog[grp],
+                                               exact, adaptive, tally, 0, grp)
+    if bool(plan.brute.any()):
+        has_not = _has_not(filters, dev)
+        must_verify = filtered & (exact | has_not[qprog])
+        rows = plan.brute.nonzero().squeeze(1)
+        _prefilter_rows(index, xq, k, filters, qprog, must_verify, rows, out_s, out_p, tally, rows)
+    return out_s, out_p
+
+
+def _has_not(filters: CompiledFilters, dev) -> torch.Tensor:
+    """[P + 1] bool: which programs hold a NOT (the Bloom pass cannot decide those); last = unfiltered."""
+    return torch.tensor([any(op == OP_NOT for op, _ in p) for p in filters.programs] + [False]).to(dev)
+
+
+def _prefilter_rows(index, xq, k, filters, qprog, must_verify, rows, out_s, out_p, tally, chunk_rows):
+    """Queries ``rows`` scored on their whole verified eligible set, one pass per program
+    (``chunk_rows``: the same queries' rows in the chunk, for the stats)."""
+    for prog in qprog[rows].unique().tolist():
+        pick = qprog[rows] == prog
+        sel = rows[pick]
+        check = bool(must_verify[sel].any())
+        out_s[sel], out_p[sel] = _prefilter_topk(index, xq[sel], k, filters, prog, verify_exact=check, tally=tally)
+        if tally is not None:
+            tally.prefiltered += sel.numel()
+            tally.set_nprobe(chunk_rows[pick], index.nlist)
+    if index.tiering is not None:
+        index.tiering.observe_all(index.tier_tensors())
+
+
+def _search_group(index, xq, k, nprobe, first, filters, masks, qprog, exact, adaptive, tally, skip, grp):
+    """Filtered queries whose first scan is ``first`` lists (nprobe, or the sampled estimate's size),
+    then the measured widening rule (relative to ``nprobe``) beyond them.
+
+    ``grp``: these queries' rows in the chunk (None: all of it), for the stats.
     """
     with stage("probe"):
-        probe = probe_lists(xq, index.centroids, nprobe)[:, skip:]
+        probe = probe_lists(xq, index.centroids, first)[:, skip:]
+    rows_of = (lambda sel: sel) if grp is None else (lambda sel: grp[sel.to(grp.device)])
     if tally is not None:
         tally.probed(index, probe)
+        if first != nprobe:
+            tally.set_nprobe(rows_of(torch.arange(xq.shape[0])), first)
     try:
         filtered = qprog >= 0
         if not bool(filtered.any()):
             return index.scan_topk(xq, probe, k)
         dev = xq.device
-        has_not = torch.tensor([any(op == OP_NOT for op, _ in p) for p in filters.programs] + [False]).to(dev)
-        must_verify = filtered & (exact | has_not[qprog])
+        must_verify = filtered & (exact | _has_not(filters, dev)[qprog])
         # per query: live items scanned, Bloom survivors, candidates checked, passed
         seen = torch.zeros(xq.shape[0], 4, dtype=torch.int64, device=dev)
         out_s, out_p = _scan_verified(index, xq, probe, k, filters, masks, qprog, must_verify, seen, tally)
         if tally is not None:
-            tally.selectivity_counts[tally.rows] = seen.cpu()
+            if grp is None:
+                tally.selectivity_counts[tally.rows] = seen.cpu()
+            else:
+                tally.selectivity_counts[tally.rows][grp.cpu()] = seen.cpu()
         if not adaptive:
             return out_s, out_p
         wd = widen_for_selectivity(measured_selectivity(seen), filtered, nprobe=nprobe, nlist=index.nlist)
-        if bool(wd.widen.any()):
-            rows = wd.widen.nonzero().squeeze(1)
+        more = wd.widen & (wd.nprobe > first)
+        if bool(more.any()):
+            rows = more.nonzero().squeeze(1)
             wide = wd.nprobe[rows]
             if tally is not None:
                 tally.widened += rows.numel()
             for w in wide.unique().tolist():
                 sel = rows[wide == w]
-                with stage("probe"):  # only the lists ranked nprobe..w: the first nprobe are scanned
-                    p2 = probe_lists(xq[sel], index.centroids, int(w))[:, nprobe:]
+                with stage("probe"):  # only the lists ranked first..w: the first ones are scanned
+                    p2 = probe_lists(xq[sel], index.centroids, int(w))[:, first:]
                 s2, q2 = _scan_verified(index, xq[sel], p2, k, filters, masks, qprog[sel], must_verify[sel],
                                         None, tally)
                 out_s[sel], out_p[sel] = merge_widened(out_s[sel], out_p[sel], s2, q2, k)
@@ -410,19 +503,10 @@ def _search_chunk(index, xq, k, nprobe, filters, masks, qprog, exact, adaptive, 
                 if tally is not None:
                     tally.widen_rounds += 1
                     tally.probed(index, p2)
-                    tally.set_nprobe(sel, int(w))
+                    tally.set_nprobe(rows_of(sel), int(w))
         if bool(wd.brute.any()):
             rows = wd.brute.nonzero().squeeze(1)
-            for prog in qprog[rows].unique().tolist():
-                sel = rows[qprog[rows] == prog]
-                check = bool(must_verify[sel].any())
-                out_s[sel], out_p[sel] = _prefilter_topk(index, xq[sel], k, filters, prog, verify_exact=check,
-                                                         tally=tally)
-                if tally is not None:
-                    tally.prefiltered += sel.numel()
-                    tally.set_nprobe(sel, index.nlist)
-            if index.tiering is not None:
-                index.tiering.observe_all(index.tier_tensors())
+            _prefilter_rows(index, xq, k, filters, qprog, must_verify, rows, out_s, out_p, tally, rows_of(rows))
         return out_s, out_p
     finally:
         if index.tiering is not None:  # after the scan, so a release never precedes the reads

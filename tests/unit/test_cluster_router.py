@@ -210,19 +210,27 @@ def test_router_widening_finds_what_the_adaptive_model_finds(model, small_catalo
     assert (wide.scores[:, 0] >= ref.scores.numpy()[:, 0] - 1e-6).mean() >= 0.9
 
 
+@pytest.mark.parametrize("sampled", [True, False])
 @pytest.mark.parametrize("num_shards", [2, 4])
-def test_router_and_model_widen_by_one_rule_to_the_same_answer(model, small_catalog, num_shards):
-    """The router sums the shards' selectivity counts and applies the model's widening rule: the
-    queries the model widens are widened to the same nprobe, with the same answer; pre-filtered
-    queries (the model scores them outside the scan) find the same items."""
+def test_router_and_model_widen_by_one_rule_to_the_same_answer(model, small_catalog, num_shards, sampled,
+                                                               monkeypatch):
+    """The router sizes each filtered query's first scan from the selectivity sample its head carries
+    (the model's ``first_scan_plan``), sums the shards' selectivity counts and applies the model's
+    widening rule: the queries the model widens are widened to the same nprobe, with the same
+    answer; pre-filtered queries (the model scores them outside the scan) find the same items.
+    Without a sample (an index built before it existed) both widen from nprobe alone."""
+    if not sampled:
+        monkeypatch.setattr(model.index, "selectivity_sample", None)
     xq = synthetic_queries(small_catalog, 24, seed=15)
     where = ["lang:ja AND device:tv", "lang:en", "country:BR AND NOT lang:en", None] * 6
     router = local_router(model, num_shards=num_shards)
+    assert (router.head.index.selectivity_sample is None) is not sampled
     got = router.retrieve(query=xq, k=20, nprobe=4, where=where, adaptive=True)
     s, ids, st = model.index.search(model.encode(query=xq), k=20, nprobe=4, where=where, adaptive=True,
                                     return_stats=True)
     used = np.array(st.nprobe_used)
-    assert st.widened > 0  # the case exercises widening
+    assert st.widened > 0  # the case exercises widening after the first scan
+    assert (st.presized > 0) is sampled  # and, with the sample, first scans sized before it
     scan = used < model.index.nlist
     np.testing.assert_array_equal(got.ids[scan], ids.numpy()[scan])
     np.testing.assert_array_equal(got.scores[scan], s.numpy()[scan])

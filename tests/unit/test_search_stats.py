@@ -121,12 +121,14 @@ def test_verify_rejects_exactly_the_bloom_false_positives_of_the_probed_lists(ca
     assert st.lists_probed == 3 * B and st.items_scanned == sum(len(p) for p in pos)
 
 
-def test_widening_stats_say_which_nprobe_each_query_ended_with(catalog):
+def test_widening_stats_say_which_nprobe_each_query_ended_with(catalog, monkeypatch):
     """A selective filter widens: each widened group's answer is its first answer merged with a scan
     of the lists ranked nprobe..w (what a shard answers to ``skip_lists``), the items of a fixed-nprobe
     search at the w its stats report (scores up to the rounding of the path that scored them, which
-    the batch fixes); pre-filtered queries report nlist."""
+    the batch fixes); pre-filtered queries report nlist. (The measured rule alone: an index without a
+    selectivity sample, as built before it existed; with one, see the next test.)"""
     index, _ = catalog
+    monkeypatch.setattr(index, "selectivity_sample", None)
     xq = torch.randn(30, 8, generator=torch.Generator().manual_seed(4))
     where = ["lang:v0 AND tier:v1 AND country:v2"] * 20 + ["lang:v1"] * 10
     s, i, st = index.search(xq, k=10, nprobe=2, where=where, adaptive=True, return_stats=True)
@@ -152,3 +154,30 @@ def test_widening_stats_say_which_nprobe_each_query_ended_with(catalog):
         ms, mp = search_mod.merge_widened(fs[sel], positions(fi[sel]), xs, positions(xi), 10)
         assert torch.equal(mp, positions(i[sel])) and torch.equal(ms, s[sel])
     assert st.lists_probed == 2 * 30 + int((used[widened] - 2).sum())
+
+
+def test_presized_first_scans_are_one_fixed_nprobe_scan_each(catalog):
+    """With the build's selectivity sample a selective filter's first scan already has the widened size:
+    each group of queries sharing a first size is answered exactly (bit for bit) as one fixed-nprobe
+    search of those queries at that size; queries whose sampled need is half of all lists or more are
+    scored on their eligible set at once (nlist, no list scanned for them)."""
+    index, lists = catalog
+    assert index.selectivity_sample is not None
+    xq = torch.randn(30, 8, generator=torch.Generator().manual_seed(4))
+    where = ["lang:v0 AND tier:v1 AND country:v2"] * 20 + ["lang:v1"] * 10
+    s, i, st = index.search(xq, k=10, nprobe=2, where=where, adaptive=True, return_stats=True)
+    used = torch.tensor(st.nprobe_used)
+    assert st.presized == int((used > 2).sum()) > 0 and st.widened == 0
+    for w in used.unique().tolist():
+        sel = (used == w).nonzero().squeeze(1)
+        sub = [where[j] for j in sel]
+        if w == index.nlist:
+            ws, wi = search_mod._prefilter_topk(index, xq[sel], 10, index.compile_filters(sub, len(sub)), 0,
+                                                verify_exact=True)
+            wi = index.positions_to_ids(wi)
+            assert st.prefiltered == sel.numel()
+        else:
+            ws, wi = index.search(xq[sel], k=10, nprobe=w, where=sub, adaptive=False)
+        assert torch.equal(wi, i[sel]) and torch.equal(ws, s[sel])
+    scanned = torch.where(used == index.nlist, torch.zeros_like(used), used)
+    assert st.lists_probed == int(scanned.sum())

@@ -105,20 +105,51 @@ def test_widened_answer_is_the_exact_top_k_of_its_lists(monkeypatch, fused, seed
     s, ids, stc = index.search(xq, k=k, nprobe=nprobe, where=where, adaptive=True, return_stats=True)
     used = list(stc.nprobe_used)
     _check_against_brute(index, lists, xq, exprs, s, ids, used, k)
-    # stats: each query's first nprobe lists, then only the lists ranked nprobe..w of a widened query
-    scanned = [u if u < index.nlist else nprobe for u in used]
+    # stats: each query's first scan (sized by the sample's estimate), then only the lists ranked
+    # first..w of a query the measured rule widens; a query pre-filtered from the start scans none
+    first = _first_scan(lists, exprs, nprobe, index.nlist)
+    scanned = [0 if f == index.nlist else (u if u < index.nlist else f) for f, u in zip(first, used)]
     assert stc.lists_probed == sum(scanned)
     live = index.live_per_list()
     rank = (xq @ index.centroids.T).argsort(dim=1, descending=True, stable=True)
     assert stc.items_scanned == sum(int(live[rank[q, :u]].sum()) for q, u in enumerate(scanned))
-    widened = sum(nprobe < u < index.nlist for u in used)
-    assert stc.widened == widened and stc.prefiltered == sum(u == index.nlist for u in used)
-    assert stc.widen_rounds == len({u for u in used if nprobe < u < index.nlist})
+    assert all(u >= f for f, u in zip(first, used))
+    assert stc.presized == sum(f > nprobe for f in first)
+    assert stc.widened == sum(f < u < index.nlist for f, u in zip(first, used))
+    assert stc.prefiltered == sum(u == index.nlist for u in used)
+    assert stc.widen_rounds == len({(f, u) for f, u in zip(first, used) if f < u < index.nlist})
 
 
-def test_widening_breaks_exact_score_ties_by_position_across_lists():
+def _first_scan(lists, exprs, nprobe: int, nlist: int) -> list[int]:
+    """Per query, the lists its first scan covers (nlist: pre-filtered at once), recomputed plainly:
+    the filter's pass rate on the build's sample rows (evenly spaced catalog rows, plain-Python
+    evaluation) smoothed (+1 / +2), and the widening rule nprobe / √f in half-steps of nprobe."""
+    from sterling.model.selectivity import sample_rows
+
+    rows = sample_rows(len(lists)).tolist()
+    out = []
+    for e in exprs:
+        if e is None:
+            out.append(nprobe)
+            continue
+        f = (sum(holds(e, set(lists[r])) for r in rows) + 1) / (len(rows) + 2)
+        need = nprobe / f ** 0.5
+        half = max(1, nprobe // 2)
+        if need >= 0.5 * nlist:
+            out.append(nlist)
+        elif need > 1.25 * nprobe:
+            out.append(min(nlist, -(-need // half) * half))
+        else:
+            out.append(nprobe)
+    return [int(v) for v in out]
+
+
+@pytest.mark.parametrize("sampled", [True, False])
+def test_widening_breaks_exact_score_ties_by_position_across_lists(sampled):
     """Every item scores exactly the same against e1 (first coordinate 1, the rest ±1/0, one int8
-    scale): the answer is the eligible items of the scanned lists with the lowest positions."""
+    scale): the answer is the eligible items of the scanned lists with the lowest positions —
+    whether the first scan is sized by the selectivity sample (one scan of the widened size) or,
+    without a sample (an index built before it existed), widened after it (two scans merged)."""
     g = torch.Generator().manual_seed(5)
     n = 1500
     x = torch.randint(-1, 2, (n, 5), generator=g).float()
@@ -126,6 +157,8 @@ def test_widening_breaks_exact_score_ties_by_position_across_lists():
     rng = random.Random(5)
     lists = [sorted({f"lang:v{rng.randrange(6)}"}) for _ in range(n)]
     index = _build(x, lists, 16, 0)
+    if not sampled:
+        index.selectivity_sample = None
     assert torch.unique(index.scales).numel() == 1
     xq = torch.zeros(8, 5)
     xq[:, 0] = 1.0
@@ -133,7 +166,7 @@ def test_widening_breaks_exact_score_ties_by_position_across_lists():
     xq[:4, 1:] = 0.0  # exact ties for the first four
     expr = random_expr(random.Random(1), ["lang:v0"], depth=0)
     s, ids, st_ = index.search(xq, k=30, nprobe=1, where=render(expr), adaptive=True, return_stats=True)
-    assert st_.widened > 0
+    assert (st_.presized if sampled else st_.widened) > 0
     _check_against_brute(index, lists, xq, [expr] * 8, s, ids, list(st_.nprobe_used), 30, tol=1e-6)
     for q in range(4):  # all tied: positions ascending
         got = _positions(index, ids[q])
