@@ -43,11 +43,14 @@ bitmask of batch terms with vocabulary id v); qprog [B] int64, −1 = unfiltered
 """
 
 # Per-pair facts the filtered scan rewrites for the selection: a pair whose eligible items were
-# compacted has pair_n / pair_nb of the compacted run and pair_map = its offset in pmap (else −1).
+# compacted has pair_n / pair_nb of the compacted run and pair_map = its offset in pmap (else −1);
+# a row scored compactly on its own (few eligible items) has pair_map = LOCAL: its pair_n scores are
+# followed, in the score buffer, by their items' offsets in the list (uint32 bits).
 # (a plain tuple: numba's parallel lowering cannot pass a namedtuple made in compiled code)
 # cmp = (order, pair_n, pair_nb, pair_map, pmap, map_off)
 
 MAX_TERMS = 63  # term hits are an int64 bitmask per item
+LOCAL = -2  # pair_map of a compact row whose item offsets follow its scores (see above)
 NEG_BITS = np.uint32(0xFF800000)  # fp32 −inf: "no candidate" in the score buffer
 TT_TERMS = 8  # programs over at most this many distinct terms are evaluated by a truth table
 GROUP_MIN = 4  # queries of one list sharing a program, from which its eligible items are compacted
@@ -449,14 +452,17 @@ if HAVE_NUMBA:
                 mx = neg
 
     @njit(fastmath=True, cache=True, inline="always")
-    def _score_gathered(xq, q, codes, scales, s, idx, m, n, flat, base, bmax, c0):  # pragma: no cover - compiled
+    def _score_gathered(xq, q, codes, scales, s, idx, m, n, flat, base, bmax, c0, compact):  # pragma: no cover
         """One query × the items ``idx[:m]`` (ascending offsets into a list of n at position s),
-        straight from the codes, four items per step; every other slot of the list scores −inf.
-        Block maxima of the blocks holding an eligible item are raised (the rest stay −inf)."""
+        straight from the codes, four items per step. ``compact`` (2·m ≤ n): the m scores go to the
+        row's first m slots and their offsets (uint32) to the next m (``_compact_local``); else every
+        other slot of the list scores −inf. Block maxima of the blocks holding a score are raised
+        (the rest stay −inf)."""
         D = xq.shape[1]
-        neg = np.float32(-np.inf)
-        for i in range(n):
-            flat[base + i] = neg
+        if compact:
+            _compact_local(idx, m, flat, base)
+        else:
+            _fill_neg(flat, base, n)
         j = 0
         while j + 4 <= m:
             i0 = idx[j]
@@ -473,28 +479,31 @@ if HAVE_NUMBA:
                 a1 += x * np.float32(codes[s + i1, d])
                 a2 += x * np.float32(codes[s + i2, d])
                 a3 += x * np.float32(codes[s + i3, d])
-            _put(flat, base, bmax, q, c0, i0, a0 * scales[s + i0])
-            _put(flat, base, bmax, q, c0, i1, a1 * scales[s + i1])
-            _put(flat, base, bmax, q, c0, i2, a2 * scales[s + i2])
-            _put(flat, base, bmax, q, c0, i3, a3 * scales[s + i3])
+            _put(flat, base, bmax, q, c0, j if compact else i0, a0 * scales[s + i0])
+            _put(flat, base, bmax, q, c0, j + 1 if compact else i1, a1 * scales[s + i1])
+            _put(flat, base, bmax, q, c0, j + 2 if compact else i2, a2 * scales[s + i2])
+            _put(flat, base, bmax, q, c0, j + 3 if compact else i3, a3 * scales[s + i3])
             j += 4
         while j < m:
             i0 = idx[j]
             a0 = np.float32(0.0)
             for d in range(D):
                 a0 += xq[q, d] * np.float32(codes[s + i0, d])
-            _put(flat, base, bmax, q, c0, i0, a0 * scales[s + i0])
+            _put(flat, base, bmax, q, c0, j if compact else i0, a0 * scales[s + i0])
             j += 1
 
     @njit(fastmath=True, cache=True, inline="always")
-    def _score_gathered2(xq, q0, q1, codes, scales, s, idx, m, n, flat, b0, b1, bmax, c0, c1):  # pragma: no cover
+    def _score_gathered2(xq, q0, q1, codes, scales, s, idx, m, n, flat, b0, b1, bmax, c0, c1,  # pragma: no cover
+                         compact):
         """``_score_gathered`` for two queries sharing a program: each loaded code feeds both
         (2 queries × 4 items, 8 accumulators); the remainder goes one query at a time."""
         D = xq.shape[1]
-        neg = np.float32(-np.inf)
-        for i in range(n):
-            flat[b0 + i] = neg
-            flat[b1 + i] = neg
+        if compact:
+            _compact_local(idx, m, flat, b0)
+            _compact_local(idx, m, flat, b1)
+        else:
+            _fill_neg(flat, b0, n)
+            _fill_neg(flat, b1, n)
         j = 0
         while j + 4 <= m:
             i0 = idx[j]
@@ -528,14 +537,14 @@ if HAVE_NUMBA:
             sc1 = scales[s + i1]
             sc2 = scales[s + i2]
             sc3 = scales[s + i3]
-            _put(flat, b0, bmax, q0, c0, i0, a0 * sc0)
-            _put(flat, b0, bmax, q0, c0, i1, a1 * sc1)
-            _put(flat, b0, bmax, q0, c0, i2, a2 * sc2)
-            _put(flat, b0, bmax, q0, c0, i3, a3 * sc3)
-            _put(flat, b1, bmax, q1, c1, i0, e0 * sc0)
-            _put(flat, b1, bmax, q1, c1, i1, e1 * sc1)
-            _put(flat, b1, bmax, q1, c1, i2, e2 * sc2)
-            _put(flat, b1, bmax, q1, c1, i3, e3 * sc3)
+            _put(flat, b0, bmax, q0, c0, j if compact else i0, a0 * sc0)
+            _put(flat, b0, bmax, q0, c0, j + 1 if compact else i1, a1 * sc1)
+            _put(flat, b0, bmax, q0, c0, j + 2 if compact else i2, a2 * sc2)
+            _put(flat, b0, bmax, q0, c0, j + 3 if compact else i3, a3 * sc3)
+            _put(flat, b1, bmax, q1, c1, j if compact else i0, e0 * sc0)
+            _put(flat, b1, bmax, q1, c1, j + 1 if compact else i1, e1 * sc1)
+            _put(flat, b1, bmax, q1, c1, j + 2 if compact else i2, e2 * sc2)
+            _put(flat, b1, bmax, q1, c1, j + 3 if compact else i3, e3 * sc3)
             j += 4
         while j < m:
             i0 = idx[j]
@@ -545,9 +554,23 @@ if HAVE_NUMBA:
                 u0 = np.float32(codes[s + i0, d])
                 a0 += xq[q0, d] * u0
                 e0 += xq[q1, d] * u0
-            _put(flat, b0, bmax, q0, c0, i0, a0 * scales[s + i0])
-            _put(flat, b1, bmax, q1, c1, i0, e0 * scales[s + i0])
+            _put(flat, b0, bmax, q0, c0, j if compact else i0, a0 * scales[s + i0])
+            _put(flat, b1, bmax, q1, c1, j if compact else i0, e0 * scales[s + i0])
             j += 1
+
+    @njit(cache=True, inline="always")
+    def _fill_neg(flat, base, n):  # pragma: no cover - compiled
+        neg = np.float32(-np.inf)
+        for i in range(n):
+            flat[base + i] = neg
+
+    @njit(cache=True, inline="always")
+    def _compact_local(idx, m, flat, base):  # pragma: no cover - compiled
+        """The offsets of a row's m compact scores, as uint32 bits, in the m slots after them
+        (``pair_map`` ``LOCAL``: the selection reads positions there)."""
+        fu = flat.view(np.uint32)
+        for j in range(m):
+            fu[base + m + j] = np.uint32(idx[j])
 
     @njit(cache=True, inline="always")
     def _put(flat, base, bmax, q, c0, i, v):  # pragma: no cover - compiled
@@ -717,21 +740,29 @@ if HAVE_NUMBA:
                     counts[r, 1] = m
                 mo += n
             else:
+                # at most half the list eligible: each row holds its scores compactly, positions after
+                # them (no −inf fill of the whole row, and the selection reads only the eligible)
+                compact = 2 * nelig <= n
                 j = g0
                 while j + 2 <= g1:
                     r0 = p0 + srt[j]
                     r1 = p0 + srt[j + 1]
                     _score_gathered2(xq, pair_q[r0], pair_q[r1], codes, scales, s, elig, nelig, n, flat,
-                                     pair_flat[r0], pair_flat[r1], bmax, pair_col[r0], pair_col[r1])
+                                     pair_flat[r0], pair_flat[r1], bmax, pair_col[r0], pair_col[r1], compact)
                     j += 2
                 if j < g1:
                     r = p0 + srt[j]
                     _score_gathered(xq, pair_q[r], codes, scales, s, elig, nelig, n, flat, pair_flat[r], bmax,
-                                    pair_col[r])
+                                    pair_col[r], compact)
                 for j in range(g0, g1):
                     r = p0 + srt[j]
                     counts[r, 0] = nlive
                     counts[r, 1] = nelig
+                    if compact:
+                        qp = cmp[0][r]
+                        cmp[1][qp] = nelig
+                        cmp[2][qp] = (nelig + 15) // 16
+                        cmp[3][qp] = LOCAL
 
     @njit(fastmath=True, cache=True)
     def _scan_list(  # pragma: no cover - compiled
@@ -931,12 +962,19 @@ if HAVE_NUMBA:
                 f0 = pair_flat[p]
                 mp = pair_map[p]
                 s0 = pair_start[p]
-                if mp < 0:
+                if mp == -1:
                     for i in range(first, last):
                         u = fu[f0 + i]
                         key = _desc_key(u)
                         keys[m] = (np.uint64(key) << np.uint64(32)) | np.uint64(s0 + i)
                         # a bit test for −inf: immune to fast-math assumptions about inf
+                        m += (u != NEG_BITS) & (key <= bound)
+                elif mp == LOCAL:  # compact row: its items' offsets follow its pair_n scores
+                    loc = f0 + pair_n[p]
+                    for i in range(first, last):
+                        u = fu[f0 + i]
+                        key = _desc_key(u)
+                        keys[m] = (np.uint64(key) << np.uint64(32)) | np.uint64(s0 + np.int64(fu[loc + i]))
                         m += (u != NEG_BITS) & (key <= bound)
                 else:
                     for i in range(first, last):
