@@ -56,3 +56,15 @@ def test_per_query_filters_and_retrieval_forward_on_cuda(indexes):
         if where[q] is not None:
             assert all(i in sets[where[q]] for i in row if i >= 0)
         assert sum(i >= 0 for i in row) > 0
+
+
+def test_first_scans_are_sized_the_same_on_cuda(indexes):
+    """The selectivity sample's estimate does not depend on the device: the CUDA index sizes the same
+    first scans (``presized``) as the CPU index, and every result stays eligible."""
+    cpu, gpu, xq = indexes
+    for where in WHERES:
+        _, i_g, st_g = gpu.search(xq, k=50, nprobe=16, where=where, adaptive=True, return_stats=True)
+        _, _, st_c = cpu.search(xq, k=50, nprobe=16, where=where, adaptive=True, return_stats=True)
+        assert st_g.presized == st_c.presized
+        ok = _eligible_ids(cpu, where)
+        assert all(int(i) in ok for i in i_g.cpu().flatten().tolist() if i >= 0), where
