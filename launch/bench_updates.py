@@ -172,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
         st_search(xq[:1])
         rows["sterling"] = {"upserts_per_s": writer_alone(st_upsert)}
         rows["sterling"].update(_phases(phase, st_search, st_upsert, args.rate))
+        # lists that filled: laid out again locally (a window of neighbours) or re-packed whole
+        rows["sterling"].update(local_relayouts=live.local_repacks, full_repacks=live.repacks)
         live.close()
     if not args.no_faiss:
         import faiss

@@ -181,6 +181,8 @@ class LiveModel:
         self.guard = ReadWriteGuard()
         self._wal = wal
         self._seq_lock = threading.Lock()  # assigns sequence numbers; log order = apply order
+        self.local_repacks = 0  # overflows answered by laying out a window of lists again
+        self.repacks = 0  # overflows answered by re-packing the whole index
         self._next_seq = applied + 1
         self._applied = applied
         self._apply_cv = threading.Condition()
@@ -407,9 +409,24 @@ class LiveModel:
             return
         needed, fits = upd.free_slots_needed(self.model.index, staged.prepared)
         if not fits:
-            layout = upd.repack(self.model.index, extra=needed)
+            self._make_room(needed)
+
+    def _make_room(self, needed) -> None:
+        """Give the lists that lack free slots ``needed`` of them: by laying out again only the
+        neighbouring lists around each (``updates.local_repack``, O(window)), or — when that
+        would span a quarter of the lists — by re-packing the whole index with fresh slack. The
+        new layout is worked out while queries keep running; installing it holds them out."""
+        index = self.model.index
+        local = upd.local_repack(index, needed)
+        if local is not None:
             with self.guard.write():
-                upd.install_layout(self.model.index, layout)
+                upd.install_local(index, local)
+            self.local_repacks += 1
+            return
+        layout = upd.repack(index, extra=needed)
+        with self.guard.write():
+            upd.install_layout(index, layout)
+        self.repacks += 1
 
     def apply_staged(self, staged: Staged, *, maintenance: bool = True) -> int:
         """Apply a staged batch (after every batch staged before it); returns the version it produced.
@@ -455,9 +472,7 @@ class LiveModel:
             try:
                 return upd.apply_upsert(index, batch, exclusive=exclusive, backend=backend)
             except upd.ListsFullError as full:  # nothing was applied: make room, then apply
-                layout = upd.repack(index, extra=full.needed)  # queries keep running meanwhile
-                with self.guard.write():
-                    upd.install_layout(index, layout)
+                self._make_room(full.needed)
                 return upd.apply_upsert(index, batch, exclusive=exclusive, backend=backend)
         if rec.kind is RecordKind.DELETE:
             ids_t = torch.from_numpy(rec.ids)
@@ -534,6 +549,9 @@ class LiveModel:
             covered = self._wal.rotate()
             with self.guard.read():  # a consistent copy; queries continue
                 tensors, meta = _model_parts(self.model)
+            # from here on pick free slots as a recovery from this snapshot will (each list's
+            # lowest free slot first): replaying the log after it then rebuilds this very layout
+            upd.fresh_slot_map(self.model.index)
             self._since_snapshot = 0
         path = d / f"snapshot-{covered:020d}.st"
         try:

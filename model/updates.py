@@ -443,6 +443,14 @@ def slot_map(index) -> SlotMap:
     return sm
 
 
+def fresh_slot_map(index) -> SlotMap:
+    """Replace the index's ``SlotMap`` by one rebuilt from its tensors (each list's lowest free slot
+    on top, as after loading): one reference swap, so a concurrent ``holding`` reads either map
+    whole. Writers must be excluded (``LiveModel.snapshot`` holds them)."""
+    sm = index.__dict__["_slot_map"] = SlotMap(index)
+    return sm
+
+
 def free_slots_needed(index, batch: PreparedUpsert) -> tuple[torch.Tensor, bool]:
     """([nlist] free slots each list needs for ``batch``, whether every list has them now).
 
@@ -851,6 +859,190 @@ def repack(index, *, extra: torch.Tensor | None = None, slack: float | None = No
         "bloom": bloom, "attr_ids": attr_ids, "attr_offsets": attr_offsets, "alive": pack_bits(item_ids >= 0),
     }
     return {n: t.to(dev) for n, t in out.items()}
+
+
+# A local re-layout may take at most this share of the lists; a fuller index is re-packed whole.
+LOCAL_MAX_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class LocalLayout:
+    """Windows of neighbouring lists laid out again inside their own slot ranges (``local_repack``).
+
+    ``windows``: per window (first list, last list, new list offsets [last − first + 2], slot
+    range start, and the window's new ``codes``, ``scales``, ``item_ids``, ``bloom``, exact
+    lists ``attr_ids`` and ``attr_offsets`` (global entry offsets of its slots, the range's ends
+    unchanged)).
+    """
+
+    windows: list
+
+
+def local_repack(index, extra: torch.Tensor, *, slack: float | None = None,
+                 max_share: float = LOCAL_MAX_SHARE) -> LocalLayout | None:
+    """Room for the lists that lack it, by laying out again only a window of neighbouring lists
+    around each: the overflow path of streaming upserts.
+
+    A full list borrows the spare slots of its neighbours: the window grows one list at a time
+    (toward the neighbour with more free slots) until its slot range holds every list in it at
+    ``live + max(ceil(live · slack / 2), extra)`` slots (≥ 1 spare in a non-empty list), the
+    range's leftover slots shared out evenly (a packed-memory-array rebalance). Nothing outside the windows moves:
+    the slot ranges, the exact lists' entry ranges and every other list stay where they are, so
+    the cost is the windows' size, not the index's (a whole ``repack`` copies every tensor).
+    Reads the index without changing it (queries may run); ``install_local`` swaps it in.
+
+    Returns None when the windows would cover more than ``max_share`` of the lists (the index
+    is nearly full: re-pack it whole, with fresh slack everywhere).
+    """
+    slack = index.config.list_slack if slack is None else slack
+    sm = slot_map(index)
+    offs = index.list_offsets.cpu().numpy().astype(np.int64)
+    nl = index.nlist
+    need = np.asarray(extra.cpu().numpy() if isinstance(extra, torch.Tensor) else extra, dtype=np.int64)
+    cap = np.diff(offs)
+    free = sm.free_top.astype(np.int64)
+    live = cap - free
+    # inside a window every list keeps at least half its slack (≥ 1 slot when it holds items) and
+    # the lists that lack room get what the batch needs; the window's other free slots are
+    # shared out evenly. Windows only grow while that fits: an index whose lists are all below
+    # half their slack is re-packed whole, with fresh slack everywhere.
+    spare = np.ceil(live * slack / 2).astype(np.int64)
+    spare = np.where(live > 0, np.maximum(spare, 1), spare)
+    want = live + np.maximum(spare, need)
+    short = np.flatnonzero(need > free)
+    if short.size == 0:
+        return LocalLayout(windows=[])
+    limit = max(1, int(nl * max_share))
+    spans: list[list[int]] = []
+    for lst in short.tolist():
+        if spans and spans[-1][0] <= lst <= spans[-1][1]:
+            continue
+        a = b = lst
+        if spans and spans[-1][1] >= a - 1:  # touching the last window: grow that one
+            a = spans.pop()[0]
+        while want[a : b + 1].sum() > offs[b + 1] - offs[a]:
+            left = free[a - 1] if a > 0 else -1
+            right = free[b + 1] if b + 1 < nl else -1
+            if left < 0 and right < 0:
+                return None
+            if right >= left:
+                b += 1
+            else:
+                a -= 1
+            if b - a + 1 > limit:
+                return None
+            if spans and spans[-1][1] >= a - 1:
+                a = min(a, spans.pop()[0])
+        spans.append([a, b])
+    if sum(b - a + 1 for a, b in spans) > limit:
+        return None
+    return LocalLayout(windows=[_window_layout(index, offs, want, a, b) for a, b in spans])
+
+
+def _window_layout(index, offs: np.ndarray, want: np.ndarray, a: int, b: int) -> tuple:
+    """Lists a..b laid out again inside slots [offs[a], offs[b + 1]) (see ``local_repack``)."""
+    s0, s1 = int(offs[a]), int(offs[b + 1])
+    caps = want[a : b + 1].copy()
+    left = (s1 - s0) - int(caps.sum())
+    n = b - a + 1
+    # the slots left over go evenly to the lists that hold or held slots (a list a document
+    # shard does not hold keeps none)
+    share = np.flatnonzero((caps > 0) | (np.diff(offs[a : b + 2]) > 0))
+    if share.size == 0:
+        share = np.arange(n)
+    caps[share] += left // share.size
+    caps[share[: left % share.size]] += 1
+    new_offs = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(caps, out=new_offs[1:])
+    new_offs += s0
+    ids = index.item_ids.cpu().numpy()[s0:s1]
+    live = np.flatnonzero(ids >= 0)  # window-relative, in list order
+    lst = np.searchsorted(offs[a : b + 2] - s0, live, side="right") - 1
+    sizes = np.bincount(lst, minlength=n)
+    first = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(sizes, out=first[1:])
+    dest = new_offs[lst] - s0 + (np.arange(live.size) - first[lst])
+    W = s1 - s0
+    codes = np.zeros((W, index.dim), dtype=index.codes.cpu().numpy().dtype)
+    codes[dest] = index.codes.cpu().numpy()[s0:s1][live]
+    scales = np.zeros(W, dtype=np.float32)
+    scales[dest] = index.scales.cpu().numpy()[s0:s1][live]
+    item_ids = np.full(W, -1, dtype=np.int64)
+    item_ids[dest] = ids[live]
+    bloom = np.zeros((W, index.bloom.shape[1]), dtype=index.bloom.cpu().numpy().dtype)
+    bloom[dest] = index.bloom.cpu().numpy()[s0:s1][live]
+    # exact lists: the live items' terms without padding, in the window's own entry range; the
+    # entries left over become room (−1 padding) shared by the free slots
+    aoffs = index.attr_offsets.cpu().numpy()[s0 : s1 + 1].astype(np.int64)
+    A0, A1 = int(aoffs[0]), int(aoffs[-1])
+    ent = index.attr_ids.cpu().numpy()[A0:A1]
+    per_slot = np.diff(aoffs)
+    slot_of = np.repeat(np.arange(W), per_slot)
+    head = np.zeros(ent.size, dtype=bool)
+    head[(aoffs[:-1] - A0)[per_slot > 0]] = True
+    prev = np.concatenate([[-2], ent[:-1]]) if ent.size else ent
+    keep = (ent >= 0) & (head | (ent != prev)) & (ids[slot_of] >= 0)
+    tight_len = np.bincount(slot_of[keep], minlength=W)
+    tight = ent[keep]
+    tight_at = np.zeros(W + 1, dtype=np.int64)
+    np.cumsum(tight_len, out=tight_at[1:])
+    length = np.zeros(W, dtype=np.int64)
+    length[dest] = tight_len[live]
+    room = (A1 - A0) - int(length.sum())
+    spare_slots = np.flatnonzero(item_ids < 0)
+    if spare_slots.size:
+        length[spare_slots] += room // spare_slots.size
+        length[spare_slots[: room % spare_slots.size]] += 1
+    else:
+        length[-1] += room
+    attr_offsets = np.zeros(W + 1, dtype=np.int64)
+    np.cumsum(length, out=attr_offsets[1:])
+    attr_ids = np.full(A1 - A0, -1, dtype=ent.dtype)
+    cnt = tight_len[live]
+    total = int(cnt.sum())
+    if total:
+        within = np.arange(total) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+        attr_ids[np.repeat(attr_offsets[dest], cnt) + within] = tight[np.repeat(tight_at[live], cnt) + within]
+    attr_offsets += A0
+    return (a, b, new_offs, s0, codes, scales, item_ids, bloom, attr_ids, attr_offsets)
+
+
+def install_local(index, layout: LocalLayout) -> None:
+    """Write a ``local_repack`` result into ``index`` in place (the caller excludes concurrent
+    queries) and bring its ``SlotMap`` up to date: the moved items' slots, the windows' free-slot
+    stacks and list offsets; nothing outside the windows is touched."""
+    if not layout.windows:
+        return
+    sm = slot_map(index)
+    lo = index.list_offsets
+    moved_ids, moved_slots = [], []
+    for a, b, new_offs, s0, codes, scales, item_ids, bloom, attr_ids, attr_offsets in layout.windows:
+        W = item_ids.shape[0]
+        s1 = s0 + W
+        old_ids = index.item_ids[s0:s1].cpu().numpy().copy()  # (a view would see the new ids)
+        A0 = int(attr_offsets[0])
+        for name, v in (("codes", codes), ("scales", scales), ("item_ids", item_ids), ("bloom", bloom)):
+            getattr(index, name)[s0:s1].copy_(torch.from_numpy(v))
+        index.attr_ids[A0 : A0 + attr_ids.shape[0]].copy_(torch.from_numpy(attr_ids))
+        index.attr_offsets[s0 : s1 + 1].copy_(torch.from_numpy(attr_offsets))
+        bits = np.unpackbits(index.alive.cpu().numpy()[s0 >> 3 : (s1 + 7) >> 3], bitorder="little")
+        bits[s0 - (s0 >> 3 << 3) : s0 - (s0 >> 3 << 3) + W] = item_ids >= 0
+        index.alive[s0 >> 3 : (s1 + 7) >> 3].copy_(torch.from_numpy(np.packbits(bits, bitorder="little")))
+        lo[a : b + 2].copy_(torch.from_numpy(new_offs))
+        # the slot map: list offsets, free stacks of the window's lists, where moved items are now
+        sm._offs[a : b + 2] = new_offs
+        buf, top = ua.free_stacks(item_ids, new_offs - s0)
+        sm.free_buf[s0:s1] = buf + s0  # (entries past a list's top are never read)
+        sm.free_top[a : b + 1] = top
+        moved = np.flatnonzero((item_ids >= 0) & (item_ids != old_ids))
+        moved_ids.append(item_ids[moved])
+        moved_slots.append(moved + s0)
+    ids = np.concatenate(moved_ids)
+    if sm.counters[1] + ids.size > sm._hkeys.shape[0] // 2:
+        sm.rebuild(index)
+    else:
+        ua.hash_set(ids, np.concatenate(moved_slots), sm._hkeys, sm._hvals, sm.counters)
+        sm._layout = (lo, lo._version)
 
 
 def install_layout(index, layout: dict[str, torch.Tensor]) -> None:
