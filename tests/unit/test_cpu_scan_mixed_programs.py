@@ -139,19 +139,15 @@ def _check(c, k):
         assert np.all(got[:-1][tie] < got[1:][tie])
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    seed=st.integers(0, 2**31 - 1),
-    n_lists=st.integers(1, 6),
-    per_list=st.integers(1, 120),
-    T=st.integers(1, 12),
-    P=st.integers(1, 40),
-    B=st.integers(1, 48),
-    k=st.sampled_from([1, 5, 37, 300]),
-    tomb=st.sampled_from([0.0, 0.2, 0.7]),
-    dup=st.sampled_from([0.0, 0.1]),
-    data=st.data(),
-)
+# what every random case draws: seed, list count, duplicates (tied scores), and the nprobe draw
+_CASE = dict(seed=st.integers(0, 2**31 - 1), n_lists=st.integers(1, 6), dup=st.sampled_from([0.0, 0.1]),
+             data=st.data())
+_SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+
+
+@settings(max_examples=25, **_SETTINGS)
+@given(**_CASE, per_list=st.integers(1, 120), T=st.integers(1, 12), P=st.integers(1, 40), B=st.integers(1, 48),
+       k=st.sampled_from([1, 5, 37, 300]), tomb=st.sampled_from([0.0, 0.2, 0.7]))
 def test_many_programs_per_list_equal_the_python_oracle(seed, n_lists, per_list, T, P, B, k, tomb, dup, data):
     nprobe = data.draw(st.integers(1, n_lists))
     _check(_case(seed, n_lists, per_list, 8, T, P, B, nprobe, tomb, dup), k)
@@ -165,18 +161,9 @@ def test_more_than_64_groups_and_a_full_memo_in_one_list(seed):
     _check(c, 50)
 
 
-@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    seed=st.integers(0, 2**31 - 1),
-    n_lists=st.integers(1, 6),
-    per_list=st.integers(1, 150),
-    B=st.integers(1, 40),
-    k=st.sampled_from([1, 7, 64, 500]),
-    tomb=st.sampled_from([0.0, 0.05, 0.4, 0.8]),
-    tail=st.sampled_from([0.0, 0.2, 0.6, 1.0]),
-    dup=st.sampled_from([0.0, 0.1]),
-    data=st.data(),
-)
+@settings(max_examples=30, **_SETTINGS)
+@given(**_CASE, per_list=st.integers(1, 150), B=st.integers(1, 40), k=st.sampled_from([1, 7, 64, 500]),
+       tomb=st.sampled_from([0.0, 0.05, 0.4, 0.8]), tail=st.sampled_from([0.0, 0.2, 0.6, 1.0]))
 def test_unfiltered_lists_with_dead_slots_equal_the_python_oracle(seed, n_lists, per_list, B, k, tomb, tail, dup,
                                                                   data):
     """Unfiltered batches over lists with tombstones and a dead tail (unused slack): the masked
