@@ -275,3 +275,35 @@ def test_tiers_follow_an_artifact_into_document_shards_and_their_rank_slices(bui
         want_s, want_i = built.search(xq, k=10, nprobe=8, where=where)
         np.testing.assert_array_equal(ids, want_i.numpy())
         np.testing.assert_array_equal(scores, want_s.numpy())
+
+
+@linux
+@pytest.mark.parametrize("batched", [True, False], ids=["process_madvise", "one-madvise-per-run"])
+def test_madvise_many_drops_exactly_the_given_runs(tmp_path, batched, monkeypatch):
+    """Release of many runs (one process_madvise call, or the per-run fallback): the private copies
+    in the runs revert to the file's bytes (read independently from the file), pages between them keep
+    theirs. 1,500 runs: more than one call's 1,024 ranges."""
+    import mmap
+
+    from sterling.model import tiers as tiers_mod
+
+    n = 1500
+    data = np.random.default_rng(3).integers(0, 250, (2 * n + 1) * PAGE_BYTES, dtype=np.uint8)
+    path = tmp_path / "pages.bin"
+    path.write_bytes(data.tobytes())
+    monkeypatch.setitem(tiers_mod._batched, "ok", batched and tiers_mod._batched["ok"])
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        arr = np.frombuffer(m, dtype=np.uint8)
+        arr_w = np.ndarray(arr.shape, dtype=np.uint8, buffer=m)
+        base = arr.ctypes.data
+        assert base % PAGE_BYTES == 0
+        arr_w[::PAGE_BYTES] = 255  # a private copy of every page, differing from the file (values < 250)
+        runs = [(base + (2 * i + 1) * PAGE_BYTES, PAGE_BYTES) for i in range(n)]  # every odd page
+        assert tiers_mod.madvise_many(runs, tiers_mod._MADV_DONTNEED) == n * PAGE_BYTES
+        firsts = arr[::PAGE_BYTES].copy()
+        want = np.full(2 * n + 1, 255, dtype=np.uint8)
+        want[1::2] = data[PAGE_BYTES::PAGE_BYTES][: 2 * n : 2]  # odd pages: the file's byte again
+        np.testing.assert_array_equal(firsts, want)
+        del arr, arr_w
+        m.close()
