@@ -16,6 +16,10 @@ resident:
   dropped); ``madvise(MADV_DONTNEED)`` gives them back once the slow bytes
   scanned since the last release exceed ``cold_window`` bytes, so the
   process's resident set stays bounded by the fast tier plus that window.
+  By default a cold fault reads the file around it (the kernel's mmap
+  read-around: the device's read-ahead window); with ``slow_advice="random"``
+  (``madvise(MADV_RANDOM)``, which the planner picks where it predicts it
+  cheaper) a fault reads only its own page.
   The page cache may keep the file's pages (kernel memory, reclaimable,
   not counted in the process RSS).
 
@@ -50,6 +54,7 @@ from sterling.model.errors import InvalidInputError
 __all__ = [
     "PAGE_BYTES",
     "PER_ITEM_TENSORS",
+    "SLOW_ADVICE",
     "TierLayout",
     "TieredStorage",
     "artifact_list_stats",
@@ -180,11 +185,14 @@ class TierLayout:
     source: str = "items"
     fast: np.ndarray | None = None
     cold_window: int | None = None  # slow-tier bytes mapped at a time, as planned (None = the default)
+    slow_advice: str | None = None  # how a cold fault reads the slow tier, as planned (None = "normal")
 
     def __post_init__(self) -> None:
         self.probe_freq = np.asarray(self.probe_freq, dtype=np.float64)
         if self.probe_freq.ndim != 1 or not np.isfinite(self.probe_freq).all() or (self.probe_freq < 0).any():
             raise InvalidInputError("probe_freq must be a finite, non-negative [nlist] array")
+        if self.slow_advice is not None and self.slow_advice not in SLOW_ADVICE:
+            raise InvalidInputError(f"slow-tier advice {self.slow_advice!r} is not one of {SLOW_ADVICE}")
         if self.fast is not None:
             self.fast = np.asarray(self.fast, dtype=bool)
             if self.fast.shape != self.probe_freq.shape:
@@ -196,10 +204,12 @@ class TierLayout:
     def nlist(self) -> int:
         return int(self.probe_freq.shape[0])
 
-    def with_fast(self, fast: np.ndarray | None, cold_window: int | None = None) -> TierLayout:
+    def with_fast(self, fast: np.ndarray | None, cold_window: int | None = None,
+                  slow_advice: str | None = None) -> TierLayout:
         return TierLayout(probe_freq=self.probe_freq, nprobe=self.nprobe, queries=self.queries,
                           source=self.source, fast=fast,
-                          cold_window=self.cold_window if cold_window is None else int(cold_window))
+                          cold_window=self.cold_window if cold_window is None else int(cold_window),
+                          slow_advice=self.slow_advice if slow_advice is None else slow_advice)
 
     def to_meta(self) -> dict:
         d = {
@@ -212,6 +222,8 @@ class TierLayout:
             d["fast"] = "".join("1" if f else "0" for f in self.fast.tolist())
         if self.cold_window is not None:
             d["cold_window"] = int(self.cold_window)
+        if self.slow_advice is not None:
+            d["slow_advice"] = self.slow_advice
         return d
 
     @classmethod
@@ -225,7 +237,8 @@ class TierLayout:
             mask = None
         return cls(probe_freq=np.asarray(d["probe_freq"]), nprobe=int(d.get("nprobe", 1)),
                    queries=int(d.get("queries", 0)), source=str(d.get("source", "items")), fast=mask,
-                   cold_window=None if d.get("cold_window") is None else int(d["cold_window"]))
+                   cold_window=None if d.get("cold_window") is None else int(d["cold_window"]),
+                   slow_advice=d.get("slow_advice") if d.get("slow_advice") in SLOW_ADVICE else None)
 
 
 def list_bytes(tensors: dict[str, torch.Tensor], list_offsets: np.ndarray) -> np.ndarray:
@@ -357,6 +370,10 @@ class TieredStorage:
             pages = np.flatnonzero(mask) + p0
             if not pages.size:
                 continue
+            if self.advice == "random":  # one read for all of them, not one synchronous page per write fault
+                edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.astype(np.int8), [0]))))
+                madvise_many([((p0 + int(a)) * PAGE_BYTES, int(b - a) * PAGE_BYTES)
+                              for a, b in zip(edges[::2], edges[1::2])], _MADV_WILLNEED)
             flat = t.reshape(-1).view(torch.uint8).numpy()
             idx = np.clip(pages * PAGE_BYTES - r.base, 0, r.nbytes - 1)
             flat[idx] = flat[idx]  # a write of the same byte: the kernel copies the page in
@@ -504,8 +521,12 @@ def artifact_list_stats(path) -> dict:
             "always": int(always), "fast": fast, "file_starts": file_starts, "file_bytes": int(file_bytes)}
 
 
-def retier_artifact(path, fast: np.ndarray, out=None, *, cold_window: int | None = None) -> None:
-    """Rewrite an artifact with a tier per list (atomic: temp file + rename; the data is unchanged)."""
+def retier_artifact(path, fast: np.ndarray, out=None, *, cold_window: int | None = None,
+                    slow_advice: str | None = None) -> None:
+    """Rewrite an artifact with a tier per list (atomic: temp file + rename; the data is unchanged);
+    ``cold_window`` / ``slow_advice``: the plan's, recorded for ``ItemIndex.load``."""
+    if slow_advice is not None and slow_advice not in SLOW_ADVICE:
+        raise InvalidInputError(f"slow-tier advice {slow_advice!r} is not one of {SLOW_ADVICE}")
     from sterling.model.artifact import read_artifact, write_artifact
     from sterling.model.errors import ArtifactError
 
@@ -524,7 +545,7 @@ def retier_artifact(path, fast: np.ndarray, out=None, *, cold_window: int | None
     index_meta = dict(meta["index"])
     layout = TierLayout.from_meta(index_meta.get("tiers"), nlist) or TierLayout(
         probe_freq=np.zeros(nlist), nprobe=0, queries=0, source="none")
-    index_meta["tiers"] = layout.with_fast(fast, cold_window).to_meta()
+    index_meta["tiers"] = layout.with_fast(fast, cold_window, slow_advice).to_meta()
     meta["index"] = index_meta
     write_artifact(path if out is None else out, kind=h["kind"], meta=meta, tensors=tensors)
 

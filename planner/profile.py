@@ -78,6 +78,7 @@ class MachineProfile:
     fault_s: float = 0.0  # seconds per cold fault on top of its bytes at mmap_cold_bw
     mmap_touch_bw: float = 0.0  # slow-tier bytes/s the scan maps and reads once the disk has them (cold)
     cold_fit_error: float = 0.0  # RMS error of the cold-read fit on its own points / their mean
+    random_fault_s: float = 0.0  # seconds per cold fault with MADV_RANDOM (one page read); 0 = not measured
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -259,11 +260,20 @@ def _mmap_mechanism(size: int, repeat: int) -> dict:
             "page_cache_bw": float(size / warm)}
 
 
-def _cold_batches(index, streams: dict, *, batch: int, before: int, after: int, repeat: int, cold_window: int = 8 << 20) -> dict:
+def _cold_batches(index, streams: dict, *, batch: int, before: int, after: int, repeat: int,
+                  cold_window: int = 8 << 20) -> dict:
     """Cold batches on the serving path, on the calibration's own index saved as an artifact: per
-    (stream, nprobe, tier mask) the mean extra seconds of a batch over the memory-mapped tier with
-    the page cache evicted before it, against the same batches in memory; regressed on the
-    read-around simulation's faults and bytes (``cpu_cost.cold_terms``) for the same lists."""
+    (stream, nprobe, tier mask, fault advice) the extra seconds of a batch over the memory-mapped
+    tier with the page cache evicted before it, against the same batches in memory; regressed on
+    the read-around simulation's faults and bytes (``cpu_cost.cold_terms``) for the same lists.
+
+    Rounds go over all points in turn (``repeat`` of them), so a spell of slow disk hits every
+    point alike; per point the best in-memory and the best cold block are kept, each on its own
+    (the best of their differences would pair a slow in-memory block with a fast cold one).
+    Read-around (the default advice): all slow, the hottest quarter fast, and only the first
+    quarter / eighth of the lists slow, nprobe 8 and 32, both streams — fitted to
+    ``fault_s``, ``per_byte``, ``per_touched``. ``MADV_RANDOM`` (one page a fault): all slow and
+    the hottest quarter fast at nprobe 8, both streams — ``random_fault_s``, seconds a fault."""
     import dataclasses
 
     from sterling.model import ItemIndex
@@ -272,51 +282,69 @@ def _cold_batches(index, streams: dict, *, batch: int, before: int, after: int, 
     from sterling.planner.tiers import ListStats, pick_fast
 
     rounds = 12
-    feats, extra = [], []
+    points = []  # (stream, nprobe, mask, advice, ColdTerms)
     with tempfile.TemporaryDirectory(prefix="sterling-calibrate-") as d:
         path = Path(d) / "calibrate.st"
         index.save(path)
         st0 = ListStats.from_artifact(artifact_list_stats(path))
+        ids = np.arange(index.nlist)
+        for w, xq in streams.items():
+            for nprobe in sorted({min(8, index.nlist), min(32, index.nlist)}):
+                freq = measure_probe_freq(xq, index.centroids, nprobe)
+                st = dataclasses.replace(st0, probe_freq=freq, nprobe=nprobe)
+                hot = pick_fast(freq, st.list_bytes, int(0.25 * st.list_bytes.sum()))
+                # all slow, the hottest quarter fast, and only the first quarter / eighth of the lists
+                # slow (a smaller part of the file read: the faults and bytes vary)
+                masks = [np.zeros(index.nlist, dtype=bool), hot, ids >= index.nlist // 4, ids >= index.nlist // 8]
+                for j, mask in enumerate(masks):
+                    for advice in ("normal", "random"):
+                        if advice == "random" and (j > 1 or nprobe != min(8, index.nlist)):
+                            continue  # one page a fault: a few points fix its one rate
+                        ct = cold_terms(st, mask, batch=batch, k=10, before=before, after=after,
+                                        cold_window=cold_window, advice=advice)
+                        points.append((w, nprobe, mask, advice, ct))
         fd = os.open(path, os.O_RDONLY)
+        served = {}
         try:
-            for xq in streams.values():
-                for nprobe in sorted({min(8, index.nlist), min(32, index.nlist)}):
-                    freq = measure_probe_freq(xq, index.centroids, nprobe)
-                    st = dataclasses.replace(st0, probe_freq=freq, nprobe=nprobe)
-                    hot = pick_fast(freq, st.list_bytes, int(0.25 * st.list_bytes.sum()))
-                    ids = np.arange(index.nlist)
-                    # all slow, the hottest quarter fast, and only the first quarter / eighth of the
-                    # lists slow (a smaller part of the file read: the faults and bytes vary)
-                    for mask in (np.zeros(index.nlist, dtype=bool), hot, ids >= index.nlist // 4,
-                                 ids >= index.nlist // 8):
-                        ix = ItemIndex.load(path, verify=False, tiers=False)
-                        ix.apply_tiers(mask, cold_window=cold_window)
-                        ct = cold_terms(st, mask, batch=batch, k=10, before=before, after=after, cold_window=cold_window)
-                        best = np.inf
-                        for _ in range(repeat):  # a block in memory, then the same batches cold, in a row
-                            # (a batch right after a cold one runs slower: the disk's after-effects)
-                            warm = cold = 0.0
-                            for r in range(rounds):
-                                t = time.perf_counter()
-                                index.search(xq[r * batch : (r + 1) * batch], k=10, nprobe=nprobe)
-                                warm += time.perf_counter() - t
-                            for r in range(rounds):
-                                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                                t = time.perf_counter()
-                                ix.search(xq[r * batch : (r + 1) * batch], k=10, nprobe=nprobe)
-                                cold += time.perf_counter() - t
-                            best = min(best, (cold - warm) / rounds)
-                        del ix
-                        feats.append([ct.faults, ct.bytes_read, ct.bytes_touched])
-                        extra.append(max(best, 0.0))
+            for _, _, mask, advice, _ in points:
+                key = (mask.tobytes(), advice)
+                if key not in served:
+                    ix = ItemIndex.load(path, verify=False, tiers=False)
+                    ix.apply_tiers(mask, cold_window=cold_window, slow_advice=advice)
+                    served[key] = ix
+            warm = np.full(len(points), np.inf)
+            cold = np.full(len(points), np.inf)
+            for _ in range(max(1, repeat)):
+                for i, (w, nprobe, mask, advice, _) in enumerate(points):
+                    xq, ix = streams[w], served[(mask.tobytes(), advice)]
+                    t0 = time.perf_counter()  # a block in memory, then the same batches cold, in a row
+                    for r in range(rounds):
+                        index.search(xq[r * batch : (r + 1) * batch], k=10, nprobe=nprobe)
+                    warm[i] = min(warm[i], (time.perf_counter() - t0) / rounds)
+                    total = 0.0
+                    for r in range(rounds):
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                        t = time.perf_counter()
+                        ix.search(xq[r * batch : (r + 1) * batch], k=10, nprobe=nprobe)
+                        total += time.perf_counter() - t
+                    cold[i] = min(cold[i], total / rounds)
+                    # its window unmapped: pages another index maps would survive the next point's eviction
+                    ix.tiering.release(ix.tier_tensors())
         finally:
             os.close(fd)
-    a, y = np.array(feats), np.array(extra)
-    fault_s, per_byte, per_touched = _nnls(a, y)
-    pred = a @ np.array([fault_s, per_byte, per_touched])
+            served.clear()
+    extra = np.maximum(cold - warm, 0.0)
+    normal = np.array([p[3] == "normal" for p in points])
+    a = np.array([[p[4].faults, p[4].bytes_read, p[4].bytes_touched] for p in points])
+    an, y = a[normal], extra[normal]
+    fault_s, per_byte, per_touched = _nnls(an, y)
+    pred = an @ np.array([fault_s, per_byte, per_touched])
+    faults_r, y_r = a[~normal, 0], extra[~normal]
+    random_fault_s = float(faults_r @ y_r / max(float(faults_r @ faults_r), 1e-300)) if faults_r.size else 0.0
     return {"fault_s": float(fault_s), "per_byte": float(per_byte), "per_touched": float(per_touched),
             "cold_fit_error": float(np.sqrt(np.mean((pred - y) ** 2)) / max(float(np.mean(y)), 1e-9)),
-            "points": (a, y)}
+            "random_fault_s": random_fault_s,
+            "points": (a, extra, np.array([p[3] for p in points]))}
 
 
 def fit_scan(feats: np.ndarray, seconds: np.ndarray) -> tuple[np.ndarray, float]:
@@ -345,14 +373,15 @@ def measure_profile(*, threads: int = 2, batch: int = 16, items: int = 500_000, 
     probe_s = pts["probe_s"]
     cold = _mmap_mechanism(mmap_bytes, 2)
     fit = _cold_batches(pts["index"], pts["streams"], batch=batch, before=cold["readaround_before"],
-                        after=cold["readaround_after"], repeat=2)
+                        after=cold["readaround_after"], repeat=3)
     if fit["per_byte"] > 0:  # else the points could not separate the two: keep the sequential bandwidth
         cold["mmap_cold_bw"] = 1.0 / fit["per_byte"]
-    cold.update(fault_s=fit["fault_s"], cold_fit_error=fit["cold_fit_error"],
+    cold.update(fault_s=fit["fault_s"], cold_fit_error=fit["cold_fit_error"], random_fault_s=fit["random_fault_s"],
                 mmap_touch_bw=1.0 / fit["per_touched"] if fit["per_touched"] > 0 else cold["page_cache_bw"])
     if os.environ.get("STERLING_CALIBRATE_DEBUG"):  # the fit's points, for a look at the mechanism
         print(json.dumps({"scan": np.column_stack([pts["feats"], pts["scan_s"], pts["search_s"]]).tolist(),
-                          "cold": np.column_stack(fit["points"]).tolist()}))
+                          "cold": np.column_stack(fit["points"][:2]).tolist(),
+                          "cold_advice": fit["points"][2].tolist()}))
     # the old terms stay filled (their closest reading of the same fit) for tools that print them
     pair = (direct_s + group_s) / 2
     return MachineProfile(

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sterling.planner import IndexModelConfig, make_topology, plan
+from sterling.planner import IndexModelConfig, PlanTargets, make_topology, plan
 from sterling.planner.cpu_cost import (
     GROUP_MIN,
     SIM_PAGE,
@@ -199,3 +199,57 @@ def test_artifact_file_offsets_point_at_each_lists_bytes(tmp_path):
             s, nb = int(stats.file_starts[name][lst]), int(stats.bytes_by_tensor[name][lst])
             assert nb == (off[lst + 1] - off[lst]) * row
             assert raw[s : s + nb] == flat[off[lst] * row : off[lst + 1] * row]
+
+
+def test_random_advice_reads_one_page_a_fault_and_is_priced_per_fault():
+    """MADV_RANDOM on the slow tier, by hand: every list probed and holding a result, all slow,
+    released after every batch: each batch faults every page of the touched tensors once (they
+    are page-aligned and the lists contiguous), reading one page each — codes 150 pages, scales
+    ceil(9.375) = 10, ids ceil(18.75) = 19 — and the plan charges random_fault_s per fault."""
+    stats, n, _ = _stats()
+    fast = np.zeros(8, dtype=bool)
+    ct = cold_terms(stats, fast, batch=4, k=8, before=1 << 20, after=1 << 20, cold_window=0, advice="random")
+    pages = 150 + 10 + 19
+    assert (ct.faults, ct.bytes_read, ct.advice) == (pages, pages * SIM_PAGE, "random")
+    assert ct.bytes_touched == float((n * (64 + 4 + 8)).sum())
+    # fault-around blocks of one page: a page mapped earlier is cached, its neighbour is not
+    assert readaround([(4 * SIM_PAGE, 1)], 64 * SIM_PAGE, before=0, after=SIM_PAGE, cached=[(3 * SIM_PAGE, 1)],
+                      around=SIM_PAGE) == (1, SIM_PAGE)
+    with pytest.raises(Exception) as e:
+        cold_terms(stats, fast, batch=4, k=8, before=0, after=SIM_PAGE, advice="sequential")
+    assert type(e.value).__name__ == "InvalidPlanConfigError"
+
+    cfg = IndexModelConfig(items=int(n.sum()), dim=64, nlist=8, nprobe=8, k0=8, k=8, batch=4, attrs_per_item=0,
+                           cache_dim=0, tower_params=0)
+    topo = make_topology("cpu")
+    items = float(n.sum())
+    pr = PROFILE2
+    scan = 4 * 8 * pr.probe_s + 8 * pr.list_s + items * pr.dequant_s + 4 * items * pr.group_s
+    normal = cold_terms(stats, fast, batch=4, k=8, before=pr.readaround_before, after=pr.readaround_after,
+                        cold_window=0)
+    normal_s = normal.faults * pr.fault_s + normal.bytes_read / pr.mmap_cold_bw + normal.bytes_touched / pr.mmap_touch_bw
+    for random_fault_s, want_advice in ((1e-6, "random"), (1e-3, "normal")):
+        prof = dataclasses.replace(PROFILE2, random_fault_s=random_fault_s)
+        p = plan(cfg, topo, list_stats=stats, list_fast=fast, profile=prof, cold_window=0)
+        assert p.devices[0].tiers["slow_advice"] == want_advice
+        want = pr.overhead_s + scan + min(pages * random_fault_s, normal_s)
+        assert math.isclose(p.cost.latency_ms, want * 1e3, rel_tol=1e-9), (random_fault_s, p.cost.latency_ms)
+        forced = plan(cfg, topo, PlanTargets(p99_ms=None), list_stats=stats, list_fast=fast, profile=prof,
+                      cold_window=0, slow_advice="random")
+        assert forced.devices[0].tiers["slow_advice"] == "random"
+        assert math.isclose(forced.cost.latency_ms, (pr.overhead_s + scan + pages * random_fault_s) * 1e3, rel_tol=1e-9)
+
+
+def test_random_advice_needs_a_profile_that_measured_it():
+    stats, n, _ = _stats()
+    cfg = IndexModelConfig(items=int(n.sum()), dim=64, nlist=8, nprobe=8, k0=8, k=8, batch=4, attrs_per_item=0,
+                           cache_dim=0, tower_params=0)
+    topo = make_topology("cpu")
+    fast = np.zeros(8, dtype=bool)
+    # a profile without the single-page cost never picks it, and cannot be asked to price it
+    assert plan(cfg, topo, list_stats=stats, list_fast=fast, profile=PROFILE2).devices[0].tiers["slow_advice"] == "normal"
+    for kwargs in ({"profile": PROFILE2}, {"profile": None}, {"profile": PROFILE2, "slow_advice_value": "willneed"}):
+        advice = kwargs.pop("slow_advice_value", "random")
+        with pytest.raises(Exception) as e:
+            plan(cfg, topo, list_stats=stats, list_fast=fast, slow_advice=advice, **kwargs)
+        assert type(e.value).__name__ == "InvalidPlanConfigError", kwargs

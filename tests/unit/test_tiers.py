@@ -307,3 +307,79 @@ def test_madvise_many_drops_exactly_the_given_runs(tmp_path, batched, monkeypatc
         np.testing.assert_array_equal(firsts, want)
         del arr, arr_w
         m.close()
+
+
+def _vm_flags(lo: int, hi: int) -> list[set[str]]:
+    """The VmFlags of every mapping (area) that overlaps [lo, hi), read from /proc/self/smaps."""
+    out, cur = [], None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                a, b = (int(x, 16) for x in head.split("-"))
+                cur = a < hi and lo < b
+            elif cur and head == "VmFlags:":
+                out.append(set(line.split()[1:]))
+    return out
+
+
+@linux
+def test_random_advice_marks_the_slow_pages_and_answers_stay_identical(built, artifact, small_catalog):
+    """MADV_RANDOM on the slow tier: the kernel's own record (VmFlags ``rr`` in smaps) covers every
+    slow list's pages of every per-item tensor; back to ``normal`` it is gone; answers never change
+    (filtered and unfiltered, before and after an online re-tier, which reads the promoted pages
+    with one WILLNEED instead of a page a write fault)."""
+    from sterling.model.tiers import PER_ITEM_TENSORS
+
+    t = ItemIndex.load(artifact, verify=False)
+    fast = np.arange(64) % 5 == 0
+    st_ = t.apply_tiers(fast, cold_window=1 << 16, slow_advice="random")
+    assert st_.advice == "random" and t.tier_layout.slow_advice == "random"
+    off = t.list_offsets.numpy()
+    slow_lists = np.flatnonzero(~fast & (off[1:] > off[:-1]))
+    checked = 0
+    for name in ("codes", "scales", "item_ids"):
+        ten = getattr(t, name)
+        row = ten.element_size() * (ten[0].numel() if ten.ndim > 1 else 1)
+        for lst in slow_lists[::7]:
+            lo = ten.data_ptr() + int(off[lst]) * row
+            hi = ten.data_ptr() + int(off[lst + 1]) * row
+            flags = _vm_flags(lo, hi)
+            assert flags and all("rr" in f for f in flags), (name, lst, flags)
+            checked += 1
+    assert checked >= 9
+    xq = small_catalog.embeddings[:17]
+    for where in (None, "lang:en", "lang:es AND NOT lang:en"):
+        for nprobe in (4, 64):
+            _same(t.search(xq, k=10, nprobe=nprobe, where=where), built.search(xq, k=10, nprobe=nprobe, where=where))
+    t.retier(np.arange(64) % 2 == 0)  # promote under MADV_RANDOM
+    _same(t.search(xq, k=10, nprobe=64), built.search(xq, k=10, nprobe=64))
+    st_.advise(t.tier_tensors(), "normal")
+    for name in PER_ITEM_TENSORS:
+        ten = getattr(t, name)
+        if ten.numel():
+            lo = ten.data_ptr()
+            # whole pages inside the tensor (an edge page may lie in a neighbour's area)
+            a, b = -(-lo // PAGE_BYTES) * PAGE_BYTES, (lo + ten.numel() * ten.element_size()) // PAGE_BYTES * PAGE_BYTES
+            if b > a:
+                assert all("rr" not in f for f in _vm_flags(a, b)), name
+    with pytest.raises(InvalidInputError, match="sequential"):
+        t.apply_tiers(fast, slow_advice="sequential")
+
+
+def test_the_recorded_slow_advice_is_applied_on_load(built, artifact, tmp_path, small_catalog):
+    from sterling.model.tiers import retier_artifact
+
+    out = tmp_path / "random.st"
+    fast = np.arange(64) % 4 == 0
+    retier_artifact(artifact, fast, out=out, cold_window=1 << 20, slow_advice="random")
+    t = ItemIndex.load(out)
+    assert t.tiering.advice == "random" and t.tier_layout.slow_advice == "random"
+    assert t.tiering.cold_window == 1 << 20
+    assert ItemIndex.load(out, slow_advice="normal").tiering.advice == "normal"  # an explicit choice wins
+    retier_artifact(artifact, fast, out=tmp_path / "plain.st")  # none recorded: the read-around
+    assert ItemIndex.load(tmp_path / "plain.st").tiering.advice == "normal"
+    xq = small_catalog.embeddings[:11]
+    _same(t.search(xq, k=10, where="lang:en"), built.search(xq, k=10, where="lang:en"))
+    with pytest.raises(InvalidInputError):
+        retier_artifact(artifact, fast, out=tmp_path / "bad.st", slow_advice="willneed")
