@@ -206,7 +206,8 @@ def cold_terms(stats, fast: np.ndarray, *, batch: int, k: int, before: int, afte
             hold = rng.random(lists.size) < 1.0 - (1.0 - take) ** c[lists]
             touches += [(ranges["item_ids"][0][lst], ranges["item_ids"][1][lst]) for lst in lists[hold].tolist()]
         touched += float(sum(nb for _, nb in touches if nb > 0))
-        fl, rd = readaround(touches, stats.file_bytes, before=before, after=after, cached=mapped, around=around)
+        fl, rd = readaround(touches, stats.file_bytes, before=before, after=after, cached=mapped, around=around,
+                            readahead=advice == "normal")
         faults += fl
         read += rd
         mapped += touches
@@ -219,14 +220,23 @@ def cold_terms(stats, fast: np.ndarray, *, batch: int, k: int, before: int, afte
 
 
 def readaround(touches, file_bytes: int, *, before: int, after: int, cached=(),
-               around: int = FAULT_AROUND_BYTES) -> tuple[int, int]:
+               around: int = FAULT_AROUND_BYTES, readahead: bool = True) -> tuple[int, int]:
     """(faults, bytes read) when ``touches`` — (file offset, bytes) ranges, in touch order — are
     read through a mapping of a file whose only cached pages are the ``cached`` ranges (with
-    their fault-around blocks of ``around`` bytes): each touched page not yet cached faults, and
-    the kernel reads the uncached pages of ``[page − before, page + after)``, shifted to start at
-    the file's start."""
+    their fault-around blocks of ``around`` bytes).
+
+    Each touched page not yet cached is a fault (the toucher waits for the disk): the kernel
+    reads the uncached pages of ``[page − before, page + after)``, shifted to start at the
+    file's start (mmap read-around), and marks the page a quarter of the window before its end
+    (``async_size``). With ``readahead``, a later touch of a marked page is no fault: it starts
+    the kernel's asynchronous readahead, which reads on from the first uncached page after it —
+    a whole window when the mark is that of the file's latest read (the sequential case), else
+    about twice the distance to that page — and marks the first page of what it read, so a scan
+    that goes on in order keeps the disk reading ahead of it. The bytes it reads count; the
+    faults it saves do not."""
     pages = int(file_bytes) // SIM_PAGE + 1
     bpg, apg = max(0, int(before)) // SIM_PAGE, max(1, int(after) // SIM_PAGE)
+    window = bpg + apg  # the device's read-ahead, in pages
     resident = np.zeros(pages, dtype=bool)
     blk = max(1, int(around) // SIM_PAGE)
     for s, nb in cached:
@@ -234,19 +244,45 @@ def readaround(touches, file_bytes: int, *, before: int, after: int, cached=(),
             end = -(-(int(s) + int(nb)) // SIM_PAGE)  # one past the last page touched
             resident[int(s) // SIM_PAGE // blk * blk : -(-end // blk) * blk] = True
     cached = resident
+    marked = np.zeros(pages, dtype=bool)
+    ra_mark, ra_end = -1, -1  # the file's readahead state: the mark and the end of its latest read
     faults = read = 0
+
+    def fill(a: int, e: int, mark: int) -> None:
+        nonlocal read, ra_mark, ra_end
+        new = ~cached[a:e]
+        read += int(new.sum()) * SIM_PAGE
+        cached[a:e] = True
+        if readahead and a <= mark < e and new[mark - a]:  # only a page this read brought in is marked
+            marked[mark] = True
+        ra_mark, ra_end = mark, e
+
     for s, nb in touches:
         if nb <= 0:
             continue
         p0, p1 = int(s) // SIM_PAGE, (int(s) + int(nb) - 1) // SIM_PAGE + 1
-        while True:
-            miss = np.flatnonzero(~cached[p0:p1])
-            if not miss.size:
+        while p0 < p1:
+            hit = np.flatnonzero(~cached[p0:p1] | marked[p0:p1])
+            if not hit.size:
                 break
-            p = p0 + int(miss[0])
-            a = max(0, p - bpg)
-            e = min(pages, a + bpg + apg)
-            read += int((~cached[a:e]).sum()) * SIM_PAGE
+            p = p0 + int(hit[0])
+            if cached[p]:  # a marked page: asynchronous readahead, the toucher goes on
+                marked[p] = False
+                if p == ra_mark:
+                    a, size = ra_end, window
+                else:
+                    rest = np.flatnonzero(~cached[p + 1 : min(pages, p + 1 + window)])
+                    if not rest.size:
+                        p0 = p + 1
+                        continue
+                    a = p + 1 + int(rest[0])
+                    size = min(window, 2 * (a - p + 1))
+                if a < pages:
+                    fill(a, min(pages, a + size), a)
+                p0 = p + 1
+                continue
             faults += 1
-            cached[a:e] = True
+            a = max(0, p - bpg)
+            e = min(pages, a + window)
+            fill(a, e, e - window // 4 if window >= 4 else -1)  # async_size = window / 4 (none when 0)
     return faults, read

@@ -77,6 +77,24 @@ def test_readaround_counts_only_the_uncached_pages_and_starts_windows_at_the_fil
     assert readaround([(20 * page, 1)], size, before=2 * page, after=3 * page, cached=[(0, 1)]) == (1, 5 * page)
 
 
+def test_a_scan_in_order_through_the_mark_reads_ahead_without_faulting():
+    """By hand, 64-page file, read-ahead 8 pages (4 before, 4 after a fault; the mark 8 / 4 = 2
+    pages before the window's end). Touching page 20: one fault reading [16, 24), mark 22. Pages
+    21..29 in order: 22 is the mark of the latest read, so the kernel reads on [24, 32) without a
+    fault and marks 24; touching 24 reads [32, 40), marked 32, never touched: 1 fault, 24 pages.
+    Without the asynchronous readahead, 24 faults reading [20, 28) (4 pages new) and 28 faults
+    reading [24, 32) (4 new): 3 faults, 16 pages."""
+    page = SIM_PAGE
+    touches = [(20 * page, 1)] + [(p * page, 1) for p in range(21, 30)]
+    assert readaround(touches, 64 * page, before=4 * page, after=4 * page) == (1, 24 * page)
+    assert readaround(touches, 64 * page, before=4 * page, after=4 * page, readahead=False) == (3, 16 * page)
+    # a mark that is not the latest read's (a fault elsewhere came between): page 20 faults [16, 24)
+    # (mark 22), page 50 faults [46, 54) (mark 52, now the latest); touching 22 reads on from the first
+    # uncached page after it, 24, twice the distance 22..24: [24, 30)
+    mixed = [(20 * page, 1), (50 * page, 1), (22 * page, 1)]
+    assert readaround(mixed, 64 * page, before=4 * page, after=4 * page) == (2, (8 + 8 + 6) * page)
+
+
 def _stats(nlist=8, items=1200, layout=True):
     n = np.full(nlist, items, dtype=np.int64)
     by = {"codes": n * 64, "scales": n * 4, "item_ids": n * 8}
@@ -214,7 +232,7 @@ def test_random_advice_reads_one_page_a_fault_and_is_priced_per_fault():
     assert ct.bytes_touched == float((n * (64 + 4 + 8)).sum())
     # fault-around blocks of one page: a page mapped earlier is cached, its neighbour is not
     assert readaround([(4 * SIM_PAGE, 1)], 64 * SIM_PAGE, before=0, after=SIM_PAGE, cached=[(3 * SIM_PAGE, 1)],
-                      around=SIM_PAGE) == (1, SIM_PAGE)
+                      around=SIM_PAGE, readahead=False) == (1, SIM_PAGE)
     with pytest.raises(Exception) as e:
         cold_terms(stats, fast, batch=4, k=8, before=0, after=SIM_PAGE, advice="sequential")
     assert type(e.value).__name__ == "InvalidPlanConfigError"
