@@ -21,7 +21,7 @@ from sterling.planner.cpu_cost import (
     scan_terms,
     scan_terms_of_probe,
 )
-from sterling.planner.profile import MachineProfile, _nnls, fit_scan
+from sterling.planner.profile import MachineProfile, _nnls, fit_cold, fit_scan
 from sterling.planner.tiers import ListStats
 
 PROFILE2 = MachineProfile(threads=2, batch=4, overhead_s=2e-3, scan_bytes_per_s=float("inf"), int8_ops_per_s=1e10,
@@ -194,6 +194,15 @@ def test_the_cold_fit_recovers_fault_and_byte_costs_from_a_fake_timer():
     want = np.array([1.5e-3, 1 / 1.2e9, 1 / 3e9])
     got = _nnls(a, a @ want)
     assert np.allclose(got, want, rtol=1e-4)
+    # the calibration's fit: bytes at the sequential bandwidth given, faults and scanned bytes fitted
+    fault_s, per_touched, err = fit_cold(a, a @ want, 1.2e9)
+    assert err < 1e-9 and math.isclose(fault_s, 1.5e-3, rel_tol=1e-6) and math.isclose(per_touched, 1 / 3e9, rel_tol=1e-6)
+    # a disk slower than its sequential figure: the rest goes to the faults and scanned bytes, never
+    # below zero, and the bytes keep the given price (no second charge for them)
+    fault_s, per_touched, _ = fit_cold(a, a @ want + 2e-3 * a[:, 0], 1.2e9)
+    assert math.isclose(fault_s, 3.5e-3, rel_tol=1e-6) and math.isclose(per_touched, 1 / 3e9, rel_tol=1e-6)
+    fault_s, per_touched, _ = fit_cold(a, a[:, 1] / 2.4e9, 1.2e9)  # faster than its figure: nothing to add
+    assert fault_s == 0.0 and per_touched == 0.0
 
 
 def test_artifact_file_offsets_point_at_each_lists_bytes(tmp_path):
