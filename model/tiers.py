@@ -138,16 +138,18 @@ def madvise_many(runs: list[tuple[int, int]], advice: int) -> int:
             continue
         if _batched["ok"]:
             try:
+                pidfd = _self_pidfd()
+            except OSError:  # no pidfd here (old kernel, sandbox): one call per range from now on
+                _batched["ok"] = False
+            else:
                 iov = (_IoVec * len(part))(*[_IoVec(a, n) for a, n in part])
-                got = _LIBC.syscall(ctypes.c_long(_SYS_PROCESS_MADVISE), ctypes.c_int(_self_pidfd()), iov,
+                got = _LIBC.syscall(ctypes.c_long(_SYS_PROCESS_MADVISE), ctypes.c_int(pidfd), iov,
                                     ctypes.c_size_t(len(part)), ctypes.c_int(advice), ctypes.c_uint(0))
-            except OSError:  # no pidfd on this kernel
-                got = -1
-            if got == want:
-                done += want
-                continue
-            if got < 0 and ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL, errno.EPERM):
-                _batched["ok"] = False  # this kernel does not take it: one call per range from now on
+                if got == want:
+                    done += want
+                    continue
+                if got < 0 and ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL, errno.EPERM):
+                    _batched["ok"] = False  # this kernel does not take it: one call per range from now on
         done += sum(n for a, n in part if madvise(a, n, advice))  # idempotent: a partial call is redone
     return done
 

@@ -383,3 +383,33 @@ def test_the_recorded_slow_advice_is_applied_on_load(built, artifact, tmp_path, 
     _same(t.search(xq, k=10, where="lang:en"), built.search(xq, k=10, where="lang:en"))
     with pytest.raises(InvalidInputError):
         retier_artifact(artifact, fast, out=tmp_path / "bad.st", slow_advice="willneed")
+
+
+@linux
+def test_madvise_many_falls_back_when_no_pidfd_can_be_opened(tmp_path, monkeypatch):
+    """A sandbox without pidfd_open: the runs are still released (one madvise each), and the
+    batched path is switched off instead of failing on every release."""
+    import mmap
+    import os
+
+    from sterling.model import tiers as tiers_mod
+
+    def refuse(pid):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "pidfd_open", refuse)
+    monkeypatch.setitem(tiers_mod._batched, "pid", -1)
+    monkeypatch.setitem(tiers_mod._batched, "ok", True)
+    path = tmp_path / "pages.bin"
+    path.write_bytes(bytes(range(8)) * (4 * PAGE_BYTES // 8))
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        arr = np.ndarray((4 * PAGE_BYTES,), dtype=np.uint8, buffer=m)
+        arr[::PAGE_BYTES] = 255
+        base = arr.ctypes.data
+        assert tiers_mod.madvise_many([(base + PAGE_BYTES, PAGE_BYTES), (base + 3 * PAGE_BYTES, PAGE_BYTES)],
+                                      tiers_mod._MADV_DONTNEED) == 2 * PAGE_BYTES
+        assert arr[::PAGE_BYTES].tolist() == [255, 0, 255, 0]  # the file's byte 0 back on the released pages
+        assert tiers_mod._batched["ok"] is False
+        del arr
+        m.close()
