@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="machine profile for the planner's prediction (sterling plan --calibrate); default: "
                         "measured first in a separate process, on its own synthetic data")
     p.add_argument("--no-profile", action="store_true", help="predict with the built-in CPU constants")
+    p.add_argument("--slow-advice", choices=("plan", "normal", "random"), default="plan",
+                   help="how a cold fault reads the slow tier: the plan's choice (default), the kernel's "
+                        "read-around (normal), or one page a fault (random: MADV_RANDOM)")
     p.add_argument("--staging-mb", type=float, default=64.0, help="GPU staging buffer for the stream mode")
     p.set_defaults(func=run)
 
@@ -133,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
     dram = int((args.fast_fraction * total + window + stats.always) / 0.8) + 1
     topo = make_topology("cpu", host_dram_bytes=dram)
     free = PlanTargets(p99_ms=None)  # predict every layout; the bench measures, it does not gate
-    split_plan = plan(cfg, topo, free, list_stats=stats, cold_window=window, profile=profile)
+    forced = None if args.slow_advice == "plan" else args.slow_advice
+    split_plan = plan(cfg, topo, free, list_stats=stats, cold_window=window, profile=profile, slow_advice=forced)
     fast_split = np.array([c == "1" for c in split_plan.devices[0].tiers["fast"]])
     configs = {
         "all fast": np.ones(args.nlist, dtype=bool),
@@ -141,11 +145,12 @@ def run(args: argparse.Namespace) -> int:
         "all slow": np.zeros(args.nlist, dtype=bool),
     }
     big = make_topology("cpu")
-    predicted, planned_bytes, slow_reads = {}, {}, {}
+    predicted, planned_bytes, slow_reads, advice = {}, {}, {}, {}
     for name, mask in configs.items():
         p = plan(cfg, big if name == "all fast" else topo, free, list_stats=stats, cold_window=window,
-                 list_fast=mask, profile=profile)
+                 list_fast=mask, profile=profile, slow_advice=forced)
         predicted[name] = p.cost.latency_ms
+        advice[name] = p.devices[0].tiers.get("slow_advice", "normal")  # each layout served as planned
         planned_bytes[name] = {t: v for t, v in p.cost.bytes_per_tier.items() if v}
         sp = split_lists(stats, 0, fast=mask, cold_window=window)
         slow_reads[name] = slow_reads_per_batch(sp, stats, batch=args.batch, k=args.k)
@@ -180,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     indexes = {}
     for name, mask in configs.items():
         ix = ItemIndex.load(path, verify=False, tiers=False)
-        ix.apply_tiers(mask, cold_window=window)
+        ix.apply_tiers(mask, cold_window=window, slow_advice=advice[name])
         indexes[name] = ix
     rows: list[dict] = []
     best: dict[tuple[str, str], list[float]] = {}
@@ -192,6 +197,9 @@ def run(args: argparse.Namespace) -> int:
             if key not in best or sum(lat) < sum(best[key]):
                 best[key] = lat
             for name, ix in indexes.items():
+                for other in indexes.values():  # only this layout's own window survives the evictions
+                    if other is not ix:
+                        other.tiering.release(other.tier_tensors())
                 lat, s2, i2 = timed(ix, mode)
                 same &= bool(torch.equal(s2, s) and torch.equal(i2, i))
                 key = (name, mode)
@@ -225,12 +233,14 @@ def run(args: argparse.Namespace) -> int:
                 "tier_model_batch_ms": fast_mean[mode] + predicted[name] - predicted["all fast"],
                 "tier_model_error": (fast_mean[mode] + predicted[name] - predicted["all fast"] - mean) / mean,
                 "fast_resident_mb": st.fast_resident_bytes() / 1e6,
+                "slow_advice": st.advice,
             })
         rows.append(row)
         print(json.dumps(row), flush=True)
     for mode in modes:
         meas = float(np.mean(best[("planner split", mode)])) * 1e3
-        print(f"planner split ({mode} cache): predicted {predicted['planner split']:.2f} ms/batch, "
+        print(f"planner split ({mode} cache, slow tier read {advice['planner split']}): "
+              f"predicted {predicted['planner split']:.2f} ms/batch, "
               f"measured {meas:.2f} ms, error {100 * (predicted['planner split'] - meas) / meas:+.1f}% "
               f"({profile_note}; the prediction assumes a cold page cache)", flush=True)
     gpu_rows, gpu_same = _gpu_section(args, base, xq, fast_split, batches) if torch.cuda.is_available() else ([], True)

@@ -70,21 +70,24 @@ def run(args: argparse.Namespace) -> int:
     stats = artifact_list_stats(args.model)
     lb = sum(stats["bytes_by_tensor"].values())
     nlist = lb.shape[0]
-    window = None
+    window = advice = None
     if args.plan is not None:
         plan = load_plan(args.plan)
         fast = fast_mask_of_plan(plan, nlist)
         window = plan.devices[0].tiers.get("cold_window_bytes")
+        advice = plan.devices[0].tiers.get("slow_advice")  # absent from plans written before it
     elif args.all is not None:
         fast = np.full(nlist, args.all == "fast")
     else:
         if args.fast_mb < 0:
             raise InvalidInputError(f"--fast-mb ({args.fast_mb}) must be >= 0")
         fast = pick_fast(stats["probe_freq"], lb, int(args.fast_mb * 1e6))
-    retier_artifact(args.model, fast, out=args.out, cold_window=window)
+    retier_artifact(args.model, fast, out=args.out, cold_window=window, slow_advice=advice)
     hot = float(stats["probe_freq"][fast].sum() / max(stats["probe_freq"].sum(), 1e-300))
     print(f"{args.out or args.model}: {int(fast.sum())} of {nlist} lists resident "
           f"({int(lb[fast].sum()) / 1e6:.1f} MB, {hot:.0%} of probes), {int((~fast).sum())} memory-mapped "
-          f"({int(lb[~fast].sum()) / 1e6:.1f} MB)" + ("" if stats["measured"] else
+          f"({int(lb[~fast].sum()) / 1e6:.1f} MB)"
+          + (", read one page a fault (MADV_RANDOM)" if advice == "random" and (~fast).any() else "")
+          + ("" if stats["measured"] else
           "; the artifact has no probe statistics (built before they were recorded): uniform assumed"))
     return 0

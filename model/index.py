@@ -35,7 +35,7 @@ from sterling.model.errors import (
 from sterling.model.filter import CompiledFilters, check_program_terms, compile_filters
 from sterling.model.selectivity import SelectivitySample
 from sterling.model.stages import stage
-from sterling.model.tiers import PER_ITEM_TENSORS, TieredStorage, TierLayout, pick_fast
+from sterling.model.tiers import PER_ITEM_TENSORS, SLOW_ADVICE, TieredStorage, TierLayout, pick_fast
 
 __all__ = ["ItemIndex", "prepare_queries"]
 
@@ -400,14 +400,15 @@ class ItemIndex(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, *, verify: bool = True, tiers: bool | None = None,
-             cold_window: int | None = None) -> ItemIndex:
+             cold_window: int | None = None, slow_advice: str | None = None) -> ItemIndex:
         """Load an index artifact (or the index of a model artifact), memory-mapped.
 
         ``tiers``: apply the artifact's memory tiers (``apply_tiers``); the
         default applies them when the artifact records a tier for each list
         (``sterling retier``), else every list is left as mapped.
         ``cold_window``: default the planned one recorded by ``sterling retier``, else
-        ``DEFAULT_COLD_WINDOW``.
+        ``DEFAULT_COLD_WINDOW``. ``slow_advice``: default the recorded one, else ``"normal"``
+        (``apply_tiers``).
         """
         h, tensors = read_artifact(path, verify=verify)
         if "index" not in h["meta"]:
@@ -417,7 +418,8 @@ class ItemIndex(nn.Module):
         index = cls.from_parts(h["meta"]["index"], own)
         index.mark_mapped()
         if tiers or (tiers is None and index.tier_layout is not None and index.tier_layout.fast is not None):
-            index.apply_tiers(cold_window=index._recorded_window() if cold_window is None else cold_window)
+            index.apply_tiers(cold_window=index._recorded_window() if cold_window is None else cold_window,
+                              slow_advice=slow_advice)
         return index
 
     # ---------------------------------------------------------------- tiers
@@ -443,14 +445,23 @@ class ItemIndex(nn.Module):
         """Runtime tier state (None when every list is handled alike)."""
         return self._tiering
 
-    def apply_tiers(self, fast=None, *, cold_window: int = DEFAULT_COLD_WINDOW) -> TieredStorage:
+    def apply_tiers(self, fast=None, *, cold_window: int = DEFAULT_COLD_WINDOW,
+                    slow_advice: str | None = None) -> TieredStorage:
         """Split the IVF lists into a resident tier and the memory-mapped artifact (``model/tiers.py``).
 
         Args:
             fast: [nlist] bool, True = resident (default: the artifact's layout).
             cold_window: slow-tier bytes scanned between two releases of their pages.
-        Search results do not change; only which pages stay in memory does.
+            slow_advice: how a cold fault reads the slow tier: ``"normal"`` (the kernel's
+                read-around) or ``"random"`` (``MADV_RANDOM``: its own page only); default the
+                artifact's recorded one (``sterling retier --plan``), else ``"normal"``.
+        Search results do not change; only which pages stay in memory, and how they are read, do.
         """
+        if slow_advice is None:
+            layout = self.tier_layout
+            slow_advice = layout.slow_advice if layout is not None and layout.slow_advice else "normal"
+        if slow_advice not in SLOW_ADVICE:
+            raise InvalidInputError(f"slow_advice ({slow_advice!r}) must be one of {SLOW_ADVICE}")
         if fast is None:
             if self.tier_layout is None or self.tier_layout.fast is None:
                 raise InvalidInputError(
@@ -477,11 +488,12 @@ class ItemIndex(nn.Module):
         st = TieredStorage.build(tensors, fast, int(cold_window))
         st.promote(tensors)
         st.release(tensors)
+        st.advise(tensors, slow_advice)  # after the promotion: those pages are read in bulk
         self._tiering = st
         layout = self.tier_layout
-        self.tier_layout = (layout.with_fast(fast, int(cold_window)) if layout is not None else
+        self.tier_layout = (layout.with_fast(fast, int(cold_window), slow_advice) if layout is not None else
                             TierLayout(probe_freq=np.zeros(self.nlist), nprobe=0, queries=0, fast=fast,
-                                       cold_window=int(cold_window)))
+                                       cold_window=int(cold_window), slow_advice=slow_advice))
         return st
 
     def retier(self, fast) -> None:

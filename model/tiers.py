@@ -16,6 +16,10 @@ resident:
   dropped); ``madvise(MADV_DONTNEED)`` gives them back once the slow bytes
   scanned since the last release exceed ``cold_window`` bytes, so the
   process's resident set stays bounded by the fast tier plus that window.
+  By default a cold fault reads the file around it (the kernel's mmap
+  read-around: the device's read-ahead window); with ``slow_advice="random"``
+  (``madvise(MADV_RANDOM)``, which the planner picks where it predicts it
+  cheaper) a fault reads only its own page.
   The page cache may keep the file's pages (kernel memory, reclaimable,
   not counted in the process RSS).
 
@@ -36,6 +40,7 @@ build time and stored in the artifact with the tier of each list.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import sys
 import threading
@@ -49,6 +54,7 @@ from sterling.model.errors import InvalidInputError
 __all__ = [
     "PAGE_BYTES",
     "PER_ITEM_TENSORS",
+    "SLOW_ADVICE",
     "TierLayout",
     "TieredStorage",
     "artifact_list_stats",
@@ -61,8 +67,14 @@ __all__ = [
 PAGE_BYTES: int = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 # Tensors whose rows follow the item order, so each IVF list owns a contiguous byte range.
 PER_ITEM_TENSORS: tuple[str, ...] = ("codes", "scales", "bloom", "item_ids", "attr_offsets", "attr_ids")
+_MADV_NORMAL = 0
+_MADV_RANDOM = 1
 _MADV_DONTNEED = 4
 _MADV_WILLNEED = 3
+# How the kernel reads the slow tier's pages on a fault (``TieredStorage.advise``): "normal" lets a
+# fault read the file around it (mmap read-around: the device's read-ahead window), "random"
+# (``MADV_RANDOM``) reads only the faulting page.
+SLOW_ADVICE: tuple[str, ...] = ("normal", "random")
 
 
 def _libc():
@@ -72,6 +84,7 @@ def _libc():
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         libc.madvise.restype = ctypes.c_int
+        libc.syscall.restype = ctypes.c_long
         return libc
     except (OSError, AttributeError):  # pragma: no cover - non-glibc platforms
         return None
@@ -85,6 +98,60 @@ def madvise(addr: int, length: int, advice: int) -> bool:
     if _LIBC is None or length <= 0:
         return False
     return _LIBC.madvise(ctypes.c_void_p(addr), length, advice) == 0
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+# process_madvise(2): the same number in the x86-64 and the generic (arm64) syscall tables.
+_SYS_PROCESS_MADVISE = {"x86_64": 440, "aarch64": 440}.get(os.uname().machine if hasattr(os, "uname") else "")
+_IOV_MAX = 1024  # ranges per process_madvise call (the kernel's UIO_MAXIOV)
+_batched = {"ok": _SYS_PROCESS_MADVISE is not None and hasattr(os, "pidfd_open"), "pid": -1, "fd": -1}
+
+
+def _self_pidfd() -> int:
+    """A pidfd of this process, reopened after a fork (a child must never advise its parent)."""
+    pid = os.getpid()
+    if _batched["pid"] != pid:
+        _batched["fd"], _batched["pid"] = os.pidfd_open(pid), pid
+    return _batched["fd"]
+
+
+def madvise_many(runs: list[tuple[int, int]], advice: int) -> int:
+    """``madvise`` over many page-aligned (address, length) ranges; returns the bytes advised.
+
+    One ``process_madvise`` call per 1,024 ranges on this process where the
+    kernel takes any advice that way (Linux 6.13 and later): the releases of a
+    split tier are hundreds of runs, and one call per run (each a page-table
+    walk and a TLB flush on every CPU the process runs on) cost the scan
+    several ms a batch. Elsewhere, or when the call is refused, one
+    ``madvise`` per range.
+    """
+    if _LIBC is None:
+        return 0
+    done = 0
+    for s in range(0, len(runs), _IOV_MAX):
+        part = [(a, n) for a, n in runs[s : s + _IOV_MAX] if n > 0]
+        want = sum(n for _, n in part)
+        if not part:
+            continue
+        if _batched["ok"]:
+            try:
+                pidfd = _self_pidfd()
+            except OSError:  # no pidfd here (old kernel, sandbox): one call per range from now on
+                _batched["ok"] = False
+            else:
+                iov = (_IoVec * len(part))(*[_IoVec(a, n) for a, n in part])
+                got = _LIBC.syscall(ctypes.c_long(_SYS_PROCESS_MADVISE), ctypes.c_int(pidfd), iov,
+                                    ctypes.c_size_t(len(part)), ctypes.c_int(advice), ctypes.c_uint(0))
+                if got == want:
+                    done += want
+                    continue
+                if got < 0 and ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL, errno.EPERM):
+                    _batched["ok"] = False  # this kernel does not take it: one call per range from now on
+        done += sum(n for a, n in part if madvise(a, n, advice))  # idempotent: a partial call is redone
+    return done
 
 
 def measure_probe_freq(xq: torch.Tensor, centroids: torch.Tensor, nprobe: int, *, chunk: int = 4096) -> np.ndarray:
@@ -120,11 +187,14 @@ class TierLayout:
     source: str = "items"
     fast: np.ndarray | None = None
     cold_window: int | None = None  # slow-tier bytes mapped at a time, as planned (None = the default)
+    slow_advice: str | None = None  # how a cold fault reads the slow tier, as planned (None = "normal")
 
     def __post_init__(self) -> None:
         self.probe_freq = np.asarray(self.probe_freq, dtype=np.float64)
         if self.probe_freq.ndim != 1 or not np.isfinite(self.probe_freq).all() or (self.probe_freq < 0).any():
             raise InvalidInputError("probe_freq must be a finite, non-negative [nlist] array")
+        if self.slow_advice is not None and self.slow_advice not in SLOW_ADVICE:
+            raise InvalidInputError(f"slow-tier advice {self.slow_advice!r} is not one of {SLOW_ADVICE}")
         if self.fast is not None:
             self.fast = np.asarray(self.fast, dtype=bool)
             if self.fast.shape != self.probe_freq.shape:
@@ -136,10 +206,12 @@ class TierLayout:
     def nlist(self) -> int:
         return int(self.probe_freq.shape[0])
 
-    def with_fast(self, fast: np.ndarray | None, cold_window: int | None = None) -> TierLayout:
+    def with_fast(self, fast: np.ndarray | None, cold_window: int | None = None,
+                  slow_advice: str | None = None) -> TierLayout:
         return TierLayout(probe_freq=self.probe_freq, nprobe=self.nprobe, queries=self.queries,
                           source=self.source, fast=fast,
-                          cold_window=self.cold_window if cold_window is None else int(cold_window))
+                          cold_window=self.cold_window if cold_window is None else int(cold_window),
+                          slow_advice=self.slow_advice if slow_advice is None else slow_advice)
 
     def to_meta(self) -> dict:
         d = {
@@ -152,6 +224,8 @@ class TierLayout:
             d["fast"] = "".join("1" if f else "0" for f in self.fast.tolist())
         if self.cold_window is not None:
             d["cold_window"] = int(self.cold_window)
+        if self.slow_advice is not None:
+            d["slow_advice"] = self.slow_advice
         return d
 
     @classmethod
@@ -165,7 +239,8 @@ class TierLayout:
             mask = None
         return cls(probe_freq=np.asarray(d["probe_freq"]), nprobe=int(d.get("nprobe", 1)),
                    queries=int(d.get("queries", 0)), source=str(d.get("source", "items")), fast=mask,
-                   cold_window=None if d.get("cold_window") is None else int(d["cold_window"]))
+                   cold_window=None if d.get("cold_window") is None else int(d["cold_window"]),
+                   slow_advice=d.get("slow_advice") if d.get("slow_advice") in SLOW_ADVICE else None)
 
 
 def list_bytes(tensors: dict[str, torch.Tensor], list_offsets: np.ndarray) -> np.ndarray:
@@ -237,6 +312,7 @@ class TieredStorage:
     _runs_cache: dict = field(default_factory=dict)
     _mask_key: bytes = b""
     _cold_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    advice: str = "normal"  # the fault advice on the per-item tensors' pages (SLOW_ADVICE)
 
     def _set_mask(self, fast: np.ndarray) -> None:
         self.fast = np.asarray(fast, dtype=bool).copy()
@@ -296,6 +372,10 @@ class TieredStorage:
             pages = np.flatnonzero(mask) + p0
             if not pages.size:
                 continue
+            if self.advice == "random":  # one read for all of them, not one synchronous page per write fault
+                edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.astype(np.int8), [0]))))
+                madvise_many([((p0 + int(a)) * PAGE_BYTES, int(b - a) * PAGE_BYTES)
+                              for a, b in zip(edges[::2], edges[1::2])], _MADV_WILLNEED)
             flat = t.reshape(-1).view(torch.uint8).numpy()
             idx = np.clip(pages * PAGE_BYTES - r.base, 0, r.nbytes - 1)
             flat[idx] = flat[idx]  # a write of the same byte: the kernel copies the page in
@@ -320,15 +400,34 @@ class TieredStorage:
 
     def release(self, tensors: dict[str, torch.Tensor]) -> int:
         """Drop the slow lists' pages from this process (they re-fault from the file). Returns bytes advised."""
+        runs = [run for r in self.regions if self._clean(r, tensors) for run in self._cold_runs(r)]
+        done = madvise_many(runs, _MADV_DONTNEED)
+        self.cold_scanned = 0
+        self.releases += 1
+        return done
+
+    def advise(self, tensors: dict[str, torch.Tensor], advice: str) -> int:
+        """Set how a fault on the per-item tensors' pages reads the file (``SLOW_ADVICE``).
+
+        The advice covers each per-item tensor's whole page range, not only the
+        slow lists' runs: a fast page is a private resident copy, which never
+        faults again, so only the slow tier's faults change — and the mapping
+        splits into a few areas per tensor instead of one per run of slow lists
+        (a fine split of a large nlist would pass the kernel's
+        ``vm.max_map_count``). Returns the bytes advised.
+        """
+        if advice not in SLOW_ADVICE:
+            raise InvalidInputError(f"slow-tier advice {advice!r} is not one of {SLOW_ADVICE}")
+        code = _MADV_RANDOM if advice == "random" else _MADV_NORMAL
         done = 0
         for r in self.regions:
             if not self._clean(r, tensors):
-                continue
-            for addr, length in self._cold_runs(r):
-                if madvise(addr, length, _MADV_DONTNEED):
-                    done += length
-        self.cold_scanned = 0
-        self.releases += 1
+                continue  # replaced or written in place: not the file's mapping any more
+            a = r.base // PAGE_BYTES * PAGE_BYTES
+            length = r.base + r.nbytes - a
+            if madvise(a, length, code):
+                done += length
+        self.advice = advice
         return done
 
     # ------------------------------------------------------------ serving
@@ -424,8 +523,12 @@ def artifact_list_stats(path) -> dict:
             "always": int(always), "fast": fast, "file_starts": file_starts, "file_bytes": int(file_bytes)}
 
 
-def retier_artifact(path, fast: np.ndarray, out=None, *, cold_window: int | None = None) -> None:
-    """Rewrite an artifact with a tier per list (atomic: temp file + rename; the data is unchanged)."""
+def retier_artifact(path, fast: np.ndarray, out=None, *, cold_window: int | None = None,
+                    slow_advice: str | None = None) -> None:
+    """Rewrite an artifact with a tier per list (atomic: temp file + rename; the data is unchanged);
+    ``cold_window`` / ``slow_advice``: the plan's, recorded for ``ItemIndex.load``."""
+    if slow_advice is not None and slow_advice not in SLOW_ADVICE:
+        raise InvalidInputError(f"slow-tier advice {slow_advice!r} is not one of {SLOW_ADVICE}")
     from sterling.model.artifact import read_artifact, write_artifact
     from sterling.model.errors import ArtifactError
 
@@ -444,7 +547,7 @@ def retier_artifact(path, fast: np.ndarray, out=None, *, cold_window: int | None
     index_meta = dict(meta["index"])
     layout = TierLayout.from_meta(index_meta.get("tiers"), nlist) or TierLayout(
         probe_freq=np.zeros(nlist), nprobe=0, queries=0, source="none")
-    index_meta["tiers"] = layout.with_fast(fast, cold_window).to_meta()
+    index_meta["tiers"] = layout.with_fast(fast, cold_window, slow_advice).to_meta()
     meta["index"] = index_meta
     write_artifact(path if out is None else out, kind=h["kind"], meta=meta, tensors=tensors)
 

@@ -191,7 +191,16 @@ def scan_seconds(profile: MachineProfile, scan: ScanTerms) -> float:
 
 
 def cold_seconds(profile: MachineProfile, cold: ColdTerms) -> float:
-    """The mechanism model's mapped-tier seconds for one batch: faults, disk bytes, mapped bytes."""
+    """The mechanism model's mapped-tier seconds for one batch: faults, disk bytes, mapped bytes;
+    with MADV_RANDOM (``cold.advice == "random"``) one measured single-page fault cost per fault."""
+    if cold.advice == "random":
+        if profile.random_fault_s <= 0:
+            from sterling.planner import errors
+
+            raise errors.InvalidPlanConfigError(
+                "the machine profile has no single-page fault cost (random_fault_s = 0: measured before "
+                "MADV_RANDOM was priced); re-measure it with `sterling plan --calibrate --profile PATH`")
+        return cold.faults * profile.random_fault_s
     touch_bw = profile.mmap_touch_bw if profile.mmap_touch_bw > 0 else profile.page_cache_bw
     return cold.faults * profile.fault_s + cold.bytes_read / profile.mmap_cold_bw + cold.bytes_touched / touch_bw
 

@@ -25,8 +25,16 @@ the slow lists' code and scale ranges (and the id ranges results come from)
 are touched in scan order; each touch of an uncached page is a fault that
 reads the uncached part of the window around it. Its cost is the fault's
 latency plus the bytes it read at the cold sequential bandwidth, plus
-mapping the pages the scan touches (page-cache bandwidth). All three
-constants are measured by the calibration on a scratch file.
+mapping the pages the scan touches. The constants are fitted by the
+calibration on cold batches of its own artifact.
+
+With ``MADV_RANDOM`` on the slow tier (``advice="random"``,
+``model/tiers.py``) a fault reads only its own page: the same simulation
+with a one-page window, each fault priced at the single-page fault cost the
+calibration measures (``random_fault_s``). The planner prices both and
+records the cheaper (``TierSplit.slow_advice``): read-around wins while a
+window holds much of what the batch scans (a small artifact, or dense slow
+lists), one page a fault once the windows are mostly bytes no query asked for.
 
 A batch that scans fewer than ``SERIAL_ITEMS`` pair-items runs on one
 thread: its per-list and per-item terms are charged ``threads`` times (the
@@ -40,6 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
+    "ADVICE",
     "GROUP_MIN",
     "SERIAL_ITEMS",
     "ColdTerms",
@@ -58,6 +67,9 @@ SERIAL_ITEMS: int = 32_768
 SIM_PAGE: int = 4096
 # Pages a fault maps around it when they are cached: Linux's default fault_around_bytes (64 KiB).
 FAULT_AROUND_BYTES: int = 64 << 10
+# How a cold fault on the slow tier reads the file (``model.tiers.SLOW_ADVICE``): the read-ahead
+# window around it, or its own page only (MADV_RANDOM).
+ADVICE: tuple[str, ...] = ("normal", "random")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -126,13 +138,15 @@ class ColdTerms:
     faults: float
     bytes_read: float
     bytes_touched: float
+    advice: str = "normal"  # "random": one page a fault (MADV_RANDOM), priced per fault
 
 
 _SCANNED = ("codes", "scales")
 
 
 def cold_terms(stats, fast: np.ndarray, *, batch: int, k: int, before: int, after: int,
-               cold_window: int = 8 << 20, batches: int = 32, seed: int = 0) -> ColdTerms | None:
+               cold_window: int = 8 << 20, batches: int = 32, seed: int = 0,
+               advice: str = "normal") -> ColdTerms | None:
     """Simulate the kernel's read-around for ``batches`` consecutive sampled batches, the page
     cache evicted before each (what a cold server sees).
 
@@ -148,12 +162,23 @@ def cold_terms(stats, fast: np.ndarray, *, batch: int, k: int, before: int, afte
     threads), codes then scales per list; then the id ranges of slow lists
     that hold a result (each of the list's queries takes one with
     probability k / nprobe).
+
+    ``advice="random"`` (MADV_RANDOM on the slow tier): a fault reads its
+    own page only (``before`` / ``after`` are ignored), and the pages the
+    process maps are only those the scan touched (no neighbours are cached).
     """
+    if advice not in ADVICE:
+        from sterling.planner import errors
+
+        raise errors.InvalidPlanConfigError(f"slow-tier advice {advice!r} is not one of {ADVICE}; pass one of them")
     if stats.file_starts is None or not stats.file_bytes:
         return None
     fast = np.asarray(fast, dtype=bool)
     if fast.all():
-        return ColdTerms(faults=0.0, bytes_read=0.0, bytes_touched=0.0)
+        return ColdTerms(faults=0.0, bytes_read=0.0, bytes_touched=0.0, advice=advice)
+    around = FAULT_AROUND_BYTES
+    if advice == "random":
+        before, after, around = 0, SIM_PAGE, SIM_PAGE
     rng = np.random.default_rng(seed)
     f = np.clip(stats.probe_freq, 0.0, 1.0)
     b = max(1, int(batch))
@@ -181,7 +206,8 @@ def cold_terms(stats, fast: np.ndarray, *, batch: int, k: int, before: int, afte
             hold = rng.random(lists.size) < 1.0 - (1.0 - take) ** c[lists]
             touches += [(ranges["item_ids"][0][lst], ranges["item_ids"][1][lst]) for lst in lists[hold].tolist()]
         touched += float(sum(nb for _, nb in touches if nb > 0))
-        fl, rd = readaround(touches, stats.file_bytes, before=before, after=after, cached=mapped)
+        fl, rd = readaround(touches, stats.file_bytes, before=before, after=after, cached=mapped, around=around,
+                            readahead=advice == "normal")
         faults += fl
         read += rd
         mapped += touches
@@ -189,36 +215,74 @@ def cold_terms(stats, fast: np.ndarray, *, batch: int, k: int, before: int, afte
         if scanned_since > cold_window:  # the tier releases its pages after this batch
             mapped, scanned_since = [], 0
     n = max(1, int(batches))
-    return ColdTerms(faults=faults / n, bytes_read=min(read / n, float(stats.file_bytes)), bytes_touched=touched / n)
+    return ColdTerms(faults=faults / n, bytes_read=min(read / n, float(stats.file_bytes)), bytes_touched=touched / n,
+                     advice=advice)
 
 
-def readaround(touches, file_bytes: int, *, before: int, after: int, cached=()) -> tuple[int, int]:
+def readaround(touches, file_bytes: int, *, before: int, after: int, cached=(),
+               around: int = FAULT_AROUND_BYTES, readahead: bool = True) -> tuple[int, int]:
     """(faults, bytes read) when ``touches`` — (file offset, bytes) ranges, in touch order — are
     read through a mapping of a file whose only cached pages are the ``cached`` ranges (with
-    their fault-around blocks): each touched page not yet cached faults, and the kernel reads
-    the uncached pages of ``[page − before, page + after)``, shifted to start at the file's start."""
+    their fault-around blocks of ``around`` bytes).
+
+    Each touched page not yet cached is a fault (the toucher waits for the disk): the kernel
+    reads the uncached pages of ``[page − before, page + after)``, shifted to start at the
+    file's start (mmap read-around), and marks the page a quarter of the window before its end
+    (``async_size``). With ``readahead``, a later touch of a marked page is no fault: it starts
+    the kernel's asynchronous readahead, which reads on from the first uncached page after it —
+    a whole window when the mark is that of the file's latest read (the sequential case), else
+    about twice the distance to that page — and marks the first page of what it read, so a scan
+    that goes on in order keeps the disk reading ahead of it. The bytes it reads count; the
+    faults it saves do not."""
     pages = int(file_bytes) // SIM_PAGE + 1
     bpg, apg = max(0, int(before)) // SIM_PAGE, max(1, int(after) // SIM_PAGE)
+    window = bpg + apg  # the device's read-ahead, in pages
     resident = np.zeros(pages, dtype=bool)
-    blk = FAULT_AROUND_BYTES // SIM_PAGE
+    blk = max(1, int(around) // SIM_PAGE)
     for s, nb in cached:
         if nb > 0:
             end = -(-(int(s) + int(nb)) // SIM_PAGE)  # one past the last page touched
             resident[int(s) // SIM_PAGE // blk * blk : -(-end // blk) * blk] = True
     cached = resident
+    marked = np.zeros(pages, dtype=bool)
+    ra_mark, ra_end = -1, -1  # the file's readahead state: the mark and the end of its latest read
     faults = read = 0
+
+    def fill(a: int, e: int, mark: int) -> None:
+        nonlocal read, ra_mark, ra_end
+        new = ~cached[a:e]
+        read += int(new.sum()) * SIM_PAGE
+        cached[a:e] = True
+        if readahead and a <= mark < e and new[mark - a]:  # only a page this read brought in is marked
+            marked[mark] = True
+        ra_mark, ra_end = mark, e
+
     for s, nb in touches:
         if nb <= 0:
             continue
         p0, p1 = int(s) // SIM_PAGE, (int(s) + int(nb) - 1) // SIM_PAGE + 1
-        while True:
-            miss = np.flatnonzero(~cached[p0:p1])
-            if not miss.size:
+        while p0 < p1:
+            hit = np.flatnonzero(~cached[p0:p1] | marked[p0:p1])
+            if not hit.size:
                 break
-            p = p0 + int(miss[0])
-            a = max(0, p - bpg)
-            e = min(pages, a + bpg + apg)
-            read += int((~cached[a:e]).sum()) * SIM_PAGE
+            p = p0 + int(hit[0])
+            if cached[p]:  # a marked page: asynchronous readahead, the toucher goes on
+                marked[p] = False
+                if p == ra_mark:
+                    a, size = ra_end, window
+                else:
+                    rest = np.flatnonzero(~cached[p + 1 : min(pages, p + 1 + window)])
+                    if not rest.size:
+                        p0 = p + 1
+                        continue
+                    a = p + 1 + int(rest[0])
+                    size = min(window, 2 * (a - p + 1))
+                if a < pages:
+                    fill(a, min(pages, a + size), a)
+                p0 = p + 1
+                continue
             faults += 1
-            cached[a:e] = True
+            a = max(0, p - bpg)
+            e = min(pages, a + window)
+            fill(a, e, e - window // 4 if window >= 4 else -1)  # async_size = window / 4 (none when 0)
     return faults, read

@@ -27,8 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sterling.planner import errors
-from sterling.planner.cost import estimate_cost
-from sterling.planner.cpu_cost import cold_terms, scan_terms
+from sterling.planner.cost import cold_seconds, estimate_cost
+from sterling.planner.cpu_cost import ADVICE, ColdTerms, cold_terms, scan_terms
 from sterling.planner.inventory import IndexModelConfig, inventory_from_config
 from sterling.planner.tiers import (
     COLD_WINDOW_BYTES,
@@ -210,6 +210,7 @@ class _Planner:
         self.capacity = topo.capacity_per_device()
         self.cold_window = COLD_WINDOW_BYTES
         self.force_fast = None
+        self.force_advice = None
         self.profile = None
         self._cache: dict[tuple[int, int, int], _Eval] = {}
 
@@ -244,9 +245,9 @@ class _Planner:
                 items_per_query = float(sub.probe_freq @ items)
                 if self.profile is not None and self.profile.model >= 2:
                     scan = scan_terms(items, sub.probe_freq, self.cfg.batch)
-                    cold = cold_terms(sub, split.fast, batch=self.cfg.batch, k=k0,
-                                      before=self.profile.readaround_before, after=self.profile.readaround_after,
-                                      cold_window=split.cold_window)
+                    cold = self._cold(sub, split)
+                    if cold is not None:
+                        split = dataclasses.replace(split, slow_advice=cold.advice)
         cost = estimate_cost(
             topo=self.topo, cfg=self.cfg, placements=placements,
             shard_fraction=fraction, num_shards=num_shards, replicas=replicas, slow_reads=slow_reads,
@@ -256,6 +257,24 @@ class _Planner:
         if replicas == 1:
             self._cache[key] = ev
         return ev
+
+    def _cold(self, sub: ListStats, split: TierSplit) -> ColdTerms | None:
+        """The slow tier's simulated cold reads under the imposed fault advice, or under the cheaper
+        of read-around and MADV_RANDOM when the profile measured both."""
+        k0 = min(self.cfg.k0, self.cfg.items)
+        pr = self.profile
+        choices = [self.force_advice] if self.force_advice is not None else (
+            ["normal", "random"] if pr.random_fault_s > 0 else ["normal"])
+        best, best_s = None, math.inf
+        for advice in choices:
+            ct = cold_terms(sub, split.fast, batch=self.cfg.batch, k=k0, before=pr.readaround_before,
+                            after=pr.readaround_after, cold_window=split.cold_window, advice=advice)
+            if ct is None:
+                return None
+            sec = cold_seconds(pr, ct)
+            if sec < best_s:
+                best, best_s = ct, sec
+        return best
 
     def _place_split(self, specs: Sequence[TensorSpec], stats: ListStats):
         """CPU host with real lists: the other tensors stay in DRAM, per-item tensors split by list."""
@@ -329,6 +348,7 @@ def plan(
     cold_window: int = COLD_WINDOW_BYTES,
     list_fast=None,
     profile=None,
+    slow_advice: str | None = None,
 ) -> Plan:
     """Plan a deployment of ``cfg`` on at most ``topo.hosts`` hosts.
 
@@ -341,7 +361,11 @@ def plan(
     ([nlist] bool) imposes a split instead of choosing one (to predict a
     given layout, e.g. all lists fast or all slow). ``profile`` (a
     ``planner.profile.MachineProfile``) replaces the CPU cost constants with
-    rates measured on the serving host.
+    rates measured on the serving host; with a mechanism profile the plan
+    also picks how the slow tier is read (``tiers["slow_advice"]``: the
+    kernel's read-around, or ``random`` — ``MADV_RANDOM``, one page a
+    fault — when the profile predicts that cheaper); ``slow_advice`` imposes
+    one instead.
 
     Example:
         >>> from sterling.planner import IndexModelConfig, make_topology, plan
@@ -354,6 +378,13 @@ def plan(
     pl = _Planner(cfg, topo, targets, inventory, list_stats)
     pl.cold_window = int(cold_window)
     pl.force_fast = list_fast
+    if slow_advice is not None and slow_advice not in ADVICE:
+        raise errors.InvalidPlanConfigError(f"slow_advice {slow_advice!r} is not one of {ADVICE}")
+    if slow_advice == "random" and (profile is None or profile.model < 2):
+        raise errors.InvalidPlanConfigError(
+            "slow_advice='random' (MADV_RANDOM) is priced only with a machine profile of the mechanism model; "
+            "measure one with `sterling plan --calibrate --profile PATH` and pass it")
+    pl.force_advice = slow_advice
     pl.profile = profile
     g = topo.gpus_per_host
     world = topo.world_size
@@ -407,8 +438,10 @@ def plan(
             message=(
                 f"tiers by probe frequency: {int(sp.fast.sum())} hottest lists ({fmt_bytes(int(lb[sp.fast].sum()))}, "
                 f"{hot_share:.0%} of probes) resident in DRAM, {slow} lists "
-                f"({fmt_bytes(int(lb[~sp.fast].sum()))}) served from the memory-mapped artifact; "
-                f"predicted resident {fmt_bytes(sp.resident_bytes)}"
+                f"({fmt_bytes(int(lb[~sp.fast].sum()))}) served from the memory-mapped artifact"
+                + (" (MADV_RANDOM: a cold fault reads its own page, predicted cheaper here than the "
+                   "kernel's read-around)" if sp.slow_advice == "random" else "")
+                + f"; predicted resident {fmt_bytes(sp.resident_bytes)}"
             ) if slow else f"tiers by probe frequency: all {pl.nlist} lists fit DRAM (resident {fmt_bytes(sp.resident_bytes)})",
         ))
     # (b, c) smallest shard count that fits memory and meets latency

@@ -13,7 +13,8 @@ catalog (never the one being planned):
   dequantized, pair-items scored from a dequantized list — giving
   ``list_s``, ``direct_s``, ``dequant_s``, ``group_s``. ``probe_s``: the
   numpy probe timed alone. ``overhead_s``: what a whole ``search`` at the
-  planned batch takes beyond probe and scan work (median over the points) —
+  planned batch takes beyond probe and scan work (per point the mean over
+  all its batches, served back to back; the median over the points) —
   Python, and the hand-off between the probe's BLAS threads and the scan's
   thread team.
 * **cold reads**: the kernel's read-around window (``readaround_before`` /
@@ -21,9 +22,12 @@ catalog (never the one being planned):
   scratch file has settled; then the calibration index is saved as an
   artifact and served with a memory-mapped tier (four tier masks, two
   nprobe, both streams), the page cache evicted before each batch, against
-  the same batches in memory; the extra seconds are regressed on the
-  read-around simulation's faults, bytes read and slow bytes scanned for
-  the same lists: ``fault_s``, ``mmap_cold_bw``, ``mmap_touch_bw``.
+  the same batches in memory (each averaged over three interleaved rounds);
+  the simulation's bytes read are priced at ``mmap_cold_bw``, the cold
+  sequential bandwidth of the scratch file, and the rest of the extra
+  seconds is regressed on the read-around simulation's faults and slow
+  bytes scanned for the same lists: ``fault_s``, ``mmap_touch_bw``. The
+  same with ``MADV_RANDOM`` (one page a fault): ``random_fault_s``.
   ``page_cache_bw``: a warm sequential read through a fresh mapping.
 
 Profiles written before the mechanism model (``model`` 1) hold the older
@@ -47,7 +51,7 @@ import numpy as np
 
 from sterling.planner import errors
 
-__all__ = ["MachineProfile", "measure_profile"]
+__all__ = ["MachineProfile", "fit_cold", "measure_profile"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,6 +82,7 @@ class MachineProfile:
     fault_s: float = 0.0  # seconds per cold fault on top of its bytes at mmap_cold_bw
     mmap_touch_bw: float = 0.0  # slow-tier bytes/s the scan maps and reads once the disk has them (cold)
     cold_fit_error: float = 0.0  # RMS error of the cold-read fit on its own points / their mean
+    random_fault_s: float = 0.0  # seconds per cold fault with MADV_RANDOM (one page read); 0 = not measured
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -170,8 +175,11 @@ def _mechanism_scan_points(threads: int, items: int, dim: int, nlist: int, repea
         index.search(streams[w][:b], k=10, nprobe=nprobe)
         scan_only(i, 0)
     scan_t = np.full(len(points), np.inf)
-    search_t = np.full(len(points), np.inf)
-    for _ in range(repeat):  # rounds over all points; per point the mean over its batches, best round kept
+    search_t = np.zeros(len(points))
+    # rounds over all points; the scan alone: per point its best round (the work's rate); the whole
+    # search: per point the mean over all its batches — what a served stream of batches averages,
+    # hiccups included (the best of short blocks of the same batches ran ~35 % under that here)
+    for _ in range(repeat):
         # the scan alone first, after a pause: threads a BLAS call left spinning would slow it
         time.sleep(0.1)
         for i in range(len(points)):
@@ -183,7 +191,7 @@ def _mechanism_scan_points(threads: int, items: int, dim: int, nlist: int, repea
             t = time.perf_counter()
             for r in range(rounds):
                 index.search(streams[w][r * b : (r + 1) * b], k=10, nprobe=nprobe)
-            search_t[i] = min(search_t[i], (time.perf_counter() - t) / rounds)
+            search_t[i] += (time.perf_counter() - t) / rounds / repeat
     ct = np.ascontiguousarray(index.centroids.numpy().T)
     x = xs["uniform"][:batch]
     probe_t = np.inf
@@ -233,13 +241,13 @@ def _mmap_mechanism(size: int, repeat: int) -> dict:
                     after = max(after, (int(res[-1]) + 1) * SIM_PAGE - mid)
                 del arr
             after = max(after, SIM_PAGE)
-            seq = np.inf
-            for _ in range(repeat):  # the whole file in order, cold: the kernel's readahead streams it
+            seq = 0.0
+            for _ in range(repeat):  # the whole file in order, cold: the kernel's readahead streams it (mean)
                 os.posix_fadvise(rfd, 0, 0, os.POSIX_FADV_DONTNEED)
                 arr = np.memmap(name, dtype=np.uint8, mode="r")
                 t = time.perf_counter()
                 int(arr[::SIM_PAGE].max())
-                seq = min(seq, time.perf_counter() - t)
+                seq += (time.perf_counter() - t) / repeat
                 del arr
             warm = np.inf
             for _ in range(repeat):  # warm: in the page cache, not mapped
@@ -259,11 +267,21 @@ def _mmap_mechanism(size: int, repeat: int) -> dict:
             "page_cache_bw": float(size / warm)}
 
 
-def _cold_batches(index, streams: dict, *, batch: int, before: int, after: int, repeat: int, cold_window: int = 8 << 20) -> dict:
+def _cold_batches(index, streams: dict, *, batch: int, before: int, after: int, repeat: int, seq_bw: float,
+                  cold_window: int = 8 << 20) -> dict:
     """Cold batches on the serving path, on the calibration's own index saved as an artifact: per
-    (stream, nprobe, tier mask) the mean extra seconds of a batch over the memory-mapped tier with
-    the page cache evicted before it, against the same batches in memory; regressed on the
-    read-around simulation's faults and bytes (``cpu_cost.cold_terms``) for the same lists."""
+    (stream, nprobe, tier mask, fault advice) the extra seconds of a batch over the memory-mapped
+    tier with the page cache evicted before it, against the same batches in memory; regressed on
+    the read-around simulation's faults and bytes (``cpu_cost.cold_terms``) for the same lists.
+
+    Rounds go over all points in turn (``repeat`` of them), so a spell of slow disk hits every
+    point alike; per point the in-memory and the cold batches are each averaged over all rounds
+    (the planner predicts a mean batch; the best of short blocks runs well under it).
+    Read-around (the default advice): all slow, the hottest quarter fast, and only the first
+    quarter / eighth of the lists slow, nprobe 8 and 32, both streams — the simulated bytes
+    priced at ``seq_bw``, the rest fitted to ``fault_s`` and ``per_touched``. ``MADV_RANDOM``
+    (one page a fault): all slow and the hottest quarter fast at nprobe 8, both streams —
+    ``random_fault_s``, seconds a fault."""
     import dataclasses
 
     from sterling.model import ItemIndex
@@ -272,51 +290,80 @@ def _cold_batches(index, streams: dict, *, batch: int, before: int, after: int, 
     from sterling.planner.tiers import ListStats, pick_fast
 
     rounds = 12
-    feats, extra = [], []
+    points = []  # (stream, nprobe, mask, advice, ColdTerms)
     with tempfile.TemporaryDirectory(prefix="sterling-calibrate-") as d:
         path = Path(d) / "calibrate.st"
         index.save(path)
         st0 = ListStats.from_artifact(artifact_list_stats(path))
+        ids = np.arange(index.nlist)
+        for w, xq in streams.items():
+            for nprobe in sorted({min(8, index.nlist), min(32, index.nlist)}):
+                freq = measure_probe_freq(xq, index.centroids, nprobe)
+                st = dataclasses.replace(st0, probe_freq=freq, nprobe=nprobe)
+                hot = pick_fast(freq, st.list_bytes, int(0.25 * st.list_bytes.sum()))
+                # all slow, the hottest quarter fast, and only the first quarter / eighth of the lists
+                # slow (a smaller part of the file read: the faults and bytes vary)
+                masks = [np.zeros(index.nlist, dtype=bool), hot, ids >= index.nlist // 4, ids >= index.nlist // 8]
+                for j, mask in enumerate(masks):
+                    for advice in ("normal", "random"):
+                        if advice == "random" and (j > 1 or nprobe != min(8, index.nlist)):
+                            continue  # one page a fault: a few points fix its one rate
+                        ct = cold_terms(st, mask, batch=batch, k=10, before=before, after=after,
+                                        cold_window=cold_window, advice=advice)
+                        points.append((w, nprobe, mask, advice, ct))
         fd = os.open(path, os.O_RDONLY)
+        served = {}
         try:
-            for xq in streams.values():
-                for nprobe in sorted({min(8, index.nlist), min(32, index.nlist)}):
-                    freq = measure_probe_freq(xq, index.centroids, nprobe)
-                    st = dataclasses.replace(st0, probe_freq=freq, nprobe=nprobe)
-                    hot = pick_fast(freq, st.list_bytes, int(0.25 * st.list_bytes.sum()))
-                    ids = np.arange(index.nlist)
-                    # all slow, the hottest quarter fast, and only the first quarter / eighth of the
-                    # lists slow (a smaller part of the file read: the faults and bytes vary)
-                    for mask in (np.zeros(index.nlist, dtype=bool), hot, ids >= index.nlist // 4,
-                                 ids >= index.nlist // 8):
-                        ix = ItemIndex.load(path, verify=False, tiers=False)
-                        ix.apply_tiers(mask, cold_window=cold_window)
-                        ct = cold_terms(st, mask, batch=batch, k=10, before=before, after=after, cold_window=cold_window)
-                        best = np.inf
-                        for _ in range(repeat):  # a block in memory, then the same batches cold, in a row
-                            # (a batch right after a cold one runs slower: the disk's after-effects)
-                            warm = cold = 0.0
-                            for r in range(rounds):
-                                t = time.perf_counter()
-                                index.search(xq[r * batch : (r + 1) * batch], k=10, nprobe=nprobe)
-                                warm += time.perf_counter() - t
-                            for r in range(rounds):
-                                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                                t = time.perf_counter()
-                                ix.search(xq[r * batch : (r + 1) * batch], k=10, nprobe=nprobe)
-                                cold += time.perf_counter() - t
-                            best = min(best, (cold - warm) / rounds)
-                        del ix
-                        feats.append([ct.faults, ct.bytes_read, ct.bytes_touched])
-                        extra.append(max(best, 0.0))
+            for _, _, mask, advice, _ in points:
+                key = (mask.tobytes(), advice)
+                if key not in served:
+                    ix = ItemIndex.load(path, verify=False, tiers=False)
+                    ix.apply_tiers(mask, cold_window=cold_window, slow_advice=advice)
+                    served[key] = ix
+            warm = np.zeros(len(points))
+            cold = np.zeros(len(points))
+            n_rounds = max(1, repeat)
+            for _ in range(n_rounds):
+                for i, (w, nprobe, mask, advice, _) in enumerate(points):
+                    xq, ix = streams[w], served[(mask.tobytes(), advice)]
+                    t0 = time.perf_counter()  # a block in memory, then the same batches cold, in a row
+                    for r in range(rounds):
+                        index.search(xq[r * batch : (r + 1) * batch], k=10, nprobe=nprobe)
+                    warm[i] += (time.perf_counter() - t0) / rounds / n_rounds
+                    total = 0.0
+                    for r in range(rounds):
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                        t = time.perf_counter()
+                        ix.search(xq[r * batch : (r + 1) * batch], k=10, nprobe=nprobe)
+                        total += time.perf_counter() - t
+                    cold[i] += total / rounds / n_rounds
+                    # its window unmapped: pages another index maps would survive the next point's eviction
+                    ix.tiering.release(ix.tier_tensors())
         finally:
             os.close(fd)
-    a, y = np.array(feats), np.array(extra)
-    fault_s, per_byte, per_touched = _nnls(a, y)
-    pred = a @ np.array([fault_s, per_byte, per_touched])
-    return {"fault_s": float(fault_s), "per_byte": float(per_byte), "per_touched": float(per_touched),
-            "cold_fit_error": float(np.sqrt(np.mean((pred - y) ** 2)) / max(float(np.mean(y)), 1e-9)),
-            "points": (a, y)}
+            served.clear()
+    extra = np.maximum(cold - warm, 0.0)
+    normal = np.array([p[3] == "normal" for p in points])
+    a = np.array([[p[4].faults, p[4].bytes_read, p[4].bytes_touched] for p in points])
+    fault_s, per_touched, err = fit_cold(a[normal], extra[normal], seq_bw)
+    faults_r, y_r = a[~normal, 0], extra[~normal]
+    random_fault_s = float(faults_r @ y_r / max(float(faults_r @ faults_r), 1e-300)) if faults_r.size else 0.0
+    return {"fault_s": fault_s, "per_byte": 1.0 / seq_bw, "per_touched": per_touched, "cold_fit_error": err,
+            "random_fault_s": random_fault_s, "points": (a, extra, np.array([p[3] for p in points]))}
+
+
+def fit_cold(feats: np.ndarray, extra: np.ndarray, seq_bw: float) -> tuple[float, float, float]:
+    """The cold-read fit: ``feats`` [P, 3] (faults, bytes read, slow bytes scanned — the simulation's
+    ``ColdTerms``), ``extra`` [P] seconds a batch over the same batches in memory. The bytes are
+    priced at the disk's sequential cold bandwidth ``seq_bw`` (measured apart); what the batches
+    cost beyond that is regressed (non-negative) on the faults and the slow bytes scanned — faults
+    and bytes rise together (each fault reads about a window), so a free fit of both would split
+    them at random. Returns (fault_s, seconds per byte scanned, RMS error / mean)."""
+    feats, extra = np.asarray(feats, dtype=np.float64), np.asarray(extra, dtype=np.float64)
+    fault_s, per_touched = _nnls(feats[:, [0, 2]], extra - feats[:, 1] / seq_bw)
+    pred = feats @ np.array([fault_s, 1.0 / seq_bw, per_touched])
+    err = float(np.sqrt(np.mean((pred - extra) ** 2)) / max(float(np.mean(extra)), 1e-9))
+    return float(fault_s), float(per_touched), err
 
 
 def fit_scan(feats: np.ndarray, seconds: np.ndarray) -> tuple[np.ndarray, float]:
@@ -345,14 +392,13 @@ def measure_profile(*, threads: int = 2, batch: int = 16, items: int = 500_000, 
     probe_s = pts["probe_s"]
     cold = _mmap_mechanism(mmap_bytes, 2)
     fit = _cold_batches(pts["index"], pts["streams"], batch=batch, before=cold["readaround_before"],
-                        after=cold["readaround_after"], repeat=2)
-    if fit["per_byte"] > 0:  # else the points could not separate the two: keep the sequential bandwidth
-        cold["mmap_cold_bw"] = 1.0 / fit["per_byte"]
-    cold.update(fault_s=fit["fault_s"], cold_fit_error=fit["cold_fit_error"],
+                        after=cold["readaround_after"], repeat=3, seq_bw=cold["mmap_cold_bw"])
+    cold.update(fault_s=fit["fault_s"], cold_fit_error=fit["cold_fit_error"], random_fault_s=fit["random_fault_s"],
                 mmap_touch_bw=1.0 / fit["per_touched"] if fit["per_touched"] > 0 else cold["page_cache_bw"])
     if os.environ.get("STERLING_CALIBRATE_DEBUG"):  # the fit's points, for a look at the mechanism
         print(json.dumps({"scan": np.column_stack([pts["feats"], pts["scan_s"], pts["search_s"]]).tolist(),
-                          "cold": np.column_stack(fit["points"]).tolist()}))
+                          "cold": np.column_stack(fit["points"][:2]).tolist(),
+                          "cold_advice": fit["points"][2].tolist()}))
     # the old terms stay filled (their closest reading of the same fit) for tools that print them
     pair = (direct_s + group_s) / 2
     return MachineProfile(

@@ -134,6 +134,7 @@ class TierSplit:
     list_bytes: np.ndarray | None = None  # [nlist]
     batch_slow_bytes: int = 0  # slow-tier bytes one batch scans (mapped until the batch ends)
     scan_scratch: int = 0  # the CPU scan's score buffer and block maxima, kept between batches
+    slow_advice: str = "normal"  # how a cold fault reads the slow tier: "normal" (read-around) or "random"
 
     @property
     def resident_bytes(self) -> int:
@@ -153,6 +154,7 @@ class TierSplit:
             "resident_bytes": self.resident_bytes,
             "fast_pages_bytes": self.fast_pages_bytes,
             "cold_window_bytes": self.cold_window,
+            "slow_advice": self.slow_advice,
             "batch_slow_bytes": self.batch_slow_bytes,
             "scan_scratch_bytes": self.scan_scratch,
             "always_resident_bytes": self.always,

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sterling.planner import IndexModelConfig, make_topology, plan
+from sterling.planner import IndexModelConfig, PlanTargets, make_topology, plan
 from sterling.planner.cpu_cost import (
     GROUP_MIN,
     SIM_PAGE,
@@ -21,7 +21,7 @@ from sterling.planner.cpu_cost import (
     scan_terms,
     scan_terms_of_probe,
 )
-from sterling.planner.profile import MachineProfile, _nnls, fit_scan
+from sterling.planner.profile import MachineProfile, _nnls, fit_cold, fit_scan
 from sterling.planner.tiers import ListStats
 
 PROFILE2 = MachineProfile(threads=2, batch=4, overhead_s=2e-3, scan_bytes_per_s=float("inf"), int8_ops_per_s=1e10,
@@ -75,6 +75,24 @@ def test_readaround_counts_only_the_uncached_pages_and_starts_windows_at_the_fil
     # pages the process still maps (whole 64 KiB fault-around blocks) do not fault
     assert readaround([(3 * page, 1)], size, before=2 * page, after=3 * page, cached=[(0, 1)]) == (0, 0)
     assert readaround([(20 * page, 1)], size, before=2 * page, after=3 * page, cached=[(0, 1)]) == (1, 5 * page)
+
+
+def test_a_scan_in_order_through_the_mark_reads_ahead_without_faulting():
+    """By hand, 64-page file, read-ahead 8 pages (4 before, 4 after a fault; the mark 8 / 4 = 2
+    pages before the window's end). Touching page 20: one fault reading [16, 24), mark 22. Pages
+    21..29 in order: 22 is the mark of the latest read, so the kernel reads on [24, 32) without a
+    fault and marks 24; touching 24 reads [32, 40), marked 32, never touched: 1 fault, 24 pages.
+    Without the asynchronous readahead, 24 faults reading [20, 28) (4 pages new) and 28 faults
+    reading [24, 32) (4 new): 3 faults, 16 pages."""
+    page = SIM_PAGE
+    touches = [(20 * page, 1)] + [(p * page, 1) for p in range(21, 30)]
+    assert readaround(touches, 64 * page, before=4 * page, after=4 * page) == (1, 24 * page)
+    assert readaround(touches, 64 * page, before=4 * page, after=4 * page, readahead=False) == (3, 16 * page)
+    # a mark that is not the latest read's (a fault elsewhere came between): page 20 faults [16, 24)
+    # (mark 22), page 50 faults [46, 54) (mark 52, now the latest); touching 22 reads on from the first
+    # uncached page after it, 24, twice the distance 22..24: [24, 30)
+    mixed = [(20 * page, 1), (50 * page, 1), (22 * page, 1)]
+    assert readaround(mixed, 64 * page, before=4 * page, after=4 * page) == (2, (8 + 8 + 6) * page)
 
 
 def _stats(nlist=8, items=1200, layout=True):
@@ -176,6 +194,15 @@ def test_the_cold_fit_recovers_fault_and_byte_costs_from_a_fake_timer():
     want = np.array([1.5e-3, 1 / 1.2e9, 1 / 3e9])
     got = _nnls(a, a @ want)
     assert np.allclose(got, want, rtol=1e-4)
+    # the calibration's fit: bytes at the sequential bandwidth given, faults and scanned bytes fitted
+    fault_s, per_touched, err = fit_cold(a, a @ want, 1.2e9)
+    assert err < 1e-9 and math.isclose(fault_s, 1.5e-3, rel_tol=1e-6) and math.isclose(per_touched, 1 / 3e9, rel_tol=1e-6)
+    # a disk slower than its sequential figure: the rest goes to the faults and scanned bytes, never
+    # below zero, and the bytes keep the given price (no second charge for them)
+    fault_s, per_touched, _ = fit_cold(a, a @ want + 2e-3 * a[:, 0], 1.2e9)
+    assert math.isclose(fault_s, 3.5e-3, rel_tol=1e-6) and math.isclose(per_touched, 1 / 3e9, rel_tol=1e-6)
+    fault_s, per_touched, _ = fit_cold(a, a[:, 1] / 2.4e9, 1.2e9)  # faster than its figure: nothing to add
+    assert fault_s == 0.0 and per_touched == 0.0
 
 
 def test_artifact_file_offsets_point_at_each_lists_bytes(tmp_path):
@@ -199,3 +226,57 @@ def test_artifact_file_offsets_point_at_each_lists_bytes(tmp_path):
             s, nb = int(stats.file_starts[name][lst]), int(stats.bytes_by_tensor[name][lst])
             assert nb == (off[lst + 1] - off[lst]) * row
             assert raw[s : s + nb] == flat[off[lst] * row : off[lst + 1] * row]
+
+
+def test_random_advice_reads_one_page_a_fault_and_is_priced_per_fault():
+    """MADV_RANDOM on the slow tier, by hand: every list probed and holding a result, all slow,
+    released after every batch: each batch faults every page of the touched tensors once (they
+    are page-aligned and the lists contiguous), reading one page each — codes 150 pages, scales
+    ceil(9.375) = 10, ids ceil(18.75) = 19 — and the plan charges random_fault_s per fault."""
+    stats, n, _ = _stats()
+    fast = np.zeros(8, dtype=bool)
+    ct = cold_terms(stats, fast, batch=4, k=8, before=1 << 20, after=1 << 20, cold_window=0, advice="random")
+    pages = 150 + 10 + 19
+    assert (ct.faults, ct.bytes_read, ct.advice) == (pages, pages * SIM_PAGE, "random")
+    assert ct.bytes_touched == float((n * (64 + 4 + 8)).sum())
+    # fault-around blocks of one page: a page mapped earlier is cached, its neighbour is not
+    assert readaround([(4 * SIM_PAGE, 1)], 64 * SIM_PAGE, before=0, after=SIM_PAGE, cached=[(3 * SIM_PAGE, 1)],
+                      around=SIM_PAGE, readahead=False) == (1, SIM_PAGE)
+    with pytest.raises(Exception) as e:
+        cold_terms(stats, fast, batch=4, k=8, before=0, after=SIM_PAGE, advice="sequential")
+    assert type(e.value).__name__ == "InvalidPlanConfigError"
+
+    cfg = IndexModelConfig(items=int(n.sum()), dim=64, nlist=8, nprobe=8, k0=8, k=8, batch=4, attrs_per_item=0,
+                           cache_dim=0, tower_params=0)
+    topo = make_topology("cpu")
+    items = float(n.sum())
+    pr = PROFILE2
+    scan = 4 * 8 * pr.probe_s + 8 * pr.list_s + items * pr.dequant_s + 4 * items * pr.group_s
+    normal = cold_terms(stats, fast, batch=4, k=8, before=pr.readaround_before, after=pr.readaround_after,
+                        cold_window=0)
+    normal_s = normal.faults * pr.fault_s + normal.bytes_read / pr.mmap_cold_bw + normal.bytes_touched / pr.mmap_touch_bw
+    for random_fault_s, want_advice in ((1e-6, "random"), (1e-3, "normal")):
+        prof = dataclasses.replace(PROFILE2, random_fault_s=random_fault_s)
+        p = plan(cfg, topo, list_stats=stats, list_fast=fast, profile=prof, cold_window=0)
+        assert p.devices[0].tiers["slow_advice"] == want_advice
+        want = pr.overhead_s + scan + min(pages * random_fault_s, normal_s)
+        assert math.isclose(p.cost.latency_ms, want * 1e3, rel_tol=1e-9), (random_fault_s, p.cost.latency_ms)
+        forced = plan(cfg, topo, PlanTargets(p99_ms=None), list_stats=stats, list_fast=fast, profile=prof,
+                      cold_window=0, slow_advice="random")
+        assert forced.devices[0].tiers["slow_advice"] == "random"
+        assert math.isclose(forced.cost.latency_ms, (pr.overhead_s + scan + pages * random_fault_s) * 1e3, rel_tol=1e-9)
+
+
+def test_random_advice_needs_a_profile_that_measured_it():
+    stats, n, _ = _stats()
+    cfg = IndexModelConfig(items=int(n.sum()), dim=64, nlist=8, nprobe=8, k0=8, k=8, batch=4, attrs_per_item=0,
+                           cache_dim=0, tower_params=0)
+    topo = make_topology("cpu")
+    fast = np.zeros(8, dtype=bool)
+    # a profile without the single-page cost never picks it, and cannot be asked to price it
+    assert plan(cfg, topo, list_stats=stats, list_fast=fast, profile=PROFILE2).devices[0].tiers["slow_advice"] == "normal"
+    for kwargs in ({"profile": PROFILE2}, {"profile": None}, {"profile": PROFILE2, "slow_advice_value": "willneed"}):
+        advice = kwargs.pop("slow_advice_value", "random")
+        with pytest.raises(Exception) as e:
+            plan(cfg, topo, list_stats=stats, list_fast=fast, slow_advice=advice, **kwargs)
+        assert type(e.value).__name__ == "InvalidPlanConfigError", kwargs

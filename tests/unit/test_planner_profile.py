@@ -72,3 +72,4 @@ def test_measure_profile_returns_positive_rates_quickly():
     for v in (prof.scan_bytes_per_s, prof.int8_ops_per_s, prof.mmap_cold_bw, prof.page_cache_bw):
         assert v > 0
     assert prof.overhead_s >= 0 and prof.mmap_read_s >= 0 and np.isfinite(prof.fit_error)
+    assert prof.random_fault_s >= 0 and np.isfinite(prof.random_fault_s)  # 0 where eviction is impossible (tmpfs)

@@ -133,3 +133,31 @@ def test_retier_rejects_a_plan_without_a_split_or_for_other_lists(artifact, tmp_
     assert "sterling plan --model" in capsys.readouterr().err
     assert cli.main(["retier", "--model", str(copy), "--fast-mb", "-1"]) == 2
     assert copy.read_bytes() == artifact.read_bytes()
+
+
+def test_retier_records_the_plans_slow_advice_and_load_applies_it(artifact, tmp_path, small_catalog):
+    """A profile whose single-page fault is far cheaper than a read-around window: the plan picks
+    MADV_RANDOM for the slow tier, `retier --plan` records it, and loading applies it."""
+    from sterling.planner.profile import MachineProfile
+
+    prof = tmp_path / "profile.json"
+    MachineProfile(threads=2, batch=16, overhead_s=1e-4, scan_bytes_per_s=float("inf"), int8_ops_per_s=3e10,
+                   mmap_cold_bw=1e8, mmap_read_s=0.0, page_cache_bw=1e10, model=2, list_s=1e-6, direct_s=1e-9,
+                   group_s=1e-9, dequant_s=1e-9, probe_s=1e-9, readaround_before=4 << 20, readaround_after=4 << 20,
+                   fault_s=5e-3, mmap_touch_bw=1e10, random_fault_s=1e-7).save(prof)
+    out = tmp_path / "plan.json"
+    size = artifact.stat().st_size
+    assert cli.main(["plan", "--model", str(artifact), "--gpu", "cpu", "--host-dram-gb", f"{(size / 3 + 2**20) / 0.8e9:.6f}",
+                     "--cold-window-mb", "1", "--p99-ms", "0", "--profile", str(prof), "--out", str(out), "--quiet"]) == 0
+    tiers = load_plan(out).devices[0].tiers
+    assert tiers["slow_advice"] == "random" and tiers["slow_lists"] > 0
+    copy = tmp_path / "m.st"
+    copy.write_bytes(artifact.read_bytes())
+    assert cli.main(["retier", "--model", str(copy), "--plan", str(out)]) == 0
+    t = ItemIndex.load(copy)
+    assert t.tiering.advice == "random"
+    base = ItemIndex.load(artifact)
+    xq = small_catalog.embeddings[:9]
+    sa, ia = t.search(xq, k=10)
+    sb, ib = base.search(xq, k=10)
+    assert np.array_equal(sa.numpy(), sb.numpy()) and np.array_equal(ia.numpy(), ib.numpy())

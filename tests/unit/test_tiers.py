@@ -275,3 +275,141 @@ def test_tiers_follow_an_artifact_into_document_shards_and_their_rank_slices(bui
         want_s, want_i = built.search(xq, k=10, nprobe=8, where=where)
         np.testing.assert_array_equal(ids, want_i.numpy())
         np.testing.assert_array_equal(scores, want_s.numpy())
+
+
+@linux
+@pytest.mark.parametrize("batched", [True, False], ids=["process_madvise", "one-madvise-per-run"])
+def test_madvise_many_drops_exactly_the_given_runs(tmp_path, batched, monkeypatch):
+    """Release of many runs (one process_madvise call, or the per-run fallback): the private copies
+    in the runs revert to the file's bytes (read independently from the file), pages between them keep
+    theirs. 1,500 runs: more than one call's 1,024 ranges."""
+    import mmap
+
+    from sterling.model import tiers as tiers_mod
+
+    n = 1500
+    data = np.random.default_rng(3).integers(0, 250, (2 * n + 1) * PAGE_BYTES, dtype=np.uint8)
+    path = tmp_path / "pages.bin"
+    path.write_bytes(data.tobytes())
+    monkeypatch.setitem(tiers_mod._batched, "ok", batched and tiers_mod._batched["ok"])
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        arr = np.frombuffer(m, dtype=np.uint8)
+        arr_w = np.ndarray(arr.shape, dtype=np.uint8, buffer=m)
+        base = arr.ctypes.data
+        assert base % PAGE_BYTES == 0
+        arr_w[::PAGE_BYTES] = 255  # a private copy of every page, differing from the file (values < 250)
+        runs = [(base + (2 * i + 1) * PAGE_BYTES, PAGE_BYTES) for i in range(n)]  # every odd page
+        assert tiers_mod.madvise_many(runs, tiers_mod._MADV_DONTNEED) == n * PAGE_BYTES
+        firsts = arr[::PAGE_BYTES].copy()
+        want = np.full(2 * n + 1, 255, dtype=np.uint8)
+        want[1::2] = data[PAGE_BYTES::PAGE_BYTES][: 2 * n : 2]  # odd pages: the file's byte again
+        np.testing.assert_array_equal(firsts, want)
+        del arr, arr_w
+        m.close()
+
+
+def _vm_flags(lo: int, hi: int) -> list[set[str]]:
+    """The VmFlags of every mapping (area) that overlaps [lo, hi), read from /proc/self/smaps."""
+    out, cur = [], None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                a, b = (int(x, 16) for x in head.split("-"))
+                cur = a < hi and lo < b
+            elif cur and head == "VmFlags:":
+                out.append(set(line.split()[1:]))
+    return out
+
+
+@linux
+def test_random_advice_marks_the_slow_pages_and_answers_stay_identical(built, artifact, small_catalog):
+    """MADV_RANDOM on the slow tier: the kernel's own record (VmFlags ``rr`` in smaps) covers every
+    slow list's pages of every per-item tensor; back to ``normal`` it is gone; answers never change
+    (filtered and unfiltered, before and after an online re-tier, which reads the promoted pages
+    with one WILLNEED instead of a page a write fault)."""
+    from sterling.model.tiers import PER_ITEM_TENSORS
+
+    t = ItemIndex.load(artifact, verify=False)
+    fast = np.arange(64) % 5 == 0
+    st_ = t.apply_tiers(fast, cold_window=1 << 16, slow_advice="random")
+    assert st_.advice == "random" and t.tier_layout.slow_advice == "random"
+    off = t.list_offsets.numpy()
+    slow_lists = np.flatnonzero(~fast & (off[1:] > off[:-1]))
+    checked = 0
+    for name in ("codes", "scales", "item_ids"):
+        ten = getattr(t, name)
+        row = ten.element_size() * (ten[0].numel() if ten.ndim > 1 else 1)
+        for lst in slow_lists[::7]:
+            lo = ten.data_ptr() + int(off[lst]) * row
+            hi = ten.data_ptr() + int(off[lst + 1]) * row
+            flags = _vm_flags(lo, hi)
+            assert flags and all("rr" in f for f in flags), (name, lst, flags)
+            checked += 1
+    assert checked >= 9
+    xq = small_catalog.embeddings[:17]
+    for where in (None, "lang:en", "lang:es AND NOT lang:en"):
+        for nprobe in (4, 64):
+            _same(t.search(xq, k=10, nprobe=nprobe, where=where), built.search(xq, k=10, nprobe=nprobe, where=where))
+    t.retier(np.arange(64) % 2 == 0)  # promote under MADV_RANDOM
+    _same(t.search(xq, k=10, nprobe=64), built.search(xq, k=10, nprobe=64))
+    st_.advise(t.tier_tensors(), "normal")
+    for name in PER_ITEM_TENSORS:
+        ten = getattr(t, name)
+        if ten.numel():
+            lo = ten.data_ptr()
+            # whole pages inside the tensor (an edge page may lie in a neighbour's area)
+            a, b = -(-lo // PAGE_BYTES) * PAGE_BYTES, (lo + ten.numel() * ten.element_size()) // PAGE_BYTES * PAGE_BYTES
+            if b > a:
+                assert all("rr" not in f for f in _vm_flags(a, b)), name
+    with pytest.raises(InvalidInputError, match="sequential"):
+        t.apply_tiers(fast, slow_advice="sequential")
+
+
+def test_the_recorded_slow_advice_is_applied_on_load(built, artifact, tmp_path, small_catalog):
+    from sterling.model.tiers import retier_artifact
+
+    out = tmp_path / "random.st"
+    fast = np.arange(64) % 4 == 0
+    retier_artifact(artifact, fast, out=out, cold_window=1 << 20, slow_advice="random")
+    t = ItemIndex.load(out)
+    assert t.tiering.advice == "random" and t.tier_layout.slow_advice == "random"
+    assert t.tiering.cold_window == 1 << 20
+    assert ItemIndex.load(out, slow_advice="normal").tiering.advice == "normal"  # an explicit choice wins
+    retier_artifact(artifact, fast, out=tmp_path / "plain.st")  # none recorded: the read-around
+    assert ItemIndex.load(tmp_path / "plain.st").tiering.advice == "normal"
+    xq = small_catalog.embeddings[:11]
+    _same(t.search(xq, k=10, where="lang:en"), built.search(xq, k=10, where="lang:en"))
+    with pytest.raises(InvalidInputError):
+        retier_artifact(artifact, fast, out=tmp_path / "bad.st", slow_advice="willneed")
+
+
+@linux
+def test_madvise_many_falls_back_when_no_pidfd_can_be_opened(tmp_path, monkeypatch):
+    """A sandbox without pidfd_open: the runs are still released (one madvise each), and the
+    batched path is switched off instead of failing on every release."""
+    import mmap
+    import os
+
+    from sterling.model import tiers as tiers_mod
+
+    def refuse(pid):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "pidfd_open", refuse)
+    monkeypatch.setitem(tiers_mod._batched, "pid", -1)
+    monkeypatch.setitem(tiers_mod._batched, "ok", True)
+    path = tmp_path / "pages.bin"
+    path.write_bytes(bytes(range(8)) * (4 * PAGE_BYTES // 8))
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        arr = np.ndarray((4 * PAGE_BYTES,), dtype=np.uint8, buffer=m)
+        arr[::PAGE_BYTES] = 255
+        base = arr.ctypes.data
+        assert tiers_mod.madvise_many([(base + PAGE_BYTES, PAGE_BYTES), (base + 3 * PAGE_BYTES, PAGE_BYTES)],
+                                      tiers_mod._MADV_DONTNEED) == 2 * PAGE_BYTES
+        assert arr[::PAGE_BYTES].tolist() == [255, 0, 255, 0]  # the file's byte 0 back on the released pages
+        assert tiers_mod._batched["ok"] is False
+        del arr
+        m.close()
