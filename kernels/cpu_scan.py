@@ -56,6 +56,7 @@ TT_TERMS = 8  # programs over at most this many distinct terms are evaluated by 
 GROUP_MIN = 4  # queries of one list sharing a program, from which its eligible items are compacted
 SERIAL_ITEMS = 32_768  # items scanned below which one thread does the whole search
 HEAP_K = 1024  # k up to which a heap finds the k-th key; above, radix select on a key bound
+IDS_IN_ORDER = 512  # k from which the results' ids are read in position order, before the final sort
 
 try:  # optional: the device image and minimal installs have no numba
     import numba
@@ -868,7 +869,7 @@ if HAVE_NUMBA:
     @njit(cache=True)
     def _select_query(  # pragma: no cover - compiled
         q, bmax, flat, k, colq, pair_nb, pair_n, pair_flat, pair_start, pair_map, pmap, item_ids, with_ids,
-        out_s, out_p, out_i, keys, tmp, samp,
+        out_s, out_p, out_i, keys, tmp, samp, posb, idb,
     ):
         """Stages B and C for one query: top-k blocks by maximum, then top-k items among them.
 
@@ -879,7 +880,9 @@ if HAVE_NUMBA:
         k-th key is found by a heap (small k) or a radix select (large k; skipped when the
         bounded gather kept at most k + 25 %, which the sort then orders whole); the survivors
         are ordered by a stable LSD radix sort on the high half, so equal scores stay in position
-        order; ids are read for the k results only. ``keys``, ``tmp`` and ``samp`` are the
+        order; ids are read for the survivors only, in position order before the sort from
+        ``IDS_IN_ORDER`` results (``posb`` / ``idb``: their positions and ids, the keys' low half
+        then indexing them), else for the k results. ``keys``, ``tmp`` and ``samp`` are the
         calling thread's scratch, large enough for every scanned item (``samp``: its sample).
         """
         nprobe = colq.shape[1]
@@ -918,18 +921,30 @@ if HAVE_NUMBA:
                 x = keys[i]
                 keys[n] = x
                 n += (x >> np.uint64(32)) <= thr
+        low = np.uint64(0xFFFFFFFF)
+        by_pos = with_ids and kk >= IDS_IN_ORDER
+        if by_pos:  # the survivors are in position order: read their ids that way, sort their indexes
+            for i in range(n):
+                x = keys[i]
+                at = np.int64(x & low)
+                posb[i] = at
+                idb[i] = item_ids[at]
+                keys[i] = (x & ~low) | np.uint64(i)
         _radix_sort_high(keys[:n], tmp)
         top = np.empty(kk, dtype=np.uint32)
         for r in range(kk):
             top[r] = _score_bits(np.int64(keys[r] >> np.uint64(32)))
         sc = top.view(np.float32)
-        low = np.uint64(0xFFFFFFFF)
         for r in range(kk):
             at = np.int64(keys[r] & low)
             out_s[q, r] = sc[r]
-            out_p[q, r] = at
-            if with_ids:
-                out_i[q, r] = item_ids[at]
+            if by_pos:
+                out_p[q, r] = posb[at]
+                out_i[q, r] = idb[at]
+            else:
+                out_p[q, r] = at
+                if with_ids:
+                    out_i[q, r] = item_ids[at]
 
     @njit(cache=True, inline="always")
     def _gather(  # pragma: no cover - compiled
@@ -1247,9 +1262,12 @@ if HAVE_NUMBA:
         keys = np.empty(most, dtype=np.uint64)
         tmp = np.empty(most, dtype=np.uint64)
         samp = np.empty(most // 8 + 2 * colq.shape[1] + 2 if k > HEAP_K else 0, dtype=np.uint64)
+        big = with_ids and min(k, most) >= IDS_IN_ORDER
+        posb = np.empty(most if big else 0, dtype=np.int64)
+        idb = np.empty(most if big else 0, dtype=np.int64)
         for q in range(t, bmax.shape[0], T):
             _select_query(q, bmax, flat, k, colq, cmp[2], cmp[1], pair_flat, pair_start, cmp[3],
-                          cmp[4], item_ids, with_ids, out_s, out_p, out_i, keys, tmp, samp)
+                          cmp[4], item_ids, with_ids, out_s, out_p, out_i, keys, tmp, samp, posb, idb)
 
     # Two drivers, one body: the same helpers in a parallel region (large
     # batches) or on the calling thread (small ones: no thread team to wake).
