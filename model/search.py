@@ -13,12 +13,14 @@ kernel calls:
    survivors against the exact attribute store (``verify``), and refill the
    rare queries whose verified survivors fall short of k with a larger
    margin (``_scan_verified``).
-4. **Adaptive widening** (``widen_for_selectivity``) — a filtered query
-   whose measured selectivity says its eligible top-k lies beyond the
-   probed lists scans the next lists by centroid rank (those ranked nprobe..w;
-   its top-k so far is merged in, ``merge_widened``), or, past half of all
-   lists, is scored on its exactly verified eligible set directly
-   (``_prefilter_topk``).
+4. **Adaptive sizing and widening** (``first_scan_plan``,
+   ``widen_for_selectivity``) — a filtered query's first scan is sized
+   from its filter's eligible fraction on the index's selectivity sample
+   (``sterling.model.selectivity``); one whose measured selectivity then
+   says its eligible top-k lies beyond the scanned lists scans the next
+   lists by centroid rank (those ranked first..w; its top-k so far is
+   merged in, ``merge_widened``), or, past half of all lists, is scored on
+   its exactly verified eligible set directly (``_prefilter_topk``).
 
 The filter reaches every backend as one ``kernels.ivf.ScanFilter``; the
 batch's Bloom results per list block live in one ``BlockMasks`` made here,
