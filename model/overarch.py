@@ -89,8 +89,6 @@ def _add_relu_(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 
 _ADD_RELU = getattr(torch.ops.aten, "_add_relu_", None)
-# oneDNN's linear with a fused post-op (what inductor lowers linear + ReLU to on CPU), when this build has it
-_LINEAR_RELU = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 
 class MLPArch(OverArch):
@@ -141,34 +139,25 @@ class MLPArch(OverArch):
         return torch.cat([torch.relu(self.l2(h1)), dot], dim=2)
 
     def _serve(self, u, x):
-        """The same function without autograd, per user two GEMMs that write their outputs in place.
+        """The same function without autograd: two GEMMs over all B·K candidates, each followed by one
+        fused bias + ReLU pass, no concatenation.
 
         The u·v column rides through both layers: the first layer's per-user map gets two more
         columns, u and −u, so after its ReLU the row holds relu(u·v) and relu(−u·v), and the second
         layer's matrix gets one more output column that takes their difference (exactly u·v: the
-        other terms are exact zeros). The second layer then writes each user's [K, H2 + 1] block of
-        the output contiguously, and one fused bias + ReLU pass finishes its first H2 columns. With
-        oneDNN the first layer's bias and ReLU are fused into its GEMM (``_linear_pointwise``);
-        without it they are one pass over the user's rows.
+        other terms are exact zeros). The second layer is then one [B·K, H1 + 2] × [H1 + 2, H2 + 1]
+        GEMM that writes the output whole.
         """
         H1, H2 = self.config.hidden
         B, K, _ = x.shape
-        x = x.contiguous()
-        # first layer, [B, H1 + 2, D] in nn.Linear's layout: [W_v + W_uv diag(u); u; −u], bias [W_u u + b; 0; 0]
-        w1 = torch.cat([self.user_matrix(u).transpose(1, 2), u.unsqueeze(1), -u.unsqueeze(1)], dim=1).contiguous()
-        b1 = torch.cat([self.w_u(u), u.new_zeros(B, 2)], dim=1)
-        w2 = x.new_zeros(H1 + 2, H2 + 1)  # second layer: [l2ᵀ, 0; 0, 1; 0, −1]
+        w1 = torch.cat([self.user_matrix(u), u.unsqueeze(2), -u.unsqueeze(2)], dim=2)  # [B, D, H1 + 2]
+        b1 = torch.cat([self.w_u(u), u.new_zeros(B, 2)], dim=1).unsqueeze(1)  # [B, 1, H1 + 2]
+        w2 = x.new_zeros(H1 + 2, H2 + 1)  # [l2ᵀ, 0; 0, 1; 0, −1]
         w2[:H1, :H2] = self.l2.weight.T
         w2[H1, H2], w2[H1 + 1, H2] = 1.0, -1.0
-        b2 = self.l2.bias
-        out = x.new_empty(B, K, H2 + 1)
-        h = None if _LINEAR_RELU else x.new_empty(K, H1 + 2)
-        for b in range(B):
-            if _LINEAR_RELU:
-                hb = _LINEAR_RELU(x[b], w1[b], b1[b], "relu", [], "")
-            else:
-                hb = _add_relu_(torch.mm(x[b], w1[b].T, out=h), b1[b])
-            _add_relu_(torch.mm(hb, w2, out=out[b])[:, :H2], b2)
+        h = _add_relu_(torch.bmm(x, w1), b1)
+        out = torch.mm(h.view(B * K, H1 + 2), w2).view(B, K, H2 + 1)
+        _add_relu_(out[..., :H2], self.l2.bias)
         return out
 
     def flops_per_candidate(self) -> int:

@@ -197,12 +197,11 @@ def test_mlp_cache_of_the_earlier_layout_is_adapted():
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_mlp_serving_path_without_onednn_or_the_fused_add_relu(fused, monkeypatch):
-    """Builds without oneDNN (or without ATen's fused add + ReLU) take plain GEMMs and passes: same function."""
+def test_mlp_serving_path_with_and_without_the_fused_add_relu(fused, monkeypatch):
+    """Builds without ATen's fused add + ReLU take two passes: the same function."""
     import sterling.model.overarch as oa
 
     if not fused:
-        monkeypatch.setattr(oa, "_LINEAR_RELU", None)
         monkeypatch.setattr(oa, "_ADD_RELU", None)
     arch = _arch("mlp").eval()
     u, v = torch.randn(2, D), torch.randn(2, _SERVE_MIN + 3, D)
