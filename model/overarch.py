@@ -9,6 +9,12 @@ Every OverArch splits its work in two:
   per-task logits). Per candidate only user-dependent work happens here,
   as batched GEMMs.
 
+``forward`` has two implementations of one function: the plain one (autograd:
+training, and what ``torch.compile`` traces) and, when autograd is off, a
+serving one (``_serve``) that folds user-side matrices, writes GEMM outputs in
+place and fuses bias + ReLU passes. tests/unit/test_overarch_oracle.py checks
+both against plain per-candidate oracles of each definition.
+
 Variants: ``dot`` (baseline), ``mlp`` over ``[u, v, u⊙v]``, ``mol`` (Mixture
 of Logits, Zhai et al. KDD'23: P_Q × P_X embedding pairs, softmax gates from
 user, item and the logits) and ``attention`` (candidate-set self-attention
@@ -73,12 +79,9 @@ class DotArch(OverArch):
         return 2 * self.config.dim
 
 
-_SERVE_MIN = 1024  # candidates per user from which the no-grad serving paths are taken
-
-
 def _serving(x: torch.Tensor) -> bool:
-    """The no-grad serving path: wide candidate sets, no autograd, eager (inductor traces the plain path)."""
-    return not torch.is_grad_enabled() and x.shape[1] >= _SERVE_MIN and not torch.compiler.is_compiling()
+    """The no-grad serving path: no autograd, eager (inductor traces the plain path and fuses it itself)."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 def _add_relu_(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
