@@ -176,8 +176,11 @@ def test_heads_equal_the_plain_formula_with_gradients():
                                                   + prior[b, k] * heads.prior_scale[t] for t in range(3)])
                                      for k in range(9)]) for b in range(2)])
     torch.testing.assert_close(got, want)
-    assert got.is_contiguous() and heads(h).is_contiguous()
-    torch.testing.assert_close(heads(h), want - prior.unsqueeze(-1) * heads.prior_scale)
+    with torch.no_grad():  # the serving formula
+        served = heads(h, prior)
+        assert served.is_contiguous() and heads(h).is_contiguous()
+        torch.testing.assert_close(served, want.detach())
+        torch.testing.assert_close(heads(h), (want - prior.unsqueeze(-1) * heads.prior_scale).detach())
     params = [h, *heads.parameters()]
     for a, b in zip(torch.autograd.grad(got.square().sum(), params), torch.autograd.grad(want.square().sum(), params)):
         torch.testing.assert_close(a, b)
