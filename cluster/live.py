@@ -88,8 +88,10 @@ class LiveCache:
             except ArtifactError as e:
                 log.error("cache snapshot %s is unreadable (%s); trying an older one", path, e)
                 continue
+            layout = dict(tensors)
+            layout["data"] = model.overarch.adapt_cache(layout["data"])  # written by an earlier cache layout
             model.cache.apply(CachePlan(rows=torch.zeros(0, dtype=torch.int64), data=None, scale=None, live=True,
-                                        layout=dict(tensors)))
+                                        layout=layout))
             covered = int(h["meta"]["log_seq"])
             break
         self._wal = UpdateLog.open(self.data_dir, fsync=fsync)

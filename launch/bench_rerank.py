@@ -10,7 +10,8 @@ Cost: candidates scored per second by each OverArch (gather from the cache
 + OverArch + heads) at K0 = 10k on a 100k-item cache, and the GEMM FLOP
 rate this implies as a fraction of the fp32 sgemm rate measured in the same
 process, next to the roofline bound (FLOPs per byte of cache row × the read
-bandwidth measured in the same run); each OverArch under ``torch.compile``
+bandwidth measured in the same run: a DRAM stream, and a buffer of the gathered
+rows' size read back just after it is written); each OverArch under ``torch.compile``
 vs eager; end-to-end latency (p50/p99) at batch 1 and 64 with and without
 the OverArch at K0 = 10k.
 """
@@ -143,12 +144,19 @@ def _sgemm_gflops(torch) -> float:
     return best
 
 
-def _read_bandwidth(torch) -> float:
-    """Bytes/s of a streaming read (sum over 256 MB, best of 5): the roofline's memory side."""
-    x = torch.ones(64 << 20)
+def _read_bandwidth(torch, nbytes: int = 256 << 20, *, rewrite: bool = False) -> float:
+    """Bytes/s of a streaming read (a sum over ``nbytes``, best of 5): the roofline's memory side.
+
+    256 MB (the default) is DRAM on any machine; the gathered rows an OverArch reads (``nbytes`` of
+    B·K0 rows, ``rewrite``: written just before each read, as the gather writes them) may be served
+    by a large last-level cache instead, faster.
+    """
+    x = torch.ones(max(nbytes // 4, 1))
     x.sum()
     best = float("inf")
     for _ in range(5):
+        if rewrite:
+            x.fill_(1.0)
         t = time.perf_counter()
         x.sum()
         best = min(best, time.perf_counter() - t)
@@ -204,9 +212,12 @@ def cost(args) -> list[dict]:
         best = {k: float("inf") for k in archs}
         best_core = {k: float("inf") for k in archs}
         peak, bw = 0.0, 0.0
+        rows_bw = {k: 0.0 for k in archs}
         for _ in range(5):  # interleaved rounds, best of each
             peak = max(peak, _sgemm_gflops(torch))
             bw = max(bw, _read_bandwidth(torch))
+            for kind, (_, _, cache) in built.items():
+                rows_bw[kind] = max(rows_bw[kind], _read_bandwidth(torch, B * K0 * cache.data.shape[1] * 4, rewrite=True))
             for kind, (arch, heads, cache) in built.items():
                 x, valid = cache.gather(cand)
                 arch(u, x, valid)
@@ -220,17 +231,22 @@ def cost(args) -> list[dict]:
         for kind, (arch, _, cache) in built.items():
             cps = B * K0 / best[kind]
             gf = arch.flops_per_candidate() * B * K0 / best_core[kind] / 1e9
-            # roofline: each candidate's gathered cache row is read at least once from memory
-            # (B·K0 rows, far beyond the caches), so FLOP/s ≤ intensity × read bandwidth
+            # roofline: each candidate's gathered cache row is read at least once (B·K0 rows of the
+            # gathered x), so FLOP/s ≤ intensity × read bandwidth: from DRAM (a 256 MB stream), and
+            # from wherever a just-written buffer of x's size is read back (a large L3 may hold it)
             row_bytes = cache.data.shape[1] * cache.data.element_size()
-            bound = min(peak, arch.flops_per_candidate() / row_bytes * bw / 1e9)
+            intensity = arch.flops_per_candidate() / row_bytes
+            bound = min(peak, intensity * bw / 1e9)
+            bound_rows = min(peak, intensity * rows_bw[kind] / 1e9)
             rows.append({"overarch": kind, "K0": K0, "batch": B, "cache_cols": cache.data.shape[1],
+                         "flops_per_candidate": arch.flops_per_candidate(),
                          "candidates_per_s": round(cps), "candidates_per_s_excl_gather": round(B * K0 / best_core[kind]),
                          "gemm_gflops": round(gf, 2), "sgemm_peak_gflops": round(peak, 1),
                          "fraction_of_sgemm_peak": round(gf / peak, 3),
-                         "read_bandwidth_gbs": round(bw / 1e9, 1), "flop_per_byte": round(arch.flops_per_candidate()
-                                                                                           / row_bytes, 2),
-                         "roofline_max_fraction_of_peak": round(bound / peak, 3)})
+                         "read_bandwidth_gbs": round(bw / 1e9, 1), "flop_per_byte": round(intensity, 2),
+                         "roofline_max_fraction_of_peak": round(bound / peak, 3),
+                         "rows_read_bandwidth_gbs": round(rows_bw[kind] / 1e9, 1),
+                         "roofline_rows_max_fraction_of_peak": round(bound_rows / peak, 3)})
         if not getattr(args, "no_compile", False):
             rows += compiled_rows(built, u, cand, prior, torch)
     rows += latency(args, torch)

@@ -36,7 +36,13 @@ class TaskHeads(nn.Module):
             self.proj.bias.zero_()
 
     def forward(self, h: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.proj(h)
-        if prior is not None:
-            out = out + prior.unsqueeze(-1) * self.prior_scale
-        return out
+        if torch.is_grad_enabled():  # training: the plain formula
+            out = self.proj(h)
+            return out if prior is None else out + prior.unsqueeze(-1) * self.prior_scale
+        # serving, the same function: [T, n] = W hᵀ is one streaming pass over h (as [n, H] × [H, T]
+        # the GEMM's N = T is so narrow that MKL runs it about 2× slower), read back transposed
+        lead, H = h.shape[:-1], h.shape[-1]
+        logits = torch.mm(self.proj.weight, h.reshape(-1, H).T).T.reshape(*lead, -1)
+        if prior is None:
+            return (logits + self.proj.bias).contiguous()
+        return torch.addcmul(self.proj.bias, prior.unsqueeze(-1), self.prior_scale) + logits

@@ -569,7 +569,8 @@ class LearnedRetrievalModel(nn.Module):
         heads = TaskHeads(overarch.hidden_dim, m["tasks"])
         heads.load_state_dict(part("heads"), assign=True)
         c = part("cache")
-        cache = EmbeddingCache(c["ids"], c["data"], c["scale"], c.get("live"), c.get("delta_ids"), c.get("delta_rows"))
+        data = overarch.adapt_cache(c["data"])  # a cache written by an earlier layout of this OverArch
+        cache = EmbeddingCache(c["ids"], data, c["scale"], c.get("live"), c.get("delta_ids"), c.get("delta_rows"))
         users = None
         if m.get("users_keys") is not None:
             u = part("users")

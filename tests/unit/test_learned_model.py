@@ -93,15 +93,13 @@ def test_mlp_arch_equals_an_mlp_over_u_v_and_their_product():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["mlp"])
+@pytest.mark.parametrize("kind", sorted(OVERARCHES))
 def test_serving_path_equals_the_training_path_over_wide_candidate_sets(kind):
-    """No-grad calls over more than one chunk of candidates take the chunked (mlp: in-place) path:
-    the same function as the differentiable one (K not a multiple of the chunk included)."""
-    from sterling.model.overarch import _CHUNK
-
+    """No-grad calls take the serving path (in-place GEMMs, fused passes): the same function as the
+    differentiable one."""
     torch.manual_seed(4)
     arch = build_overarch(kind, 16)
-    u, v = torch.randn(3, 16), torch.randn(3, 2 * _CHUNK + 37, 16)
+    u, v = torch.randn(3, 16), torch.randn(3, 2085, 16)
     x = arch.item_side(v.reshape(-1, 16)).view(3, v.shape[1], -1).detach()
     want = arch(u, x)  # grad enabled: the plain path
     with torch.no_grad():
@@ -234,6 +232,31 @@ def test_one_artifact_round_trips_bit_identically(tiny_model, tmp_path):
         assert torch.equal(x, y)
     assert a.version == b.version and torch.equal(a.ann_ids, b.ann_ids)
     assert again.extra_meta["vocabs"] == model.extra_meta["vocabs"]
+
+
+def test_an_mlp_artifact_with_the_earlier_cache_layout_loads_and_answers_the_same(tiny_model, tmp_path):
+    """mlp caches were [v, W_v v]; W_v is now folded into the user's matrix and the cache holds v.
+    An artifact written with the old layout loads (the first D columns) and ranks identically."""
+    from sterling.model.artifact import write_artifact
+    from sterling.model.heads import TaskHeads
+
+    model, _ = tiny_model
+    torch.manual_seed(8)
+    arch = build_overarch("mlp", model.index.dim)
+    v = torch.nn.functional.normalize(torch.randn(model.cache.ids.numel(), model.index.dim), dim=1)  # any item side
+    mlp = LearnedRetrievalModel(index=model.index, user_tower=model.user_tower, overarch=arch,
+                                heads=TaskHeads(arch.hidden_dim, model.tasks), cache=EmbeddingCache.build(model.cache.ids, v),
+                                users=model.users, k0=model.k0).eval()
+    tensors, meta = mlp.artifact_parts()
+    with torch.no_grad():
+        tensors = {**tensors, "cache.data": torch.cat([v, arch.w_v(v)], dim=1)}
+    path = tmp_path / "old.st"
+    write_artifact(path, kind="learned_retrieval_model", meta=meta, tensors=tensors)
+    again = LearnedRetrievalModel.load(path)
+    assert torch.equal(again.cache.data, v)
+    users = model.users.ids[:6]
+    a, b = mlp(user_ids=users, k=10, k0=50), again(user_ids=users, k=10, k0=50)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.values, b.values)
 
 
 def test_gradients_reach_the_user_tower_and_the_overarch(tiny_model):
