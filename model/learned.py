@@ -14,6 +14,7 @@ unchanged for models without towers.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -124,12 +125,20 @@ class EmbeddingCache(nn.Module):
             valid &= self.live[pos]
         return torch.where(valid, pos, torch.zeros_like(pos)), valid
 
-    def gather(self, ext_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, K] ids → ([B, K, C] fp32 rows, [B, K] valid)."""
+    def gather(self, ext_ids: torch.Tensor, *, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, K] ids → ([B, K, C] fp32 rows, [B, K] valid).
+
+        ``out``: a float32 buffer of at least B·K·C elements to gather an fp32 cache into
+        (a fresh one of tens of MB is page-faulted in on every call; see ``GatherBuffers``).
+        """
         rows, valid = self.rows(ext_ids)
         if not self.data.shape[0]:  # no rows at all (an emptied catalog): every candidate is invalid
             return torch.zeros(*ext_ids.shape, self.data.shape[1]), valid
         flat = rows.reshape(-1)
+        if out is not None and self.data.dtype == torch.float32 and out.device == self.data.device:
+            x = out[: flat.numel() * self.data.shape[1]].view(flat.numel(), self.data.shape[1])
+            torch.index_select(self.data, 0, flat, out=x)
+            return x.view(*ext_ids.shape, -1), valid
         x = torch.index_select(self.data, 0, flat)  # ~1.7× faster than advanced indexing on CPU
         if self.data.dtype == torch.int8:
             x = x.to(torch.float32) * torch.index_select(self.scale, 0, flat).unsqueeze(1)
@@ -286,6 +295,45 @@ class LearnedOutput(NamedTuple):
     ann_scores: torch.Tensor  # [B, K0]
 
 
+class GatherBuffers:
+    """Reused float32 buffers for the rows a serving rerank gathers from the cache.
+
+    A batch of 64 users × 10,000 candidates × 145 floats is 370 MB; a fresh
+    allocation above glibc's mmap threshold is page-faulted in on every call
+    (13.3 ms against 2.4 ms into a buffer already mapped, for a 46 MB MoL gather).
+    At most ``keep`` buffers of at most ``max_bytes`` each are kept; a larger
+    request gets a one-off buffer. Thread-safe: concurrent calls take different ones.
+    """
+
+    def __init__(self, keep: int = 2, max_bytes: int = 1 << 29) -> None:
+        self.keep, self.max_bytes = keep, max_bytes
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def take(self, n: int, device) -> torch.Tensor:
+        with self._lock:
+            for i, b in enumerate(self._free):
+                if b.numel() >= n and b.device == torch.device(device):
+                    return self._free.pop(i)
+        return torch.empty(max(n, 1), dtype=torch.float32, device=device)
+
+    def give(self, buf: torch.Tensor) -> None:
+        if buf.numel() * 4 > self.max_bytes:
+            return
+        with self._lock:
+            self._free.append(buf)
+            self._free.sort(key=lambda b: b.numel())
+            while len(self._free) > self.keep:
+                self._free.pop(0)  # drop the smallest
+
+    def kept_bytes(self) -> int:
+        with self._lock:
+            return sum(b.numel() * 4 for b in self._free)
+
+
+_GATHER = GatherBuffers()
+
+
 class LearnedRetrievalModel(nn.Module):
     """The full retrieval stage in one module.
 
@@ -358,10 +406,21 @@ class LearnedRetrievalModel(nn.Module):
 
         Differentiable in ``u`` (so in the user tower), the OverArch and the heads.
         """
-        x, valid = self.cache.gather(cand_ids)
-        if prior is not None:
-            prior = prior.masked_fill(~valid, 0.0)
-        return self.heads(self.overarch(u, x, valid), prior), valid
+        if torch.is_grad_enabled():
+            x, valid = self.cache.gather(cand_ids)
+            if prior is not None:
+                prior = prior.masked_fill(~valid, 0.0)
+            return self.heads(self.overarch(u, x, valid), prior), valid
+        # serving: the gathered rows live only for this call, in a reused buffer
+        need = cand_ids.numel() * self.cache.data.shape[1]
+        buf = _GATHER.take(need, self.cache.data.device)
+        try:
+            x, valid = self.cache.gather(cand_ids, out=buf)
+            if prior is not None:
+                prior = prior.masked_fill(~valid, 0.0)
+            return self.heads(self.overarch(u, x, valid), prior), valid
+        finally:
+            _GATHER.give(buf)
 
     def forward(
         self,

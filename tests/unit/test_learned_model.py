@@ -330,3 +330,26 @@ def test_random_value_formulas_give_scores_or_a_formula_error(text):
     except FormulaError:
         return
     assert out.shape == (1, 2) and out.dtype == torch.float32
+
+
+def test_serving_reranks_gather_into_a_reused_buffer_without_changing_answers(tiny_model):
+    """Without autograd the cache rows go into a pooled buffer (``GatherBuffers``): answers equal the
+    training path's (fresh gather, plain OverArch) for two different candidate sets in a row, so a
+    reused buffer never leaks one call's rows into the next."""
+    from sterling.model import learned as learned_mod
+
+    model, _ = tiny_model
+    users = model.users.ids[:4]
+    u = model.user_embedding(user_ids=users).detach()
+    g = torch.Generator().manual_seed(3)
+    ids = model.cache.ids
+    for _ in range(2):
+        cand = ids[torch.randint(0, ids.numel(), (4, 40), generator=g)]
+        cand[0, :5] = -1  # padding rows stay invalid
+        with torch.no_grad():
+            served, ok = model.rerank_logits(u, cand)
+        with torch.enable_grad():
+            plain, ok2 = model.rerank_logits(u, cand)
+        assert torch.equal(ok, ok2)
+        torch.testing.assert_close(served[ok], plain.detach()[ok], rtol=1e-4, atol=1e-5)
+    assert learned_mod._GATHER.kept_bytes() >= 4 * 40 * model.cache.data.shape[1] * 4
