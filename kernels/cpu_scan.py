@@ -26,8 +26,8 @@ from collections import namedtuple
 
 import numpy as np
 
-__all__ = ["HAVE_NUMBA", "MAX_TERMS", "KernelFilter", "fused_topk", "kernel_filter", "programs_to_arrays",
-           "scratch_bytes"]
+__all__ = ["HAVE_NUMBA", "MAX_TERMS", "IndexArrays", "KernelFilter", "Results", "fused_topk", "kernel_filter",
+           "programs_to_arrays", "scratch_bytes"]
 
 KernelFilter = namedtuple(
     "KernelFilter",
@@ -42,12 +42,37 @@ programs evaluated exactly in the scan (Bloom first, then the CSR attributes
 bitmask of batch terms with vocabulary id v); qprog [B] int64, −1 = unfiltered.
 """
 
-# Per-pair facts the filtered scan rewrites for the selection: a pair whose eligible items were
-# compacted has pair_n / pair_nb of the compacted run and pair_map = its offset in pmap (else −1);
-# a row scored compactly on its own (few eligible items) has pair_map = LOCAL: its pair_n scores are
-# followed, in the score buffer, by their items' offsets in the list (uint32 bits).
-# (a plain tuple: numba's parallel lowering cannot pass a namedtuple made in compiled code)
-# cmp = (order, pair_n, pair_nb, pair_map, pmap, map_off)
+# The compiled scan's named structures. The first two are made in Python by ``fused_topk``; the
+# others in compiled code by ``_prologue``. numba's parallel lowering cannot capture a namedtuple
+# made in compiled code, so ``_run_parallel`` unpacks those into arrays before its parallel loops
+# and packs them again inside each iteration (free: a struct of array views).
+IndexArrays = namedtuple("IndexArrays", ["codes", "scales", "list_offsets", "alive", "item_ids"])
+IndexArrays.__doc__ = """The index the scan reads: codes [N_cap, D] int8, scales [N_cap] fp32, list_offsets
+[nlist + 1] int64, alive [ceil(N_cap / 8)] uint8 bitmask, item_ids [N_cap] int64 (or a 1-element dummy
+when the results' ids are not wanted)."""
+Results = namedtuple("Results", ["scores", "positions", "ids", "counts", "with_ids"])
+Results.__doc__ = """What the scan writes: scores [B, k] fp32, positions [B, k] int64, ids [B, k] int64 when
+``with_ids``, counts [B, 2] int64 (live items scanned, of which eligible)."""
+Pairs = namedtuple("Pairs", ["lists", "lstart", "query", "col", "flat"])
+Pairs.__doc__ = """The (query, probed list) pairs grouped by list, as the scan walks them: the probed lists,
+each one's pairs [lstart[i], lstart[i + 1]), and per pair its query, first block column in the query's
+block-maxima row and offset in the score buffer."""
+Rows = namedtuple("Rows", ["col", "start", "flat", "n", "nb", "map", "order", "pmap", "map_off"])
+Rows.__doc__ = """The same pairs query-major ([B · P] int64 each, pair q · P + j), as the selection reads them: col
+(first block column in the query's row of block maxima), start (position of the list), flat (score buffer offset), n / nb (scores and
+16-item blocks), map: −1 = the scores are the list's items in order; ≥ 0 = a compacted run whose
+positions are pmap[map + i]; LOCAL = a compact row whose n scores are followed, in the score buffer,
+by their items' offsets in the list (uint32 bits). The filtered scan rewrites n / nb / map of the pairs
+it compacts. order: list-grouped pair → query-major pair; map_off: each list's offset in pmap."""
+Buffers = namedtuple("Buffers", ["flat", "bmax", "counts"])
+Buffers.__doc__ = """The scan's output to the selection: the score buffer, the [B, width] 16-item block maxima
+and the per-pair (live items, eligible items) counts."""
+SelectScratch = namedtuple("SelectScratch", ["keys", "tmp", "samp", "posb", "idb"])
+SelectScratch.__doc__ = """One selecting thread's scratch, sized for the most items one query scanned: candidate
+keys and their radix-sort buffer, the large-k sample, and the positions / ids read in position order."""
+TruthTables = namedtuple("TruthTables", ["terms", "tlen", "tab"])
+TruthTables.__doc__ = """Per program: its distinct terms (≤ ``TT_TERMS``), their number (−1: too many, the
+program is interpreted) and its truth table over them."""
 
 MAX_TERMS = 63  # term hits are an int64 bitmask per item
 LOCAL = -2  # pair_map of a compact row whose item offsets follow its scores (see above)
@@ -376,7 +401,7 @@ if HAVE_NUMBA:
                     if (idx >> u) & 1:
                         h |= np.int64(1) << terms[pr, u]
                 tab[pr, idx] = _eval_prog(flt.ops[pr], flt.args[pr], flt.lens[pr], h, stack, flt.need_exact[pr])
-        return terms, tlen, tab
+        return TruthTables(terms, tlen, tab)
 
     @njit(cache=True)
     def _groups(p0, p1, pair_q, qprog):  # pragma: no cover - compiled
@@ -584,7 +609,6 @@ if HAVE_NUMBA:
     def _group_mask(hb, he, gprog, flt, tt, w, stack):  # pragma: no cover - compiled
         """Word w of the eligibility bits, over the list's program groups, of an item with Bloom
         term hits hb and exact term hits he (bit g: group g's program admits it; −1 admits all)."""
-        tt_terms, tt_len, tt_tab = tt
         out = np.int64(0)
         for g in range(64 * w, min(64 * w + 64, gprog.shape[0])):
             pr = gprog[g]
@@ -592,12 +616,12 @@ if HAVE_NUMBA:
             if pr >= 0:
                 ex = flt.need_exact[pr]
                 h = he if ex else hb
-                tl = tt_len[pr]
+                tl = tt.tlen[pr]
                 if tl >= 0:
                     ix = 0
                     for u in range(tl):
-                        ix |= ((h >> tt_terms[pr, u]) & 1) << u
-                    ok = tt_tab[pr, ix]
+                        ix |= ((h >> tt.terms[pr, u]) & 1) << u
+                    ok = tt.tab[pr, ix]
                 else:
                     ok = _eval_prog(flt.ops[pr], flt.args[pr], flt.lens[pr], h, stack, ex)
             if ok:
@@ -654,10 +678,7 @@ if HAVE_NUMBA:
         return gw
 
     @njit(fastmath=True, cache=True)
-    def _scan_list_filtered(  # pragma: no cover - compiled
-        li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pair_col, pair_flat, flt, tt, cmp,
-        flat, bmax, counts,
-    ):
+    def _scan_list_filtered(li, xq, ix, pairs, rows, flt, tt, buf):  # pragma: no cover - compiled
         """Scan one probed list for a batch where some of its queries are filtered.
 
         The filter runs once per (list, distinct program), not per query: each
@@ -672,11 +693,14 @@ if HAVE_NUMBA:
         (two queries of a group at a time); the other slots of their rows score −inf.
         """
         D = xq.shape[1]
-        lst = lists[li]
-        s = list_offsets[lst]
-        n = list_offsets[lst + 1] - s
-        p0 = lstart[li]
-        p1 = lstart[li + 1]
+        codes, scales, alive = ix.codes, ix.scales, ix.alive
+        pair_q, pair_col, pair_flat = pairs.query, pairs.col, pairs.flat
+        flat, bmax, counts = buf.flat, buf.bmax, buf.counts
+        lst = pairs.lists[li]
+        s = ix.list_offsets[lst]
+        n = ix.list_offsets[lst + 1] - s
+        p0 = pairs.lstart[li]
+        p1 = pairs.lstart[li + 1]
         live_all = _all_alive(alive, s, n)
         srt, gprog, gstart = _groups(p0, p1, pair_q, flt.qprog)
         ng = gprog.shape[0]
@@ -687,7 +711,7 @@ if HAVE_NUMBA:
         for i in range(n):
             p = s + i
             nlive += live_all or ((alive[p >> 3] >> (p & 7)) & 1) == 1
-        mo = cmp[5][li]
+        mo = rows.map_off[li]
         for g in range(ng):
             g0 = gstart[g]
             g1 = gstart[g + 1]
@@ -710,10 +734,10 @@ if HAVE_NUMBA:
                 else:
                     m = nelig
                     for j in range(m):
-                        cmp[4][mo + j] = s + elig[j]
+                        rows.pmap[mo + j] = s + elig[j]
                     blk = np.empty((m, D), dtype=np.float32)
                     for j in range(m):
-                        p = cmp[4][mo + j]
+                        p = rows.pmap[mo + j]
                         sc = scales[p]
                         for d in range(D):
                             blk[j, d] = codes[p, d] * sc
@@ -733,10 +757,10 @@ if HAVE_NUMBA:
                     j += 1
                 for j in range(g0, g1):
                     r = p0 + srt[j]
-                    qp = cmp[0][r]
-                    cmp[1][qp] = m
-                    cmp[2][qp] = (m + 15) // 16
-                    cmp[3][qp] = -1 if ident else mo
+                    qp = rows.order[r]
+                    rows.n[qp] = m
+                    rows.nb[qp] = (m + 15) // 16
+                    rows.map[qp] = -1 if ident else mo
                     counts[r, 0] = nlive
                     counts[r, 1] = m
                 mo += n
@@ -760,16 +784,13 @@ if HAVE_NUMBA:
                     counts[r, 0] = nlive
                     counts[r, 1] = nelig
                     if compact:
-                        qp = cmp[0][r]
-                        cmp[1][qp] = nelig
-                        cmp[2][qp] = (nelig + 15) // 16
-                        cmp[3][qp] = LOCAL
+                        qp = rows.order[r]
+                        rows.n[qp] = nelig
+                        rows.nb[qp] = (nelig + 15) // 16
+                        rows.map[qp] = LOCAL
 
     @njit(fastmath=True, cache=True)
-    def _scan_list(  # pragma: no cover - compiled
-        li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pair_col, pair_flat, flt, tt, cmp,
-        flat, bmax, counts,
-    ):
+    def _scan_list(li, xq, ix, pairs, rows, flt, tt, buf):  # pragma: no cover - compiled
         """Scan one probed list for every query of the batch that probes it.
 
         Lists with a filtered query, or whose live items are sparse (``_to_filtered``),
@@ -780,16 +801,18 @@ if HAVE_NUMBA:
         dead items' scores are masked to −inf before the block maxima.
         """
         D = xq.shape[1]
-        lst = lists[li]
-        s = list_offsets[lst]
-        n = list_offsets[lst + 1] - s
-        p0 = lstart[li]
-        p1 = lstart[li + 1]
+        codes, scales, alive = ix.codes, ix.scales, ix.alive
+        pair_q, pair_col, pair_flat = pairs.query, pairs.col, pairs.flat
+        flat, bmax, counts = buf.flat, buf.bmax, buf.counts
+        lst = pairs.lists[li]
+        s = ix.list_offsets[lst]
+        n = ix.list_offsets[lst + 1] - s
+        p0 = pairs.lstart[li]
+        p1 = pairs.lstart[li + 1]
         if n == 0:
             return
         if _to_filtered(p0, p1, pair_q, flt.qprog, alive, s, n):
-            _scan_list_filtered(li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pair_col,
-                                pair_flat, flt, tt, cmp, flat, bmax, counts)
+            _scan_list_filtered(li, xq, ix, pairs, rows, flt, tt, buf)
             return
         # every query unfiltered; dead items (tombstones, unused slack) are scored and masked to −inf,
         # and a dead tail is not scanned at all: the query's pair ends at the live extent ne
@@ -800,9 +823,9 @@ if HAVE_NUMBA:
             ne, nlive = _live_extent(alive, s, n)
             holes = nlive < ne
             for pi in range(p0, p1):
-                qp = cmp[0][pi]
-                cmp[1][qp] = ne
-                cmp[2][qp] = (ne + 15) // 16
+                qp = rows.order[pi]
+                rows.n[qp] = ne
+                rows.nb[qp] = (ne + 15) // 16
         for pi in range(p0, p1):
             counts[pi, 0] = nlive
             counts[pi, 1] = nlive
@@ -867,10 +890,7 @@ if HAVE_NUMBA:
         h[i] = v
 
     @njit(cache=True)
-    def _select_query(  # pragma: no cover - compiled
-        q, bmax, flat, k, colq, pair_nb, pair_n, pair_flat, pair_start, pair_map, pmap, item_ids, with_ids,
-        out_s, out_p, out_i, keys, tmp, samp, posb, idb,
-    ):
+    def _select_query(q, k, rows, buf, item_ids, out, sc):  # pragma: no cover - compiled
         """Stages B and C for one query: top-k blocks by maximum, then top-k items among them.
 
         Candidates are gathered in position order (the query's lists by start) as 64-bit
@@ -882,15 +902,18 @@ if HAVE_NUMBA:
         are ordered by a stable LSD radix sort on the high half, so equal scores stay in position
         order; ids are read for the survivors only, in position order before the sort from
         ``IDS_IN_ORDER`` results (``posb`` / ``idb``: their positions and ids, the keys' low half
-        then indexing them), else for the k results. ``keys``, ``tmp`` and ``samp`` are the
-        calling thread's scratch, large enough for every scanned item (``samp``: its sample).
+        then indexing them), else for the k results. ``sc`` (``SelectScratch``) is the calling
+        thread's scratch, large enough for every scanned item (``samp``: its sample).
         """
-        nprobe = colq.shape[1]
+        colq, flat = rows.col, buf.flat
+        nprobe = colq.shape[0] // buf.bmax.shape[0]
+        out_s, out_p, out_i, with_ids = out.scores, out.positions, out.ids, out.with_ids
+        keys, tmp, posb, idb = sc.keys, sc.tmp, sc.posb, sc.idb
         neg = np.float32(-np.inf)
-        row = bmax[q]
+        row = buf.bmax[q]
         width = 0
         for j in range(nprobe):
-            width = max(width, colq[q, j] + pair_nb[q * nprobe + j])
+            width = max(width, colq[q * nprobe + j] + rows.nb[q * nprobe + j])
         kb = min(k, width)
         if kb == 0:
             _pad(q, 0, k, with_ids, out_s, out_p, out_i)
@@ -905,10 +928,10 @@ if HAVE_NUMBA:
         every = np.int64(0xFFFFFFFF)
         bound = every
         if k > HEAP_K:  # gather only the keys a sample says hold the top k
-            bound = _sample_bound(q, row, beta, flat, k, colq, pair_nb, pair_n, pair_flat, samp)
-        m = _gather(q, row, beta, flat, colq, pair_nb, pair_n, pair_flat, pair_start, pair_map, pmap, bound, keys)
+            bound = _sample_bound(q, nprobe, row, beta, flat, k, rows, sc.samp)
+        m = _gather(q, nprobe, row, beta, flat, rows, bound, keys)
         if m < k and bound != every:  # the sample's bound fell short of k: take every candidate
-            m = _gather(q, row, beta, flat, colq, pair_nb, pair_n, pair_flat, pair_start, pair_map, pmap, every, keys)
+            m = _gather(q, nprobe, row, beta, flat, rows, every, keys)
         kk = min(k, m)
         _pad(q, kk, k, with_ids, out_s, out_p, out_i)
         if kk == 0:
@@ -947,15 +970,14 @@ if HAVE_NUMBA:
                     out_i[q, r] = item_ids[at]
 
     @njit(cache=True, inline="always")
-    def _gather(  # pragma: no cover - compiled
-        q, row, beta, flat, colq, pair_nb, pair_n, pair_flat, pair_start, pair_map, pmap, bound, keys,
-    ):
+    def _gather(q, nprobe, row, beta, flat, rows, bound, keys):  # pragma: no cover - compiled
         """Query q's candidates with ``key <= bound`` (blocks with a maximum ≥ β), in position
         order (its lists by start), as 64-bit words: high half the key, low half the candidate's
         position (positions fit 32 bits where the fused scan runs). Branch-free: every item is
         written, the count advances only past the kept ones (the scratch holds every scanned item).
         Returns how many."""
-        nprobe = colq.shape[1]
+        colq, pair_nb, pair_n, pair_flat, pair_start, pair_map, pmap = (
+            rows.col, rows.nb, rows.n, rows.flat, rows.start, rows.map, rows.pmap)
         jorder = np.argsort(pair_start[q * nprobe : (q + 1) * nprobe])
         fu = flat.view(np.uint32)
         m = 0
@@ -963,7 +985,7 @@ if HAVE_NUMBA:
             j = jorder[jj]
             p = q * nprobe + j
             nb = pair_nb[p]
-            c = colq[q, j]
+            c = colq[p]
             b = 0
             while b < nb:  # runs of consecutive blocks that pass β, each one flat loop
                 if row[c + b] < beta:
@@ -1001,7 +1023,7 @@ if HAVE_NUMBA:
         return m
 
     @njit(cache=True)
-    def _sample_bound(q, row, beta, flat, k, colq, pair_nb, pair_n, pair_flat, samp):  # pragma: no cover - compiled
+    def _sample_bound(q, nprobe, row, beta, flat, k, rows, samp):  # pragma: no cover - compiled
         """A key bound for large k, from a sample: items 0 and 8 of every candidate block (one in 8).
 
         Returns the r-th smallest sampled key, r the sample's share of k plus a margin of four
@@ -1009,7 +1031,7 @@ if HAVE_NUMBA:
         (the caller checks, and gathers everything when they are not: results never depend on the
         sample). 0xFFFFFFFF (every key) when the sample cannot bound k.
         """
-        nprobe = colq.shape[1]
+        colq, pair_nb, pair_n, pair_flat = rows.col, rows.nb, rows.n, rows.flat
         fu = flat.view(np.uint32)
         ns = 0
         seen = 0
@@ -1017,7 +1039,7 @@ if HAVE_NUMBA:
         for j in range(nprobe):
             p = q * nprobe + j
             for b in range(pair_nb[p]):
-                if row[colq[q, j] + b] >= beta:
+                if row[colq[p] + b] >= beta:
                     cnt = min(16, pair_n[p] - 16 * b)
                     tot += cnt
                     for i in range(0, cnt, 8):
@@ -1211,7 +1233,10 @@ if HAVE_NUMBA:
             pair_q[r] = p // P
             pcol[r] = col[p]
             pflat[r] = pair_flat[p]
-        return pair_n, pair_nb, pair_start, col, width, order, lists, lstart, pair_flat, total, pair_q, pcol, pflat
+        pairs = Pairs(lists, lstart, pair_q, pcol, pflat)
+        rows = Rows(col, pair_start, pair_flat, pair_n, pair_nb, np.full(npairs, -1, dtype=np.int64),
+                    order, np.empty(0, dtype=np.int64), np.zeros(nl + 1, dtype=np.int64))
+        return pairs, rows, width, total
 
     @njit(cache=True, nogil=True)
     def _buffer_sizes(probe, list_offsets):  # pragma: no cover - compiled
@@ -1228,19 +1253,21 @@ if HAVE_NUMBA:
         return total, width
 
     @njit(cache=True, nogil=True)
-    def _prologue(probe, list_offsets, flat_buf, bmax_buf):  # pragma: no cover - compiled
-        """Layout plus the score buffer and block maxima, shaped from the callers' scratch."""
+    def _prologue(probe, ix, qprog, flat_buf, bmax_buf):  # pragma: no cover - compiled
+        """(``Pairs``, ``Rows``, ``Buffers``, most items one query scans): the layout, the compacted
+        runs' offsets and the score buffer and block maxima, shaped from the callers' scratch."""
         B, P = probe.shape
-        (pair_n, pair_nb, pair_start, col, width, order, lists, lstart, pair_flat, total,
-         pair_q, pcol, pflat) = _layout(probe, list_offsets)
-        flat = flat_buf[:total]
+        pairs, rows, width, total = _layout(probe, ix.list_offsets)
+        map_off = _map_offsets(pairs.lists, pairs.lstart, pairs.query, qprog, ix.list_offsets, ix.alive)
+        rows = Rows(rows.col, rows.start, rows.flat, rows.n, rows.nb, rows.map, rows.order,
+                    np.empty(map_off[-1], dtype=np.int64), map_off)
         bmax = bmax_buf[: B * max(width, 1)].reshape(B, max(width, 1))
         bmax[:] = -np.inf
+        buf = Buffers(flat_buf[:total], bmax, np.zeros((B * P, 2), dtype=np.int64))
         most = 1  # most items one query scanned: the size of a thread's selection scratch
         for q in range(B):
-            most = max(most, pair_n[q * P : (q + 1) * P].sum())
-        return (pair_n, pair_nb, pair_start, col.reshape(B, P), lists, lstart, pair_flat, pair_q, pcol, pflat,
-                flat, bmax, np.zeros((B * P, 2), dtype=np.int64), most, order)
+            most = max(most, rows.n[q * P : (q + 1) * P].sum())
+        return pairs, rows, buf, most
 
     @njit(cache=True, nogil=True)
     def _add_counts(pair_q, counts, qcounts):  # pragma: no cover - compiled
@@ -1249,62 +1276,49 @@ if HAVE_NUMBA:
             qcounts[pair_q[r], 1] += counts[r, 1]
 
     @njit(cache=True, nogil=True)
-    def _compact_state(order, pair_n, pair_nb, lists, lstart, pair_q, qprog, list_offsets, alive):  # pragma: no cover
-        map_off = _map_offsets(lists, lstart, pair_q, qprog, list_offsets, alive)
-        return (order, pair_n, pair_nb, np.full(pair_n.shape[0], -1, dtype=np.int64),
-                np.empty(map_off[-1], dtype=np.int64), map_off)
-
-    @njit(cache=True, nogil=True)
-    def _select_share(  # pragma: no cover - compiled
-        t, T, bmax, flat, k, colq, pair_start, pair_flat, cmp, item_ids, with_ids, out_s, out_p, out_i, most,
-    ):
+    def _select_share(t, T, k, rows, buf, ix, out, most):  # pragma: no cover - compiled
         """Select queries t, t + T, t + 2T, … with one scratch allocation."""
-        keys = np.empty(most, dtype=np.uint64)
-        tmp = np.empty(most, dtype=np.uint64)
-        samp = np.empty(most // 8 + 2 * colq.shape[1] + 2 if k > HEAP_K else 0, dtype=np.uint64)
-        big = with_ids and min(k, most) >= IDS_IN_ORDER
-        posb = np.empty(most if big else 0, dtype=np.int64)
-        idb = np.empty(most if big else 0, dtype=np.int64)
-        for q in range(t, bmax.shape[0], T):
-            _select_query(q, bmax, flat, k, colq, cmp[2], cmp[1], pair_flat, pair_start, cmp[3],
-                          cmp[4], item_ids, with_ids, out_s, out_p, out_i, keys, tmp, samp, posb, idb)
+        big = out.with_ids and min(k, most) >= IDS_IN_ORDER
+        sc = SelectScratch(
+            np.empty(most, dtype=np.uint64), np.empty(most, dtype=np.uint64),
+            np.empty(most // 8 + 2 * (rows.col.shape[0] // buf.bmax.shape[0]) + 2 if k > HEAP_K else 0,
+                     dtype=np.uint64),
+            np.empty(most if big else 0, dtype=np.int64), np.empty(most if big else 0, dtype=np.int64),
+        )
+        for q in range(t, buf.bmax.shape[0], T):
+            _select_query(q, k, rows, buf, ix.item_ids, out, sc)
 
     # Two drivers, one body: the same helpers in a parallel region (large
     # batches) or on the calling thread (small ones: no thread team to wake).
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _run_parallel(  # pragma: no cover - compiled
-        xq, probe, codes, scales, list_offsets, alive, k, flt, item_ids, with_ids, out_s, out_p, out_i, qcounts,
-        threads, flat_buf, bmax_buf,
-    ):
-        (pair_n, pair_nb, pair_start, colq, lists, lstart, pair_flat, pair_q, pcol, pflat,
-         flat, bmax, counts, most, order) = _prologue(probe, list_offsets, flat_buf, bmax_buf)
-        cmp = _compact_state(order, pair_n, pair_nb, lists, lstart, pair_q, flt.qprog, list_offsets, alive)
+    def _run_parallel(xq, probe, k, ix, flt, out, threads, flat_buf, bmax_buf):  # pragma: no cover - compiled
+        pairs, rows, buf, most = _prologue(probe, ix, flt.qprog, flat_buf, bmax_buf)
         tt = _truth_tables(flt)
+        # compiled-made structures cannot cross into the parallel loops: their arrays do (see above)
+        lists, lstart, pq, pc, pf = pairs.lists, pairs.lstart, pairs.query, pairs.col, pairs.flat
+        r_col, r_start, r_flat, r_n, r_nb, r_map, r_order, r_pmap, r_off = (
+            rows.col, rows.start, rows.flat, rows.n, rows.nb, rows.map, rows.order, rows.pmap, rows.map_off)
+        flat, bmax, counts = buf.flat, buf.bmax, buf.counts
+        terms, tlen, tab = tt.terms, tt.tlen, tt.tab
         for li in prange(lists.shape[0]):
-            _scan_list(li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pcol, pflat, flt, tt, cmp,
-                       flat, bmax, counts)
-        _add_counts(pair_q, counts, qcounts)
+            _scan_list(li, xq, ix, Pairs(lists, lstart, pq, pc, pf),
+                       Rows(r_col, r_start, r_flat, r_n, r_nb, r_map, r_order, r_pmap, r_off), flt,
+                       TruthTables(terms, tlen, tab), Buffers(flat, bmax, counts))
+        _add_counts(pq, counts, out.counts)
         T = max(1, min(probe.shape[0], threads))
         for t in prange(T):  # one scratch per thread, queries dealt round-robin
-            _select_share(t, T, bmax, flat, k, colq, pair_start, pair_flat, cmp, item_ids, with_ids,
-                          out_s, out_p, out_i, most)
+            _select_share(t, T, k, Rows(r_col, r_start, r_flat, r_n, r_nb, r_map, r_order, r_pmap, r_off),
+                          Buffers(flat, bmax, counts), ix, out, most)
 
     @njit(fastmath=True, cache=True, nogil=True)
-    def _run_serial(  # pragma: no cover - compiled
-        xq, probe, codes, scales, list_offsets, alive, k, flt, item_ids, with_ids, out_s, out_p, out_i, qcounts,
-        threads, flat_buf, bmax_buf,
-    ):
-        (pair_n, pair_nb, pair_start, colq, lists, lstart, pair_flat, pair_q, pcol, pflat,
-         flat, bmax, counts, most, order) = _prologue(probe, list_offsets, flat_buf, bmax_buf)
-        cmp = _compact_state(order, pair_n, pair_nb, lists, lstart, pair_q, flt.qprog, list_offsets, alive)
+    def _run_serial(xq, probe, k, ix, flt, out, threads, flat_buf, bmax_buf):  # pragma: no cover - compiled
+        pairs, rows, buf, most = _prologue(probe, ix, flt.qprog, flat_buf, bmax_buf)
         tt = _truth_tables(flt)
-        for li in range(lists.shape[0]):
-            _scan_list(li, xq, codes, scales, list_offsets, alive, lists, lstart, pair_q, pcol, pflat, flt, tt, cmp,
-                       flat, bmax, counts)
-        _add_counts(pair_q, counts, qcounts)
-        _select_share(0, 1, bmax, flat, k, colq, pair_start, pair_flat, cmp, item_ids, with_ids,
-                      out_s, out_p, out_i, most)
+        for li in range(pairs.lists.shape[0]):
+            _scan_list(li, xq, ix, pairs, rows, flt, tt, buf)
+        _add_counts(pairs.query, buf.counts, out.counts)
+        _select_share(0, 1, k, rows, buf, ix, out, most)
 
 
 def kernel_filter(
@@ -1368,9 +1382,10 @@ def fused_topk(xq, probe, codes, scales, list_offsets, alive, k, filt=None, *, i
     run = _run_parallel if parallel else _run_serial
     flat = _SCRATCH.take(max(total, 1))
     bmax = _BMAX.take(max(B * max(width, 1), 1))
+    ix = IndexArrays(codes, scales, list_offsets, alive, item_ids if with_ids else _NO_IDS)
     try:
-        run(xq, probe, codes, scales, list_offsets, alive, k, filt, item_ids if with_ids else _NO_IDS, with_ids,
-            out_s, out_p, out_i, counts, numba.get_num_threads(), flat, bmax)
+        run(xq, probe, k, ix, filt, Results(out_s, out_p, out_i, counts, with_ids), numba.get_num_threads(), flat,
+            bmax)
     finally:
         _SCRATCH.give(flat)
         _BMAX.give(bmax)

@@ -226,6 +226,13 @@ class ScanFilter:
         if self.masks is None:
             self.masks = BlockMasks(self.programs)
 
+    def to(self, device) -> ScanFilter:
+        """This filter with its tensors on ``device`` (a fresh Bloom-mask cache there)."""
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return ScanFilter(mv(self.bloom), mv(self.term_words), self.programs, mv(self.qprog), exact=mv(self.exact),
+                          attr_ids=mv(self.attr_ids), attr_offsets=mv(self.attr_offsets),
+                          term_vocab=mv(self.term_vocab))
+
     def block_eligible(self, rows: torch.Tensor, start: int, end: int, alive: torch.Tensor,
                        counts: torch.Tensor | None = None) -> torch.Tensor | None:
         """Bloom pass of the queries ``rows`` [c] over positions start..end: [c, n] bool, None = all pass.
@@ -317,15 +324,8 @@ def ivf_topk(
     if xq.device.type == "cuda":
         from sterling.kernels.triton_ivf import ivf_topk_triton
 
-        sf = scan_filter
-        out = ivf_topk_triton(
-            xq, probe, codes, scales, list_offsets, alive, k,
-            bloom=None if sf is None else sf.bloom,
-            term_words=None if sf is None else sf.term_words,
-            programs=None if sf is None else sf.programs,
-            qprog=None if sf is None else sf.qprog,
-            counts=counts, list_stats=list_stats,
-        )
+        out = ivf_topk_triton(xq, probe, codes, scales, list_offsets, alive, k, scan_filter=scan_filter,
+                              counts=counts, list_stats=list_stats)
         return out if item_ids is None else (*out, ids_of_positions(out[1], item_ids))
     B, nprobe = probe.shape
     can_fuse = cpu_scan.HAVE_NUMBA and xq.device.type == "cpu" and codes.shape[0] < 1 << 32 and (

@@ -107,10 +107,20 @@ def _bloom_ok_reference(bloom, pos, term_words, prog_terms, tables, prog):
     return ((word >> (idx & 31)) & 1).bool()
 
 
-def ivf_topk_int8_reference(
-    xq, probe, codes, scales, list_offsets, alive, k, *, bloom=None, term_words=None, programs=None, qprog=None
-):
-    """Plain-PyTorch oracle of the Triton path: same int8 query codes, same integer dots."""
+def _filter_fields(scan_filter):
+    """(bloom, term_words, programs, qprog) of a ``kernels.ivf.ScanFilter``, all None without one."""
+    if scan_filter is None:
+        return None, None, None, None
+    sf = scan_filter
+    return sf.bloom, sf.term_words, sf.programs, sf.qprog
+
+
+def ivf_topk_int8_reference(xq, probe, codes, scales, list_offsets, alive, k, *, scan_filter=None):
+    """Plain-PyTorch oracle of the Triton path: same int8 query codes, same integer dots.
+
+    ``scan_filter`` (a ``kernels.ivf.ScanFilter``) is evaluated as a Bloom pass, as the kernel does.
+    """
+    bloom, term_words, programs, qprog = _filter_fields(scan_filter)
     qc, qs = quantize_queries(xq)
     B = xq.shape[0]
     if programs:
@@ -246,10 +256,8 @@ def _to(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
     return t.to(dev)
 
 
-def ivf_topk_triton(
-    xq, probe, codes, scales, list_offsets, alive, k, *, bloom=None, term_words=None, programs=None,
-    qprog=None, counts=None, list_stats=None,
-):
+def ivf_topk_triton(xq, probe, codes, scales, list_offsets, alive, k, *, scan_filter=None, counts=None,
+                    list_stats=None):
     """Triton two-stage IVF top-k; same contract as ``kernels.ivf.ivf_topk``.
 
     Works on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.
@@ -258,8 +266,10 @@ def ivf_topk_triton(
     host-side bounds and the block layout is computed on the device, so the
     search issues no device→host sync (CUDA-graph friendly; the filter's
     truth tables are built on the host from the programs). Without it the
-    list sizes are read back once.
+    list sizes are read back once. ``scan_filter`` (a ``kernels.ivf.ScanFilter``, its
+    tensors on the queries' device) is a Bloom pass in the kernel, as in the reference.
     """
+    bloom, term_words, programs, qprog = _filter_fields(scan_filter)
     if not HAVE_TRITON:
         raise RuntimeError("the Triton scan needs the `triton` package")
     from sterling.kernels.ivf import ListStats

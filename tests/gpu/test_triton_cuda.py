@@ -10,6 +10,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 def test_cuda_scan_equals_reference_and_index_search_runs_on_gpu():
     from sterling.kernels import probe_lists
+    from sterling.kernels.ivf import ScanFilter
     from sterling.kernels.triton_ivf import ivf_topk_int8_reference, ivf_topk_triton
     from sterling.model import IndexConfig, build_index
     from sterling.model.synthetic import synthetic_catalog
@@ -20,10 +21,10 @@ def test_cuda_scan_equals_reference_and_index_search_runs_on_gpu():
     probe = probe_lists(xq, index.centroids, 16)
     args = dict(codes=index.codes, scales=index.scales, list_offsets=index.list_offsets, alive=index.alive, k=100)
     f = index.compile_filters("lang:en AND NOT policy:blocked", 64)
-    fa = dict(bloom=index.bloom, term_words=f.term_words, programs=f.programs, qprog=f.query_program)
-    ref = ivf_topk_int8_reference(xq, probe, **args, **fa)
-    cuda = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in {**args, **fa}.items()}
-    got = ivf_topk_triton(xq.cuda(), probe.cuda(), **cuda)
+    sf = ScanFilter(index.bloom, f.term_words, f.programs, f.query_program)
+    ref = ivf_topk_int8_reference(xq, probe, **args, scan_filter=sf)
+    cuda = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    got = ivf_topk_triton(xq.cuda(), probe.cuda(), **cuda, scan_filter=sf.to("cuda"))
     assert torch.equal(got[0].cpu(), ref[0]) and torch.equal(got[1].cpu(), ref[1])
 
 

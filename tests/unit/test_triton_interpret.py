@@ -16,6 +16,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from sterling.kernels import pack_bits, probe_lists  # noqa: E402
+from sterling.kernels.ivf import ScanFilter  # noqa: E402
 from sterling.kernels.triton_ivf import (  # noqa: E402
     ivf_topk_int8_reference,
     ivf_topk_triton,
@@ -47,7 +48,7 @@ def test_triton_scan_equals_int8_reference_with_per_query_filters(small):
     index, xq, args = small
     probe = probe_lists(xq, index.centroids, 4)
     f = index.compile_filters(["lang:en OR NOT policy:blocked", None, "country:US AND tier:free", "nosuch:x"], 4)
-    fa = dict(bloom=index.bloom, term_words=f.term_words, programs=f.programs, qprog=f.query_program)
+    fa = dict(scan_filter=ScanFilter(index.bloom, f.term_words, f.programs, f.query_program))
     counts = torch.zeros(4, 2, dtype=torch.int64)
     s1, p1 = ivf_topk_triton(xq, probe, k=30, counts=counts, **args, **fa)
     s2, p2 = ivf_topk_int8_reference(xq, probe, k=30, **args, **fa)
