@@ -8,7 +8,7 @@ with filtered queries is filtered once per distinct program, not per query
 (``_scan_list_filtered``): term hits per item (exact from the CSR attributes
 for programs marked ``need_exact``, else Bloom with NOT = "maybe"), one
 truth-table lookup per program (memoised per distinct hit pattern of the
-list, into per-item group words), and a program shared by four or more of the
+batch, per thread: ``Memo``, into per-item program words), and a program shared by four or more of the
 list's queries has its eligible items compacted and scored 4 × 2 like an
 unfiltered list; smaller groups score only their gathered eligible items,
 two queries × four items per step.
@@ -70,6 +70,10 @@ and the per-pair (live items, eligible items) counts."""
 SelectScratch = namedtuple("SelectScratch", ["keys", "tmp", "samp", "posb", "idb"])
 SelectScratch.__doc__ = """One selecting thread's scratch, sized for the most items one query scanned: candidate
 keys and their radix-sort buffer, the large-k sample, and the positions / ids read in position order."""
+Memo = namedtuple("Memo", ["kb", "ke", "used", "val", "filled"])
+Memo.__doc__ = """Per thread (row = thread id), a batch's distinct term-hit patterns (Bloom hits kb, exact hits
+ke, in an open-addressing table of ``MEMO_SLOTS``) → the words of the programs that admit them (val),
+kept from list to list; filled: entries per row."""
 TruthTables = namedtuple("TruthTables", ["terms", "tlen", "tab"])
 TruthTables.__doc__ = """Per program: its distinct terms (≤ ``TT_TERMS``), their number (−1: too many, the
 program is interpreted) and its truth table over them."""
@@ -78,6 +82,7 @@ MAX_TERMS = 63  # term hits are an int64 bitmask per item
 LOCAL = -2  # pair_map of a compact row whose item offsets follow its scores (see above)
 NEG_BITS = np.uint32(0xFF800000)  # fp32 −inf: "no candidate" in the score buffer
 TT_TERMS = 8  # programs over at most this many distinct terms are evaluated by a truth table
+MEMO_SLOTS = 512  # hit patterns a thread remembers per batch (half of them filled at most)
 GROUP_MIN = 4  # queries of one list sharing a program, from which its eligible items are compacted
 SERIAL_ITEMS = 32_768  # items scanned below which one thread does the whole search
 HEAP_K = 1024  # k up to which a heap finds the k-th key; above, radix select on a key bound
@@ -606,36 +611,49 @@ if HAVE_NUMBA:
         bmax[q, b] = max(bmax[q, b], v)
 
     @njit(cache=True, inline="always")
-    def _group_mask(hb, he, gprog, flt, tt, w, stack):  # pragma: no cover - compiled
-        """Word w of the eligibility bits, over the list's program groups, of an item with Bloom
-        term hits hb and exact term hits he (bit g: group g's program admits it; −1 admits all)."""
+    def _prog_eval(pr, hb, he, flt, tt, stack):  # pragma: no cover - compiled
+        """Does program pr admit an item with Bloom term hits hb and exact term hits he (in the
+        program's own semantics: exact where ``flt.need_exact``, else Bloom)?"""
+        ex = flt.need_exact[pr]
+        h = he if ex else hb
+        tl = tt.tlen[pr]
+        if tl >= 0:
+            ix = 0
+            for u in range(tl):
+                ix |= ((h >> tt.terms[pr, u]) & 1) << u
+            return tt.tab[pr, ix]
+        return _eval_prog(flt.ops[pr], flt.args[pr], flt.lens[pr], h, stack, ex)
+
+    @njit(cache=True, inline="always")
+    def _prog_word(hb, he, flt, tt, w, stack):  # pragma: no cover - compiled
+        """Word w of the bits, over the batch's programs, that admit an item with hits hb / he."""
         out = np.int64(0)
-        for g in range(64 * w, min(64 * w + 64, gprog.shape[0])):
+        for pr in range(64 * w, min(64 * w + 64, flt.lens.shape[0])):
+            if _prog_eval(pr, hb, he, flt, tt, stack):
+                out |= np.int64(1) << np.int64(pr & 63)
+        return out
+
+    @njit(cache=True, inline="always")
+    def _prog_word_some(hb, he, gprog, flt, tt, w, stack):  # pragma: no cover - compiled
+        """``_prog_word`` with only the bits of the programs ``gprog`` (≥ 0) evaluated (a memo miss)."""
+        out = np.int64(0)
+        for g in range(gprog.shape[0]):
             pr = gprog[g]
-            ok = True
-            if pr >= 0:
-                ex = flt.need_exact[pr]
-                h = he if ex else hb
-                tl = tt.tlen[pr]
-                if tl >= 0:
-                    ix = 0
-                    for u in range(tl):
-                        ix |= ((h >> tt.terms[pr, u]) & 1) << u
-                    ok = tt.tab[pr, ix]
-                else:
-                    ok = _eval_prog(flt.ops[pr], flt.args[pr], flt.lens[pr], h, stack, ex)
-            if ok:
-                out |= np.int64(1) << np.int64(g & 63)
+            if pr >> 6 == w and _prog_eval(pr, hb, he, flt, tt, stack):
+                out |= np.int64(1) << np.int64(pr & 63)
         return out
 
     @njit(cache=True)
-    def _group_words(s, n, live_all, alive, gprog, flt, tt, nw):  # pragma: no cover - compiled
-        """[nw, n] int64 eligibility bits of a list's items over its program groups (0 for dead items).
+    def _prog_words(s, n, live_all, alive, gprog, flt, tt, memo, tid):  # pragma: no cover - compiled
+        """[nw, n] int64: for each item of a list, the bits of the batch's programs that admit it
+        (0 for dead items; the bits of the programs no query of the list uses may be missing).
 
-        Each item's term hits are computed once (Bloom and / or exact, as the groups' programs
-        need); the programs run once per distinct hit pattern of the list (a small memo: a list
-        holds few distinct attribute combinations), not once per item and group."""
-        gw = np.zeros((nw, n), dtype=np.int64)
+        Each item's term hits are computed once (Bloom and / or exact, as the list's programs need);
+        the programs run once per distinct hit pattern *of the batch*: the calling thread's ``memo``
+        row ``tid`` keeps each pattern's program words from list to list (a batch holds few
+        distinct attribute combinations; full, the list's programs run for the item directly)."""
+        nw = memo.val.shape[2]
+        pw = np.zeros((nw, n), dtype=np.int64)
         stack = np.empty(flt.ops.shape[1] + 1, dtype=np.bool_)
         need_b = False
         need_e = False
@@ -645,16 +663,17 @@ if HAVE_NUMBA:
                     need_e = True
                 else:
                     need_b = True
-        H = 256  # memo slots, open addressing; beyond MEMO_FULL entries the programs run directly
-        kb = np.empty(H, dtype=np.int64)
-        ke = np.empty(H, dtype=np.int64)
-        used = np.zeros(H, dtype=np.bool_)
-        val = np.empty((H, nw), dtype=np.int64)
-        filled = 0
+        H = memo.used.shape[1]  # open addressing; beyond H / 2 entries the programs run directly
+        kb = memo.kb[tid]
+        ke = memo.ke[tid]
+        used = memo.used[tid]
+        val = memo.val[tid]
         for i in range(n):
             p = s + i
             if not (live_all or ((alive[p >> 3] >> (p & 7)) & 1) == 1):
                 continue
+            # a hit mask not computed is 0: the memo's value for a pattern is a function of the pattern
+            # alone, so an entry made without Bloom hits serves a later list's item whose hb is 0
             hb = _bloom_hits(flt.bloom, flt.term_words, p) if need_b else np.int64(0)
             he = _exact_hits(flt.attr_ids, flt.attr_offsets, flt.vocab_bits, p) if need_e else np.int64(0)
             x = (hb * np.int64(-7046029254386353131)) ^ (he * np.int64(-4658895280553007687))
@@ -663,22 +682,38 @@ if HAVE_NUMBA:
                 slot = (slot + 1) & (H - 1)
             if used[slot]:
                 for w in range(nw):
-                    gw[w, i] = val[slot, w]
-            elif filled < H // 2:
+                    pw[w, i] = val[slot, w]
+            elif memo.filled[tid] < H // 2:
                 used[slot] = True
                 kb[slot] = hb
                 ke[slot] = he
-                filled += 1
+                memo.filled[tid] += 1
                 for w in range(nw):
-                    val[slot, w] = _group_mask(hb, he, gprog, flt, tt, w, stack)
-                    gw[w, i] = val[slot, w]
+                    val[slot, w] = _prog_word(hb, he, flt, tt, w, stack)
+                    pw[w, i] = val[slot, w]
             else:
                 for w in range(nw):
-                    gw[w, i] = _group_mask(hb, he, gprog, flt, tt, w, stack)
-        return gw
+                    pw[w, i] = _prog_word_some(hb, he, gprog, flt, tt, w, stack)
+        return pw
+
+    @njit(cache=True, inline="always")
+    def _filtered_batch(qprog):  # pragma: no cover - compiled
+        for q in range(qprog.shape[0]):
+            if qprog[q] >= 0:
+                return True
+        return False
+
+    @njit(cache=True, nogil=True)
+    def _new_memo(flt, rows):  # pragma: no cover - compiled
+        """Empty pattern memos (``Memo``), one row per possible thread id."""
+        H = MEMO_SLOTS
+        nw = max(1, (flt.lens.shape[0] + 63) >> 6)
+        return Memo(np.zeros((rows, H), dtype=np.int64), np.zeros((rows, H), dtype=np.int64),
+                    np.zeros((rows, H), dtype=np.bool_), np.zeros((rows, H, nw), dtype=np.int64),
+                    np.zeros(rows, dtype=np.int64))
 
     @njit(fastmath=True, cache=True)
-    def _scan_list_filtered(li, xq, ix, pairs, rows, flt, tt, buf):  # pragma: no cover - compiled
+    def _scan_list_filtered(li, xq, ix, pairs, rows, flt, tt, buf, memo):  # pragma: no cover - compiled
         """Scan one probed list for a batch where some of its queries are filtered.
 
         The filter runs once per (list, distinct program), not per query: each
@@ -704,8 +739,8 @@ if HAVE_NUMBA:
         live_all = _all_alive(alive, s, n)
         srt, gprog, gstart = _groups(p0, p1, pair_q, flt.qprog)
         ng = gprog.shape[0]
-        nw = (ng + 63) >> 6
-        gw = _group_words(s, n, live_all, alive, gprog, flt, tt, nw)
+        pw = (_prog_words(s, n, live_all, alive, gprog, flt, tt, memo, numba.get_thread_id()) if gprog[ng - 1] >= 0
+              else np.zeros((1, 0), dtype=np.int64))  # groups sorted by program: the last is filtered, or none is
         elig = np.empty(n, dtype=np.int64)
         nlive = 0
         for i in range(n):
@@ -715,13 +750,20 @@ if HAVE_NUMBA:
         for g in range(ng):
             g0 = gstart[g]
             g1 = gstart[g + 1]
-            ident = gprog[g] < 0 and live_all
-            wg = g >> 6
-            bg = np.int64(g & 63)
+            pr = gprog[g]
+            ident = pr < 0 and live_all
             nelig = 0
-            for i in range(n):
-                elig[nelig] = i
-                nelig += (gw[wg, i] >> bg) & 1
+            if pr >= 0:
+                wp = pr >> 6
+                bp = np.int64(pr & 63)
+                for i in range(n):
+                    elig[nelig] = i
+                    nelig += (pw[wp, i] >> bp) & 1
+            else:
+                for i in range(n):
+                    p = s + i
+                    elig[nelig] = i
+                    nelig += live_all or ((alive[p >> 3] >> (p & 7)) & 1) == 1
             if g1 - g0 >= GROUP_MIN:
                 m = 0
                 if ident:
@@ -790,7 +832,7 @@ if HAVE_NUMBA:
                         rows.map[qp] = LOCAL
 
     @njit(fastmath=True, cache=True)
-    def _scan_list(li, xq, ix, pairs, rows, flt, tt, buf):  # pragma: no cover - compiled
+    def _scan_list(li, xq, ix, pairs, rows, flt, tt, buf, memo):  # pragma: no cover - compiled
         """Scan one probed list for every query of the batch that probes it.
 
         Lists with a filtered query, or whose live items are sparse (``_to_filtered``),
@@ -812,7 +854,7 @@ if HAVE_NUMBA:
         if n == 0:
             return
         if _to_filtered(p0, p1, pair_q, flt.qprog, alive, s, n):
-            _scan_list_filtered(li, xq, ix, pairs, rows, flt, tt, buf)
+            _scan_list_filtered(li, xq, ix, pairs, rows, flt, tt, buf, memo)
             return
         # every query unfiltered; dead items (tombstones, unused slack) are scored and masked to −inf,
         # and a dead tail is not scanned at all: the query's pair ends at the live extent ne
@@ -1292,19 +1334,22 @@ if HAVE_NUMBA:
     # batches) or on the calling thread (small ones: no thread team to wake).
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _run_parallel(xq, probe, k, ix, flt, out, threads, flat_buf, bmax_buf):  # pragma: no cover - compiled
+    def _run_parallel(xq, probe, k, ix, flt, out, threads, pool, flat_buf, bmax_buf):  # pragma: no cover
         pairs, rows, buf, most = _prologue(probe, ix, flt.qprog, flat_buf, bmax_buf)
         tt = _truth_tables(flt)
+        memo = _new_memo(flt, pool if _filtered_batch(flt.qprog) else 0)  # a row per thread id of the pool
         # compiled-made structures cannot cross into the parallel loops: their arrays do (see above)
         lists, lstart, pq, pc, pf = pairs.lists, pairs.lstart, pairs.query, pairs.col, pairs.flat
         r_col, r_start, r_flat, r_n, r_nb, r_map, r_order, r_pmap, r_off = (
             rows.col, rows.start, rows.flat, rows.n, rows.nb, rows.map, rows.order, rows.pmap, rows.map_off)
         flat, bmax, counts = buf.flat, buf.bmax, buf.counts
         terms, tlen, tab = tt.terms, tt.tlen, tt.tab
+        m_kb, m_ke, m_used, m_val, m_filled = memo.kb, memo.ke, memo.used, memo.val, memo.filled
         for li in prange(lists.shape[0]):
             _scan_list(li, xq, ix, Pairs(lists, lstart, pq, pc, pf),
                        Rows(r_col, r_start, r_flat, r_n, r_nb, r_map, r_order, r_pmap, r_off), flt,
-                       TruthTables(terms, tlen, tab), Buffers(flat, bmax, counts))
+                       TruthTables(terms, tlen, tab), Buffers(flat, bmax, counts),
+                       Memo(m_kb, m_ke, m_used, m_val, m_filled))
         _add_counts(pq, counts, out.counts)
         T = max(1, min(probe.shape[0], threads))
         for t in prange(T):  # one scratch per thread, queries dealt round-robin
@@ -1312,11 +1357,12 @@ if HAVE_NUMBA:
                           Buffers(flat, bmax, counts), ix, out, most)
 
     @njit(fastmath=True, cache=True, nogil=True)
-    def _run_serial(xq, probe, k, ix, flt, out, threads, flat_buf, bmax_buf):  # pragma: no cover - compiled
+    def _run_serial(xq, probe, k, ix, flt, out, threads, pool, flat_buf, bmax_buf):  # pragma: no cover
         pairs, rows, buf, most = _prologue(probe, ix, flt.qprog, flat_buf, bmax_buf)
         tt = _truth_tables(flt)
+        memo = _new_memo(flt, 1 if _filtered_batch(flt.qprog) else 0)  # thread id 0: the calling thread
         for li in range(pairs.lists.shape[0]):
-            _scan_list(li, xq, ix, pairs, rows, flt, tt, buf)
+            _scan_list(li, xq, ix, pairs, rows, flt, tt, buf, memo)
         _add_counts(pairs.query, buf.counts, out.counts)
         _select_share(0, 1, k, rows, buf, ix, out, most)
 
@@ -1384,8 +1430,8 @@ def fused_topk(xq, probe, codes, scales, list_offsets, alive, k, filt=None, *, i
     bmax = _BMAX.take(max(B * max(width, 1), 1))
     ix = IndexArrays(codes, scales, list_offsets, alive, item_ids if with_ids else _NO_IDS)
     try:
-        run(xq, probe, k, ix, filt, Results(out_s, out_p, out_i, counts, with_ids), numba.get_num_threads(), flat,
-            bmax)
+        run(xq, probe, k, ix, filt, Results(out_s, out_p, out_i, counts, with_ids), numba.get_num_threads(),
+            numba.config.NUMBA_NUM_THREADS, flat, bmax)
     finally:
         _SCRATCH.give(flat)
         _BMAX.give(bmax)

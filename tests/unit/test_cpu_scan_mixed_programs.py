@@ -155,9 +155,12 @@ def test_many_programs_per_list_equal_the_python_oracle(seed, n_lists, per_list,
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_more_than_64_groups_and_a_full_memo_in_one_list(seed):
-    """One list probed by 150 queries over 100 programs (> 64 groups: two eligibility words) and
-    2,000 items over 12 terms (more distinct attribute patterns than the memo keeps)."""
+    """Lists probed by 150 queries over 100 programs (> 64: two program words per item) and 2,000
+    items over 12 terms (more distinct attribute patterns than a thread's memo keeps: the rest are
+    evaluated directly)."""
     c = _case(seed, 2, 1000, 16, 12, 100, 150, 2, 0.1, 0.05)
+    patterns = {tuple(t for t in ts if t < 12) for ts in c["terms_of"]}
+    assert len(patterns) > cpu_scan.MEMO_SLOTS // 2  # the memo fills up
     _check(c, 50)
 
 
