@@ -192,14 +192,16 @@ def _mechanism_scan_points(threads: int, items: int, dim: int, nlist: int, repea
             for r in range(rounds):
                 index.search(streams[w][r * b : (r + 1) * b], k=10, nprobe=nprobe)
             search_t[i] += (time.perf_counter() - t) / rounds / repeat
-    ct = np.ascontiguousarray(index.centroids.numpy().T)
-    x = xs["uniform"][:batch]
+    import torch
+
+    ct = torch.from_numpy(np.ascontiguousarray(index.centroids.numpy().T))
+    x = torch.from_numpy(np.ascontiguousarray(xs["uniform"][:batch]))
     probe_t = np.inf
     for _ in range(max(3, repeat)):
         time.sleep(0.05)  # alone: no thread team left spinning by the searches above
         t = time.perf_counter()
         for _ in range(20):
-            np.argpartition(-(x @ ct), 8, axis=1)
+            np.argpartition(-torch.mm(x, ct).numpy(), 8, axis=1)  # as the lean search path probes
         probe_t = min(probe_t, (time.perf_counter() - t) / 20)
     return {"index": index, "streams": streams, "feats": np.array(feats), "scan_s": scan_t, "search_s": search_t,
             "probe_s": probe_t / (x.shape[0] * ct.shape[1]), "at_batch": np.array([b == batch for _, b, _ in points]),
