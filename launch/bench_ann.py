@@ -64,7 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shared-queries", type=int, default=500, help="batch of the shared-filter mixed set")
     p.add_argument("--shared-repeat", type=int, default=3,
                    help="timed runs per side (best taken) of the shared-filter, per-query and large-k cases")
-    p.add_argument("--parts", default="unfiltered,batch1,filtered,shared,perquery,large-k",
+    p.add_argument("--serving-batches", type=int, nargs="+", default=[8, 16, 32, 64],
+                   help="batch sizes of the `batches` part (consecutive batches over the first 512 queries)")
+    p.add_argument("--parts", default="unfiltered,batch1,batches,filtered,shared,perquery,large-k",
                    help="comma-separated subset of the cases to run")
     p.add_argument("--write", action="store_true", help="write the figures into BENCHMARKS.md")
     p.add_argument("--out", default="BENCHMARKS.md")
@@ -156,6 +158,25 @@ def run(args: argparse.Namespace) -> int:
               "sterling_p50_ms": p50(lat_st), "sterling_p99_ms": p99(lat_st),
               "faiss_sq8_p50_ms": p50(lat_sq), "faiss_sq8_p99_ms": p99(lat_sq),
               "speedup_p50_vs_sq8": p50(lat_sq) / p50(lat_st)})
+
+    # serving batch sizes: consecutive batches of 8 … 64 queries over the query set (what a batching
+    # server hands the index), unfiltered, QPS of each side, best of --shared-repeat runs
+    for bs in args.serving_batches if "batches" in parts else ():
+        nb = max(1, min(args.queries, 512) // bs)
+
+        def batches_st(bs=bs, nb=nb):
+            for i in range(nb):
+                index.search(xq[i * bs : (i + 1) * bs], k=args.k, nprobe=nprobe)
+
+        def batches_sq(bs=bs, nb=nb):
+            for i in range(nb):
+                sq8.search(xq_np[i * bs : (i + 1) * bs], args.k)
+
+        res = blocked({"sterling": batches_st, "faiss": batches_sq}, args.shared_repeat)
+        t_st, t_sq = res["sterling"][0], res["faiss"][0]
+        emit({**base, "bench": "ann", "case": "serving batch", "batch": bs, "batches": nb, "k": args.k,
+              "nprobe": nprobe, "sterling_qps": nb * bs / t_st, "faiss_sq8_qps": nb * bs / t_sq,
+              "speedup_vs_sq8": t_sq / t_st})
 
     # filtered: Sterling's in-scan filter vs Faiss + per-query roaring bitmap
     roaring = RoaringIndex(cat.attributes.ids, cat.attributes.offsets, cat.attributes.vocab, args.items)
@@ -334,6 +355,9 @@ def _write(path: Path, rows: list[dict], args, elapsed: float) -> None:
             lines.append(f"| batch 1 latency p50 / p99 | {r['k']} | {r['nprobe']} | {r['sterling_p50_ms']:.2f} / "
                          f"{r['sterling_p99_ms']:.2f} ms | {r['faiss_sq8_p50_ms']:.2f} / {r['faiss_sq8_p99_ms']:.2f} ms | "
                          f"{r['speedup_p50_vs_sq8']:.2f}× | — |")
+        elif r["case"] == "serving batch":
+            lines.append(f"| unfiltered, batches of {r['batch']} | {r['k']} | {r['nprobe']} | {r['sterling_qps']:,.0f} QPS | "
+                         f"{r['faiss_sq8_qps']:,.0f} QPS | {r['speedup_vs_sq8']:.2f}× | — |")
         elif r["case"].startswith("filtered"):
             lines.append(f"| {r['case']} ({r['eligible']:.1%} eligible: `{r['expr']}`), batch {r['batch']} | {r['k']} | "
                          f"{r['nprobe']} | {r['sterling_qps']:,.0f} QPS adaptive, {r['sterling_fixed_nprobe_qps']:,.0f} fixed | "
