@@ -37,9 +37,9 @@ KernelFilter.__doc__ = """A batch's filter as the compiled scan reads it (numpy 
 
 bloom [N_cap, W] int64 item signatures; term_words [T, W] int64 of the batch's
 terms; ops/args [P, L] and lens [P]: the postfix programs; need_exact [P] bool:
-programs evaluated exactly in the scan (Bloom first, then the CSR attributes
-``attr_ids`` / ``attr_offsets`` of the Bloom survivors; ``vocab_bits[v]`` is the
-bitmask of batch terms with vocabulary id v); qprog [B] int64, −1 = unfiltered.
+programs evaluated exactly in the scan, on every live item's CSR attributes
+``attr_ids`` / ``attr_offsets`` (no Bloom pass first: measured slower overall;
+``vocab_bits[v]`` is the bitmask of batch terms with vocabulary id v); qprog [B] int64, −1 = unfiltered.
 """
 
 # The compiled scan's named structures. The first two are made in Python by ``fused_topk``; the

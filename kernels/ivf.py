@@ -213,7 +213,7 @@ class ScanFilter:
         programs: postfix programs over those terms (``kernels.filter_eval``).
         qprog: [B] int64 program per query, −1 = unfiltered.
         exact: optional [P] bool — programs the fused CPU scan evaluates
-            exactly (Bloom first, then the CSR attributes of the survivors),
+            exactly (on each live item's CSR attributes),
             so their results need no later check. Needs ``attr_ids``,
             ``attr_offsets`` and ``term_vocab``. Other backends ignore it and
             stay a Bloom pass (the caller verifies).
