@@ -339,12 +339,10 @@ class ItemIndex(nn.Module):
         """numpy views of the CPU buffers the fused scan reads (cached while the buffers stay)."""
         if not cpu_scan.HAVE_NUMBA or self.codes.device.type != "cpu" or self.capacity >= 1 << 32:
             return None
-        names = ("codes", "scales", "list_offsets", "alive", "item_ids", "centroids")
+        names = ("codes", "scales", "list_offsets", "alive", "item_ids")
 
         def build(*tensors):
-            views = {n: t.numpy() for n, t in zip(names, tensors)}
-            views["centroids_t"] = np.ascontiguousarray(views.pop("centroids").T)
-            return views
+            return {n: t.numpy() for n, t in zip(names, tensors)}
 
         return self._cached("numpy_views", [getattr(self, n) for n in names], build)
 

@@ -333,24 +333,18 @@ def _backend(index, xq: torch.Tensor, filters: CompiledFilters | None) -> ScanBa
 
 
 def _small_batch_cpu(index, xq: torch.Tensor, k: int, nprobe: int, tally: _Tally | None):
-    """Unfiltered small batches on CPU: numpy probe + one compiled call, nothing else.
+    """Unfiltered small batches on CPU: ``probe_lists`` + one compiled call, nothing else.
 
     At batch 1 a search is ~0.5 ms of scan; a dozen PyTorch ops around it
-    would add a fifth. Same results contract as the general path (the
-    probe set can differ from ``probe_lists`` only at exact centroid-score
-    ties). Returns None when the fused scan cannot run here.
+    would add a fifth. Same results contract as the general path. Returns
+    None when the fused scan cannot run here.
     """
     views = index.numpy_views()
     if views is None or xq.device.type != "cpu":
         return None
     x = np.ascontiguousarray(xq.numpy())
     with stage("probe"):
-        # torch's GEMM, not numpy's: numpy's bundled OpenBLAS runs batches ≥ 16 on its own threads, which
-        # then spin and take the cores from the scan's threads (kernel 2-3× slower at batch 16–32, measured)
-        coarse = torch.mm(torch.from_numpy(x), torch.from_numpy(views["centroids_t"])).numpy()
-        nl = coarse.shape[1]
-        probe = np.argpartition(-coarse, nprobe - 1, axis=1)[:, :nprobe] if nprobe < nl else \
-            np.broadcast_to(np.arange(nl), coarse.shape).copy()
+        probe = probe_lists(xq, index.centroids, nprobe).numpy()
     with stage("scan"):
         s, _, _, ids = cpu_scan.fused_topk(
             x, np.ascontiguousarray(probe, dtype=np.int64), views["codes"], views["scales"], views["list_offsets"],

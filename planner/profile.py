@@ -192,20 +192,18 @@ def _mechanism_scan_points(threads: int, items: int, dim: int, nlist: int, repea
             for r in range(rounds):
                 index.search(streams[w][r * b : (r + 1) * b], k=10, nprobe=nprobe)
             search_t[i] += (time.perf_counter() - t) / rounds / repeat
-    import torch
-
-    ct = torch.from_numpy(np.ascontiguousarray(index.centroids.numpy().T))
-    x = torch.from_numpy(np.ascontiguousarray(xs["uniform"][:batch]))
+    x = streams["uniform"][:batch]
     probe_t = np.inf
     for _ in range(max(3, repeat)):
         time.sleep(0.05)  # alone: no thread team left spinning by the searches above
         t = time.perf_counter()
         for _ in range(20):
-            np.argpartition(-torch.mm(x, ct).numpy(), 8, axis=1)  # as the lean search path probes
+            probe_lists(x, index.centroids, 8)
         probe_t = min(probe_t, (time.perf_counter() - t) / 20)
+    per_score = probe_t / (x.shape[0] * nlist)
     return {"index": index, "streams": streams, "feats": np.array(feats), "scan_s": scan_t, "search_s": search_t,
-            "probe_s": probe_t / (x.shape[0] * ct.shape[1]), "at_batch": np.array([b == batch for _, b, _ in points]),
-            "probe_cost": np.array([b * nlist * probe_t / (x.shape[0] * ct.shape[1]) for _, b, _ in points])}
+            "probe_s": per_score, "at_batch": np.array([b == batch for _, b, _ in points]),
+            "probe_cost": np.array([b * nlist * per_score for _, b, _ in points])}
 
 
 def _mmap_mechanism(size: int, repeat: int) -> dict:
